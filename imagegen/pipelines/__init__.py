@@ -1,0 +1,1 @@
+"""Diffusers backends: named presets, loading, and batched rendering."""

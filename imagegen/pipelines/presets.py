@@ -1,0 +1,129 @@
+"""Named model presets, read from ``configs/models.yaml``.
+
+A preset names a diffusers repository (hub id, local path, or ``tiny:<name>``), its family,
+its dtype on CUDA, request defaults and limits. Nothing else in the code base hard-codes a hub id.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from imagegen.errors import ConfigError, UnknownPresetError
+from imagegen.settings import get_settings
+
+Family = Literal["flux", "sdxl"]
+DType = Literal["float32", "float16", "bfloat16"]
+TINY_PREFIX = "tiny:"
+
+
+class RenderDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    steps: int = Field(ge=1)
+    guidance: float = Field(ge=0)
+
+
+class RenderLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_size: int = Field(gt=0)
+    max_size: int = Field(gt=0)
+    max_steps: int = Field(ge=1)
+
+
+class Preset(BaseModel):
+    """One entry of configs/models.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    repo: str
+    family: Family
+    dtype: DType = "bfloat16"
+    defaults: RenderDefaults
+    limits: RenderLimits
+    licence: str = ""
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Preset:
+        d, lim = self.defaults, self.limits
+        for side in (d.width, d.height):
+            if not lim.min_size <= side <= lim.max_size:
+                raise ValueError(f"default size {side} outside [{lim.min_size}, {lim.max_size}]")
+        if d.steps > lim.max_steps:
+            raise ValueError(f"default steps {d.steps} above max_steps {lim.max_steps}")
+        return self
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.repo.startswith(TINY_PREFIX)
+
+    @property
+    def tiny_name(self) -> str:
+        return self.repo[len(TINY_PREFIX) :]
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (VAE factor x 2x2 packing / UNet downsampling)."""
+        return 4 if self.is_tiny else 16
+
+
+def local_repo_path(preset: Preset, model_cache: Path | None = None) -> Path | None:
+    """Where the preset's weights are (or would be) on disk; ``None`` for a hub id not yet cached."""
+    cache = model_cache or get_settings().model_cache
+    if preset.is_tiny:
+        return cache / "tiny" / preset.tiny_name
+    as_path = Path(preset.repo).expanduser()
+    if as_path.is_absolute() or preset.repo.startswith("."):
+        return as_path
+    hub_dir = cache / "hub" / ("models--" + preset.repo.replace("/", "--"))
+    return hub_dir if hub_dir.exists() else None
+
+
+def is_available_locally(preset: Preset, model_cache: Path | None = None) -> bool:
+    path = local_repo_path(preset, model_cache)
+    if path is None:
+        return False
+    if preset.is_tiny or path.is_absolute():
+        return (path / "model_index.json").exists() or any(path.glob("snapshots/*/model_index.json"))
+    return any(path.glob("snapshots/*/model_index.json"))
+
+
+@lru_cache(maxsize=8)
+def _load_presets(path: Path) -> dict[str, Preset]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"model presets file not found: {path} (set IMAGEGEN_MODELS_CONFIG)") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("presets"), dict):
+        raise ConfigError(f"{path} must hold a mapping under the key 'presets'")
+    presets: dict[str, Preset] = {}
+    for name, body in raw["presets"].items():
+        try:
+            presets[name] = Preset(name=name, **(body or {}))
+        except (ValidationError, TypeError) as exc:
+            raise ConfigError(f"{path}: preset '{name}' is invalid: {exc}") from exc
+    return presets
+
+
+def all_presets() -> dict[str, Preset]:
+    """Every preset of the configured models.yaml, by name."""
+    return dict(_load_presets(get_settings().models_config.resolve()))
+
+
+def get_preset(name: str) -> Preset:
+    presets = all_presets()
+    if name not in presets:
+        known = ", ".join(sorted(presets))
+        raise UnknownPresetError(f"unknown preset '{name}'; known presets: {known}")
+    return presets[name]

@@ -1,0 +1,64 @@
+"""Process-wide settings: one home directory, overridable through ``IMAGEGEN_*`` variables.
+
+Everything the system writes (model cache, registry database, blobs) lives under
+``IMAGEGEN_HOME`` so a test or a deployment can point the whole system somewhere else with one
+variable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS_CONFIG = PROJECT_ROOT / "configs" / "models.yaml"
+
+
+class Settings(BaseSettings):
+    """Settings read from the environment (``IMAGEGEN_HOME``, ``IMAGEGEN_DEVICE`` ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEGEN_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".imagegen")
+    models_config: Path = DEFAULT_MODELS_CONFIG
+    #: "auto" picks CUDA when available, else CPU; "cpu" / "cuda" / "cuda:1" force one.
+    device: str = "auto"
+    #: number of prompt embeddings a renderer keeps (bounded LRU)
+    prompt_cache_size: int = Field(default=256, ge=0)
+    #: allow downloads from the model hub for real presets
+    allow_downloads: bool = True
+    #: SQLAlchemy URL of the registry; empty means SQLite at IMAGEGEN_HOME/registry.db
+    database_url: str = ""
+    #: face backend used for analysis and scoring: "dlib" (offline, public domain) or "insightface"
+    face_backend: str = "dlib"
+    #: where insightface model packs live (<root>/models/<pack>/*.onnx, insightface's own layout)
+    insightface_root: Path | None = None
+    #: apparent-age gate: references that look younger than this are refused
+    min_apparent_age: int = Field(default=25, ge=18)
+    #: strict age gate: refuse a character when no age estimator is available
+    strict_age_gate: bool = False
+
+    @property
+    def model_cache(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def blob_root(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'registry.db'}"
+
+    @property
+    def insightface_home(self) -> Path:
+        return self.insightface_root or self.home / "insightface"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process (read once; tests call ``get_settings.cache_clear()``)."""
+    return Settings()
