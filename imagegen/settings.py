@@ -24,6 +24,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path.home() / ".imagegen")
     models_config: Path = DEFAULT_MODELS_CONFIG
+    #: model cache; defaults to IMAGEGEN_HOME/models (tests share one across isolated homes)
+    model_cache_dir: Path | None = None
     #: "auto" picks CUDA when available, else CPU; "cpu" / "cuda" / "cuda:1" force one.
     device: str = "auto"
     #: number of prompt embeddings a renderer keeps (bounded LRU)
@@ -43,7 +45,7 @@ class Settings(BaseSettings):
 
     @property
     def model_cache(self) -> Path:
-        return self.home / "models"
+        return self.model_cache_dir or self.home / "models"
 
     @property
     def blob_root(self) -> Path:

@@ -1,0 +1,41 @@
+"""Shared fixtures: every test runs against a throw-away IMAGEGEN_HOME.
+
+The tiny model repos are built once per test session into a shared model cache (building them
+is deterministic, so sharing changes nothing but time); everything else a test writes
+(registry, blobs, outputs) goes to its own temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from imagegen.settings import get_settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("imagegen-home")
+    saved = {k: os.environ.get(k) for k in ("IMAGEGEN_HOME", "IMAGEGEN_MODEL_CACHE_DIR")}
+    os.environ["IMAGEGEN_HOME"] = str(home)
+    os.environ["IMAGEGEN_MODEL_CACHE_DIR"] = str(home / "models")
+    get_settings.cache_clear()
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh IMAGEGEN_HOME for this test (the shared model cache stays)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("IMAGEGEN_HOME", str(home))
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
