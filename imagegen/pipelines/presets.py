@@ -51,6 +51,14 @@ class Preset(BaseModel):
     limits: RenderLimits
     licence: str = ""
     description: str = ""
+    #: weight variant to fetch from the hub (e.g. "fp16" for SDXL base)
+    variant: str | None = None
+    #: replacement VAE repo (e.g. the fp16-safe SDXL VAE)
+    vae: str | None = None
+    #: T5 sequence length for FLUX prompts
+    max_sequence_length: int = Field(default=512, ge=1, le=512)
+    #: load pickle (.bin/.ckpt) weights; refused unless a preset opts in explicitly
+    allow_pickle: bool = False
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Preset:

@@ -1,0 +1,190 @@
+"""The ``imagegen`` command: one sub-command group per area.
+
+Errors a user can fix (``ImagegenError``) are printed as one line on stderr with exit code 2;
+no traceback. Long work shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from imagegen.errors import ImagegenError, InvalidRequestError
+
+app = typer.Typer(
+    name="imagegen",
+    help="Render the same fictional character again and again with a recognisably identical face.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Model presets (configs/models.yaml).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+# piped output (CI logs, tests) gets wide lines instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed and prove it is writable before any expensive work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ImagegenError(f"cannot write to output directory {path}: {exc.strerror or exc}", field="out") from exc
+    return path
+
+
+def build_request(**fields):
+    """A ``RenderRequest`` from CLI options, with pydantic's complaints turned into one clear line."""
+    from imagegen.pipelines.types import RenderRequest
+
+    try:
+        return RenderRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "request"
+        raise InvalidRequestError(f"{name}: {first['msg']}", field=name) from exc
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show every preset, with whether its weights are available locally."""
+    from imagegen.pipelines.presets import all_presets, is_available_locally
+
+    table = Table(title="model presets")
+    for column in ("name", "family", "repo", "dtype", "defaults", "local", "licence"):
+        table.add_column(column)
+    for preset in all_presets().values():
+        d = preset.defaults
+        local = "yes" if is_available_locally(preset) else ("built on first use" if preset.is_tiny else "no")
+        cells = (
+            preset.name,
+            preset.family,
+            preset.repo,
+            preset.dtype,
+            f"{d.width}x{d.height}, {d.steps} steps, guidance {d.guidance}",
+            local,
+            preset.licence,
+        )
+        table.add_row(*(escape(cell) for cell in cells))
+    console.print(table)
+
+
+@app.command()
+def render(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What to render."),
+    preset: str = typer.Option("tiny-flux", help="Model preset (see `imagegen models list`)."),
+    negative_prompt: str = typer.Option("", help="What to avoid (SDXL CFG; FLUX with --true-cfg > 1)."),
+    seed: int | None = typer.Option(None, help="Seed of the first image; image i uses seed + i. Random if unset."),
+    num: int = typer.Option(1, help="Number of images."),
+    width: int | None = typer.Option(None, help="Width in pixels (preset default if unset)."),
+    height: int | None = typer.Option(None, help="Height in pixels (preset default if unset)."),
+    steps: int | None = typer.Option(None, help="Denoising steps (preset default if unset)."),
+    guidance: float | None = typer.Option(None, help="Guidance scale (preset default if unset)."),
+    true_cfg: float = typer.Option(1.0, "--true-cfg", help="FLUX true CFG scale (> 1 uses the negative prompt)."),
+    batch_size: int = typer.Option(4, help="Images per pipeline call."),
+    out: Path = typer.Option(Path("out"), help="Output directory."),
+) -> None:
+    """Render images and write them as PNGs carrying prompt, seed, preset and versions."""
+    from imagegen.pipelines.presets import get_preset
+    from imagegen.pipelines.types import MAX_SEED
+
+    if num < 1:
+        raise InvalidRequestError(f"--num must be at least 1, got {num}", field="num")
+    if batch_size < 1:
+        raise InvalidRequestError(f"--batch-size must be at least 1, got {batch_size}", field="batch_size")
+    if seed is not None and not 0 <= seed <= MAX_SEED - num:
+        raise InvalidRequestError(f"--seed must be between 0 and {MAX_SEED - num}", field="seed")
+    chosen = get_preset(preset)
+    first = build_request(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        true_cfg_scale=true_cfg,
+    )
+    first.check_against(chosen)
+    out = ensure_writable_dir(out)
+    first = first.resolved(chosen)
+    requests = [first.model_copy(update={"seed": first.seed + i}) for i in range(num)]
+
+    from imagegen.images import save_png  # heavy imports only once the arguments are known to be good
+    from imagegen.pipelines.renderer import Renderer
+
+    renderer = Renderer(chosen)
+    written, failed = [], []
+    with progress_bar() as bar:
+        task = bar.add_task(f"rendering {preset}", total=num)
+        for start in range(0, num, batch_size):
+            for result in renderer.render(requests[start : start + batch_size]):
+                if result.ok:
+                    path = out / f"{preset}-seed{result.seed}.png"
+                    written.append(save_png(result.image, path, result.metadata()))
+                else:
+                    failed.append(result)
+                bar.advance(task)
+    for path in written:
+        console.print(str(path))
+    if failed:
+        raise ImagegenError(
+            f"{len(failed)} image(s) came out unusable ("
+            + ", ".join(f"seed {r.seed}: {r.problem}" for r in failed)
+            + "); nothing was written for them"
+        )
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("out"), help="Output directory.")) -> None:
+    """Run the main job end to end on the embedded defaults (tiny models, local files)."""
+    from imagegen.demo import run_demo
+
+    out = ensure_writable_dir(out)
+    summary = run_demo(out, progress_factory=progress_bar)
+    console.print(f"[bold green]demo finished[/] -> {out.resolve()}")
+    for label, path in summary.items():
+        console.print(f"  {label}: {path}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    logging.basicConfig(level=os.environ.get("IMAGEGEN_LOG_LEVEL", "WARNING").upper())
+    try:
+        app()
+    except ImagegenError as exc:
+        where = f" ({exc.field})" if exc.field else ""
+        err_console.print(f"[bold red]error{escape(where)}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The `imagegen` command as a user runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from imagegen.images import read_png_metadata
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "imagegen.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_render_writes_pngs_with_metadata(tmp_path):
+    out = tmp_path / "renders"
+    proc = run_cli(
+        "render",
+        "--preset",
+        "tiny-flux",
+        "--prompt",
+        "a cafe at night",
+        "--seed",
+        "7",
+        "--num",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = [out / f"tiny-flux-seed{s}.png" for s in (7, 8, 9, 10)]
+    assert sorted(out.glob("*.png")) == sorted(files)
+    meta = read_png_metadata(files[1])
+    assert meta["prompt"] == "a cafe at night" and meta["seed"] == 8 and meta["preset"] == "tiny-flux"
+    assert meta["steps"] == 2 and set(meta["versions"]) >= {"torch", "diffusers", "transformers", "imagegen"}
+    assert str(files[0]) in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--width", "1000"], "width 1000 is outside"),
+        (["--width", "62"], "multiple of 4"),
+        (["--steps", "0"], "steps: Input should be greater than or equal to 1"),
+        (["--steps", "999"], "steps 999 is above the maximum"),
+        (["--num", "0"], "--num must be at least 1"),
+        (["--seed", "-1"], "--seed must be between"),
+        (["--prompt", ""], "prompt: String should have at least 1 character"),
+        (["--preset", "tiny-sdxl", "--true-cfg", "2"], "FLUX presets only"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
+    base = ["render", "--prompt", "x", "--out", str(tmp_path / "o")]
+    proc = run_cli(*base, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_cli("render", "--prompt", "x", "--out", str(blocker / "sub"))
+    assert proc.returncode == 2 and "cannot write to output directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_models_list_shows_presets_and_local_availability():
+    proc = run_cli("models", "list")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("flux-dev", "flux-schnell", "sdxl-base", "sdxl-realvis", "tiny-flux", "tiny-sdxl"):
+        assert name in proc.stdout
+    assert "black-forest-labs/FLUX.1-dev" in proc.stdout and "[dev]" in proc.stdout
+
+
+def test_real_preset_without_network_says_what_to_do(tmp_path):
+    proc = run_cli(
+        "render",
+        "--preset",
+        "flux-schnell",
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--out",
+        str(tmp_path),
+        env={"IMAGEGEN_ALLOW_DOWNLOADS": "false"},
+    )
+    assert proc.returncode == 2
+    assert "black-forest-labs/FLUX.1-schnell" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["render"], ["models"], ["models", "list"], ["demo"]])
+def test_help_everywhere(args):
+    proc = run_cli(*args, "--help")
+    assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+def test_demo_renders_both_tiny_families(tmp_path):
+    proc = run_cli("demo", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    renders = sorted(p.name for p in (tmp_path / "renders").glob("*.png"))
+    assert sum(n.startswith("tiny-flux") for n in renders) == 4
+    assert sum(n.startswith("tiny-sdxl") for n in renders) == 4
+    assert (tmp_path / "renders-grid.png").stat().st_size > 0
+    assert str(tmp_path) in proc.stdout.replace("\n", "")
