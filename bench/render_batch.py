@@ -28,7 +28,9 @@ def bench_preset(name: str, batch_sizes: list[int], repeats: int, steps: int | N
     rows = []
     for batch in batch_sizes:
         requests = [
-            RenderRequest(prompt=f"a photo of character {i % 2} at a cafe", seed=i, steps=steps, width=size, height=size)
+            RenderRequest(
+                prompt=f"a photo of character {i % 2} at a cafe", seed=i, steps=steps, width=size, height=size
+            )
             for i in range(batch)
         ]
         renderer.render(requests)  # warm-up
