@@ -1,0 +1,453 @@
+"""The character registry on a real SQLite file and a real blob directory."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import text
+
+from imagegen.errors import ImagegenError
+from imagegen.identity.blobstore import CorruptBlobError, InvalidDigestError
+from imagegen.identity.models import (
+    Character,
+    DuplicateCharacterError,
+    InvalidCharacterError,
+    InvalidCharacterIdError,
+    InvalidReferenceError,
+    ProvenanceError,
+    ReferenceInput,
+    RegistryError,
+    StaleConditioningError,
+    UnknownCharacterError,
+    UnknownProtectedIdentityError,
+)
+from imagegen.identity.registry import SCHEMA_VERSION, Registry
+from imagegen.settings import get_settings
+
+from ._helpers import embedding, fake_face, make_character, make_refs, png_bytes
+
+BAD_IDS = ["../x", "Mia", "a" * 200, "", "mia/../../etc", "-mia", "mia\n", "mi a"]
+
+
+@pytest.fixture
+def registry(isolated_home: Path) -> Registry:
+    reg = Registry.open()
+    yield reg
+    reg.close()
+
+
+def test_open_creates_the_database_in_home_with_wal_and_foreign_keys(isolated_home: Path, registry: Registry) -> None:
+    settings = get_settings()
+    assert settings.registry_url == f"sqlite:///{isolated_home / 'registry.db'}"
+    assert (isolated_home / "registry.db").is_file()
+    assert registry.blobs.root == settings.blob_root
+    with registry.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    assert registry.schema_version == SCHEMA_VERSION
+    dump = registry.dump()
+    assert set(dump["tables"]) == {
+        "schema_version",
+        "characters",
+        "reference_images",
+        "face_analyses",
+        "identity_centroids",
+        "conditioning_cache",
+        "protected_identities",
+    }
+    assert [r["version"] for r in dump["tables"]["schema_version"]] == [SCHEMA_VERSION]
+    # opening again keeps one schema_version row and the data
+    with Registry.open() as again:
+        assert again.dump() == dump
+
+
+def test_a_newer_schema_is_refused(isolated_home: Path) -> None:
+    with Registry.open() as registry, registry.engine.begin() as conn:
+        conn.execute(text("INSERT INTO schema_version (version, applied_at) VALUES (99, '2030-01-01')"))
+    with pytest.raises(RegistryError, match="schema version 99.*upgrade imagegen"):
+        Registry.open()
+
+
+def test_a_missing_database_driver_is_explained(tmp_path: Path) -> None:
+    for url in ("postgresql+psycopg2://user:secret@localhost/db", "nosuchdb://user:secret@host/db"):
+        with pytest.raises(RegistryError, match="needs a driver") as info:
+            Registry(url, tmp_path / "blobs")
+        assert "secret" not in str(info.value)
+
+
+def test_in_memory_sqlite_works_across_threads(tmp_path: Path) -> None:
+    with Registry("sqlite://", tmp_path / "blobs") as registry:
+        registry.register(make_character("mia"), make_refs(1))
+        result: list[str] = []
+        thread = threading.Thread(target=lambda: result.extend(registry.ids()))
+        thread.start()
+        thread.join()
+        assert result == ["mia"]
+
+
+def test_register_and_get_round_trip(registry: Registry) -> None:
+    refs = make_refs(4, backends=("dlib", "insightface"))
+    centroid = np.mean([embedding(i) for i in range(4)], axis=0)
+    stored = registry.register(make_character("mia", centroids={"dlib": centroid}), refs)
+    got = registry.get("mia")
+    assert got == stored
+    assert got.id == "mia" and got.name == "Mia"
+    assert got.card.look.startswith("short red hair")
+    assert got.card.extra == {"palette": ["red", "teal"], "height_cm": 168}
+    assert got.provenance.kind == "synthetic" and got.provenance.creator == "art-team"
+    assert str(got.provenance.date) == "2024-05-01"
+    assert (got.status, got.version, got.age_check) == ("draft", 1, "unverified")
+    assert got.created_at is not None and got.created_at.tzinfo is UTC
+    assert got.updated_at == got.created_at
+    assert [r.filename for r in got.references] == [f"ref_{i:03d}.png" for i in range(4)]
+    for ref, given in zip(got.references, refs, strict=True):
+        assert ref.digest == registry.blobs.put(given.data)
+        assert (ref.mime_type, ref.width, ref.height, ref.size) == ("image/png", 12, 10, len(given.data))
+        assert registry.reference_bytes("mia", ref.digest) == given.data
+        assert set(ref.faces) == {"dlib", "insightface"}
+        for backend in ("dlib", "insightface"):
+            face, expected = ref.faces[backend], given.faces[backend]
+            assert face.backend == backend
+            np.testing.assert_array_equal(face.as_array(), expected.as_array())
+            assert face.landmarks == expected.landmarks and face.quality == expected.quality
+    np.testing.assert_array_equal(got.centroid("dlib"), centroid.astype(np.float32))
+    assert got.centroid("insightface") is None
+    assert registry.list() == [got]
+    assert registry.ids() == ["mia"]
+    assert registry.exists("mia") and not registry.exists("noa")
+
+
+def test_register_accepts_a_character_model_and_keeps_given_status(registry: Registry) -> None:
+    character = Character.model_validate(make_character("noa", status="approved", age_check="passed"))
+    stored = registry.register(character, make_refs(1))
+    assert (stored.status, stored.age_check, stored.version) == ("approved", "passed", 1)
+    assert registry.list(status="approved") == [stored]
+    assert registry.list(status="draft") == []
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS)
+def test_invalid_id_is_refused_and_nothing_changes(registry: Registry, bad_id: str) -> None:
+    registry.register(make_character("mia"), make_refs(2))
+    before = registry.dump()
+    with pytest.raises(InvalidCharacterIdError, match="not a valid character id") as info:
+        registry.register(make_character(bad_id), make_refs(2, start=10))
+    assert info.value.code == "invalid_character_id" and info.value.field == "character_id"
+    for call in (registry.get, registry.delete, registry.approve, registry.exists):
+        with pytest.raises(InvalidCharacterIdError):
+            call(bad_id)
+    assert registry.dump() == before
+
+
+def test_duplicate_id_is_refused_and_nothing_changes(registry: Registry) -> None:
+    registry.register(make_character("mia"), make_refs(2))
+    before = registry.dump()
+    with pytest.raises(DuplicateCharacterError, match="already registered") as info:
+        registry.register(make_character("mia", name="Other Mia"), make_refs(3, start=50))
+    assert isinstance(info.value, ImagegenError) and info.value.code == "duplicate_character"
+    assert registry.dump() == before  # not even a blob of the refused images
+
+
+@pytest.mark.parametrize(
+    ("provenance", "message"),
+    [
+        (None, "no provenance"),
+        ({"kind": "stolen", "creator": "x"}, "synthetic', 'consented' or 'licensed"),
+        ({"kind": "synthetic", "creator": "   "}, "creator is empty"),
+        ({"kind": "synthetic"}, "creator"),
+        ({"kind": "consented", "creator": "casting"}, "needs provenance.evidence"),
+        ({"kind": "licensed", "creator": "agency", "evidence": "L-1", "surprise": 1}, "surprise"),
+        ("synthetic", "provenance"),
+    ],
+)
+def test_missing_or_invalid_provenance_is_refused(registry: Registry, provenance: object, message: str) -> None:
+    before = registry.dump()
+    with pytest.raises(ProvenanceError, match=message) as info:
+        registry.register(make_character("mia", provenance=provenance), make_refs(1))
+    assert info.value.field == "provenance"
+    data = make_character("mia")
+    del data["provenance"]
+    with pytest.raises(ProvenanceError, match="no provenance"):
+        registry.register(data, make_refs(1))
+    assert registry.dump() == before
+
+
+def test_unknown_character_errors_leave_the_registry_unchanged(registry: Registry) -> None:
+    registry.register(make_character("mia"), make_refs(1))
+    before = registry.dump()
+    calls = [
+        lambda: registry.get("noa"),
+        lambda: registry.delete("noa"),
+        lambda: registry.approve("noa"),
+        lambda: registry.set_status("noa", "draft"),
+        lambda: registry.set_age_check("noa", "passed"),
+        lambda: registry.update_card("noa", name="Noa"),
+        lambda: registry.replace_references("noa", make_refs(1, start=30)),
+        lambda: registry.add_references("noa", make_refs(1, start=31)),
+        lambda: registry.set_centroid("noa", "dlib", embedding(1)),
+        lambda: registry.put_conditioning("noa", "pulid", "v1", "w" * 64, {"x": torch.ones(2)}),
+        lambda: registry.get_conditioning("noa", "pulid", "v1", "w" * 64),
+        lambda: registry.reference_bytes("noa", "0" * 64),
+    ]
+    for call in calls:
+        with pytest.raises(UnknownCharacterError, match="no character 'noa'") as info:
+            call()
+        assert info.value.code == "unknown_character"
+    assert registry.dump() == before
+
+
+def test_invalid_references_are_refused_before_anything_is_written(registry: Registry) -> None:
+    before = registry.dump()
+    with pytest.raises(InvalidReferenceError, match="not an image"):
+        registry.register(make_character("mia"), [{"data": b"not an image at all"}])
+    with pytest.raises(InvalidReferenceError, match="same bytes"):
+        registry.register(make_character("mia"), make_refs(2) + make_refs(1))
+    bad_face = fake_face(1)
+    bad_face["embedding"] = np.array([np.nan, 1.0])
+    with pytest.raises(ImagegenError, match="NaN"):
+        registry.register(make_character("mia"), [{"data": png_bytes(1), "faces": {"dlib": bad_face}}])
+    with pytest.raises(InvalidReferenceError, match="width"):
+        registry.register(make_character("mia"), [{"data": png_bytes(1), "width": 999}])
+    with pytest.raises(InvalidCharacterError, match="filled by the registry"):
+        stored_ref = {"digest": "a" * 64, "mime_type": "image/png", "width": 1, "height": 1, "size": 1}
+        registry.register(make_character("mia", references=[stored_ref]))
+    assert registry.dump() == before
+
+
+def test_a_failure_inside_the_transaction_leaves_nothing_but_orphans_for_gc(registry: Registry) -> None:
+    registry.register(make_character("noa"), make_refs(1, start=90))
+    before = registry.dump()
+
+    def boom() -> None:
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        registry.register(make_character("mia"), make_refs(5), _before_commit=boom)
+    assert not registry.exists("mia")
+    after = registry.dump()
+    assert after["tables"] == before["tables"]
+    assert len(after["blobs"]) == len(before["blobs"]) + 5  # written first, referenced by nothing
+    assert registry.gc().blobs_kept_recent == 5  # young orphans are kept by default (grace period)
+    report = registry.gc(grace_s=0)
+    assert report.blobs_removed == 5 and report.bytes_removed > 0
+    assert registry.dump() == before
+    registry.register(make_character("mia"), make_refs(5))  # the id is free
+
+
+def test_status_card_and_age_check_updates(registry: Registry) -> None:
+    registry.register(make_character("mia"), make_refs(1))
+    approved = registry.approve("mia")
+    assert (approved.status, approved.version) == ("approved", 2)
+    assert approved.updated_at > approved.created_at
+    assert registry.set_status("mia", "approved").version == 2  # no change, no bump
+    assert registry.set_status("mia", "draft").version == 3
+    with pytest.raises(InvalidCharacterError, match="status 'published'"):
+        registry.set_status("mia", "published")
+    carded = registry.update_card("mia", {"look": "long black hair"}, name="Mia Rossi")
+    assert (carded.card.look, carded.card.personality, carded.name, carded.version) == (
+        "long black hair",
+        "",
+        "Mia Rossi",
+        4,
+    )
+    assert registry.update_card("mia", carded.card).version == 4
+    checked = registry.set_age_check("mia", "passed")
+    assert (checked.age_check, checked.version) == ("passed", 4)
+    with pytest.raises(InvalidCharacterError):
+        registry.set_age_check("mia", "maybe")
+
+
+def test_conditioning_cache_round_trip(registry: Registry) -> None:
+    registry.register(make_character("mia"), make_refs(2))
+    tensors = {
+        "id_tokens": torch.randn(1, 32, 16),
+        "id_weight": torch.tensor([0.8], dtype=torch.bfloat16),
+        "view": torch.arange(12.0).reshape(3, 4).t(),  # non-contiguous
+    }
+    key = ("mia", "pulid-flux", "v0.9.1", "ab" * 32)
+    assert registry.get_conditioning(*key) is None
+    digest = registry.put_conditioning(*key, tensors, {"encoder": "eva-clip", "layers": [1, 2]})
+    entry = registry.get_conditioning_entry(*key)
+    assert entry is not None and entry.digest == digest and entry.character_version == 1
+    assert entry.meta == {"encoder": "eva-clip", "layers": [1, 2]}
+    got = registry.get_conditioning(*key)
+    assert set(got) == set(tensors)
+    for name, tensor in tensors.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
+    # another method version is another entry; putting the same key again replaces it
+    assert registry.get_conditioning("mia", "pulid-flux", "v1.0", "ab" * 32) is None
+    new_digest = registry.put_conditioning(*key, {"id_tokens": torch.zeros(2)})
+    assert not registry.blobs.exists(digest) and registry.blobs.exists(new_digest)
+    assert torch.equal(registry.get_conditioning(*key)["id_tokens"], torch.zeros(2))
+    assert len(registry.dump()["tables"]["conditioning_cache"]) == 1
+    with pytest.raises(InvalidCharacterError, match="method"):
+        registry.put_conditioning("mia", "../pulid", "v1", "x", {"a": torch.ones(1)})
+
+
+def test_stale_conditioning_is_refused(registry: Registry) -> None:
+    registry.register(make_character("mia"), make_refs(2))
+    version = registry.get("mia").version
+    registry.replace_references("mia", make_refs(2, start=5))
+    before = registry.dump()
+    with pytest.raises(StaleConditioningError, match="version 2"):
+        registry.put_conditioning(
+            "mia", "ipadapter", "faceid-plus", "w", {"a": torch.ones(1)}, expected_version=version
+        )
+    assert registry.dump() == before
+    registry.put_conditioning("mia", "ipadapter", "faceid-plus", "w", {"a": torch.ones(1)}, expected_version=2)
+
+
+def test_reference_changes_invalidate_conditioning_and_centroids(registry: Registry) -> None:
+    first = make_refs(3)
+    registry.register(make_character("mia", centroids={"dlib": embedding(0)}), first)
+    key = ("mia", "pulid-sdxl", "v1.1", "c" * 64)
+    cache_digest = registry.put_conditioning(*key, {"t": torch.ones(3)})
+
+    replaced = registry.replace_references("mia", make_refs(2, start=1))  # keeps ref 1, drops 0
+    assert replaced.version == 2
+    assert [r.filename for r in replaced.references] == ["ref_001.png", "ref_002.png"]
+    assert replaced.centroids == {}
+    assert registry.get_conditioning(*key) is None
+    assert not registry.blobs.exists(cache_digest)
+    assert not registry.blobs.exists(first_digest(first[0]))
+    assert registry.blobs.exists(first_digest(first[1]))
+
+    registry.set_centroid("mia", "dlib", embedding(7))
+    registry.put_conditioning(*key, {"t": torch.ones(3)})
+    added = registry.add_references("mia", make_refs(1, start=40))
+    assert added.version == 3 and len(added.references) == 3
+    assert added.references[-1].filename == "ref_040.png"
+    assert registry.get_conditioning(*key) is None and added.centroids == {}
+    with pytest.raises(InvalidReferenceError, match="already one of"):
+        registry.add_references("mia", make_refs(1, start=40))
+
+    removed = registry.remove_references("mia", [first_digest(make_refs(1, start=1)[0])])
+    assert removed.version == 4
+    assert [r.filename for r in removed.references] == ["ref_002.png", "ref_040.png"]
+    with pytest.raises(InvalidReferenceError, match="has no reference"):
+        registry.remove_references("mia", ["0" * 64])
+    with pytest.raises(InvalidDigestError):
+        registry.remove_references("mia", ["../../x"])
+    assert sorted(registry.blobs.digests()) == sorted(r.digest for r in removed.references)
+
+
+def first_digest(ref: ReferenceInput) -> str:
+    import hashlib
+
+    return hashlib.sha256(ref.data).hexdigest()
+
+
+def test_delete_purges_every_byte_except_shared_blobs(isolated_home: Path, registry: Registry) -> None:
+    marker = "zqxmarker-personality-of-mia"
+    mia_refs = make_refs(3)
+    shared = mia_refs[2]
+    registry.register(make_character("mia", card={"personality": marker}, centroids={"dlib": embedding(1)}), mia_refs)
+    registry.register(make_character("noa"), make_refs(2, start=20) + [shared])
+    registry.put_conditioning("mia", "pulid-flux", "v0.9.1", "w1", {"id": torch.randn(4, 8)})
+    registry.put_conditioning("mia", "ipadapter", "faceid", "w2", {"id": torch.randn(4, 8)})
+    registry.put_conditioning("noa", "pulid-flux", "v0.9.1", "w1", {"id": torch.randn(4, 8)})
+    noa_before = registry.get("noa")
+    noa_cache = registry.get_conditioning("noa", "pulid-flux", "v0.9.1", "w1")
+    mia = registry.get("mia")
+    mia_only = {r.digest for r in mia.references} - {r.digest for r in noa_before.references}
+    mia_cache = {
+        registry.get_conditioning_entry("mia", m, v, w).digest
+        for m, v, w in [("pulid-flux", "v0.9.1", "w1"), ("ipadapter", "faceid", "w2")]
+    }
+    blob_bytes = sum(registry.blobs.size(d) for d in mia_only | mia_cache)
+
+    report = registry.delete("mia")
+
+    assert report.character_id == "mia"
+    assert (report.references, report.face_analyses, report.centroids, report.conditioning) == (3, 3, 1, 2)
+    assert report.blobs_removed == len(mia_only | mia_cache) == 4
+    assert report.bytes_removed == blob_bytes
+    assert report.blobs_shared == 1
+    for digest in mia_only | mia_cache:
+        assert not registry.blobs.exists(digest)
+        assert not any(digest in f for f in registry.blobs.files())
+    dump = registry.dump()
+    text_dump = json.dumps(dump["tables"])
+    assert '"mia"' not in text_dump and marker not in text_dump
+    assert not registry.exists("mia")
+    # the other character is untouched, its shared image included
+    assert registry.get("noa") == noa_before
+    assert registry.reference_bytes("noa", first_digest(shared)) == shared.data
+    assert torch.equal(registry.get_conditioning("noa", "pulid-flux", "v0.9.1", "w1")["id"], noa_cache["id"])
+    assert registry.verify() == []
+    # not even in SQLite's free pages or the write-ahead log
+    registry.close()
+    for path in isolated_home.glob("registry.db*"):
+        assert marker.encode() not in path.read_bytes(), path
+    with pytest.raises(UnknownCharacterError):
+        Registry.open().delete("mia")
+
+
+def test_gc_removes_only_unreferenced_blobs(registry: Registry) -> None:
+    registry.register(make_character("mia"), make_refs(2))
+    registry.put_conditioning("mia", "pulid-flux", "v1", "w", {"x": torch.ones(1)})
+    kept = set(registry.blobs.digests())
+    orphan = registry.blobs.put(b"orphan from a killed process")
+    assert registry.gc().blobs_removed == 0
+    report = registry.gc(grace_s=0)
+    assert (report.blobs_removed, report.bytes_removed) == (1, len(b"orphan from a killed process"))
+    assert not registry.blobs.exists(orphan)
+    assert set(registry.blobs.digests()) == kept == registry.referenced_digests()
+
+
+def test_corrupted_reference_is_reported(registry: Registry) -> None:
+    stored = registry.register(make_character("mia"), make_refs(2))
+    digest = stored.references[0].digest
+    registry.blobs.path(digest).write_bytes(b"bit rot")
+    with pytest.raises(CorruptBlobError, match="corrupt"):
+        registry.reference_bytes("mia", digest)
+    problems = registry.verify()
+    assert len(problems) == 1 and digest in problems[0]
+
+
+def test_protected_identities_store_embeddings_only(registry: Registry) -> None:
+    a = registry.add_protected_identity("Famous Actor", "insightface", embedding(1, 512), note="press kit")
+    b = registry.add_protected_identity("Politician", "dlib", embedding(2, 128))
+    assert a.id != b.id and a.created_at.tzinfo is UTC
+    np.testing.assert_array_equal(a.as_array(), embedding(1, 512))
+    assert registry.list_protected_identities() == [a, b]
+    assert registry.list_protected_identities(backend="dlib") == [b]
+    before = registry.dump()
+    assert before["blobs"] == []  # nothing but rows: no image is ever stored
+    with pytest.raises(UnknownProtectedIdentityError):
+        registry.remove_protected_identity(9999)
+    with pytest.raises(ImagegenError, match="1-D vector"):
+        registry.add_protected_identity("x", "dlib", np.ones((2, 3)))
+    with pytest.raises(InvalidCharacterError, match="label"):
+        registry.add_protected_identity("  ", "dlib", embedding(3))
+    assert registry.dump() == before
+    registry.remove_protected_identity(a.id)
+    assert registry.list_protected_identities() == [b]
+
+
+def test_concurrent_registrations_from_threads(registry: Registry) -> None:
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            registry.register(make_character(f"char-{k}"), make_refs(3, start=10 * k))
+            registry.approve(f"char-{k}")
+            registry.list()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    characters = registry.list()
+    assert [c.id for c in characters] == sorted(f"char-{k}" for k in range(8))
+    assert all(c.version == 2 and len(c.references) == 3 for c in characters)
+    assert registry.verify() == []
