@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     database_url: str = ""
     #: face backend used for analysis and scoring: "dlib" (offline, public domain) or "insightface"
     face_backend: str = "dlib"
+    #: insightface pack used by the "insightface" face backend (antelopev2 is what PuLID uses)
+    insightface_pack: str = "antelopev2"
     #: where insightface model packs live (<root>/models/<pack>/*.onnx, insightface's own layout)
     insightface_root: Path | None = None
     #: apparent-age gate: references that look younger than this are refused

@@ -1,0 +1,200 @@
+"""Tiny ONNX stand-ins with the signatures of insightface's models, for tests and offline runs.
+
+The real insightface packs (antelopev2, buffalo_l) are licensed non-commercial and are not
+downloaded by imagegen. To exercise the real loading path (``insightface.app.FaceAnalysis`` and
+``model_zoo``'s shape-based routing, SCRFD decoding, ArcFace alignment) without them, these
+functions build small ONNX graphs with ``onnx.helper`` that route the same way:
+
+- :func:`scrfd_detector_model`: an SCRFD "bnkps" detector signature (``det_10g`` /
+  ``scrfd_10g_bnkps``): input ``1x3xHxW`` (dynamic H, W), 9 outputs = scores, box distances and
+  keypoint distances for strides 8, 16, 32 with 2 anchors per cell, rank-2 outputs
+  (``[N, 1]``, ``[N, 4]``, ``[N, 10]``). insightface routes any model with >= 5 outputs to SCRFD
+  and 9 outputs means ``use_kps``. The graph ignores the pixels: it reports one face, with a
+  fixed high score at the first stride-32 anchor, at a fixed place of the (letterboxed)
+  detector input, with plausible 5-point landmarks.
+- :func:`arcface_recognizer_model`: an ArcFace signature (``glintr100`` / ``w600k_r50``): input
+  ``Nx3x112x112``, output ``Nx512``. insightface routes square inputs >= 112 divisible by 16 to
+  ``ArcFaceONNX``. The graph is a fixed random projection of the average-pooled aligned crop:
+  deterministic, and different crops give different vectors, but it knows nothing about faces.
+
+Every generated model carries the metadata key :data:`STANDIN_METADATA_KEY`; the insightface
+backend reads it and marks its ``model_version`` with ``+standin`` so a stand-in can never be
+mistaken for the real pack in a report or a cache key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+#: ONNX metadata key present in every generated stand-in model
+STANDIN_METADATA_KEY = "imagegen.standin"
+#: file names of the detector and recognizer in each pack (as in the real zips)
+PACK_FILES: dict[str, tuple[str, str]] = {
+    "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
+    "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx"),
+}
+OPSET = 17
+IR_VERSION = 8
+
+#: where the stand-in detector puts its face, in pixels of the 640x640 detector input
+DEFAULT_FACE_BOX = (224.0, 160.0, 416.0, 400.0)
+#: its 5 landmarks in the same coordinates (left eye, right eye, nose, mouth left, mouth right)
+DEFAULT_FACE_LANDMARKS = ((272.0, 250.0), (368.0, 250.0), (320.0, 300.0), (282.0, 345.0), (358.0, 345.0))
+STRIDES = (8, 16, 32)
+
+
+def _const(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name=name)
+
+
+def _finish(graph: onnx.GraphProto, description: str) -> onnx.ModelProto:
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="imagegen.faces.testing_models",
+        doc_string=description,
+    )
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, {STANDIN_METADATA_KEY: description})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def scrfd_detector_model(
+    *,
+    face_box: tuple[float, float, float, float] = DEFAULT_FACE_BOX,
+    landmarks: tuple[tuple[float, float], ...] = DEFAULT_FACE_LANDMARKS,
+    score: float = 0.99,
+) -> onnx.ModelProto:
+    """An SCRFD-signature detector that always reports one face at ``face_box``.
+
+    Coordinates are pixels of the detector input (insightface letterboxes the image into it,
+    top-left aligned, then divides by its scale). The face comes from the first anchor of
+    stride 32, whose centre is (0, 0), so the box distances are simply ``coords / 32``.
+    """
+    stride = STRIDES[-1]
+    x0, y0, x1, y1 = face_box
+    box_dist = np.array([[-x0, -y0, x1, y1]], dtype=np.float32) / stride
+    kps_dist = np.asarray(landmarks, dtype=np.float32).reshape(1, 10) / stride
+
+    nodes = [
+        helper.make_node("ReduceMean", ["input.1"], ["grey"], name="grey", axes=[1], keepdims=1),
+    ]
+    initializers = [
+        _const("flat_shape", np.array([-1, 1], dtype=np.int64)),
+        _const("zero", np.array(0.0, dtype=np.float32)),
+        _const("one", np.array(1.0, dtype=np.float32)),
+        _const("axis0", np.array(0, dtype=np.int64)),
+        _const("score_value", np.array(score, dtype=np.float32)),
+        _const("box_dist", box_dist),
+        _const("kps_dist", kps_dist),
+    ]
+    outputs: dict[str, list] = {"score": [], "bbox": [], "kps": []}
+    for s in STRIDES:
+        p = f"s{s}"
+        nodes += [
+            # one value per cell of the stride-s grid, two anchors per cell (interleaved like
+            # insightface's anchor centres), then a column of ones of that length
+            helper.make_node(
+                "AveragePool", ["grey"], [f"{p}_pool"], name=f"{p}_pool", kernel_shape=[s, s], strides=[s, s]
+            ),
+            helper.make_node("Reshape", [f"{p}_pool", "flat_shape"], [f"{p}_cells"], name=f"{p}_cells"),
+            helper.make_node("Concat", [f"{p}_cells", f"{p}_cells"], [f"{p}_pair"], name=f"{p}_pair", axis=1),
+            helper.make_node("Reshape", [f"{p}_pair", "flat_shape"], [f"{p}_anchors"], name=f"{p}_anchors"),
+            helper.make_node("Mul", [f"{p}_anchors", "zero"], [f"{p}_zeros"], name=f"{p}_zeros"),
+            helper.make_node("Add", [f"{p}_zeros", "one"], [f"{p}_ones"], name=f"{p}_ones"),
+            helper.make_node("MatMul", [f"{p}_ones", "box_dist"], [f"bbox_{s}"], name=f"{p}_bbox"),
+            helper.make_node("MatMul", [f"{p}_ones", "kps_dist"], [f"kps_{s}"], name=f"{p}_kps"),
+        ]
+        if s == stride:
+            nodes += [
+                helper.make_node("CumSum", [f"{p}_ones", "axis0"], [f"{p}_index"], name=f"{p}_index"),
+                helper.make_node("Equal", [f"{p}_index", "one"], [f"{p}_first"], name=f"{p}_first"),
+                helper.make_node("Cast", [f"{p}_first"], [f"{p}_onehot"], name=f"{p}_onehot", to=TensorProto.FLOAT),
+                helper.make_node("Mul", [f"{p}_onehot", "score_value"], [f"score_{s}"], name=f"{p}_score"),
+            ]
+        else:
+            nodes.append(helper.make_node("Identity", [f"{p}_zeros"], [f"score_{s}"], name=f"{p}_score"))
+        outputs["score"].append(helper.make_tensor_value_info(f"score_{s}", TensorProto.FLOAT, [f"n{s}", 1]))
+        outputs["bbox"].append(helper.make_tensor_value_info(f"bbox_{s}", TensorProto.FLOAT, [f"n{s}", 4]))
+        outputs["kps"].append(helper.make_tensor_value_info(f"kps_{s}", TensorProto.FLOAT, [f"n{s}", 10]))
+
+    graph = helper.make_graph(
+        nodes,
+        "scrfd_standin",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        outputs["score"] + outputs["bbox"] + outputs["kps"],
+        initializer=initializers,
+    )
+    return _finish(graph, "tiny SCRFD-signature stand-in detector (fixed output); not a face model")
+
+
+def arcface_recognizer_model(*, input_size: int = 112, embedding_dim: int = 512, seed: int = 0) -> onnx.ModelProto:
+    """An ArcFace-signature recognizer: ``Nx3xSxS`` aligned crop -> ``Nx<embedding_dim>``.
+
+    8x8 average pooling of the crop, flattened (192 values), times a fixed random matrix
+    (``seed``). The default signature is that of ``glintr100.onnx`` / ``w600k_r50.onnx``.
+    """
+    if input_size < 112 or input_size % 16:
+        raise ValueError("insightface routes only square inputs >= 112 and divisible by 16 to ArcFace")
+    rng = np.random.default_rng(seed)
+    cell = input_size // 8
+    weight = (rng.standard_normal((3 * 8 * 8, embedding_dim)) / np.sqrt(3 * 8 * 8)).astype(np.float32)
+    nodes = [
+        # node names must not start with "Sub"/"Mul": insightface would then assume an mxnet
+        # export with built-in normalisation (ArcFaceONNX checks the first 8 node names)
+        helper.make_node(
+            "AveragePool", ["input.1"], ["pooled"], name="pool", kernel_shape=[cell, cell], strides=[cell, cell]
+        ),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
+        helper.make_node("MatMul", ["flat", "projection"], ["embedding"], name="project"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "arcface_standin",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["batch", 3, input_size, input_size])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", embedding_dim])],
+        initializer=[_const("projection", weight)],
+    )
+    return _finish(
+        graph, f"tiny ArcFace-signature stand-in recognizer ({embedding_dim}-d random projection); not a face model"
+    )
+
+
+def write_scrfd_detector(path: str | Path, **kwargs) -> Path:
+    """Write :func:`scrfd_detector_model` to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(scrfd_detector_model(**kwargs), str(path))
+    return path
+
+
+def write_arcface_recognizer(path: str | Path, **kwargs) -> Path:
+    """Write :func:`arcface_recognizer_model` to ``path`` (e.g. ``.../glintr100.onnx``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(arcface_recognizer_model(**kwargs), str(path))
+    return path
+
+
+def write_tiny_pack(root: str | Path, pack: str = "antelopev2") -> Path:
+    """A stand-in insightface pack at ``<root>/models/<pack>/`` (insightface's layout).
+
+    Writes the detector and recognizer under the real pack's file names (see :data:`PACK_FILES`)
+    plus a ``STANDIN.txt`` note; returns the pack directory. Idempotent.
+    """
+    if pack not in PACK_FILES:
+        raise ValueError(f"unknown pack {pack!r}; stand-ins exist for {', '.join(PACK_FILES)}")
+    pack_dir = Path(root) / "models" / pack
+    detector, recognizer = PACK_FILES[pack]
+    write_scrfd_detector(pack_dir / detector)
+    write_arcface_recognizer(pack_dir / recognizer)
+    (pack_dir / "STANDIN.txt").write_text(
+        "Tiny random-weight stand-ins written by imagegen.faces.testing_models for tests and offline\n"
+        "runs. They have the signatures of the real models but detect and recognise nothing.\n"
+    )
+    return pack_dir
