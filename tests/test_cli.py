@@ -113,11 +113,13 @@ def test_help_everywhere(args):
     assert proc.returncode == 0 and "Usage" in proc.stdout
 
 
-def test_demo_renders_both_tiny_families(tmp_path):
-    proc = run_cli("demo", "--out", str(tmp_path))
+def test_demo_registers_a_character_and_renders_both_tiny_families(tmp_path):
+    proc = run_cli("demo", "--out", str(tmp_path), env={"IMAGEGEN_HOME": str(tmp_path / "home")})
     assert proc.returncode == 0, proc.stderr
     renders = sorted(p.name for p in (tmp_path / "renders").glob("*.png"))
     assert sum(n.startswith("tiny-flux") for n in renders) == 4
     assert sum(n.startswith("tiny-sdxl") for n in renders) == 4
     assert (tmp_path / "renders-grid.png").stat().st_size > 0
+    assert (tmp_path / "characters" / "demo-astronaut-contact-sheet.png").stat().st_size > 0
+    assert '"verdict": "pass"' in (tmp_path / "characters" / "demo-astronaut-report.json").read_text()
     assert str(tmp_path) in proc.stdout.replace("\n", "")

@@ -198,3 +198,38 @@ def write_tiny_pack(root: str | Path, pack: str = "antelopev2") -> Path:
         "runs. They have the signatures of the real models but detect and recognise nothing.\n"
     )
     return pack_dir
+
+
+def genderage_model(*, apparent_age: float = 40.0) -> onnx.ModelProto:
+    """A ``genderage``-signature attribute model: ``Nx3x96x96`` face crop -> ``Nx3``.
+
+    insightface routes 96x96 inputs to its ``Attribute`` model and reads a 3-wide output as
+    (female, male, age / 100). This stand-in answers ``apparent_age`` for every face (the pixels
+    only enter multiplied by zero), which is what a test of the apparent-age *gate* needs.
+    """
+    answer = np.array([[0.5, 0.5, apparent_age / 100.0]], dtype=np.float32)
+    nodes = [
+        helper.make_node("ReduceMean", ["data"], ["mean"], name="pool", axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Flatten", ["mean"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Mul", ["flat", "zero"], ["ignored"], name="ignore_pixels"),
+        helper.make_node("Add", ["ignored", "answer"], ["fc1"], name="answer_add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "genderage_standin",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, 96, 96])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[
+            _const("zero", np.zeros((1, 1), dtype=np.float32)),
+            _const("answer", answer),
+        ],
+    )
+    return _finish(graph, f"tiny genderage-signature stand-in: every face is {apparent_age:g} years old")
+
+
+def write_genderage_model(path: str | Path, **kwargs) -> Path:
+    """Write :func:`genderage_model` to ``path`` (e.g. ``.../buffalo_l/genderage.onnx``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(genderage_model(**kwargs), str(path))
+    return path

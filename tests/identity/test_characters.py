@@ -1,0 +1,145 @@
+"""Registering and approving characters end to end: real faces, real registry, real safeguards."""
+
+from __future__ import annotations
+
+import pytest
+
+from imagegen.errors import ImagegenError
+from imagegen.faces.testing_models import write_genderage_model
+from imagegen.identity.characters import ApprovalError, approve_character, register_character
+from imagegen.identity.ingest import InvalidImageError
+from imagegen.identity.models import DuplicateCharacterError, InvalidCharacterIdError, ProvenanceError
+from imagegen.identity.registry import Registry
+from imagegen.identity.safeguards import AgeGateError, ProtectedIdentityMatchError, protect_from_images
+from imagegen.settings import get_settings
+from tests.photos import astronaut_set, hopper_set, no_face
+
+SYNTHETIC = {"kind": "synthetic", "creator": "artist@example.com"}
+
+
+@pytest.fixture
+def registry(isolated_home):
+    with Registry.open() as registry:
+        yield registry
+
+
+def register(registry, dlib, character_id="mia", files=None, provenance=SYNTHETIC):
+    return register_character(
+        registry,
+        character_id=character_id,
+        name="Mia",
+        provenance=provenance,
+        card={"look": "red hair, freckles", "personality": "curious", "style_notes": "warm light"},
+        files=list(files if files is not None else astronaut_set(4)),
+        analyzer=dlib,
+    )
+
+
+def test_register_stores_references_embeddings_and_centroid(registry, dlib, tmp_path):
+    registration = register(registry, dlib)
+    stored = registry.get("mia")
+    assert stored.status == "draft" and stored.age_check == "unverified"
+    assert len(stored.references) == 4 and all("dlib" in ref.faces for ref in stored.references)
+    assert len(stored.centroids["dlib"]) == 128
+    assert stored.references[0].faces["dlib"].quality["face_found"] is True
+    paths = registration.write_artifacts(tmp_path)
+    assert paths["contact_sheet"].stat().st_size > 10_000 and paths["report"].read_text().startswith("{")
+
+
+def test_approve_needs_a_passing_report(registry, dlib):
+    register(registry, dlib, "good")
+    assert approve_character(registry, "good", dlib).character.status == "approved"
+    register(registry, dlib, "mixed", files=[*astronaut_set(4), no_face()])
+    with pytest.raises(ApprovalError, match="no face found in: coffee.png"):
+        approve_character(registry, "mixed", dlib)
+    assert registry.get("mixed").status == "draft"
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"character_id": "../etc"}, InvalidCharacterIdError),
+        ({"character_id": "Mia"}, InvalidCharacterIdError),
+        ({"character_id": "m" * 200}, InvalidCharacterIdError),
+        ({"provenance": {"kind": "consented", "creator": "x"}}, ProvenanceError),
+        ({"provenance": {"kind": "stolen", "creator": "x"}}, ProvenanceError),
+        ({"provenance": {"kind": "synthetic", "creator": ""}}, ProvenanceError),
+        ({"files": [("empty.png", b"")]}, InvalidImageError),
+        ({"files": [*astronaut_set(2), ("junk.png", b"GIF89a not really")]}, InvalidImageError),
+        ({"files": []}, ImagegenError),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(registry, dlib, change, error):
+    register(registry, dlib, "existing")
+    before = registry.dump()
+    kwargs = {"character_id": "new", "files": astronaut_set(2), "provenance": SYNTHETIC, **change}
+    with pytest.raises(error):
+        register(registry, dlib, **kwargs)
+    assert registry.dump() == before
+
+
+def test_duplicate_id_is_refused_before_analysis(registry, dlib):
+    register(registry, dlib)
+    before = registry.dump()
+    with pytest.raises(DuplicateCharacterError):
+        register(registry, dlib)
+    assert registry.dump() == before
+
+
+def test_protected_identity_blocks_registration(registry, dlib):
+    from imagegen.identity.characters import ingest_all
+
+    protect_from_images(registry, "Grace Hopper", ingest_all([hopper_set(1)[0]]), dlib, note="real person")
+    stored = registry.list_protected_identities()
+    assert len(stored) == 1 and len(stored[0].embedding) == 128  # an embedding, no image
+    before = registry.dump()
+    with pytest.raises(ProtectedIdentityMatchError, match="Grace Hopper"):
+        register(registry, dlib, "hopperish", files=[*astronaut_set(2), hopper_set(2)[1]])
+    assert registry.dump() == before
+    register(registry, dlib, "fictional")  # a different face is still welcome
+
+
+@pytest.fixture
+def age_estimator_installed(isolated_home, monkeypatch):
+    """An insightface root with a genderage stand-in; returns a function setting its answer."""
+    root = isolated_home / "insightface"
+
+    def install(age: float) -> None:
+        write_genderage_model(root / "models" / "buffalo_l" / "genderage.onnx", apparent_age=age)
+
+    monkeypatch.setenv("IMAGEGEN_INSIGHTFACE_ROOT", str(root))
+    get_settings.cache_clear()
+    return install
+
+
+def test_age_gate_refuses_young_looking_references(registry, dlib, age_estimator_installed):
+    age_estimator_installed(19)
+    before = registry.dump()
+    with pytest.raises(AgeGateError, match="younger than 25"):
+        register(registry, dlib)
+    assert registry.dump() == before
+
+
+def test_age_gate_passes_adults_and_records_it(registry, dlib, age_estimator_installed):
+    age_estimator_installed(41)
+    registration = register(registry, dlib)
+    assert registration.age.status == "passed" and registration.age.ages == [41.0] * 4
+    assert registry.get("mia").age_check == "passed"
+
+
+def test_strict_gate_refuses_without_an_estimator(registry, dlib, monkeypatch):
+    monkeypatch.setenv("IMAGEGEN_STRICT_AGE_GATE", "true")
+    get_settings.cache_clear()
+    with pytest.raises(AgeGateError, match="no apparent-age estimator"):
+        register(registry, dlib)
+    assert registry.list() == []
+
+
+def test_approval_rechecks_the_protected_gallery(registry, dlib):
+    from imagegen.identity.characters import ingest_all
+
+    register(registry, dlib)
+    protect_from_images(registry, "the astronaut", ingest_all([astronaut_set(1)[0]]), dlib)
+    with pytest.raises(ProtectedIdentityMatchError):
+        approve_character(registry, "mia", dlib)
+    assert registry.get("mia").status == "draft"

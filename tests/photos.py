@@ -1,0 +1,48 @@
+"""Real face photos as upload bytes: public-domain portraits from installed packages, augmented.
+
+Same-identity sets come from augmenting one photo; Grace Hopper is the other identity and the
+coffee cup the image without a face.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import cache
+
+from PIL import Image
+
+from imagegen import samples
+
+SAME_PERSON_KINDS = ("flip", "crop", "brightness", "jpeg", "rotate")
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+@cache
+def astronaut_set(count: int = 6) -> tuple[tuple[str, bytes], ...]:
+    """``count`` same-person references: the astronaut and augmentations of her photo."""
+    base = samples.astronaut()
+    files = [("astronaut.png", encode(base))]
+    for i in range(count - 1):
+        kind = SAME_PERSON_KINDS[i % len(SAME_PERSON_KINDS)]
+        variant = samples.augment(base, kind, seed=i, face_box=samples.ASTRONAUT_FACE_BOX)
+        files.append((f"astronaut-{kind}-{i}.jpg", encode(variant, "JPEG", quality=92)))
+    return tuple(files)
+
+
+@cache
+def hopper_set(count: int = 2) -> tuple[tuple[str, bytes], ...]:
+    base = samples.grace_hopper()
+    files = [("hopper.png", encode(base))]
+    for i in range(count - 1):
+        files.append((f"hopper-flip-{i}.png", encode(samples.augment(base, "flip", seed=i))))
+    return tuple(files)
+
+
+@cache
+def no_face() -> tuple[str, bytes]:
+    return ("coffee.png", encode(samples.no_face_image()))
