@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagegen.errors import BadOutputError
+from imagegen.errors import BadOutputError, InvalidRequestError
 from imagegen.pipelines import flux, sdxl
 from imagegen.pipelines.loading import load_pipeline, pick_device, pick_dtype
 from imagegen.pipelines.presets import Preset, get_preset
@@ -97,6 +97,10 @@ class Renderer:
 
     def prepare(self, request: RenderRequest) -> RenderRequest:
         """Validate a request against this preset and fill its defaults (seed included)."""
+        if request.character is not None:
+            raise InvalidRequestError(
+                f"identity conditioning is not available on preset '{self.preset.name}' yet", field="character"
+            )
         request.check_against(self.preset)
         resolved = request.resolved(self.preset)
         resolved.check_against(self.preset)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagegen.errors import InvalidRequestError
 from imagegen.pipelines.presets import Preset
@@ -35,6 +35,23 @@ class RenderRequest(BaseModel):
     guidance: float | None = Field(default=None, ge=0, le=50)
     #: FLUX only: true classifier-free guidance with the negative prompt when > 1 (doubles the cost)
     true_cfg_scale: float = Field(default=1.0, ge=1.0, le=50)
+    #: registered character whose face to render (None: no identity conditioning)
+    character: str | None = Field(default=None, max_length=64)
+    #: strength of the identity conditioning (0 = none)
+    identity_weight: float = Field(default=1.0, ge=0, le=3)
+    #: identity only from this denoising step on (later = more freedom for composition)
+    identity_start_step: int = Field(default=0, ge=0)
+    #: identity method (None: the preset's default, from configs/models.yaml)
+    method: str | None = Field(default=None, max_length=64)
+
+    @field_validator("character")
+    @classmethod
+    def _character_slug(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from imagegen.identity.models import validate_character_id
+
+        return validate_character_id(value)
 
     def resolved(self, preset: Preset) -> RenderRequest:
         """This request with every default filled from the preset and a seed drawn if none was given."""
@@ -78,7 +95,7 @@ class RenderRequest(BaseModel):
             )
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call."""
+        """Requests with equal keys can share one pipeline call (identity is per sample)."""
         return (self.width, self.height, self.steps, self.guidance, self.true_cfg_scale)
 
 
@@ -116,6 +133,10 @@ class RenderResult:
             "steps": req.steps,
             "guidance": req.guidance,
             "true_cfg_scale": req.true_cfg_scale,
+            "character": req.character,
+            "identity_weight": req.identity_weight if req.character else None,
+            "identity_start_step": req.identity_start_step if req.character else None,
+            "method": req.method,
             "timings": self.timings,
             "versions": self.versions,
         }

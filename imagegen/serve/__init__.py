@@ -1,0 +1,1 @@
+"""Ray: actors that host pipelines, the Serve app, jobs and the client."""
