@@ -111,8 +111,13 @@ def render(
     true_cfg: float = typer.Option(1.0, "--true-cfg", help="FLUX true CFG scale (> 1 uses the negative prompt)."),
     batch_size: int = typer.Option(4, help="Images per pipeline call."),
     out: Path = typer.Option(Path("out"), help="Output directory."),
+    character: str | None = typer.Option(None, help="Registered character whose face to render."),
+    identity_weight: float = typer.Option(1.0, help="Identity strength (0 = none)."),
+    identity_start_step: int = typer.Option(0, help="Apply identity from this denoising step on."),
+    method: str | None = typer.Option(None, help="Identity method (default: the preset's, see models.yaml)."),
+    allow_draft: bool = typer.Option(False, help="Render a character that is not approved yet (preview)."),
 ) -> None:
-    """Render images and write them as PNGs carrying prompt, seed, preset and versions."""
+    """Render images and write them as PNGs carrying prompt, seed, preset, character and versions."""
     from imagegen.pipelines.presets import get_preset
     from imagegen.pipelines.types import MAX_SEED
 
@@ -132,8 +137,19 @@ def render(
         steps=steps,
         guidance=guidance,
         true_cfg_scale=true_cfg,
+        character=character,
+        identity_weight=identity_weight,
+        identity_start_step=identity_start_step,
+        method=method,
     )
     first.check_against(chosen)
+    if character is not None:
+        from imagegen.identity.methods import resolve_method
+        from imagegen.identity.registry import Registry
+
+        resolve_method(chosen, method)
+        with Registry.open() as registry:
+            registry.get(character)  # an unknown character fails here, before any model loads
     out = ensure_writable_dir(out)
     first = first.resolved(chosen)
     requests = [first.model_copy(update={"seed": first.seed + i}) for i in range(num)]
@@ -141,14 +157,15 @@ def render(
     from imagegen.images import save_png  # heavy imports only once the arguments are known to be good
     from imagegen.pipelines.renderer import Renderer
 
-    renderer = Renderer(chosen)
+    renderer = Renderer(chosen, allow_draft=allow_draft)
     written, failed = [], []
     with progress_bar() as bar:
         task = bar.add_task(f"rendering {preset}", total=num)
         for start in range(0, num, batch_size):
             for result in renderer.render(requests[start : start + batch_size]):
                 if result.ok:
-                    path = out / f"{preset}-seed{result.seed}.png"
+                    stem = f"{preset}-{character}" if character else preset
+                    path = out / f"{stem}-seed{result.seed}.png"
                     written.append(save_png(result.image, path, result.metadata()))
                 else:
                     failed.append(result)

@@ -39,7 +39,9 @@ def hopper_set(count: int = 2) -> tuple[tuple[str, bytes], ...]:
     base = samples.grace_hopper()
     files = [("hopper.png", encode(base))]
     for i in range(count - 1):
-        files.append((f"hopper-flip-{i}.png", encode(samples.augment(base, "flip", seed=i))))
+        kind = ("flip", "brightness", "jpeg")[i % 3]
+        variant = samples.augment(base, kind, seed=i, face_box=samples.GRACE_HOPPER_FACE_BOX)
+        files.append((f"hopper-{kind}-{i}.png", encode(variant)))
     return tuple(files)
 
 

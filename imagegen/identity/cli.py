@@ -163,6 +163,27 @@ def approve(character_id: str = typer.Argument(..., metavar="ID")) -> None:
     console.print(f"approved '{character_id}' (version {registration.character.version})")
 
 
+@characters_app.command("prepare")
+def prepare(
+    character_id: str = typer.Argument(..., metavar="ID"),
+    preset: str = typer.Option("tiny-flux", help="Preset whose identity method to prepare for."),
+    method: str = typer.Option(None, help="Identity method (default: the preset's)."),
+    allow_draft: bool = typer.Option(False, help="Prepare a character that is not approved yet."),
+) -> None:
+    """Compute and cache a character's identity tensors now, instead of on its first render."""
+    from imagegen.identity.methods import resolve_method
+    from imagegen.pipelines.renderer import Renderer
+
+    registry = _registry()
+    registry.get(character_id)
+    renderer = Renderer(preset, registry=registry, allow_draft=allow_draft)
+    identity = renderer.identity_method(resolve_method(renderer.preset, method))
+    tensors = renderer.identity_tensors(character_id, identity)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+    state = "computed" if renderer.conditioning_cache.computed else "already cached"
+    console.print(f"{identity.name} for '{character_id}': {state} ({shapes})")
+
+
 @characters_app.command("delete")
 def delete(character_id: str = typer.Argument(..., metavar="ID")) -> None:
     """Delete a character and every byte of it; says how much was removed."""

@@ -59,6 +59,12 @@ class Preset(BaseModel):
     max_sequence_length: int = Field(default=512, ge=1, le=512)
     #: load pickle (.bin/.ckpt) weights; refused unless a preset opts in explicitly
     allow_pickle: bool = False
+    #: identity methods this preset supports; the first is the default
+    methods: list[str] = Field(default_factory=list)
+
+    @property
+    def default_method(self) -> str | None:
+        return self.methods[0] if self.methods else None
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Preset:

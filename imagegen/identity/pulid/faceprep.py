@@ -1,0 +1,142 @@
+"""From a reference photo to what PuLID's ID encoder reads: a raw ArcFace vector and a masked face crop.
+
+PuLID's reference code does, per image: detect (antelopev2), align the face to facexlib's 512 px
+FFHQ template, parse it with facexlib's BiSeNet, paint background and hair white, turn the rest
+grey, and take the *raw* ArcFace embedding of the face. This module does the same steps with
+pluggable parts, so the production models and the offline stand-ins run through one path:
+
+- detection + 5 landmarks: any ``imagegen.faces`` analyser (insightface antelopev2 in production,
+  dlib offline); the landmark order is the same (eyes, nose, mouth corners);
+- alignment: ``cv2.estimateAffinePartial2D`` (LMEDS) onto facexlib's template, border colour
+  (135, 133, 132), exactly as ``facexlib.utils.face_restoration_helper.FaceRestoreHelper``;
+- parsing: ``facexlib.parsing.bisenet.BiSeNet`` (19 classes) with facexlib's weights in
+  production, seeded weights for tiny presets (run at a smaller input size there);
+- recognition: an ArcFace-signature ONNX model loaded through insightface's ``model_zoo``
+  (antelopev2's ``glintr100.onnx`` in production; a generated stand-in for tiny presets).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from imagegen.errors import ModelNotAvailableError
+from imagegen.faces import FaceAnalyzer
+from imagegen.faces.errors import NoFaceError
+
+log = logging.getLogger(__name__)
+
+#: facexlib's "standard 5 landmarks for FFHQ faces with 512 x 512" (FaceRestoreHelper.face_template)
+FFHQ_TEMPLATE_512 = np.array(
+    [
+        [192.98138, 239.94708],
+        [318.90277, 240.1936],
+        [256.63416, 314.01935],
+        [201.26117, 371.41043],
+        [313.08905, 371.15118],
+    ],
+    dtype=np.float32,
+)
+ALIGN_BORDER = (135, 133, 132)
+ALIGNED_SIZE = 512
+#: ImageNet normalisation facexlib's BiSeNet expects
+PARSING_MEAN = (0.485, 0.456, 0.406)
+PARSING_STD = (0.229, 0.224, 0.225)
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
+    """The face warped onto the FFHQ template: ``[size, size, 3]`` uint8 RGB."""
+    template = FFHQ_TEMPLATE_512 * (size / 512.0)
+    matrix, _ = cv2.estimateAffinePartial2D(np.asarray(landmarks, dtype=np.float32), template, method=cv2.LMEDS)
+    if matrix is None:
+        raise NoFaceError("could not align the face: its landmarks are degenerate")
+    return cv2.warpAffine(
+        np.ascontiguousarray(image), matrix, (size, size), borderMode=cv2.BORDER_CONSTANT, borderValue=ALIGN_BORDER
+    )
+
+
+def build_parser(weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """facexlib's BiSeNet face parser, with ``weights`` (strict) or left as constructed."""
+    from facexlib.parsing.bisenet import BiSeNet
+
+    parser = BiSeNet(num_class=19)
+    if weights is not None:
+        parser.load_state_dict(weights, strict=True)
+    return parser.eval()
+
+
+@torch.inference_mode()
+def parse_labels(parser: torch.nn.Module, aligned: np.ndarray, input_size: int) -> torch.Tensor:
+    """Per-pixel BiSeNet labels of an aligned crop, ``[1, 1, 512, 512]`` (computed at ``input_size``)."""
+    pixels = torch.from_numpy(aligned).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    small = F.interpolate(pixels, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(PARSING_MEAN)[None, :, None, None]
+    std = torch.tensor(PARSING_STD)[None, :, None, None]
+    logits = parser((small - mean) / std)[0]
+    logits = F.interpolate(logits, size=aligned.shape[:2], mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1, keepdim=True)
+
+
+class ArcFaceRecognizer:
+    """An ArcFace-signature ONNX recognizer through insightface's ``model_zoo`` (as PuLID loads glintr100)."""
+
+    def __init__(self, model_file: Path):
+        if not Path(model_file).exists():
+            raise ModelNotAvailableError(
+                f"ArcFace recognizer {model_file} is missing: place insightface's antelopev2 pack "
+                "(glintr100.onnx; non-commercial licence) there"
+            )
+        from insightface.model_zoo import model_zoo
+
+        self.model_file = Path(model_file)
+        self.model = model_zoo.get_model(str(model_file), providers=["CPUExecutionProvider"])
+        self.model.prepare(ctx_id=-1)
+
+    def raw_embedding(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The un-normalised 512-d embedding of the face with ``landmarks`` in the RGB ``image``."""
+        from insightface.app.common import Face as InsightFace
+
+        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+        face = InsightFace(kps=np.asarray(landmarks, dtype=np.float32))
+        return np.asarray(self.model.get(bgr, face), dtype=np.float32).reshape(-1)
+
+
+@dataclass
+class PreparedFace:
+    """One reference, ready for the ID encoder."""
+
+    arcface: np.ndarray  # raw ArcFace embedding [512]
+    aligned: np.ndarray  # [512, 512, 3] uint8 RGB
+    parsing: torch.Tensor  # [1, 1, 512, 512] BiSeNet labels
+
+
+class FacePreparer:
+    """Detect → align → parse → recognise, for each reference image of a character."""
+
+    def __init__(
+        self, analyzer: FaceAnalyzer, recognizer: ArcFaceRecognizer, parser: torch.nn.Module, parsing_size: int = 512
+    ):
+        self.analyzer = analyzer
+        self.recognizer = recognizer
+        self.parser = parser
+        self.parsing_size = parsing_size
+        #: faces prepared so far (a render that hits the cache never adds to it)
+        self.calls = 0
+
+    def prepare(self, image: Image.Image, what: str = "reference") -> PreparedFace:
+        self.calls += 1
+        rgb = np.asarray(image.convert("RGB"))
+        face = self.analyzer.largest(rgb).require(what)
+        aligned = align_face(rgb, face.landmarks)
+        return PreparedFace(
+            arcface=self.recognizer.raw_embedding(rgb, face.landmarks),
+            aligned=aligned,
+            parsing=parse_labels(self.parser, aligned, self.parsing_size),
+        )

@@ -1,0 +1,299 @@
+"""PuLID-FLUX's cross-attentions and the hooks that put them into diffusers' ``FluxTransformer2DModel``.
+
+PuLID-FLUX adds a small cross-attention (:class:`PerceiverAttentionCA`: image tokens attend to the id tokens)
+after double blocks ``0, d, 2d, ...`` and single blocks ``0, s, 2s, ...`` (``d = 2``, ``s = 4`` in v0.9.1: 10 + 10
+for FLUX.1's 19 + 38 blocks). Only the image tokens change: ``img = img + id_weight * ca(id, img)``.
+
+diffusers' model file is not forked: :func:`attach_pulid_flux` registers forward hooks on the blocks (each
+diffusers block returns ``(encoder_hidden_states, hidden_states)``, the image tokens separate from the text ones,
+for double and single blocks alike) and a pre-hook on the transformer that picks, per call, which id tokens and
+which per-sample weights apply. The cross-attention modules stay outside the transformer (its ``state_dict`` and
+``save_pretrained`` are untouched); :meth:`PulidFluxHandle.detach` removes every hook.
+
+What a render sets per batch is a :class:`PulidFluxState`: id tokens ``[B, N, C]``, per-sample weights ``[B]``
+(0: that sample renders exactly as without PuLID), optional negative id tokens for true CFG, and a start step
+(identity only from denoising step ``start_step`` on), advanced by the pipeline's step callback.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from imagegen.identity.pulid.encoder import attention
+
+#: attribute set on a transformer while PuLID hooks are attached (refuses a second attach)
+ATTACHED_ATTR = "_imagegen_pulid_flux"
+
+
+@dataclass(frozen=True)
+class CrossAttentionConfig:
+    """Sizes of one :class:`PerceiverAttentionCA`; the defaults are PuLID-FLUX v0.9.1's."""
+
+    dim: int = 3072
+    dim_head: int = 128
+    heads: int = 16
+    kv_dim: int = 2048
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], dim_head: int = 128) -> CrossAttentionConfig:
+        """Sizes of the (unprefixed) state dict of one cross-attention; ``dim_head`` splits the width."""
+        inner, dim = state_dict["to_q.weight"].shape
+        if inner % dim_head:
+            raise ValueError(f"attention width {inner} is not a multiple of dim_head {dim_head}")
+        return cls(dim=dim, dim_head=dim_head, heads=inner // dim_head, kv_dim=state_dict["to_kv.weight"].shape[1])
+
+
+class PerceiverAttentionCA(nn.Module):
+    """Image tokens (queries) attend to the id tokens (keys/values); returns the residual ``[B, L, dim]``.
+
+    Called as ``ca(id_tokens, img)``; keys ``norm1`` (id side), ``norm2`` (image side), ``to_q``, ``to_kv``,
+    ``to_out`` as in the released checkpoint.
+    """
+
+    def __init__(self, config: CrossAttentionConfig | None = None, **sizes):
+        super().__init__()
+        config = config or CrossAttentionConfig(**sizes)
+        self.config = config
+        inner = config.dim_head * config.heads
+        self.heads = config.heads
+        self.norm1 = nn.LayerNorm(config.kv_dim)
+        self.norm2 = nn.LayerNorm(config.dim)
+        self.to_q = nn.Linear(config.dim, inner, bias=False)
+        self.to_kv = nn.Linear(config.kv_dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, config.dim, bias=False)
+
+    def forward(self, id_tokens: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        id_tokens = self.norm1(id_tokens)
+        img = self.norm2(img)
+        k, v = self.to_kv(id_tokens).chunk(2, dim=-1)
+        return self.to_out(attention(self.to_q(img), k, v, self.heads))
+
+
+def ca_positions(num_double: int, num_single: int, double_interval: int, single_interval: int):
+    """``[("double", i), ..., ("single", j), ...]``: the blocks followed by a cross-attention, in order."""
+    if double_interval < 1 or single_interval < 1:
+        raise ValueError("PuLID intervals must be >= 1")
+    return [("double", i) for i in range(0, num_double, double_interval)] + [
+        ("single", j) for j in range(0, num_single, single_interval)
+    ]
+
+
+def num_cross_attentions(num_double: int, num_single: int, double_interval: int, single_interval: int) -> int:
+    return math.ceil(num_double / double_interval) + math.ceil(num_single / single_interval)
+
+
+class PulidFluxState:
+    """The identity inputs of one batch, read by the hooks at every transformer call.
+
+    - ``id_tokens``: ``[B, N, C]`` IDFormer output per sample (rows of samples without a character: anything,
+      e.g. zeros; their weight is 0).
+    - ``weight``: ``[B]`` (or a float for all) ``id_weight`` per sample; 0 leaves a sample exactly as without PuLID.
+    - ``uncond_id_tokens``: ``[B, N, C]`` negative id tokens for true CFG (``IDFormer.unconditional``). When set,
+      transformer calls alternate cond / uncond, which is the order diffusers' ``FluxPipeline`` makes them in.
+    - ``start_step``: an int or ``[B]`` per sample; identity is applied from denoising step ``start_step`` on.
+      The step is ``self.step``, which :meth:`callback` (as ``callback_on_step_end``, or chained into one with
+      :meth:`chain`) advances after every step.
+    """
+
+    def __init__(
+        self,
+        id_tokens: torch.Tensor,
+        weight: float | Sequence[float] | torch.Tensor = 1.0,
+        uncond_id_tokens: torch.Tensor | None = None,
+        start_step: int | Sequence[int] | torch.Tensor = 0,
+    ):
+        if id_tokens.ndim != 3:
+            raise ValueError(f"id_tokens must be [B, N, C], got shape {tuple(id_tokens.shape)}")
+        batch = id_tokens.shape[0]
+        self.id_tokens = id_tokens
+        self.uncond_id_tokens = uncond_id_tokens
+        if uncond_id_tokens is not None and uncond_id_tokens.shape != id_tokens.shape:
+            raise ValueError(
+                f"uncond_id_tokens {tuple(uncond_id_tokens.shape)} must match id_tokens {tuple(id_tokens.shape)}"
+            )
+        self.weight = per_sample(weight, batch, torch.float32, "weight")
+        self.start_step = per_sample(start_step, batch, torch.long, "start_step")
+        self.step = 0
+        self.calls = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.id_tokens.shape[0]
+
+    def reset(self) -> None:
+        """Back to step 0 (a new render with the same inputs)."""
+        self.step = 0
+        self.calls = 0
+
+    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """A diffusers ``callback_on_step_end``: step ``step`` is done, the next one is ``step + 1``."""
+        self.step = step + 1
+        return callback_kwargs
+
+    def chain(self, callback: Callable | None) -> Callable:
+        """A ``callback_on_step_end`` that advances this state, then calls ``callback`` (when given)."""
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            callback_kwargs = self.callback(pipe, step, timestep, callback_kwargs)
+            return callback(pipe, step, timestep, callback_kwargs) if callback is not None else callback_kwargs
+
+        return on_step_end
+
+    def next_call(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(id tokens, effective weights [B])`` for the transformer call that is starting."""
+        uncond = self.uncond_id_tokens is not None and self.calls % 2 == 1
+        self.calls += 1
+        tokens = self.uncond_id_tokens if uncond else self.id_tokens
+        weight = torch.where(self.step >= self.start_step, self.weight, torch.zeros_like(self.weight))
+        return tokens, weight
+
+
+def per_sample(value, batch: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``value`` (a number, a sequence or a tensor) as a CPU tensor of one value per sample ``[batch]``."""
+    tensor = torch.as_tensor(value, dtype=dtype).detach().cpu()
+    if tensor.ndim == 0:
+        tensor = tensor.expand(batch).clone()
+    if tensor.shape != (batch,):
+        raise ValueError(f"{name} must be a number or have one value per sample ({batch}), got {tuple(tensor.shape)}")
+    return tensor
+
+
+class PulidFluxHandle:
+    """PuLID attached to one transformer: set a :class:`PulidFluxState` per batch, :meth:`detach` at the end."""
+
+    def __init__(
+        self, transformer: nn.Module, cross_attentions: nn.ModuleList, double_interval: int, single_interval: int
+    ):
+        self.transformer = transformer
+        self.cross_attentions = cross_attentions
+        self.double_interval = double_interval
+        self.single_interval = single_interval
+        self.state: PulidFluxState | None = None
+        self._current: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hooks: list = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def set_state(self, state: PulidFluxState | None) -> None:
+        """The identity of the next calls (``None``: render plainly while attached)."""
+        self.state = state
+
+    @contextmanager
+    def use(self, state: PulidFluxState | None) -> Iterator[PulidFluxState | None]:
+        """``with handle.use(state): pipe(...)``: the state for the calls inside, cleared afterwards."""
+        previous = self.state
+        self.state = state
+        try:
+            yield state
+        finally:
+            self.state = previous
+            self._current = None
+
+    def detach(self) -> None:
+        """Remove every hook; the transformer computes exactly what it did before :func:`attach_pulid_flux`."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.state = None
+        self._current = None
+        if getattr(self.transformer, ATTACHED_ATTR, None) is self:
+            delattr(self.transformer, ATTACHED_ATTR)
+
+    # hooks -----------------------------------------------------------------------------------------------
+
+    def _before_call(self, module, args, kwargs):
+        self._current = None
+        if self.state is None:
+            return None
+        tokens, weight = self.state.next_call()
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is not None and hidden.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"PuLID state has {tokens.shape[0]} samples but the transformer was called with {hidden.shape[0]}"
+            )
+        if bool((weight != 0).any()):
+            self._current = (tokens, weight)
+        return None
+
+    def _after_call(self, module, args, output):
+        self._current = None
+        return None
+
+    def _block_hook(self, index: int):
+        def hook(module, args, output):
+            if self._current is None:
+                return None
+            encoder_hidden_states, hidden_states = output
+            return encoder_hidden_states, self._apply(index, hidden_states)
+
+        return hook
+
+    def _apply(self, index: int, img: torch.Tensor) -> torch.Tensor:
+        tokens, weight = self._current
+        ca = self.cross_attentions[index]
+        param = next(ca.parameters())
+        active = weight != 0
+        weight = weight.to(device=img.device, dtype=img.dtype)
+        if bool(active.all()):
+            residual = ca(tokens.to(device=param.device, dtype=param.dtype), img.to(param.dtype)).to(img.dtype)
+            return img + weight[:, None, None] * residual
+        rows = active.nonzero().squeeze(1).to(img.device)
+        sub = img.index_select(0, rows)
+        sub_tokens = tokens.to(device=param.device, dtype=param.dtype).index_select(0, rows.to(param.device))
+        residual = ca(sub_tokens, sub.to(param.dtype)).to(img.dtype)
+        return img.index_copy(0, rows, sub + weight.index_select(0, rows)[:, None, None] * residual)
+
+
+def attach_pulid_flux(
+    transformer: nn.Module,
+    cross_attentions: nn.ModuleList | Sequence[PerceiverAttentionCA],
+    double_interval: int = 2,
+    single_interval: int = 4,
+    move: bool = True,
+) -> PulidFluxHandle:
+    """Hook PuLID's cross-attentions into a diffusers ``FluxTransformer2DModel``.
+
+    ``cross_attentions[k]`` follows the ``k``-th block of :func:`ca_positions` (double blocks first). With
+    ``move`` they are moved to the transformer's device and dtype. Returns the handle through which a render
+    sets its :class:`PulidFluxState` and which detaches the hooks.
+    """
+    if getattr(transformer, ATTACHED_ATTR, None) is not None:
+        raise RuntimeError("PuLID is already attached to this transformer; detach the previous handle first")
+    doubles, singles = transformer.transformer_blocks, transformer.single_transformer_blocks
+    positions = ca_positions(len(doubles), len(singles), double_interval, single_interval)
+    cross_attentions = (
+        cross_attentions if isinstance(cross_attentions, nn.ModuleList) else nn.ModuleList(cross_attentions)
+    )
+    if len(cross_attentions) != len(positions):
+        raise ValueError(
+            f"{len(cross_attentions)} PuLID cross-attentions for a transformer with {len(doubles)} double and "
+            f"{len(singles)} single blocks at intervals {double_interval}/{single_interval}, which needs "
+            f"{len(positions)}"
+        )
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    for ca in cross_attentions:
+        if ca.config.dim != width:
+            raise ValueError(f"PuLID cross-attention width {ca.config.dim} does not match the transformer's {width}")
+    if move:
+        param = next(transformer.parameters())
+        cross_attentions.to(device=param.device, dtype=param.dtype)
+    cross_attentions.eval()
+    handle = PulidFluxHandle(transformer, cross_attentions, double_interval, single_interval)
+    handle._hooks.append(transformer.register_forward_pre_hook(handle._before_call, with_kwargs=True))
+    handle._hooks.append(transformer.register_forward_hook(handle._after_call))
+    for index, (kind, block_index) in enumerate(positions):
+        block = (doubles if kind == "double" else singles)[block_index]
+        handle._hooks.append(block.register_forward_hook(handle._block_hook(index)))
+    setattr(transformer, ATTACHED_ATTR, handle)
+    return handle
