@@ -3,8 +3,9 @@
 1. Registers a demo character from public-domain photos that ship in installed packages (the
    NASA astronaut portrait from scikit-image, augmented), with its reference report and contact
    sheet; the provenance says exactly where the photos come from.
-2. Renders a small grid with the tiny FLUX and SDXL presets (real diffusers pipelines loaded with
-   ``from_pretrained``; random weights, so the pictures are noise) and a contact sheet of it.
+2. Approves it and renders a small grid with the tiny FLUX and SDXL presets (real diffusers
+   pipelines loaded with ``from_pretrained``; random weights, so the pictures are noise), each
+   prompt without identity and with the demo character through PuLID, and a contact sheet of it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from imagegen import samples
-from imagegen.identity.characters import register_character
+from imagegen.identity.characters import approve_character, register_character
 from imagegen.identity.registry import Registry
 from imagegen.images import contact_sheet, save_png
 from imagegen.pipelines.renderer import Renderer
@@ -62,6 +63,7 @@ def register_demo_character(out: Path) -> dict[str, Path]:
             card={"look": "short brown hair, orange flight suit", "style_notes": "NASA portrait lighting"},
             files=demo_reference_files(),
         )
+        approve_character(registry, DEMO_CHARACTER)
     return registration.write_artifacts(out / "characters")
 
 
@@ -75,17 +77,23 @@ def run_demo(out: Path, progress_factory: Callable[[], Progress]) -> dict[str, P
         character = register_demo_character(out)
         bar.advance(task)
         for preset in DEMO_PRESETS:
-            requests = [RenderRequest(prompt=p, seed=s) for p in DEMO_PROMPTS for s in DEMO_SEEDS]
+            requests = [
+                RenderRequest(prompt=p, seed=s, character=c)
+                for p in DEMO_PROMPTS
+                for s in DEMO_SEEDS
+                for c in (None, DEMO_CHARACTER)
+            ]
             task = bar.add_task(f"demo {preset}", total=len(requests))
             renderer = Renderer(preset)
             for result in renderer.render(requests, strict=True):
-                name = f"{preset}-p{DEMO_PROMPTS.index(result.request.prompt)}-seed{result.seed}.png"
+                who = result.request.character or "plain"
+                name = f"{preset}-{who}-p{DEMO_PROMPTS.index(result.request.prompt)}-seed{result.seed}.png"
                 save_png(result.image, renders / name, result.metadata())
                 images.append(result.image)
-                labels.append(f"{preset} s{result.seed}")
+                labels.append(f"{preset} {who[:5]} s{result.seed}")
                 bar.advance(task)
     sheet_path = out / "renders-grid.png"
-    contact_sheet(images, labels, columns=len(DEMO_PROMPTS) * len(DEMO_SEEDS)).save(sheet_path)
+    contact_sheet(images, labels, columns=len(DEMO_PROMPTS) * len(DEMO_SEEDS) * 2).save(sheet_path)
     return {
         "reference report": character["report"],
         "reference contact sheet": character["contact_sheet"],

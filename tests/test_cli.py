@@ -107,7 +107,10 @@ def test_real_preset_without_network_says_what_to_do(tmp_path):
     assert "black-forest-labs/FLUX.1-schnell" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("args", [[], ["render"], ["models"], ["models", "list"], ["demo"]])
+@pytest.mark.parametrize(
+    "args",
+    [[], ["render"], ["models"], ["models", "list"], ["demo"], ["characters"], ["characters", "add"], ["protect"]],
+)
 def test_help_everywhere(args):
     proc = run_cli(*args, "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout
@@ -117,9 +120,54 @@ def test_demo_registers_a_character_and_renders_both_tiny_families(tmp_path):
     proc = run_cli("demo", "--out", str(tmp_path), env={"IMAGEGEN_HOME": str(tmp_path / "home")})
     assert proc.returncode == 0, proc.stderr
     renders = sorted(p.name for p in (tmp_path / "renders").glob("*.png"))
-    assert sum(n.startswith("tiny-flux") for n in renders) == 4
-    assert sum(n.startswith("tiny-sdxl") for n in renders) == 4
+    for preset in ("tiny-flux", "tiny-sdxl"):
+        assert sum(n.startswith(f"{preset}-plain") for n in renders) == 4
+        assert sum(n.startswith(f"{preset}-demo-astronaut") for n in renders) == 4
+    meta = read_png_metadata(tmp_path / "renders" / "tiny-sdxl-demo-astronaut-p0-seed7.png")
+    assert meta["character"] == "demo-astronaut" and meta["method"] == "pulid-sdxl-v1.1"
     assert (tmp_path / "renders-grid.png").stat().st_size > 0
     assert (tmp_path / "characters" / "demo-astronaut-contact-sheet.png").stat().st_size > 0
     assert '"verdict": "pass"' in (tmp_path / "characters" / "demo-astronaut-report.json").read_text()
     assert str(tmp_path) in proc.stdout.replace("\n", "")
+
+
+def test_render_with_a_character_through_the_cli(tmp_path):
+    env = {"IMAGEGEN_HOME": str(tmp_path / "home")}
+    assert run_cli("demo", "--out", str(tmp_path / "demo"), env=env).returncode == 0  # registers + approves
+    out = tmp_path / "renders"
+    proc = run_cli(
+        "render",
+        "--preset",
+        "tiny-sdxl",
+        "--prompt",
+        "at the beach",
+        "--character",
+        "demo-astronaut",
+        "--identity-weight",
+        "0.8",
+        "--identity-start-step",
+        "1",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    meta = read_png_metadata(out / "tiny-sdxl-demo-astronaut-seed3.png")
+    assert (meta["character"], meta["identity_weight"], meta["identity_start_step"]) == ("demo-astronaut", 0.8, 1)
+    unknown = run_cli("render", "--prompt", "x", "--character", "nobody", "--out", str(out), env=env)
+    assert unknown.returncode == 2 and "no character 'nobody'" in unknown.stderr
+    wrong = run_cli(
+        "render",
+        "--prompt",
+        "x",
+        "--character",
+        "demo-astronaut",
+        "--method",
+        "pulid-sdxl-v1.1",
+        "--out",
+        str(out),
+        env=env,
+    )
+    assert wrong.returncode == 2 and "supported: pulid-flux-v0.9.1" in wrong.stderr
