@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from imagegen.errors import ImagegenError, InvalidRequestError
+from imagegen.eval.cli import eval_app
 from imagegen.identity.cli import characters_app, protect_app
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ models_app = typer.Typer(help="Model presets (configs/models.yaml).", no_args_is
 app.add_typer(models_app, name="models")
 app.add_typer(characters_app, name="characters")
 app.add_typer(protect_app, name="protect")
+app.add_typer(eval_app, name="eval")
 
 # piped output (CI logs, tests) gets wide lines instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 200)

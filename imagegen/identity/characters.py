@@ -68,6 +68,24 @@ def ingest_all(files: list[tuple[str, bytes]]) -> list[IngestedImage]:
     return [ingest_image(data, name) for name, data in files]
 
 
+def analyze_and_check(
+    registry: Registry, images: list[IngestedImage], analyzer: FaceAnalyzer, settings: Settings
+) -> tuple[list[FaceResult], ReferenceReport, AgeCheck]:
+    """The reference report plus the safeguards that refuse outright (protected gallery, age gate)."""
+    results, report = analyze_set(images, analyzer)
+    names = [i.filename for i in images]
+    check_protected(registry, results, names, analyzer.name)
+    age = check_age(
+        [np.asarray(i.image) for i in images],
+        results,
+        names,
+        find_age_estimator(settings),
+        settings.min_apparent_age,
+        settings.strict_age_gate,
+    )
+    return results, report, age
+
+
 def _face_analysis(result: FaceResult, report: ReferenceReport, index: int) -> dict[str, FaceAnalysis]:
     if result.face is None:
         return {}
@@ -99,18 +117,7 @@ def register_character(
             f"a character with id {character.id!r} is already registered; pick another id or delete it first"
         )
     images = ingest_all(files)
-    analyzer = analyzer or get_analyzer()
-    results, report = analyze_set(images, analyzer)
-    names = [i.filename for i in images]
-    check_protected(registry, results, names, analyzer.name)
-    age = check_age(
-        [np.asarray(i.image) for i in images],
-        results,
-        names,
-        find_age_estimator(settings),
-        settings.min_apparent_age,
-        settings.strict_age_gate,
-    )
+    results, report, age = analyze_and_check(registry, images, analyzer or get_analyzer(), settings)
     centroid = set_centroid(results, report)
     stored = character.model_copy(
         update={
@@ -144,18 +151,7 @@ def recheck_character(
         for ref in character.references
     ]
     images = ingest_all(files)
-    analyzer = analyzer or get_analyzer()
-    results, report = analyze_set(images, analyzer)
-    names = [i.filename for i in images]
-    check_protected(registry, results, names, analyzer.name)
-    age = check_age(
-        [np.asarray(i.image) for i in images],
-        results,
-        names,
-        find_age_estimator(settings),
-        settings.min_apparent_age,
-        settings.strict_age_gate,
-    )
+    results, report, age = analyze_and_check(registry, images, analyzer or get_analyzer(), settings)
     return Registration(character, report, age, images, results)
 
 
