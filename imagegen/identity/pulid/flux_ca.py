@@ -18,7 +18,7 @@ What a render sets per batch is a :class:`PulidFluxState`: id tokens ``[B, N, C]
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from imagegen.identity.pulid.encoder import attention
+from imagegen.identity.pulid.steps import StepGatedState, per_sample
 
 #: attribute set on a transformer while PuLID hooks are attached (refuses a second attach)
 ATTACHED_ATTR = "_imagegen_pulid_flux"
@@ -91,7 +92,7 @@ def num_cross_attentions(num_double: int, num_single: int, double_interval: int,
     return math.ceil(num_double / double_interval) + math.ceil(num_single / single_interval)
 
 
-class PulidFluxState:
+class PulidFluxState(StepGatedState):
     """The identity inputs of one batch, read by the hooks at every transformer call.
 
     - ``id_tokens``: ``[B, N, C]`` IDFormer output per sample (rows of samples without a character: anything,
@@ -125,46 +126,18 @@ class PulidFluxState:
         self.step = 0
         self.calls = 0
 
-    @property
-    def batch_size(self) -> int:
-        return self.id_tokens.shape[0]
-
     def reset(self) -> None:
         """Back to step 0 (a new render with the same inputs)."""
         self.step = 0
         self.calls = 0
-
-    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        """A diffusers ``callback_on_step_end``: step ``step`` is done, the next one is ``step + 1``."""
-        self.step = step + 1
-        return callback_kwargs
-
-    def chain(self, callback: Callable | None) -> Callable:
-        """A ``callback_on_step_end`` that advances this state, then calls ``callback`` (when given)."""
-
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            callback_kwargs = self.callback(pipe, step, timestep, callback_kwargs)
-            return callback(pipe, step, timestep, callback_kwargs) if callback is not None else callback_kwargs
-
-        return on_step_end
 
     def next_call(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(id tokens, effective weights [B])`` for the transformer call that is starting."""
         uncond = self.uncond_id_tokens is not None and self.calls % 2 == 1
         self.calls += 1
         tokens = self.uncond_id_tokens if uncond else self.id_tokens
-        weight = torch.where(self.step >= self.start_step, self.weight, torch.zeros_like(self.weight))
+        weight = self.gate(self.weight)
         return tokens, weight
-
-
-def per_sample(value, batch: int, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """``value`` (a number, a sequence or a tensor) as a CPU tensor of one value per sample ``[batch]``."""
-    tensor = torch.as_tensor(value, dtype=dtype).detach().cpu()
-    if tensor.ndim == 0:
-        tensor = tensor.expand(batch).clone()
-    if tensor.shape != (batch,):
-        raise ValueError(f"{name} must be a number or have one value per sample ({batch}), got {tuple(tensor.shape)}")
-    return tensor
 
 
 class PulidFluxHandle:

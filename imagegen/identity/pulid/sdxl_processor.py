@@ -22,14 +22,14 @@ no weights).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagegen.identity.pulid.flux_ca import per_sample
+from imagegen.identity.pulid.steps import StepGatedState, per_sample
 
 PREFIX = "id_adapter_attn_layers."
 ORTHO_MODES = (None, "v1", "v2")
@@ -40,7 +40,7 @@ DEFAULT_ORTHO = "v2"
 ORTHO_V2_TOKENS = 5
 
 
-class PulidSDXLState:
+class PulidSDXLState(StepGatedState):
     """The identity inputs of one batch of ``B`` samples.
 
     - ``id_tokens``: ``[B, N, C]`` IDFormer output (``C`` = the UNet's cross-attention width).
@@ -76,30 +76,12 @@ class PulidSDXLState:
         self.ortho = ortho
         self.step = 0
 
-    @property
-    def batch_size(self) -> int:
-        return self.id_tokens.shape[0]
-
-    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        """A diffusers ``callback_on_step_end``: step ``step`` is done, the next one is ``step + 1``."""
-        self.step = step + 1
-        return callback_kwargs
-
-    def chain(self, callback: Callable | None) -> Callable:
-        """A ``callback_on_step_end`` that advances this state, then calls ``callback`` (when given)."""
-
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            callback_kwargs = self.callback(pipe, step, timestep, callback_kwargs)
-            return callback(pipe, step, timestep, callback_kwargs) if callback is not None else callback_kwargs
-
-        return on_step_end
-
     def for_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(id tokens [batch, N, C], scales [batch])`` for a UNet call on ``batch`` rows.
 
         ``batch == B``: the samples themselves; ``batch == 2B``: a CFG batch ``[negative, positive]``.
         """
-        scale = torch.where(self.step >= self.start_step, self.scale, torch.zeros_like(self.scale))
+        scale = self.gate(self.scale)
         if batch == self.batch_size:
             return self.id_tokens, scale
         if batch == 2 * self.batch_size:
