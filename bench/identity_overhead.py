@@ -8,6 +8,8 @@ Rows per preset and method, each the median of ``--repeats`` single-image render
 - ``cached <method>``: identity tensors from the renderer's cache (what imagegen does);
 - ``recompute <method>``: the id embedding recomputed for every request from the reference images
   (face detection, alignment, parsing, encoders: what the reference implementations do).
+Methods default to every method of the preset (configs/models.yaml): PuLID and the IP-Adapter family
+(``ipadapter-faceid-plusv2-sdxl``, ``ipadapter-plus-face-sdxl`` on SDXL, ``ipadapter-flux`` on FLUX).
 A throw-away registry holds one character made from the bundled public-domain photos.
 """
 
@@ -90,7 +92,9 @@ def bench_preset(name: str, registry: Registry, repeats: int, methods: list[str]
                 generator = [torch.Generator("cpu").manual_seed(prepared.seed)]
                 cfg = renderer.preset.family == "sdxl" and (prepared.guidance or 0) > 1
                 with method.conditioning(renderer.pipe, [sample], cfg=cfg) as identity:  # noqa: B023
-                    renderer.family.call(renderer.pipe, embeds, prepared, generator, identity.on_step_end)
+                    renderer.family.call(
+                        renderer.pipe, embeds, prepared, generator, identity.on_step_end, **identity.kwargs
+                    )
 
         rows.append(
             {

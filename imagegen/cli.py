@@ -22,6 +22,7 @@ from rich.table import Table
 from imagegen.errors import ImagegenError, InvalidRequestError
 from imagegen.eval.cli import eval_app
 from imagegen.identity.cli import characters_app, protect_app
+from imagegen.serve.cli import keys_app, provenance_app, serve_command
 
 app = typer.Typer(
     name="imagegen",
@@ -34,6 +35,9 @@ models_app = typer.Typer(help="Model presets (configs/models.yaml).", no_args_is
 app.add_typer(models_app, name="models")
 app.add_typer(characters_app, name="characters")
 app.add_typer(protect_app, name="protect")
+app.add_typer(keys_app, name="keys")
+app.add_typer(provenance_app, name="provenance")
+app.command("serve")(serve_command)
 app.add_typer(eval_app, name="eval")
 
 # piped output (CI logs, tests) gets wide lines instead of rich's 80-column default

@@ -21,10 +21,31 @@ def _pulid_sdxl(preset, device, dtype, settings):
     return PulidSDXLMethod(preset, device, dtype, settings)
 
 
+def _ipadapter_plus_face_sdxl(preset, device, dtype, settings):
+    from imagegen.identity.ipadapter.method import PlusFaceSDXLMethod
+
+    return PlusFaceSDXLMethod(preset, device, dtype, settings)
+
+
+def _ipadapter_faceid_plusv2_sdxl(preset, device, dtype, settings):
+    from imagegen.identity.ipadapter.method import FaceIDPlusV2SDXLMethod
+
+    return FaceIDPlusV2SDXLMethod(preset, device, dtype, settings)
+
+
+def _ipadapter_flux(preset, device, dtype, settings):
+    from imagegen.identity.ipadapter.method import FluxIPAdapterMethod
+
+    return FluxIPAdapterMethod(preset, device, dtype, settings)
+
+
 #: every identity method imagegen implements, by the name presets and requests use
 FACTORIES = {
     "pulid-flux-v0.9.1": _pulid_flux,
     "pulid-sdxl-v1.1": _pulid_sdxl,
+    "ipadapter-faceid-plusv2-sdxl": _ipadapter_faceid_plusv2_sdxl,
+    "ipadapter-plus-face-sdxl": _ipadapter_plus_face_sdxl,
+    "ipadapter-flux": _ipadapter_flux,
 }
 
 

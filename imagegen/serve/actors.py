@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from imagegen.errors import ImagegenError
 from imagegen.pipelines.renderer import Progress, Renderer
 from imagegen.pipelines.types import RenderRequest, RenderResult
@@ -100,10 +102,14 @@ class RendererActor:
         """Render a batch; requests may arrive as dicts (JSON) or ``RenderRequest`` objects."""
         parsed = [self._parse(r) for r in requests]
         results = self.renderer.render(parsed, progress=progress)
-        batch = self._batch_info(parsed)
         self.rendered += len(results)
-        self.batches += 1
-        return [RenderedImage.from_result(r, batch) for r in results]
+        out: list[RenderedImage | None] = [None] * len(results)
+        for members in _pipeline_calls([r.request for r in results]):
+            info = self._batch_info([results[i].request for i in members])
+            self.batches += 1
+            for i in members:
+                out[i] = RenderedImage.from_result(results[i], info)
+        return [o for o in out if o is not None]
 
     def render_isolated(
         self,
@@ -163,11 +169,15 @@ class RendererActor:
             for index, request in zip(indices, group, strict=True):
                 self._render_group([index], [request], progress, settle)
             return
-        batch = self._batch_info(group)
+        resolved = [r.request for r in results]
+        batches: dict[int, dict[str, Any]] = {}
+        for members in _pipeline_calls(resolved):
+            info = self._batch_info([resolved[i] for i in members])
+            batches.update({i: info for i in members})
         self.rendered += len(results)
-        self.batches += 1
-        for index, result in zip(indices, results, strict=True):
-            settle(index, RenderedImage.from_result(result, batch))
+        self.batches += len({id(b) for b in batches.values()})
+        for position, (index, result) in enumerate(zip(indices, results, strict=True)):
+            settle(index, RenderedImage.from_result(result, batches.get(position)))
 
     def _batch_info(self, requests: Sequence[RenderRequest]) -> dict[str, Any]:
         return {
@@ -183,12 +193,24 @@ class RendererActor:
             "ok": True,
             "preset": self.renderer.preset.name,
             "device": str(self.renderer.device),
+            "torch_threads": torch.get_num_threads(),
             "pid": os.getpid(),
             "ready_seconds": round(self.ready_seconds, 3),
             "rendered": self.rendered,
             "batches": self.batches,
             "failed": self.failed,
         }
+
+
+def _pipeline_calls(requests: list[RenderRequest]) -> list[list[int]]:
+    """Which of ``requests`` (already resolved) ``Renderer.render`` put in the same pipeline call."""
+    grouping = getattr(Renderer, "_groups", None)
+    if grouping is not None:
+        try:
+            return [list(indices) for indices in grouping(requests).values()]
+        except Exception:  # noqa: BLE001 - the renderer's private grouping changed: fall back
+            log.debug("Renderer._groups unusable; counting the call as one batch", exc_info=True)
+    return [list(range(len(requests)))]
 
 
 def remote_renderer_class(num_gpus: float = 0, num_cpus: float = 1, **options: Any):

@@ -1,0 +1,520 @@
+"""IP-Adapters loaded by diffusers, made per-sample: a batch may mix characters, weights and start steps.
+
+diffusers' IP-Adapter conditions a whole pipeline call on one set of image embeddings at one scale per layer. A
+render batch here mixes characters and samples without one, so :func:`attach_ip_adapter` lets diffusers'
+``load_ip_adapter`` build everything (image projection, IP attention processors, from the released file) and then
+wraps what it built, without forking any of it:
+
+- **embeddings per sample, through ``ip_adapter_image_embeds``.** The pipelines repeat the embeddings they are
+  given for every sample of the batch, so a batch of ``B`` passes its ``B`` samples' embeddings as ``B`` "images"
+  (``[1, B, ...]``, ``[2, B, ...]`` with SDXL's CFG negatives first); :class:`PerSampleProjection` (installed as
+  the model's ``encoder_hid_proj``) keeps, for every row of the model's batch, the image of its own sample, and
+  runs diffusers' projection on that: each row attends to its own character only.
+- **scale per sample.** :class:`PerSampleSDXLProcessor` runs diffusers' ``IPAdapterAttnProcessor2_0`` at scale 1
+  and the layer's original processor, and mixes them per row: ``plain + s * (ip - plain)``. The attention output
+  projection is affine, so this is exactly the IP term scaled by ``s``; a row at scale 0 *is* the plain output and
+  a row at scale 1 *is* diffusers' output. :class:`PerSampleFluxProcessor` scales the IP output diffusers' FLUX
+  processor returns separately. When no row of a call takes the adapter, only the original processor runs.
+- **FaceID's LoRA per sample.** diffusers would load it through PEFT for the whole batch; it is applied here by
+  forward hooks on ``to_q``/``to_k``/``to_v``/``to_out.0`` for the rows whose identity is on at that step.
+- **armed per batch only.** Outside :meth:`IPAdapterHandle.armed` the model has no ``encoder_hid_proj`` and every
+  processor falls back to the original one, so a plain render with the adapter attached is the plain pipeline.
+
+:meth:`IPAdapterHandle.detach` puts back the very processor objects, projection attribute, config values and
+pipeline components the model and pipeline had before, and removes every hook.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
+
+log = logging.getLogger(__name__)
+
+#: attribute set on a UNet / transformer while an IP-Adapter handle is attached (refuses a second attach)
+ATTACHED_ATTR = "_imagegen_ipadapter"
+_MISSING = object()
+LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out")
+
+
+def per_sample(value: float | Sequence | torch.Tensor, batch: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``value`` as a CPU tensor of ``batch`` values (a scalar is repeated)."""
+    tensor = torch.as_tensor(value, dtype=dtype).flatten().cpu()
+    if tensor.numel() == 1:
+        return tensor.expand(batch).clone()
+    if tensor.numel() != batch:
+        raise ValueError(f"{what} has {tensor.numel()} values for a batch of {batch}")
+    return tensor
+
+
+class IPAdapterState:
+    """The identity inputs of one batch of ``B`` samples that the wrapped layers read while armed.
+
+    - ``scale``: per sample ``[B]`` (0: the sample renders exactly as without the adapter).
+    - ``start_step``: the adapter acts from this denoising step on (int or ``[B]``); the step is advanced by
+      :meth:`callback`, used as (or chained into) the pipeline's ``callback_on_step_end``.
+    - ``layer_inputs``: per-sample tensors some projections read from an attribute rather than from the
+      embeddings (FaceID-Plus's CLIP hidden states: ``{"clip_embeds": ([B, 1, T, C] cond, [B, 1, T, C] uncond)}``).
+    """
+
+    def __init__(
+        self,
+        scale: float | Sequence[float] | torch.Tensor,
+        batch: int,
+        start_step: int | Sequence[int] | torch.Tensor = 0,
+        layer_inputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        self.batch_size = batch
+        self.scale = per_sample(scale, batch, torch.float32, "scale")
+        self.start_step = per_sample(start_step, batch, torch.long, "start_step")
+        self.layer_inputs = dict(layer_inputs or {})
+        self.step = 0
+        self._on_device: dict[tuple, torch.Tensor] = {}
+
+    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """A diffusers ``callback_on_step_end``: step ``step`` is done, the next one is ``step + 1``."""
+        self.step = step + 1
+        return callback_kwargs
+
+    def rows(self, count: int, per_sample_values: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row values for a model call on ``count`` rows: ``B`` samples, or ``2B`` = ``[negative, positive]``."""
+        if count == self.batch_size:
+            return per_sample_values
+        if count == 2 * self.batch_size:
+            return torch.cat([per_sample_values if negative is None else negative, per_sample_values])
+        raise ValueError(
+            f"IP-Adapter state has {self.batch_size} samples but the model was called with {count} rows "
+            f"(expected {self.batch_size}, or {2 * self.batch_size} with classifier-free guidance)"
+        )
+
+    def row_scales(self, count: int) -> torch.Tensor:
+        """The scale of every row at the current step (CPU, float32)."""
+        scale = torch.where(self.step >= self.start_step, self.scale, torch.zeros_like(self.scale))
+        return self.rows(count, scale)
+
+    def row_scales_like(self, count: int, like: torch.Tensor) -> torch.Tensor:
+        """:meth:`row_scales` on ``like``'s device and dtype, shaped to broadcast over its non-batch dims."""
+        key = (self.step, count, like.device, like.dtype, like.ndim)
+        if key not in self._on_device:
+            shape = (count,) + (1,) * (like.ndim - 1)
+            self._on_device[key] = self.row_scales(count).to(device=like.device, dtype=like.dtype).view(shape)
+        return self._on_device[key]
+
+    def layer_input(self, name: str, count: int) -> torch.Tensor:
+        cond, uncond = self.layer_inputs[name]
+        return self.rows(count, cond, uncond)
+
+
+class IPAdapterHandle:
+    """An IP-Adapter attached to one pipeline: arm it per batch with :meth:`armed`, :meth:`detach` at the end."""
+
+    def __init__(self, pipe, model: nn.Module, family: str):
+        self.pipe = pipe
+        self.model = model
+        self.family = family
+        self.state: IPAdapterState | None = None
+        self.projection: nn.Module | None = None
+        self.attached = False
+        self._processors: dict = {}
+        self._model_attrs: dict[str, object] = {}
+        self._config_attrs: dict[str, object] = {}
+        self._pipe_components: dict[str, object] = {}
+        self._pipe_config = None
+        self._hooks: list = []
+
+    # snapshot / restore of everything diffusers' loader changes -------------------------------------------
+
+    def _snapshot(self) -> None:
+        self._processors = dict(self.model.attn_processors)
+        for name in ("encoder_hid_proj",):
+            self._model_attrs[name] = self._raw_attr(self.model, name)
+        self._config_attrs["encoder_hid_dim_type"] = self.model.config.__dict__.get("encoder_hid_dim_type", _MISSING)
+        for name in ("image_encoder", "feature_extractor"):
+            if hasattr(self.pipe, name):
+                self._pipe_components[name] = getattr(self.pipe, name)
+        self._pipe_config = self.pipe._internal_dict
+
+    @staticmethod
+    def _raw_attr(module: nn.Module, name: str):
+        if name in module._modules:
+            return ("module", module._modules[name])
+        if name in module.__dict__:
+            return ("plain", module.__dict__[name])
+        return ("absent", None)
+
+    def _restore_model(self) -> None:
+        for name, (kind, value) in self._model_attrs.items():
+            if name in self.model._modules:
+                del self.model._modules[name]
+            self.model.__dict__.pop(name, None)
+            if kind == "module":
+                self.model._modules[name] = value
+            elif kind == "plain":
+                self.model.__dict__[name] = value
+        config = self.model.config
+        for name, value in self._config_attrs.items():
+            if value is _MISSING:
+                config.__dict__.pop(name, None)
+            else:
+                config.__dict__[name] = value
+
+    def _restore_pipe(self) -> None:
+        for name, value in self._pipe_components.items():
+            if getattr(self.pipe, name, None) is not value:
+                setattr(self.pipe, name, value)
+        # the pipeline's config object itself (setting a component re-registers it in a new config)
+        self.pipe._internal_dict = self._pipe_config
+
+    # arming per batch --------------------------------------------------------------------------------------
+
+    @contextmanager
+    def armed(self, state: IPAdapterState) -> Iterator[IPAdapterState]:
+        """The adapter acts on the model calls inside the block, per ``state``; disarmed afterwards."""
+        if not self.attached:
+            raise RuntimeError("this IP-Adapter handle was detached; attach the method again")
+        if self.state is not None:
+            raise RuntimeError("the IP-Adapter is already armed (one batch at a time)")
+        self.state = state
+        self.model.encoder_hid_proj = PerSampleProjection(self.projection, self)
+        if self.family == "sdxl":
+            self.model.config.__dict__["encoder_hid_dim_type"] = "ip_image_proj"
+        try:
+            yield state
+        finally:
+            self.state = None
+            self._restore_model()
+            # FLUX's transformer leaves the projected IP tokens in the pipeline's joint_attention_kwargs (the next
+            # call resets them): drop them now rather than keep the last batch's tensors alive
+            leftover = getattr(self.pipe, "_joint_attention_kwargs", None)
+            if isinstance(leftover, dict):
+                leftover.pop("ip_hidden_states", None)
+                leftover.pop("ip_adapter_image_embeds", None)
+
+    def detach(self) -> None:
+        """Put back everything the pipeline and the model had before :func:`attach_ip_adapter`."""
+        if not self.attached:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.state = None
+        self.model.set_attn_processor(dict(self._processors))
+        self._restore_model()
+        if getattr(self.model, ATTACHED_ATTR, None) is self:
+            delattr(self.model, ATTACHED_ATTR)
+        self.attached = False
+
+
+class PerSampleProjection(nn.Module):
+    """The model's ``encoder_hid_proj`` while armed: each row's own sample's embeddings, through diffusers' projection.
+
+    Row ``r`` of a model call on ``R`` rows takes image ``r mod B`` of the ``B`` images the pipeline repeated for
+    every row (rows are ``[negative, positive]`` halves under SDXL's CFG).
+    """
+
+    def __init__(self, projection: nn.Module, handle: IPAdapterHandle):
+        super().__init__()
+        self.projection = projection
+        self.__dict__["handle"] = handle
+
+    @property
+    def num_ip_adapters(self) -> int:
+        return self.projection.num_ip_adapters
+
+    @property
+    def image_projection_layers(self) -> nn.ModuleList:
+        return self.projection.image_projection_layers
+
+    def forward(self, image_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        picked = []
+        for embeds in image_embeds:
+            rows, images = embeds.shape[0], embeds.shape[1]
+            if rows % images:
+                raise ValueError(f"{rows} rows cannot each take one of {images} per-sample embeddings")
+            index = torch.arange(rows, device=embeds.device)
+            picked.append(embeds[index, index % images].unsqueeze(1))
+        rows = picked[0].shape[0]
+        state = self.handle.state
+        layers = list(self.projection.image_projection_layers)
+        extra = state.layer_inputs if state is not None else {}
+        for name in extra:
+            for layer in layers:
+                setattr(layer, name, state.layer_input(name, rows))
+        try:
+            return self.projection(picked)
+        finally:
+            for name in extra:
+                for layer in layers:
+                    setattr(layer, name, None)
+
+
+class PerSampleSDXLProcessor(nn.Module):
+    """A UNet cross-attention: diffusers' IP-Adapter processor and the original one, mixed per row by scale."""
+
+    def __init__(self, plain, ip: nn.Module, handle: IPAdapterHandle):
+        super().__init__()
+        self.ip = ip
+        # plain attributes, not submodules: the original processor and the handle are not owned here
+        self.__dict__["plain"] = plain
+        self.__dict__["handle"] = handle
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        state = self.handle.state
+        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+        if state is None or not isinstance(encoder_hidden_states, tuple):
+            return self.plain(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb)
+        count = hidden_states.shape[0]
+        scale = state.row_scales(count)
+        if not bool((scale != 0).any()):
+            return self.plain(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb)
+        ip_out = self.ip(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask, temb=temb)
+        if bool((scale == 1).all()):
+            return ip_out
+        plain_out = self.plain(
+            attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb
+        )
+        s = state.row_scales_like(count, plain_out.float())
+        mixed = (plain_out.float() + s * (ip_out.float() - plain_out.float())).to(plain_out.dtype)
+        shape = (count,) + (1,) * (plain_out.ndim - 1)
+        mixed = torch.where((scale == 1).to(plain_out.device).view(shape), ip_out, mixed)
+        return torch.where((scale == 0).to(plain_out.device).view(shape), plain_out, mixed)
+
+
+class PerSampleFluxProcessor(nn.Module):
+    """A FLUX double-block attention: diffusers' IP-Adapter processor, its IP output scaled per row."""
+
+    def __init__(self, plain, ip: nn.Module, handle: IPAdapterHandle):
+        super().__init__()
+        self.ip = ip
+        self.__dict__["plain"] = plain
+        self.__dict__["handle"] = handle
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb=None,
+        ip_hidden_states: list[torch.Tensor] | None = None,
+        ip_adapter_masks=None,
+    ):
+        state = self.handle.state
+        if state is None or ip_hidden_states is None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        count = hidden_states.shape[0]
+        scale = state.row_scales(count)
+        if not bool((scale != 0).any()):
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        hidden, context, ip_out = self.ip(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, ip_hidden_states
+        )
+        if bool((scale == 1).all()):
+            return hidden, context, ip_out
+        return hidden, context, ip_out * state.row_scales_like(count, ip_out)
+
+
+class RowLoRA:
+    """A forward hook adding ``up(down(x))`` (FaceID's LoRA, at 1.0) to a Linear's output, for active rows only."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, handle: IPAdapterHandle):
+        self.down = down
+        self.up = up
+        self.handle = handle
+
+    def __call__(self, module, args, output):
+        state = self.handle.state
+        if state is None:
+            return None
+        active = state.row_scales(output.shape[0]) != 0
+        if not bool(active.any()):
+            return None
+        x = args[0]
+        if bool(active.all()):
+            return output + F.linear(F.linear(x, self.down), self.up).to(output.dtype)
+        rows = active.nonzero().squeeze(1).to(output.device)
+        delta = F.linear(F.linear(x.index_select(0, rows), self.down), self.up)
+        return output.index_add(0, rows, delta.to(output.dtype))
+
+
+@dataclass
+class LoadSpec:
+    """What :func:`attach_ip_adapter` hands diffusers' loader."""
+
+    files: AdapterFiles
+    #: ``{"image_proj": ..., "ip_adapter": ...}`` to load instead of reading the file (FaceID: without its LoRA)
+    state_dict: dict | None = None
+    #: FaceID's LoRA, ``{index: {"to_q": (down, up), ...}}`` by processor index (released numbering)
+    lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    #: attributes set on every image projection layer (FaceID-PlusV2: ``shortcut=True``)
+    projection_attrs: dict | None = None
+
+
+def split_faceid_lora(
+    ip_adapter: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """``(IP weights, LoRA by processor index)`` of a FaceID ``ip_adapter`` state dict (released key names)."""
+    ip, lora = {}, {}
+    for key, value in ip_adapter.items():
+        index, _, rest = key.partition(".")
+        layer = rest.split("_lora.", 1)[0]
+        if "_lora." in rest and layer in LORA_LAYERS:
+            lora.setdefault(int(index), {}).setdefault(layer, {})[rest.rsplit(".", 2)[-2]] = value
+        else:
+            ip[key] = value
+    pairs = {}
+    for index, layers in lora.items():
+        for layer, parts in layers.items():
+            if set(parts) != {"down", "up"}:
+                raise IPAdapterWeightsError(f"FaceID LoRA of processor {index}.{layer} lacks its down or up weight")
+            pairs.setdefault(index, {})[layer] = (parts["down"], parts["up"])
+    return ip, pairs
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers warns that no image encoder is loaded: imagegen encodes references itself, at registration."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _load(pipe, family: str, spec: LoadSpec) -> None:
+    files = spec.files
+    source = spec.state_dict if spec.state_dict is not None else str(files.adapter_dir)
+    with _quiet_diffusers():
+        if family == "sdxl":
+            pipe.load_ip_adapter(
+                source,
+                subfolder=files.source.subfolder,
+                weight_name=files.source.weight_name,
+                image_encoder_folder=None,
+                local_files_only=True,
+            )
+        else:
+            pipe.load_ip_adapter(
+                source,
+                weight_name=files.source.weight_name,
+                subfolder=files.source.subfolder,
+                image_encoder_pretrained_model_name_or_path=None,
+                local_files_only=True,
+            )
+
+
+def attach_ip_adapter(pipe, family: str, spec: LoadSpec) -> IPAdapterHandle:
+    """Load an IP-Adapter into ``pipe`` with diffusers' ``load_ip_adapter``, made per-sample (see the module doc)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    model = pipe.unet if family == "sdxl" else pipe.transformer
+    if getattr(model, ATTACHED_ATTR, None) is not None:
+        raise RuntimeError("an IP-Adapter is already attached to this model; detach the previous handle first")
+    handle = IPAdapterHandle(pipe, model, family)
+    handle._snapshot()
+    try:
+        _load(pipe, family, spec)
+        loaded = model.attn_processors
+        projection = model.encoder_hid_proj
+    except Exception as exc:
+        model.set_attn_processor(dict(handle._processors))
+        handle._restore_model()
+        handle._restore_pipe()
+        raise IPAdapterWeightsError(
+            f"{spec.files.weight_file} could not be loaded into this {family} model by diffusers: {str(exc)[:600]}"
+        ) from exc
+    # keep what diffusers built; leave the model and pipeline as they were until a batch arms the adapter
+    handle._restore_model()
+    handle._restore_pipe()
+    handle.projection = projection
+    for layer in projection.image_projection_layers:
+        for name, value in (spec.projection_attrs or {}).items():
+            setattr(layer, name, value)
+    wrapper = PerSampleSDXLProcessor if family == "sdxl" else PerSampleFluxProcessor
+    ip_types = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, FluxIPAdapterAttnProcessor)
+    processors = {}
+    for name, original in handle._processors.items():
+        current = loaded[name]
+        processors[name] = wrapper(original, current, handle) if isinstance(current, ip_types) else original
+    model.set_attn_processor(processors)
+    handle.attached = True
+    setattr(model, ATTACHED_ATTR, handle)
+    if spec.lora:
+        _install_lora(handle, spec.lora)
+    return handle
+
+
+def _install_lora(handle: IPAdapterHandle, lora: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """FaceID's LoRA as per-row forward hooks, on the attention layers the released indices name."""
+    model = handle.model
+    names = list(handle._processors)
+    if set(lora) - set(range(len(names))):
+        handle.detach()
+        raise IPAdapterWeightsError(
+            f"the FaceID LoRA names processors {sorted(set(lora) - set(range(len(names))))[:8]} but this UNet has "
+            f"{len(names)}: is the checkpoint for another UNet architecture?"
+        )
+    param = next(model.parameters())
+    for index, layers in lora.items():
+        attn = model.get_submodule(names[index][: -len(".processor")])
+        for layer, (down, up) in layers.items():
+            linear = attn.to_out[0] if layer == "to_out" else getattr(attn, layer)
+            if down.shape[1] != linear.in_features or up.shape[0] != linear.out_features:
+                handle.detach()
+                raise IPAdapterWeightsError(
+                    f"FaceID LoRA {index}.{layer} is {tuple(up.shape[0:1]) + tuple(down.shape[1:])} (out, in) but "
+                    f"{names[index]} has {linear.out_features} x {linear.in_features}"
+                )
+            hook = RowLoRA(
+                down.to(device=param.device, dtype=param.dtype), up.to(device=param.device, dtype=param.dtype), handle
+            )
+            handle._hooks.append(linear.register_forward_hook(hook))
+
+
+def describe(handle: IPAdapterHandle) -> dict[str, object]:
+    """What is attached (for logs and tests): processor and projection classes diffusers built."""
+    wrapped = [
+        p
+        for p in handle.model.attn_processors.values()
+        if isinstance(p, PerSampleSDXLProcessor | PerSampleFluxProcessor)
+    ]
+    return {
+        "family": handle.family,
+        "ip_processors": sorted({type(p.ip).__name__ for p in wrapped}),
+        "wrapped_layers": len(wrapped),
+        "projections": [type(layer).__name__ for layer in handle.projection.image_projection_layers],
+        "lora_hooks": len(handle._hooks),
+    }
+
+
+__all__ = [
+    "ATTACHED_ATTR",
+    "IPAdapterHandle",
+    "IPAdapterState",
+    "LoadSpec",
+    "PerSampleFluxProcessor",
+    "PerSampleProjection",
+    "PerSampleSDXLProcessor",
+    "attach_ip_adapter",
+    "describe",
+    "split_faceid_lora",
+]

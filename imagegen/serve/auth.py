@@ -1,0 +1,114 @@
+"""API keys: created by ``imagegen keys create``, stored hashed, checked on every request but health.
+
+A key reads ``igk_<id>_<secret>``: ``id`` (12 hex characters) finds the row, ``secret`` (43
+characters, 256 random bits) is never stored, only its SHA-256 (a fast hash is the right tool for
+a high-entropy secret: there is nothing to brute-force). Comparison is constant-time.
+
+Scopes: ``render`` (renders and jobs), ``characters:write`` (register, approve, delete),
+``admin`` (everything, metrics included). Reading characters needs any valid key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+from imagegen.errors import ImagegenError
+from imagegen.serve.store import ApiKey, ServeStore
+
+SCOPES = ("render", "characters:write", "admin")
+PREFIX = "igk"
+KEY_RE = re.compile(r"^igk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+
+
+class InvalidScopeError(ImagegenError):
+    code = "invalid_scope"
+    field = "scopes"
+
+
+class UnknownKeyError(ImagegenError):
+    code = "unknown_key"
+    field = "key_id"
+
+
+def hash_secret(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_scopes(scopes: Iterable[str]) -> list[str]:
+    chosen = sorted(set(scopes))
+    if not chosen:
+        raise InvalidScopeError(f"a key needs at least one scope: {', '.join(SCOPES)}")
+    unknown = [s for s in chosen if s not in SCOPES]
+    if unknown:
+        raise InvalidScopeError(f"unknown scope(s) {', '.join(unknown)}; known scopes: {', '.join(SCOPES)}")
+    return chosen
+
+
+def create_key(store: ServeStore, name: str, scopes: Sequence[str]) -> tuple[ApiKey, str]:
+    """A new key: its stored record and the plaintext (shown once, never stored)."""
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise ImagegenError("a key needs a name of 1 to 200 characters (who or what uses it)", field="name")
+    chosen = check_scopes(scopes)
+    key_id = secrets.token_hex(6)
+    plaintext = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+    record = store.add_key(key_id, name, hash_secret(plaintext), chosen)
+    return record, plaintext
+
+
+def revoke_key(store: ServeStore, key_id: str) -> ApiKey:
+    record = store.revoke_key(key_id)
+    if record is None:
+        raise UnknownKeyError(f"no API key with id {key_id!r}; `imagegen keys list` shows them")
+    return record
+
+
+def allows(scopes: Iterable[str], needed: str | None) -> bool:
+    """Whether a key with ``scopes`` may use a route that needs ``needed`` (None: any valid key)."""
+    held = set(scopes)
+    return needed is None or "admin" in held or needed in held
+
+
+class KeyVerifier:
+    """Checks presented keys against the store, with a short cache (revocation applies within ``ttl_s``)."""
+
+    def __init__(self, store: ServeStore, ttl_s: float = 2.0, touch_every_s: float = 60.0):
+        self.store = store
+        self.ttl_s = ttl_s
+        self.touch_every_s = touch_every_s
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._touched: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, presented: str | None) -> ApiKey | None:
+        """The active key ``presented`` names, or None (unknown, wrong secret, revoked, malformed)."""
+        if not presented:
+            return None
+        match = KEY_RE.match(presented)
+        if match is None:
+            return None
+        digest = hash_secret(presented)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        record = self.store.get_key(match.group(1))
+        valid = (
+            record is not None and record.active and hmac.compare_digest(record.secret_sha256.encode(), digest.encode())
+        )
+        result = record if valid else None
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (now, result)
+        if result is not None and now - self._touched.get(result.id, -1e9) > self.touch_every_s:
+            self._touched[result.id] = now
+            self.store.touch_key(result.id)
+        return result

@@ -1,0 +1,127 @@
+"""``imagegen serve``, ``imagegen keys ...`` and ``imagegen provenance check``.
+
+Registered on the main app by ``imagegen/cli.py``; nothing heavy (Ray, FastAPI) is imported
+until a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+keys_app = typer.Typer(
+    help="API keys of the HTTP service (stored hashed in the registry database).", no_args_is_help=True
+)
+provenance_app = typer.Typer(help="Provenance of rendered images (watermark + metadata).", no_args_is_help=True)
+console = Console(width=200)
+
+
+def _store():
+    from imagegen.serve.store import ServeStore
+
+    return ServeStore.open()
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., help="Who or what uses the key (a service, a team)."),
+    scope: list[str] = typer.Option(
+        ["render"], "--scope", "-s", help="render | characters:write | admin (repeat for several)."
+    ),
+) -> None:
+    """Create a key and print it ONCE (only its SHA-256 is stored)."""
+    from imagegen.serve.auth import create_key
+
+    with _store() as store:
+        record, plaintext = create_key(store, name, scope)
+    console.print(f"key id {record.id}  scopes {', '.join(record.scopes)}  name {escape(record.name)}")
+    console.print("store it now, it is not shown again:")
+    print(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(as_json: bool = typer.Option(False, "--json", help="JSON instead of a table.")) -> None:
+    """Every key: id, name, scopes, created, last used, revoked (never the secret)."""
+    with _store() as store:
+        keys = store.list_keys()
+    if as_json:
+        print(json.dumps([k.public() for k in keys], indent=2))
+        return
+    table = Table(title="API keys")
+    for column in ("id", "name", "scopes", "created", "last used", "revoked"):
+        table.add_column(column)
+    for key in keys:
+        data = key.public()
+        table.add_row(
+            key.id,
+            escape(key.name),
+            ", ".join(key.scopes),
+            data["created_at"][:19],
+            (data["last_used_at"] or "-")[:19],
+            (data["revoked_at"] or "-")[:19],
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., metavar="KEY_ID")) -> None:
+    """Revoke a key (the service refuses it within its auth cache time, 2 s by default)."""
+    from imagegen.serve.auth import revoke_key
+
+    with _store() as store:
+        record = revoke_key(store, key_id)
+    console.print(f"revoked {record.id} ({escape(record.name)})")
+
+
+@provenance_app.command("check")
+def provenance_check(
+    image: Path = typer.Argument(..., metavar="IMAGE", exists=True, dir_okay=False, readable=True),
+    audit: bool = typer.Option(True, help="Look the watermark up in the audit trail of this IMAGEGEN_HOME."),
+) -> None:
+    """Read an image's watermark and PNG metadata back (and its audit record); prints JSON."""
+    from imagegen.provenance import check_image
+
+    store = _store() if audit else None
+    try:
+        report = check_image(image, store)
+    finally:
+        if store is not None:
+            store.close()
+    print(json.dumps(report, indent=2, default=str))
+
+
+def serve_command(
+    config: Path = typer.Option(None, help="Serve config (default: configs/serve.yaml)."),
+    host: str = typer.Option(None, help="Listen address (overrides http_options.host)."),
+    port: int = typer.Option(None, help="Port (overrides http_options.port)."),
+    preset: list[str] = typer.Option(None, "--preset", help="Serve only these presets (repeatable)."),
+    address: str = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
+    num_cpus: int = typer.Option(None, help="CPUs of the local Ray (default: all)."),
+) -> None:
+    """Start the HTTP service (Ray Serve, configs/serve.yaml) and run until Ctrl-C."""
+    from imagegen.serve.launcher import start_service
+
+    stop = {"now": False}
+
+    def _stop(*_: object) -> None:
+        stop["now"] = True
+
+    service = start_service(config, address=address, num_cpus=num_cpus, host=host, port=port, presets=preset or None)
+    signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own
+    console.print(f"imagegen serving on {service.url}  (docs: {service.url}/docs, health: {service.url}/healthz)")
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("shutting down")
+        service.stop()
+        console.print("stopped")

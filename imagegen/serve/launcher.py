@@ -1,0 +1,213 @@
+"""Start and stop the service from ``configs/serve.yaml``: what ``imagegen serve``, the tests, the
+bench and the demo use.
+
+``start_service`` starts a local Ray (``include_dashboard=False``: neither the dashboard nor its
+job-submission API is started, so neither can be reached; Ray's internal ports keep Ray's token
+authentication, on by default since Ray 2.5x) or connects to ``address``, then deploys
+the config exactly as ``serve run configs/serve.yaml`` does (the same controller call) and waits
+until the application is running. Overrides (host, port, presets, ingress limits, per-renderer
+options) are applied to the config dict before it is validated as Ray Serve's
+``ServeDeploySchema``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagegen.errors import ConfigError
+from imagegen.serve.config import APP_NAME, INGRESS_NAME, load_config, renderer_deployment_name
+
+log = logging.getLogger(__name__)
+
+
+def _deployment(app: dict[str, Any], name: str) -> dict[str, Any]:
+    deployments = app.setdefault("deployments", [])
+    for entry in deployments:
+        if entry.get("name") == name:
+            return entry
+    entry = {"name": name}
+    deployments.append(entry)
+    return entry
+
+
+def prepare_config(
+    config: dict[str, Any] | Path | str | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    presets: list[str] | None = None,
+    ingress: dict[str, Any] | None = None,
+    ingress_options: dict[str, Any] | None = None,
+    renderer_options: dict[str, dict[str, Any]] | None = None,
+    renderer_config: dict[str, Any] | None = None,
+    warmup: bool | None = None,
+    env_vars: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """serve.yaml with overrides applied (a new dict; the file is not touched).
+
+    ``ingress`` merges into the ingress ``user_config``; ``ingress_options`` into its deployment
+    options; ``renderer_options`` maps a preset to deployment options (``num_replicas``,
+    ``max_queued_requests``, ``ray_actor_options`` ...); ``renderer_config`` merges into every
+    renderer's ``user_config``.
+    """
+    data = copy.deepcopy(config) if isinstance(config, dict) else load_config(config)
+    if host is not None or port is not None:
+        http = data.setdefault("http_options", {})
+        if host is not None:
+            http["host"] = host
+        if port is not None:
+            http["port"] = port
+    apps = data.get("applications") or []
+    app = next((a for a in apps if a.get("name") == APP_NAME), None)
+    if app is None:
+        raise ConfigError(f"the Serve config has no application named {APP_NAME!r}")
+    args = app.setdefault("args", {})
+    if presets is not None:
+        args["presets"] = list(presets)
+        keep = {INGRESS_NAME} | {renderer_deployment_name(p) for p in presets}
+        app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") in keep]
+    if warmup is not None:
+        args["warmup"] = warmup
+    served = args.get("presets") or ["tiny-flux", "tiny-sdxl"]
+    entry = _deployment(app, INGRESS_NAME)
+    entry.update(ingress_options or {})
+    if ingress:
+        entry["user_config"] = {**(entry.get("user_config") or {}), **ingress}
+    for preset in served:
+        entry = _deployment(app, renderer_deployment_name(preset))
+        for key, value in ((renderer_options or {}).get(preset) or {}).items():
+            if isinstance(value, dict) and isinstance(entry.get(key), dict):
+                entry[key] = {**entry[key], **value}
+            else:
+                entry[key] = value
+        if renderer_config:
+            entry["user_config"] = {**(entry.get("user_config") or {}), **renderer_config}
+    env = {k: v for k, v in os.environ.items() if k.startswith("IMAGEGEN_")}
+    env.update(env_vars or {})
+    if env:
+        runtime_env = app.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+    return data
+
+
+@dataclass
+class Service:
+    """A running service: its base URL, and how to stop what ``start_service`` started."""
+
+    url: str
+    config: dict[str, Any]
+    started_ray: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            if self.started_ray and ray.is_initialized():
+                ray.shutdown()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _prebuild_tiny(presets: list[str]) -> None:
+    """Build the tiny repos once here instead of racing to build them in every replica."""
+    from imagegen.pipelines.presets import get_preset
+    from imagegen.pipelines.tiny import ensure_tiny_repo
+
+    for name in presets:
+        preset = get_preset(name)
+        if preset.is_tiny:
+            ensure_tiny_repo(preset.repo.split(":", 1)[1])
+
+
+def start_service(
+    config: dict[str, Any] | Path | str | None = None,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+    timeout_s: float = 300.0,
+    log_to_driver: bool = True,
+    **overrides: Any,
+) -> Service:
+    """Start Ray (unless one is running or ``address`` is given), deploy the config, wait until it runs."""
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_private_api
+    from ray.serve.schema import ServeDeploySchema
+
+    data = prepare_config(config, **overrides)
+    schema = ServeDeploySchema.model_validate(data)
+    app = next(a for a in schema.applications if a.name == APP_NAME)
+    _prebuild_tiny(list((app.args or {}).get("presets") or ["tiny-flux", "tiny-sdxl"]))
+    started_ray = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {
+            "address": address or "local",
+            "namespace": "serve",
+            "include_dashboard": False,
+            "log_to_driver": log_to_driver,
+        }
+        if address is None:
+            kwargs["num_cpus"] = num_cpus
+            if object_store_memory:
+                kwargs["object_store_memory"] = object_store_memory
+        ray.init(**kwargs)
+        started_ray = True
+    try:
+        # exactly what `serve run configs/serve.yaml` does (ray/serve/scripts.py)
+        client = serve_private_api.serve_start(
+            http_options=schema.http_options.model_dump(),
+            proxy_location=schema.proxy_location,
+            grpc_options=None,
+        )
+        client.deploy_apps(schema, _blocking=False)
+        _wait_running(APP_NAME, timeout_s)
+    except BaseException:
+        with _suppress():
+            serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+        raise
+    http = schema.http_options
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    return Service(url=f"http://{host}:{http.port}", config=data, started_ray=started_ray)
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+def _wait_running(app_name: str, timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None:
+            last = status
+            if status.status == "RUNNING":
+                return
+            if status.status == "DEPLOY_FAILED":
+                raise ConfigError(f"the Serve application failed to deploy: {status.message}")
+        time.sleep(0.5)
+    message = getattr(last, "message", "") if last is not None else "no status"
+    raise TimeoutError(f"the Serve application was not running after {timeout_s:.0f}s ({message})")

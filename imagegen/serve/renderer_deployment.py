@@ -1,0 +1,119 @@
+"""The renderer deployment: one Serve replica hosting one ``RendererActor`` (one preset).
+
+Callers (the ingress) stream from ``render``: one request in, events out: ``progress`` (when
+asked for), then exactly one ``result`` or ``error``. ``@serve.batch`` gathers the requests that
+arrive within ``batch_wait_timeout_s`` (up to ``max_batch_size``, both from the deployment's
+``user_config``) into one ``RendererActor.render_isolated`` call: requests of *different*
+characters share a pipeline call when their shapes match, and one bad request fails only itself.
+
+The pipeline runs in a worker thread, so the replica keeps answering health checks while it
+renders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+
+from imagegen.serve.actors import RenderedImage, RendererActor, RenderError
+from imagegen.serve.config import RendererConfig
+
+log = logging.getLogger(__name__)
+
+_END = "end"
+
+
+@serve.deployment(max_ongoing_requests=16)
+class RendererDeployment:
+    """Serve replica of one preset; the batching front of ``RendererActor``."""
+
+    def __init__(self, preset: str, warmup: bool = True, device: str | None = None):
+        self.actor = RendererActor(preset, warmup=warmup, device=device)
+        self.preset = preset
+        self.config = RendererConfig()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"render-{preset}")
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        self.config = RendererConfig.model_validate(user_config or {})
+        self._render_batch.set_max_batch_size(self.config.max_batch_size)
+        self._render_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    def health(self) -> dict[str, Any]:
+        return {**self.actor.health(), **self.config.model_dump()}
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the actor is loaded and its worker thread is alive."""
+        if self.actor is None:
+            raise RuntimeError("renderer not loaded")
+
+    async def render(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any] | None]:
+        """Stream one request's events. ``item``: ``{"request": RenderRequest fields, "progress": bool}``.
+
+        ``None`` items are fillers of the batch stream (another caller's event): skip them.
+        """
+        async for event in self._render_batch(item):
+            yield event
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _render_batch(self, items: list[dict[str, Any]]) -> AsyncIterator[list[Any]]:
+        count = len(items)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(message: tuple) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, message)
+
+        def progress(indices: list[int], done: int, total: int) -> None:
+            put(("progress", indices, done, total))
+
+        def on_result(index: int, outcome: RenderedImage | RenderError) -> None:
+            put(("result", [index], outcome, None))
+
+        def work() -> None:
+            try:
+                self.actor.render_isolated([item["request"] for item in items], progress, on_result)
+            except BaseException as exc:  # noqa: BLE001 - reported to every caller still waiting
+                put((_END, [], exc, None))
+            else:
+                put((_END, [], None, None))
+
+        loop.run_in_executor(self._executor, work)
+        stopped = [False] * count
+        while True:
+            kind, indices, payload, extra = await queue.get()
+            if kind == "progress":
+                wanted = [i for i in indices if not stopped[i] and items[i].get("progress")]
+                if wanted:
+                    out: list[Any] = [None] * count
+                    for i in wanted:
+                        out[i] = {"type": "progress", "done": payload, "total": extra}
+                    yield out
+            elif kind == "result":
+                index = indices[0]
+                out = [None] * count
+                if isinstance(payload, RenderError):
+                    out[index] = {"type": "error", **dataclasses.asdict(payload)}
+                else:
+                    out[index] = {"type": "result", **dataclasses.asdict(payload)}
+                yield out
+                out = [None] * count
+                out[index] = StopIteration
+                stopped[index] = True
+                yield out
+            else:  # the worker finished
+                if payload is not None:
+                    log.error("render batch failed: %r", payload)
+                    error = RenderError.from_exception(payload)
+                    out = [None] * count
+                    for i in range(count):
+                        if not stopped[i]:
+                            out[i] = {"type": "error", **dataclasses.asdict(error)}
+                    yield out
+                yield [StopIteration] * count
+                return

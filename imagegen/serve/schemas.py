@@ -1,0 +1,93 @@
+"""Request and response bodies of the HTTP API (they are what /docs shows)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagegen.pipelines.types import RenderRequest
+
+
+class RenderBody(RenderRequest):
+    """A render: every ``RenderRequest`` field, plus the preset, the image count and the consistency gate.
+
+    Image *i* uses seed ``seed + i``; attempt *a* of the gate for image *i* uses
+    ``seed + i + a * num_images`` (the "next seed" that no other image of the request uses).
+    A missing seed is drawn once per request and reported.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = Field(default="tiny-flux", min_length=1, max_length=64, description="Model preset.")
+    num_images: int = Field(default=1, ge=1, description="Images to render (the server caps it).")
+    #: consistency gate: the similarity (face backend's scale) each image must reach; needs a character
+    min_identity_similarity: float | None = Field(default=None, ge=-1, le=1)
+    #: consistency gate: render attempts per image (each a new seed) before giving up
+    max_attempts: int | None = Field(default=None, ge=1)
+
+    def render_request(self) -> RenderRequest:
+        return RenderRequest(**self.model_dump(include=set(RenderRequest.model_fields)))
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class GateAttempt(BaseModel):
+    seed: int
+    similarity: float | None = None
+    passed: bool = False
+    problem: str | None = None
+
+
+class GateReport(BaseModel):
+    min_identity_similarity: float
+    backend: str
+    passed: bool
+    winning_seed: int | None
+    attempts: list[GateAttempt]
+
+
+class ImageOut(BaseModel):
+    index: int
+    image_id: str
+    seed: int
+    width: int | None = None
+    height: int | None = None
+    png_base64: str | None = None
+    url: str | None = None
+    problem: str | None = None
+    identity_similarity: float | None = None
+    gate: GateReport | None = None
+    watermark: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RenderOut(BaseModel):
+    request_id: str
+    preset: str
+    character: str | None = None
+    character_version: int | None = None
+    images: list[ImageOut]
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    preset: str
+    attempts: int
+    progress: dict[str, Any] = Field(default_factory=dict)
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: ErrorDetail | None = None
+    result: RenderOut | None = None
+    links: dict[str, str] = Field(default_factory=dict)

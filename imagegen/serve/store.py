@@ -1,0 +1,591 @@
+"""The serving tables: API keys, durable jobs with their events, and the per-image audit trail.
+
+They live in the registry database (``get_settings().registry_url``: SQLite in WAL mode by
+default, any SQLAlchemy URL otherwise) next to the registry's tables, but in their own metadata:
+the registry never touches them. Job images are stored by digest in a content-addressed blob
+store of their own (``IMAGEGEN_HOME/serve/results``), never the registry's (its ``gc`` would
+delete them).
+
+Tables::
+
+    api_keys          id PK, name, secret_sha256, scopes JSON, created_at, revoked_at, last_used_at
+    serve_jobs        id PK, key_id, preset, status, request JSON, attempts, owner, heartbeat_at,
+                      progress JSON, result JSON, error_code, error_message, created_at,
+                      started_at, finished_at
+    serve_job_events  id PK (autoincrement, the SSE event id), job_id FK, type, data JSON, created_at
+    render_audit      image_id PK, request_id, job_id, key_id, preset, character, character_version,
+                      method, prompt_sha256, seed, watermark_tag, created_at
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from imagegen.identity.blobstore import BlobStore
+from imagegen.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("done", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[Any]]
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class JobRow(Base):
+    __tablename__ = "serve_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), index=True)
+    preset: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    request: Mapped[dict[str, Any]]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None]
+    progress: Mapped[dict[str, Any]]
+    result: Mapped[dict[str, Any] | None]
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class JobEventRow(Base):
+    __tablename__ = "serve_job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("serve_jobs.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class AuditRow(Base):
+    __tablename__ = "render_audit"
+
+    image_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    key_id: Mapped[str] = mapped_column(String(32))
+    preset: Mapped[str] = mapped_column(String(64))
+    character: Mapped[str | None] = mapped_column(String(64))
+    character_version: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str | None] = mapped_column(String(64))
+    prompt_sha256: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    watermark_tag: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    created_at: Mapped[datetime]
+
+
+@dataclass
+class Job:
+    id: str
+    key_id: str
+    preset: str
+    status: str
+    request: dict[str, Any]
+    attempts: int
+    owner: str | None
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> Job:
+        return cls(
+            id=row.id,
+            key_id=row.key_id,
+            preset=row.preset,
+            status=row.status,
+            request=dict(row.request),
+            attempts=row.attempts,
+            owner=row.owner,
+            progress=dict(row.progress or {}),
+            result=None if row.result is None else dict(row.result),
+            error_code=row.error_code,
+            error_message=row.error_message,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+@dataclass
+class JobEvent:
+    id: int
+    job_id: str
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass
+class ApiKey:
+    id: str
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    secret_sha256: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scopes": self.scopes,
+            "created_at": self.created_at.isoformat(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
+        }
+
+
+def _key_from_row(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        scopes=list(row.scopes),
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+        secret_sha256=row.secret_sha256,
+    )
+
+
+def _event_from_row(row: JobEventRow) -> JobEvent:
+    return JobEvent(id=row.id, job_id=row.job_id, type=row.type, data=dict(row.data), created_at=row.created_at)
+
+
+class ServeStore:
+    """The serving tables. Thread-safe: every call opens its own session."""
+
+    def __init__(self, url: str, results_root: Path | str):
+        self.url = make_url(url)
+        self.results = BlobStore(results_root)
+        self.engine = self._create_engine()
+        Base.metadata.create_all(self.engine.execution_options(sqlite_begin="IMMEDIATE"))
+        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(
+            self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
+        )
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> ServeStore:
+        settings = settings or get_settings()
+        settings.home.mkdir(parents=True, exist_ok=True)
+        return cls(settings.registry_url, settings.home / "serve" / "results")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> ServeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _create_engine(self) -> Engine:
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        is_sqlite = self.url.get_backend_name() == "sqlite"
+        if is_sqlite:
+            database = self.url.database or ""
+            kwargs["connect_args"] = {"timeout": 30}
+            if database in ("", ":memory:"):
+                kwargs["connect_args"]["check_same_thread"] = False
+                kwargs["poolclass"] = StaticPool
+            else:
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(self.url, **kwargs)
+        if is_sqlite:
+
+            @event.listens_for(engine, "connect")
+            def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+                dbapi_connection.isolation_level = None
+                cursor = dbapi_connection.cursor()
+                try:
+                    cursor.execute("PRAGMA foreign_keys=ON")
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                    # jobs and audit rows: a crash may lose the last transactions of the OS, not corrupt
+                    cursor.execute("PRAGMA synchronous=NORMAL")
+                    cursor.execute("PRAGMA busy_timeout=30000")
+                finally:
+                    cursor.close()
+
+            @event.listens_for(engine, "begin")
+            def _on_begin(conn: Any) -> None:
+                mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+                conn.exec_driver_sql(f"BEGIN {'IMMEDIATE' if mode == 'IMMEDIATE' else 'DEFERRED'}")
+
+        return engine
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._read_sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._write_sessions() as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        with self._read() as s:
+            s.execute(select(func.count()).select_from(ApiKeyRow)).scalar_one()
+
+    # -- API keys ------------------------------------------------------------------------------
+    def add_key(self, key_id: str, name: str, secret_sha256: str, scopes: Sequence[str]) -> ApiKey:
+        with self._write() as s:
+            row = ApiKeyRow(
+                id=key_id,
+                name=name,
+                secret_sha256=secret_sha256,
+                scopes=list(scopes),
+                created_at=utcnow(),
+                revoked_at=None,
+                last_used_at=None,
+            )
+            s.add(row)
+            s.flush()
+            return _key_from_row(row)
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with self._read() as s:
+            row = s.get(ApiKeyRow, key_id)
+            return None if row is None else _key_from_row(row)
+
+    def list_keys(self) -> builtins.list[ApiKey]:
+        with self._read() as s:
+            return [_key_from_row(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
+
+    def revoke_key(self, key_id: str) -> ApiKey | None:
+        with self._write() as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None:
+                return None
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return _key_from_row(row)
+
+    def touch_key(self, key_id: str) -> None:
+        with self._write() as s:
+            s.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=utcnow()))
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def create_job(self, job_id: str, key_id: str, preset: str, request: dict[str, Any], total: int) -> Job:
+        now = utcnow()
+        with self._write() as s:
+            row = JobRow(
+                id=job_id,
+                key_id=key_id,
+                preset=preset,
+                status="queued",
+                request=request,
+                attempts=0,
+                owner=None,
+                heartbeat_at=None,
+                progress={"images_done": 0, "images_total": total},
+                result=None,
+                error_code=None,
+                error_message=None,
+                created_at=now,
+                started_at=None,
+                finished_at=None,
+            )
+            s.add(row)
+            s.flush()
+            self._event(s, job_id, "queued", {"status": "queued", "preset": preset, "images": total})
+            return Job.from_row(row)
+
+    @staticmethod
+    def _event(s: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        s.add(JobEventRow(job_id=job_id, type=kind, data=data, created_at=utcnow()))
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self._read() as s:
+            row = s.get(JobRow, job_id)
+            return None if row is None else Job.from_row(row)
+
+    def list_jobs(self, key_id: str | None, limit: int = 50) -> builtins.list[Job]:
+        query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
+        if key_id is not None:
+            query = query.where(JobRow.key_id == key_id)
+        with self._read() as s:
+            return [Job.from_row(r) for r in s.scalars(query)]
+
+    def count_active_jobs(self) -> int:
+        with self._read() as s:
+            return int(s.execute(select(func.count()).where(JobRow.status.in_(ACTIVE))).scalar_one())
+
+    def job_counts(self) -> dict[str, int]:
+        with self._read() as s:
+            rows = s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+        return {status: int(count) for status, count in rows}
+
+    def claim_jobs(self, owner: str, limit: int, max_attempts: int) -> builtins.list[Job]:
+        """Take up to ``limit`` queued jobs (oldest first) for ``owner``; each claim counts an attempt."""
+        if limit <= 0:
+            return []
+        now = utcnow()
+        claimed = []
+        with self._write() as s:
+            rows = builtins.list(
+                s.scalars(select(JobRow).where(JobRow.status == "queued").order_by(JobRow.created_at).limit(limit))
+            )
+            for row in rows:
+                if row.attempts >= max_attempts:  # defensive: never start an attempt beyond the limit
+                    self._fail_row(s, row, "retries_exhausted", f"the job was attempted {row.attempts} times")
+                    continue
+                row.status, row.owner, row.attempts = "running", owner, row.attempts + 1
+                row.heartbeat_at = now
+                row.started_at = row.started_at or now
+                self._event(s, row.id, "started", {"status": "running", "attempt": row.attempts, "owner": owner})
+                claimed.append(Job.from_row(row))
+        return claimed
+
+    def heartbeat(self, owner: str, job_ids: Sequence[str]) -> dict[str, str]:
+        """Mark ``owner``'s running jobs alive; returns each job's status (cancelled ones stop)."""
+        if not job_ids:
+            return {}
+        with self._write() as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id.in_(job_ids), JobRow.owner == owner, JobRow.status == "running")
+                .values(heartbeat_at=utcnow())
+            )
+            rows = s.execute(select(JobRow.id, JobRow.status, JobRow.owner).where(JobRow.id.in_(job_ids))).all()
+        return {job_id: (status if job_owner == owner else "taken") for job_id, status, job_owner in rows}
+
+    def recover_stale(self, stale_after_s: float, max_attempts: int) -> builtins.list[tuple[str, str]]:
+        """Running jobs whose owner stopped sending heartbeats: queued again, or failed when out of attempts."""
+        cutoff = utcnow() - timedelta(seconds=stale_after_s)
+        changed = []
+        with self._write() as s:
+            rows = s.scalars(select(JobRow).where(JobRow.status == "running", JobRow.heartbeat_at < cutoff)).all()
+            for row in rows:
+                reason = f"the replica running it ({row.owner}) stopped answering"
+                if row.attempts < max_attempts:
+                    self._requeue_row(s, row, reason)
+                    changed.append((row.id, "queued"))
+                else:
+                    self._fail_row(s, row, "replica_died", f"{reason}; gave up after {row.attempts} attempts")
+                    changed.append((row.id, "failed"))
+        return changed
+
+    def _requeue_row(self, s: Session, row: JobRow, reason: str) -> None:
+        row.status, row.owner, row.heartbeat_at = "queued", None, None
+        self._event(s, row.id, "retry", {"status": "queued", "attempt": row.attempts, "reason": reason})
+
+    def _fail_row(self, s: Session, row: JobRow, code: str, message: str) -> None:
+        row.status, row.error_code, row.error_message = "failed", code, message
+        row.finished_at, row.heartbeat_at = utcnow(), None
+        self._event(s, row.id, "failed", {"status": "failed", "error": {"code": code, "message": message}})
+
+    def requeue_job(self, job_id: str, owner: str, reason: str, max_attempts: int) -> str:
+        """After a failed attempt of ``owner``: queued again if attempts remain, else failed. Returns the status."""
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None or row.status != "running" or row.owner != owner:
+                return "gone" if row is None else row.status
+            if row.attempts < max_attempts:
+                self._requeue_row(s, row, reason)
+            else:
+                self._fail_row(s, row, "replica_died", f"{reason}; gave up after {row.attempts} attempts")
+            return row.status
+
+    def release_job(self, job_id: str, owner: str) -> bool:
+        """Give a running job back (its owner is shutting down): queued again, the attempt not counted."""
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None or row.status != "running" or row.owner != owner:
+                return False
+            row.status, row.owner, row.heartbeat_at = "queued", None, None
+            row.attempts = max(0, row.attempts - 1)
+            reason = "the ingress replica running it shut down (this attempt is not counted)"
+            self._event(s, job_id, "retry", {"status": "queued", "attempt": row.attempts, "reason": reason})
+            return True
+
+    def fail_job(self, job_id: str, owner: str | None, code: str, message: str) -> bool:
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None or row.status not in ACTIVE or (owner is not None and row.owner != owner):
+                return False
+            self._fail_row(s, row, code, message)
+            return True
+
+    def finish_job(self, job_id: str, owner: str, result: dict[str, Any]) -> bool:
+        """Store a job's result; False when it was cancelled or taken over meanwhile (result dropped)."""
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None or row.status != "running" or row.owner != owner:
+                return False
+            row.status, row.result, row.finished_at, row.heartbeat_at = "done", result, utcnow(), None
+            row.progress = {**(row.progress or {}), "images_done": row.progress.get("images_total", 0)}
+            self._event(s, job_id, "done", {"status": "done", "images": len(result.get("images", []))})
+            return True
+
+    def cancel_job(self, job_id: str) -> Job | None:
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                return None
+            if row.status in ACTIVE:
+                row.status, row.finished_at, row.heartbeat_at = "cancelled", utcnow(), None
+                self._event(s, job_id, "cancelled", {"status": "cancelled"})
+            return Job.from_row(row)
+
+    def job_progress(self, job_id: str, owner: str, data: dict[str, Any], progress: dict[str, Any]) -> None:
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None or row.status != "running" or row.owner != owner:
+                return
+            row.progress = {**(row.progress or {}), **progress}
+            self._event(s, job_id, "progress", data)
+
+    def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        with self._write() as s:
+            self._event(s, job_id, kind, data)
+
+    def events(self, job_id: str, after: int = 0, limit: int = 500) -> builtins.list[JobEvent]:
+        with self._read() as s:
+            rows = s.scalars(
+                select(JobEventRow)
+                .where(JobEventRow.job_id == job_id, JobEventRow.id > after)
+                .order_by(JobEventRow.id)
+                .limit(limit)
+            )
+            return [_event_from_row(r) for r in rows]
+
+    def expire_jobs(self, ttl_s: float) -> int:
+        """Delete finished jobs older than ``ttl_s`` and their images."""
+        cutoff = utcnow() - timedelta(seconds=ttl_s)
+        with self._write() as s:
+            rows = s.scalars(select(JobRow).where(JobRow.status.in_(TERMINAL), JobRow.finished_at < cutoff)).all()
+            digests = {img["digest"] for r in rows for img in (r.result or {}).get("images", []) if img.get("digest")}
+            ids = [r.id for r in rows]
+            if ids:
+                s.execute(delete(JobEventRow).where(JobEventRow.job_id.in_(ids)))
+                s.execute(delete(JobRow).where(JobRow.id.in_(ids)))
+        if digests:
+            with self._read() as s:
+                still = {
+                    img.get("digest")
+                    for (result,) in s.execute(select(JobRow.result).where(JobRow.result.is_not(None)))
+                    for img in (result or {}).get("images", [])
+                }
+            for digest in digests - still:
+                if self.results.exists(digest):
+                    self.results.delete(digest)
+        return len(ids)
+
+    # -- audit ---------------------------------------------------------------------------------
+    def add_audit(self, records: Sequence[dict[str, Any]]) -> None:
+        if not records:
+            return
+        with self._write() as s:
+            for record in records:
+                s.add(AuditRow(**record, created_at=utcnow()))
+
+    def audit_by_tag(self, tag: int) -> builtins.list[dict[str, Any]]:
+        with self._read() as s:
+            rows = s.scalars(select(AuditRow).where(AuditRow.watermark_tag == tag)).all()
+            return [_audit_dict(r) for r in rows]
+
+    def audit_for_image(self, image_id: str) -> dict[str, Any] | None:
+        with self._read() as s:
+            row = s.get(AuditRow, image_id)
+            return None if row is None else _audit_dict(row)
+
+
+def _audit_dict(row: AuditRow) -> dict[str, Any]:
+    return {
+        "image_id": row.image_id,
+        "request_id": row.request_id,
+        "job_id": row.job_id,
+        "key_id": row.key_id,
+        "preset": row.preset,
+        "character": row.character,
+        "character_version": row.character_version,
+        "method": row.method,
+        "prompt_sha256": row.prompt_sha256,
+        "seed": row.seed,
+        "watermark_tag": row.watermark_tag,
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+def prompt_sha256(prompt: str, negative_prompt: str = "") -> str:
+    return hashlib.sha256(f"{prompt}\x00{negative_prompt}".encode()).hexdigest()

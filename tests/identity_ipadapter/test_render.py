@@ -1,0 +1,174 @@
+"""IP-Adapter end to end: registry → cached embeddings → diffusers' loader → per-sample batches (tiny presets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imagegen.identity.characters import approve_character, register_character
+from imagegen.identity.conditioning import UnsupportedMethodError
+from imagegen.identity.ipadapter.adapter import LoadSpec, attach_ip_adapter, describe
+from imagegen.identity.ipadapter.weights import FLUX_XLABS, IPAdapterWeightsError, ensure_tiny_ipadapter, resolve_files
+from imagegen.identity.registry import Registry
+from imagegen.pipelines.renderer import Renderer
+from imagegen.pipelines.types import RenderRequest
+from imagegen.settings import Settings
+from tests.photos import astronaut_set, hopper_set
+
+SYNTHETIC = {"kind": "synthetic", "creator": "tests"}
+#: (preset, method, what diffusers' loader builds from the released file: IP processor, image projection)
+CASES = {
+    "ipadapter-plus-face-sdxl": ("tiny-sdxl", "IPAdapterAttnProcessor2_0", "IPAdapterPlusImageProjection"),
+    "ipadapter-faceid-plusv2-sdxl": ("tiny-sdxl", "IPAdapterAttnProcessor2_0", "IPAdapterFaceIDPlusImageProjection"),
+    "ipadapter-flux": ("tiny-flux", "FluxIPAdapterAttnProcessor", "ImageProjection"),
+}
+SMALL = {"width": 32, "height": 32, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ipadapter-home")
+    with Registry.open(Settings(home=home)) as registry:
+        for character_id, files in (("mia", astronaut_set(2)), ("grace", hopper_set(2))):
+            register_character(
+                registry, character_id=character_id, name=character_id, provenance=SYNTHETIC, files=list(files)
+            )
+            approve_character(registry, character_id)
+        yield registry
+
+
+@pytest.fixture(scope="module")
+def renderers(registry) -> dict[str, Renderer]:
+    return {preset: Renderer(preset, registry=registry) for preset in ("tiny-sdxl", "tiny-flux")}
+
+
+@pytest.fixture(params=list(CASES))
+def case(request, renderers) -> tuple[Renderer, str]:
+    return renderers[CASES[request.param][0]], request.param
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image, dtype=np.int16)
+
+
+def render(renderer: Renderer, **fields):
+    [result] = renderer.render([RenderRequest(**{**SMALL, **fields})])
+    return result
+
+
+def test_loads_through_diffusers_from_the_released_layout(case):
+    renderer, name = case
+    _, ip_processor, projection = CASES[name]
+    method = renderer.identity_method(name)
+    info = describe(method.handle)
+    assert info["ip_processors"] == [ip_processor] and info["projections"] == [projection]
+    if renderer.preset.family == "sdxl":
+        assert info["wrapped_layers"] == 8  # the tiny UNet's cross-attentions
+    else:
+        assert info["wrapped_layers"] == renderer.pipe.transformer.config.num_layers  # double blocks only
+    assert info["lora_hooks"] == (64 if "faceid" in name else 0)  # 16 processors x q/k/v/out
+    assert method.files.weight_file.is_relative_to(ensure_tiny_ipadapter())
+    # diffusers' converter filled the projection from the file (renamed keys, same numbers)
+    released = load_file(str(method.files.weight_file))
+    built = method.handle.projection.image_projection_layers[0].state_dict()
+    if name == "ipadapter-plus-face-sdxl":
+        assert torch.equal(built["latents"], released["image_proj.latents"])
+    elif name == "ipadapter-faceid-plusv2-sdxl":
+        assert torch.equal(built["proj_in.weight"], released["image_proj.perceiver_resampler.proj_in.weight"])
+    else:
+        assert torch.equal(built["image_embeds.weight"], released["ip_adapter_proj_model.proj.weight"])
+
+
+def test_identity_changes_the_render_and_scale_zero_is_the_plain_pipeline(case):
+    renderer, name = case
+    plain = render(renderer, prompt="a cafe", seed=5)
+    with_id = render(renderer, prompt="a cafe", seed=5, character="mia", method=name)
+    again = render(renderer, prompt="a cafe", seed=5, character="mia", method=name)
+    assert np.abs(pixels(plain) - pixels(with_id)).sum() > 0
+    assert np.array_equal(pixels(with_id), pixels(again))
+    assert with_id.metadata()["method"] == name
+    zero = render(renderer, prompt="a cafe", seed=5, character="mia", method=name, identity_weight=0)
+    # armed (weight 1) but no step is late enough: every wrapped layer must fall back to the plain one
+    late = render(renderer, prompt="a cafe", seed=5, character="mia", method=name, identity_start_step=2)
+    assert np.array_equal(pixels(plain), pixels(zero))
+    assert np.array_equal(pixels(plain), pixels(late))
+
+
+def test_mixed_batch_equals_each_sample_alone(case):
+    renderer, name = case
+    requests = [
+        RenderRequest(prompt="a cafe at night", seed=1, character="mia", method=name, **SMALL),
+        RenderRequest(prompt="a park", seed=2, character="grace", method=name, identity_weight=0.6, **SMALL),
+        RenderRequest(prompt="a street", seed=3, **SMALL),
+        RenderRequest(prompt="a beach", seed=4, character="mia", method=name, identity_start_step=1, **SMALL),
+        RenderRequest(prompt="a forest", seed=5, character="grace", method=name, identity_weight=0, **SMALL),
+    ]
+    batch = renderer.render(requests)
+    assert [r.timings["batch_size"] for r in batch] == [5] * 5  # one pipeline call
+    for together, request in zip(batch, requests, strict=True):
+        [alone] = renderer.render([request])
+        assert np.abs(pixels(together) - pixels(alone)).max() <= 2
+
+
+def test_sdxl_without_cfg_batch_equals_each_sample_alone(renderers):
+    renderer = renderers["tiny-sdxl"]
+    common = {"guidance": 1.0, "method": "ipadapter-faceid-plusv2-sdxl", **SMALL}  # B rows, no negative half
+    requests = [
+        RenderRequest(prompt="a cafe", seed=1, character="grace", **common),
+        RenderRequest(prompt="a park", seed=2, character="mia", identity_weight=0.5, **common),
+        RenderRequest(prompt="a street", seed=3, guidance=1.0, **SMALL),
+    ]
+    batch = renderer.render(requests)
+    for together, request in zip(batch, requests, strict=True):
+        [alone] = renderer.render([request])
+        assert np.abs(pixels(together) - pixels(alone)).max() <= 2
+
+
+def test_flux_true_cfg_batch_equals_each_sample_alone(renderers):
+    renderer = renderers["tiny-flux"]
+    common = {"negative_prompt": "blurry", "true_cfg_scale": 2.0, "method": "ipadapter-flux", **SMALL}
+    requests = [
+        RenderRequest(prompt="a cafe", seed=1, character="grace", **common),
+        RenderRequest(prompt="a park", seed=2, character="mia", identity_weight=0.5, **common),
+    ]
+    batch = renderer.render(requests)
+    for together, request in zip(batch, requests, strict=True):
+        [alone] = renderer.render([request])
+        assert np.abs(pixels(together) - pixels(alone)).max() <= 2
+
+
+def test_embeddings_are_cached_and_face_models_stay_off_the_hot_path(registry, case):
+    renderer, name = case
+    render(renderer, prompt="warm", seed=1, character="grace", method=name)
+    method = renderer.identity_method(name)
+    calls = method.calls
+    render(renderer, prompt="again", seed=2, character="grace", method=name)
+    assert method.calls == calls
+    fresh = Renderer(renderer.preset, registry=registry)  # a new replica reads the registry's cache
+    render(fresh, prompt="again", seed=2, character="grace", method=name)
+    assert fresh.conditioning_cache.computed == 0
+    assert fresh.identity_method(name).calls == 0
+
+
+def test_unsupported_pairs_list_what_is_supported(renderers):
+    with pytest.raises(
+        UnsupportedMethodError,
+        match="'ipadapter-flux' is not supported by preset 'tiny-sdxl'; supported: pulid-sdxl-v1.1, "
+        "ipadapter-faceid-plusv2-sdxl, ipadapter-plus-face-sdxl",
+    ):
+        renderers["tiny-sdxl"].render([RenderRequest(prompt="x", character="mia", method="ipadapter-flux")])
+    with pytest.raises(UnsupportedMethodError, match="supported: pulid-flux-v0.9.1, ipadapter-flux"):
+        renderers["tiny-flux"].render([RenderRequest(prompt="x", character="mia", method="ipadapter-plus-face-sdxl")])
+
+
+def test_a_checkpoint_for_another_model_is_refused_and_changes_nothing(renderers):
+    renderer = renderers["tiny-sdxl"]
+    renderer.detach_identity()
+    pipe = renderer.pipe
+    processors, config = dict(pipe.unet.attn_processors), dict(pipe.config)
+    with pytest.raises(IPAdapterWeightsError, match="ip_adapter.safetensors could not be loaded into this sdxl"):
+        attach_ip_adapter(pipe, "sdxl", LoadSpec(resolve_files(FLUX_XLABS, tiny=True)))  # XLabs' FLUX file
+    assert all(pipe.unet.attn_processors[n] is p for n, p in processors.items())
+    assert dict(pipe.config) == config and getattr(pipe.unet, "encoder_hid_proj", None) is None

@@ -1,0 +1,131 @@
+"""One real local Ray cluster and one Serve deployment of configs/serve.yaml for the whole module set.
+
+Starting Ray and loading the renderers takes ~30 s, so the service is session-scoped and shared;
+tests that kill replicas wait for the service to recover before they end. Limits are set low
+(small queues, short heartbeats) so backpressure and recovery show up quickly; everything else is
+the shipped config. Keys are created in the service's database the way `imagegen keys create`
+does it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from imagegen.serve.auth import create_key
+from imagegen.serve.client import Client
+from imagegen.serve.store import ServeStore
+
+#: what the tests override in configs/serve.yaml
+TEST_INGRESS = {
+    "max_inflight_renders": 4,
+    "max_queued_jobs": 20,
+    "job_concurrency": 4,
+    "job_stale_after_s": 4,
+    "job_heartbeat_s": 0.5,
+    "job_poll_s": 0.2,
+    "retry_after_s": 1,
+    "auth_cache_s": 0,
+    "max_body_bytes": 256 * 1024,
+    "max_upload_bytes": 16 * 1024 * 1024,
+}
+TEST_RENDERER = {"max_queued_requests": 6, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 1}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Keys:
+    admin: str
+    render: str
+    writer: str
+    other_render: str
+
+
+@pytest.fixture(scope="session")
+def service(_session_home):
+    from imagegen.serve.launcher import start_service
+
+    svc = start_service(
+        port=free_port(),
+        num_cpus=4,
+        object_store_memory=150 * 1024 * 1024,
+        log_to_driver=bool(os.environ.get("IMAGEGEN_TEST_RAY_LOGS")),
+        ingress=TEST_INGRESS,
+        ingress_options={"ray_actor_options": {"num_cpus": 0.5}},
+        renderer_options={"tiny-flux": TEST_RENDERER, "tiny-sdxl": TEST_RENDERER},
+        renderer_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.1},
+    )
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def keys(service) -> Keys:
+    with ServeStore.open() as store:
+        return Keys(
+            admin=create_key(store, "tests-admin", ["admin"])[1],
+            render=create_key(store, "tests-render", ["render"])[1],
+            writer=create_key(store, "tests-writer", ["characters:write"])[1],
+            other_render=create_key(store, "tests-render-2", ["render"])[1],
+        )
+
+
+@pytest.fixture(scope="session")
+def admin(service, keys):
+    with Client(service.url, keys.admin) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def renderer_client(service, keys):
+    with Client(service.url, keys.render) as client:
+        yield client
+
+
+@pytest.fixture
+def http(service):
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        yield client
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=10)
+            if response.status_code == 200:
+                return response.json()
+            last = response.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise AssertionError(f"service not ready after {timeout_s}s: {last}")
+
+
+def assert_error_shape(response: httpx.Response, status: int | tuple[int, ...] | None = None) -> dict:
+    """The one JSON error shape; returns the error object."""
+    if status is not None:
+        allowed = (status,) if isinstance(status, int) else status
+        assert response.status_code in allowed, (response.status_code, response.text[:500])
+    assert 400 <= response.status_code < 600, response.status_code
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) >= {"error"}, body
+    error = body["error"]
+    assert set(error) == {"code", "message", "field"}, error
+    assert isinstance(error["code"], str) and error["code"]
+    assert isinstance(error["message"], str) and error["message"]
+    return error
