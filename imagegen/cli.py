@@ -187,12 +187,16 @@ def render(
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("out"), help="Output directory.")) -> None:
+def demo(
+    out: Path = typer.Option(Path("out"), help="Output directory."),
+    service: bool = typer.Option(True, "--service/--no-service", help="Also start the HTTP service and drive it."),
+    evaluation: bool = typer.Option(True, "--eval/--no-eval", help="Also run the smoke evaluation suite."),
+) -> None:
     """Run the main job end to end on the embedded defaults (tiny models, local files)."""
     from imagegen.demo import run_demo
 
     out = ensure_writable_dir(out)
-    summary = run_demo(out, progress_factory=progress_bar)
+    summary = run_demo(out, progress_factory=progress_bar, service=service, evaluation=evaluation, log=console.print)
     console.print(f"[bold green]demo finished[/] -> {out.resolve()}")
     for label, path in summary.items():
         console.print(f"  {label}: {path}")

@@ -5,7 +5,13 @@
    sheet; the provenance says exactly where the photos come from.
 2. Approves it and renders a small grid with the tiny FLUX and SDXL presets (real diffusers
    pipelines loaded with ``from_pretrained``; random weights, so the pictures are noise), each
-   prompt without identity and with the demo character through PuLID, and a contact sheet of it.
+   prompt without identity, with the demo character through PuLID and through an IP-Adapter
+   method (loaded by diffusers' ``load_ip_adapter`` on the same pipeline), and a contact sheet.
+3. Starts the HTTP service (Ray Serve, configs/serve.yaml), drives it with the Python client
+   (register, approve, render synchronously and as a job with SSE progress, provenance check)
+   and stops it.
+4. Ends with an eval run of the smoke suite through the Ray actor pool: ``report.html``,
+   ``metrics.json`` and ``junit.xml`` under ``out/eval-smoke``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ DEMO_PRESETS = ("tiny-flux", "tiny-sdxl")
 DEMO_PROMPTS = ("a photo of a woman at a cafe at night", "portrait of a man in a studio, soft lighting")
 DEMO_SEEDS = (7, 8)
 DEMO_CHARACTER = "demo-astronaut"
+#: the IP-Adapter method each tiny preset also renders the character with (PuLID is their default)
+DEMO_IPADAPTER = {"tiny-flux": "ipadapter-flux", "tiny-sdxl": "ipadapter-faceid-plusv2-sdxl"}
 DEMO_PROVENANCE = {
     "kind": "licensed",
     "creator": "NASA (public-domain US government work)",
@@ -67,8 +75,15 @@ def register_demo_character(out: Path) -> dict[str, Path]:
     return registration.write_artifacts(out / "characters")
 
 
-def run_demo(out: Path, progress_factory: Callable[[], Progress]) -> dict[str, Path]:
-    """Render the demo grid into ``out``; returns what was written, by label."""
+def run_demo(
+    out: Path,
+    progress_factory: Callable[[], Progress],
+    *,
+    service: bool = True,
+    evaluation: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Render the demo grid into ``out``, then the service and eval parts; returns what was written, by label."""
     renders = out / "renders"
     renders.mkdir(parents=True, exist_ok=True)
     images, labels = [], []
@@ -78,25 +93,57 @@ def run_demo(out: Path, progress_factory: Callable[[], Progress]) -> dict[str, P
         bar.advance(task)
         for preset in DEMO_PRESETS:
             requests = [
-                RenderRequest(prompt=p, seed=s, character=c)
+                RenderRequest(prompt=p, seed=s, character=c, method=m)
                 for p in DEMO_PROMPTS
                 for s in DEMO_SEEDS
-                for c in (None, DEMO_CHARACTER)
+                for c, m in ((None, None), (DEMO_CHARACTER, None), (DEMO_CHARACTER, DEMO_IPADAPTER[preset]))
             ]
             task = bar.add_task(f"demo {preset}", total=len(requests))
             renderer = Renderer(preset)
             for result in renderer.render(requests, strict=True):
                 who = result.request.character or "plain"
+                if result.request.character and result.request.method.startswith("ipadapter"):
+                    who = f"{who}-ipadapter"
                 name = f"{preset}-{who}-p{DEMO_PROMPTS.index(result.request.prompt)}-seed{result.seed}.png"
                 save_png(result.image, renders / name, result.metadata())
                 images.append(result.image)
-                labels.append(f"{preset} {who[:5]} s{result.seed}")
+                labels.append(f"{preset[5:]} {'ipa' if 'ipadapter' in who else who[:5]} s{result.seed}")
                 bar.advance(task)
     sheet_path = out / "renders-grid.png"
-    contact_sheet(images, labels, columns=len(DEMO_PROMPTS) * len(DEMO_SEEDS) * 2).save(sheet_path)
-    return {
+    contact_sheet(images, labels, columns=len(DEMO_PROMPTS) * len(DEMO_SEEDS) * 3).save(sheet_path)
+    written = {
         "reference report": character["report"],
         "reference contact sheet": character["contact_sheet"],
         "renders": renders,
         "grid": sheet_path,
     }
+    if service:
+        written.update(run_service_part(out, log))
+    if evaluation:
+        written.update(run_eval_part(out, progress_factory))
+    return written
+
+
+def run_service_part(out: Path, log: Callable[[str], None]) -> dict[str, Path]:
+    """Start the service, drive it with the Python client, stop it (``imagegen/serve/demo.py``)."""
+    from imagegen.serve.demo import run_service_demo
+
+    written = run_service_demo(out, demo_reference_files(), DEMO_PROVENANCE, log=log)
+    return {f"service {label}": path for label, path in written.items()}
+
+
+def run_eval_part(out: Path, progress_factory: Callable[[], Progress]) -> dict[str, Path]:
+    """The smoke suite through the Ray actor pool: report.html, metrics.json and junit.xml."""
+    from imagegen.eval.run import run_suite
+
+    run_dir = out / "eval-smoke"
+    with progress_factory() as bar:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(f"eval {phase}", total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        result = run_suite("smoke", run_dir, progress=update)
+    return {f"eval ({result.evaluation.verdict}) {label}": path for label, path in result.paths.items()}

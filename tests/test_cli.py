@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -116,24 +118,41 @@ def test_help_everywhere(args):
     assert proc.returncode == 0 and "Usage" in proc.stdout
 
 
-def test_demo_registers_a_character_and_renders_both_tiny_families(tmp_path):
+def test_demo_runs_the_whole_system_end_to_end(tmp_path):
+    """The README's first command: characters, PuLID + IP-Adapter renders, the service, an eval run."""
     proc = run_cli("demo", "--out", str(tmp_path), env={"IMAGEGEN_HOME": str(tmp_path / "home")})
     assert proc.returncode == 0, proc.stderr
     renders = sorted(p.name for p in (tmp_path / "renders").glob("*.png"))
+    ipadapter = {"tiny-flux": "ipadapter-flux", "tiny-sdxl": "ipadapter-faceid-plusv2-sdxl"}
     for preset in ("tiny-flux", "tiny-sdxl"):
         assert sum(n.startswith(f"{preset}-plain") for n in renders) == 4
-        assert sum(n.startswith(f"{preset}-demo-astronaut") for n in renders) == 4
+        assert sum(n.startswith(f"{preset}-demo-astronaut-p") for n in renders) == 4
+        assert sum(n.startswith(f"{preset}-demo-astronaut-ipadapter-p") for n in renders) == 4
+        meta = read_png_metadata(tmp_path / "renders" / f"{preset}-demo-astronaut-ipadapter-p0-seed7.png")
+        assert meta["character"] == "demo-astronaut" and meta["method"] == ipadapter[preset]
     meta = read_png_metadata(tmp_path / "renders" / "tiny-sdxl-demo-astronaut-p0-seed7.png")
     assert meta["character"] == "demo-astronaut" and meta["method"] == "pulid-sdxl-v1.1"
     assert (tmp_path / "renders-grid.png").stat().st_size > 0
     assert (tmp_path / "characters" / "demo-astronaut-contact-sheet.png").stat().st_size > 0
     assert '"verdict": "pass"' in (tmp_path / "characters" / "demo-astronaut-report.json").read_text()
-    assert str(tmp_path) in proc.stdout.replace("\n", "")
+    # the service part: sync + job renders through HTTP, each carrying its provenance
+    service = tmp_path / "service"
+    assert len(list(service.glob("sync-seed*.png"))) == 2 and len(list(service.glob("job-seed*.png"))) == 1
+    check = json.loads((service / "provenance-check.json").read_text())
+    assert check["metadata"]["character"] == "demo-service-astronaut", check
+    assert re.search(r"job [0-9a-f]{8}: step \d+/8", proc.stdout), proc.stdout  # SSE progress events, printed
+    # the eval part: the smoke suite's run directory, and the report's path printed
+    report = tmp_path / "eval-smoke" / "report.html"
+    assert report.is_file() and (tmp_path / "eval-smoke" / "junit.xml").is_file()
+    metrics = json.loads((tmp_path / "eval-smoke" / "metrics.json").read_text())
+    assert metrics["verdict"] == "ungated"
+    assert str(report) in proc.stdout.replace("\n", "")
 
 
 def test_render_with_a_character_through_the_cli(tmp_path):
     env = {"IMAGEGEN_HOME": str(tmp_path / "home")}
-    assert run_cli("demo", "--out", str(tmp_path / "demo"), env=env).returncode == 0  # registers + approves
+    demo = run_cli("demo", "--no-service", "--no-eval", "--out", str(tmp_path / "demo"), env=env)
+    assert demo.returncode == 0, demo.stderr  # registers + approves the demo character
     out = tmp_path / "renders"
     proc = run_cli(
         "render",

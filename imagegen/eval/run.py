@@ -119,6 +119,26 @@ def write_run_dir(
     return paths
 
 
+def write_with_baseline(
+    run_dir: Path,
+    evaluation: Evaluation,
+    baseline: Path | None,
+    *,
+    samples: int,
+    seed: int,
+    info: Mapping[str, Any],
+    **written: Any,
+) -> tuple[dict[str, Path], Comparison | None]:
+    """Write the run directory; with a baseline, compare the written run with it and write it again with the
+    comparison (the comparison reads both runs the way ``eval compare`` does, from their directories)."""
+    paths = write_run_dir(run_dir, evaluation, info=info, **written)
+    if baseline is None:
+        return paths, None
+    comparison = compare_runs(read_run(baseline), read_run(run_dir), samples=samples, seed=seed)
+    info = {**info, "baseline": str(baseline)}
+    return write_run_dir(run_dir, evaluation, info=info, comparison=comparison, **written), comparison
+
+
 # -- eval run --------------------------------------------------------------------------------------
 def suite_identities(suite: Suite, analyzer: Any) -> dict[str, CharacterIdentity]:
     """The identity of every character of the suite (registering sample characters if asked)."""
@@ -243,7 +263,6 @@ def run_suite(
     ]
     if skipped:
         evaluation.reasons.append(f"{len(skipped)} cell(s) skipped: {skipped[0]['reason']}")
-    comparison = None
     baseline = baseline or (Path(suite.baseline) if suite.baseline else None)
     info = {
         "created_at": _now(),
@@ -260,9 +279,12 @@ def run_suite(
         "actors": outcome.actors,
         "render_seconds": round(rendered_seconds, 2),
     }
-    paths = write_run_dir(
+    paths, comparison = write_with_baseline(
         out,
         evaluation,
+        baseline,
+        samples=suite.bootstrap.samples,
+        seed=suite.bootstrap.seed,
         kind="run",
         title=f"suite {suite.name}",
         suite_name=suite.name,
@@ -271,24 +293,6 @@ def run_suite(
         identities=identities,
         skipped=skipped,
     )
-    if baseline is not None:
-        comparison = compare_runs(
-            read_run(baseline), read_run(out), samples=suite.bootstrap.samples, seed=suite.bootstrap.seed
-        )
-        info["baseline"] = str(baseline)
-        info["seconds"] = round(time.perf_counter() - started, 2)
-        paths = write_run_dir(
-            out,
-            evaluation,
-            kind="run",
-            title=f"suite {suite.name}",
-            suite_name=suite.name,
-            images_root=out,
-            info=info,
-            identities=identities,
-            skipped=skipped,
-            comparison=comparison,
-        )
     log.info("suite %s: %s", suite.name, evaluation.summary)
     return RunResult(out, evaluation, paths, comparison, skipped, outcome)
 
@@ -418,9 +422,12 @@ def score_directory(
         "seconds": round(time.perf_counter() - started, 2),
     }
     out = Path(out)
-    paths = write_run_dir(
+    paths, comparison = write_with_baseline(
         out,
         evaluation,
+        baseline,
+        samples=bootstrap,
+        seed=seed,
         kind="score",
         title=f"scored {name}",
         suite_name=name,
@@ -428,18 +435,4 @@ def score_directory(
         info=info,
         identities=identities,
     )
-    comparison = None
-    if baseline is not None:
-        comparison = compare_runs(read_run(baseline), read_run(out), samples=bootstrap, seed=seed)
-        paths = write_run_dir(
-            out,
-            evaluation,
-            kind="score",
-            title=f"scored {name}",
-            suite_name=name,
-            images_root=directory,
-            info={**info, "baseline": str(baseline)},
-            identities=identities,
-            comparison=comparison,
-        )
     return RunResult(out, evaluation, paths, comparison)

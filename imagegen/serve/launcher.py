@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ def start_service(
             "log_to_driver": log_to_driver,
         }
         if address is None:
-            kwargs["num_cpus"] = num_cpus
+            kwargs["num_cpus"] = num_cpus if num_cpus is not None else local_cpus(data)
             if object_store_memory:
                 kwargs["object_store_memory"] = object_store_memory
         ray.init(**kwargs)
@@ -185,6 +186,29 @@ def start_service(
     http = schema.http_options
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
     return Service(url=f"http://{host}:{http.port}", config=data, started_ray=started_ray)
+
+
+def cpus_requested(data: dict[str, Any]) -> float:
+    """Logical CPUs the config's replicas ask Ray for (replicas x ``ray_actor_options.num_cpus``, 1 if unset)."""
+    total = 0.0
+    for app in data.get("applications") or []:
+        for deployment in app.get("deployments") or []:
+            replicas = deployment.get("num_replicas", 1)
+            if not isinstance(replicas, int):  # "auto": autoscaling starts at min_replicas
+                replicas = (deployment.get("autoscaling_config") or {}).get("min_replicas", 1)
+            cpus = (deployment.get("ray_actor_options") or {}).get("num_cpus", 1)
+            total += replicas * float(cpus)
+    return total
+
+
+def local_cpus(data: dict[str, Any]) -> int:
+    """CPUs to give a local Ray: the machine's, or what the config requests when that is more.
+
+    Ray's CPU count is a scheduling budget, not a thread limit: on a 2-core machine the shipped
+    config (two renderers at 1 CPU + the ingress at 0.5) would otherwise leave a replica waiting
+    for a CPU forever and the service never ready.
+    """
+    return max(os.cpu_count() or 1, math.ceil(cpus_requested(data)))
 
 
 class _suppress:

@@ -256,8 +256,8 @@ class PerSampleProjection(nn.Module):
                     setattr(layer, name, None)
 
 
-class PerSampleSDXLProcessor(nn.Module):
-    """A UNet cross-attention: diffusers' IP-Adapter processor and the original one, mixed per row by scale."""
+class _PerSampleProcessor(nn.Module):
+    """Owns diffusers' IP processor (``ip``); refers to the layer's original processor and the handle."""
 
     def __init__(self, plain, ip: nn.Module, handle: IPAdapterHandle):
         super().__init__()
@@ -265,6 +265,10 @@ class PerSampleSDXLProcessor(nn.Module):
         # plain attributes, not submodules: the original processor and the handle are not owned here
         self.__dict__["plain"] = plain
         self.__dict__["handle"] = handle
+
+
+class PerSampleSDXLProcessor(_PerSampleProcessor):
+    """A UNet cross-attention: diffusers' IP-Adapter processor and the original one, mixed per row by scale."""
 
     def __call__(
         self,
@@ -295,14 +299,8 @@ class PerSampleSDXLProcessor(nn.Module):
         return torch.where((scale == 0).to(plain_out.device).view(shape), plain_out, mixed)
 
 
-class PerSampleFluxProcessor(nn.Module):
+class PerSampleFluxProcessor(_PerSampleProcessor):
     """A FLUX double-block attention: diffusers' IP-Adapter processor, its IP output scaled per row."""
-
-    def __init__(self, plain, ip: nn.Module, handle: IPAdapterHandle):
-        super().__init__()
-        self.ip = ip
-        self.__dict__["plain"] = plain
-        self.__dict__["handle"] = handle
 
     def __call__(
         self,
