@@ -107,7 +107,8 @@ def run_demo(
                 name = f"{preset}-{who}-p{DEMO_PROMPTS.index(result.request.prompt)}-seed{result.seed}.png"
                 save_png(result.image, renders / name, result.metadata())
                 images.append(result.image)
-                labels.append(f"{preset[5:]} {'ipa' if 'ipadapter' in who else who[:5]} s{result.seed}")
+                conditioning = result.request.method.split("-")[0] if result.request.character else "plain"
+                labels.append(f"{preset[5:]} {conditioning} s{result.seed}")
                 bar.advance(task)
     sheet_path = out / "renders-grid.png"
     contact_sheet(images, labels, columns=len(DEMO_PROMPTS) * len(DEMO_SEEDS) * 3).save(sheet_path)
