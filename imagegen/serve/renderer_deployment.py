@@ -55,10 +55,12 @@ class RendererDeployment:
     async def render(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any] | None]:
         """Stream one request's events. ``item``: ``{"request": RenderRequest fields, "progress": bool}``.
 
-        ``None`` items are fillers of the batch stream (another caller's event): skip them.
+        ``None`` items are fillers of the batch stream (another caller's event): they are dropped
+        here, so a batch of B sends each caller its own few events instead of B x events messages.
         """
         async for event in self._render_batch(item):
-            yield event
+            if event is not None:
+                yield event
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _render_batch(self, items: list[dict[str, Any]]) -> AsyncIterator[list[Any]]:
