@@ -14,6 +14,10 @@ Measures, in this order (so they do not compete for the CPU):
    ``--duration`` seconds: throughput, latency p50/p95/p99, errors by status and code, and the
    mean pipeline batch size (from ``/metrics``).
 
+For a service it starts itself, the concurrency-1 phase also reads every process's CPU time from
+``/proc`` before and after, and reports **CPU ms per request** by part (renderer replica,
+ingress, Ray's HTTP proxy, Ray's control plane, this load generator): where the overhead goes.
+
 Prints a table and, last, one JSON document (also written to ``--json`` when given).
 """
 
@@ -53,6 +57,49 @@ def body(args: argparse.Namespace, i: int) -> dict[str, Any]:
         "width": args.size,
         "height": args.size,
     }
+
+
+#: process command-line marker -> the part of the service it is (first match wins)
+PARTS = (
+    ("ServeReplica:imagegen:renderer", "renderer replica"),
+    ("ServeReplica:imagegen:Ingress", "ingress replica"),
+    ("ProxyActor", "Ray HTTP proxy"),
+    ("ray", "Ray control plane (controller, GCS, raylet, agents)"),
+)
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (command line, user + system CPU seconds) of every process this user can read (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(entry)] = (command, (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+def cpu_split(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """CPU milliseconds per request by part of the service, from two ``cpu_seconds_by_process`` snapshots."""
+    split: Counter = Counter()
+    for pid, (command, seconds) in after.items():
+        if pid not in before:
+            continue
+        used = seconds - before[pid][1]
+        if pid == os.getpid():
+            part = "load generator (this process)"
+        else:
+            part = next((name for marker, name in PARTS if marker in command), None)
+        if part is not None and used > 0:
+            split[part] += used
+    return {part: round(seconds / requests * 1000, 1) for part, seconds in split.most_common()}
 
 
 def direct_baseline(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,7 +233,10 @@ def main() -> None:
             for i in range(3):  # warm-up: prompt cache, connections
                 client.post("/v1/renders", json=body(args, i)).raise_for_status()
             console.print("concurrency 1 ...")
+            cpu_before = cpu_seconds_by_process() if service is not None else None
             single = run_clients(url, key, args, 1, args.single_duration)
+            if cpu_before is not None:
+                single["cpu_ms_per_request"] = cpu_split(cpu_before, cpu_seconds_by_process(), single["requests"])
             before = batch_figures(client, args.preset)
             console.print(f"{args.clients} clients for {args.duration:.0f}s ...")
             loaded = run_clients(url, key, args, args.clients, args.duration)
@@ -240,6 +290,13 @@ def main() -> None:
         )
     Console(width=140).print(table)
     print(f"per-request overhead (HTTP p50 at concurrency 1 - direct median): {ms(overhead)} ms")
+    if single.get("cpu_ms_per_request"):
+        split = Table(title="CPU per request at concurrency 1, by part")
+        split.add_column("part")
+        split.add_column("CPU ms / request", justify="right")
+        for part, value in single["cpu_ms_per_request"].items():
+            split.add_row(part, f"{value:.1f}")
+        Console(width=140).print(split)
     document = json.dumps(result, indent=2)
     print(document)
     if args.json:

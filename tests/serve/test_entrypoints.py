@@ -1,0 +1,93 @@
+"""The two ways to start the service a user is told about: `serve run configs/serve.yaml` and `imagegen serve`.
+
+Each runs as a real subprocess with its own local Ray, on a free port and a throw-away IMAGEGEN_HOME,
+and is stopped the way a person stops it (Ctrl-C / SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
+
+from imagegen.serve.auth import create_key
+from imagegen.serve.store import ServeStore
+from tests.serve.conftest import assert_error_shape, free_port, wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _render_once(url: str) -> None:
+    """No key: the JSON 401; with a key made the way `imagegen keys create` makes it: a PNG."""
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    body = {"preset": "tiny-flux", "prompt": "a cafe at night", "seed": 3}
+    assert_error_shape(httpx.post(f"{url}/v1/renders", json=body, timeout=60), 401)
+    with ServeStore.open() as store:
+        key = create_key(store, "entrypoint-test", ["render"])[1]
+    response = httpx.post(
+        f"{url}/v1/renders?format=png", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300
+    )
+    assert response.status_code == 200, response.text[:500]
+    assert response.headers["content-type"] == "image/png" and response.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> str:
+    proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"the service did not stop on signal {sig}: {out[-3000:]}") from None
+    return out
+
+
+def test_serve_run_deploys_the_shipped_config(isolated_home, tmp_path):
+    """Ray's own CLI on configs/serve.yaml (only the port and one preset changed, for speed)."""
+    config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"]["presets"] = ["tiny-flux"]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "renderer-tiny-sdxl"]
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=240)
+        _render_once(f"http://127.0.0.1:{port}")
+    finally:
+        _stop(proc, signal.SIGINT)
+
+
+def test_imagegen_serve_runs_until_sigterm(isolated_home):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagegen.cli", "serve", "--port", str(port), "--preset", "tiny-flux"],
+        cwd=ROOT,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=240)
+        _render_once(f"http://127.0.0.1:{port}")
+    finally:
+        out = _stop(proc, signal.SIGTERM)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"imagegen serving on http://127.0.0.1:{port}" in out and "stopped" in out
