@@ -46,9 +46,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    create_engine,
     delete,
-    event,
     func,
     select,
 )
@@ -63,10 +61,9 @@ from sqlalchemy.orm import (
     selectinload,
     sessionmaker,
 )
-from sqlalchemy.pool import StaticPool
 
-from imagegen.dbtypes import UTCDateTime
-from imagegen.dbtypes import utcnow as _utcnow
+from imagegen.db import UTCDateTime, create_database_engine
+from imagegen.db import utcnow as _utcnow
 from imagegen.identity.blobstore import (
     BlobNotFoundError,
     BlobStore,
@@ -323,56 +320,15 @@ class Registry:
 
     # -- engine and schema -----------------------------------------------------------------------
     def _create_engine(self, *, echo: bool) -> Engine:
-        kwargs: dict[str, Any] = {"pool_pre_ping": True, "echo": echo}
-        is_sqlite = self.url.get_backend_name() == "sqlite"
-        if is_sqlite:
-            database = self.url.database or ""
-            in_memory = database in ("", ":memory:") or self.url.query.get("mode") == "memory"
-            kwargs["connect_args"] = {"timeout": 30}
-            if in_memory:
-                kwargs["connect_args"]["check_same_thread"] = False
-                kwargs["poolclass"] = StaticPool
-            else:
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # registry writes are the artists' work: fully synchronous, and deletes leave no bytes behind
         try:
-            engine = create_engine(self.url, **kwargs)
+            return create_database_engine(self.url, echo=echo, synchronous="FULL", secure_delete=True)
         except (ImportError, NoSuchModuleError) as exc:
             raise RegistryError(
                 f"the registry database {self._where} needs a driver that is not installed ({exc}); "
                 "install it (for PostgreSQL: pip install 'psycopg[binary]') or unset IMAGEGEN_DATABASE_URL "
                 "to use SQLite in IMAGEGEN_HOME"
             ) from None
-        if is_sqlite:
-            self._sqlite_events(engine)
-        return engine
-
-    @staticmethod
-    def _sqlite_events(engine: Engine) -> None:
-        """WAL + foreign keys on every connection; SQLAlchemy (not sqlite3) emits BEGIN.
-
-        Write sessions begin with ``BEGIN IMMEDIATE`` so that a read-then-write transaction takes
-        the write lock up front (no lock-upgrade deadlock between two writers); reads use a plain
-        deferred ``BEGIN`` and never block writers in WAL mode.
-        """
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute("PRAGMA foreign_keys=ON")
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=FULL")
-                cursor.execute("PRAGMA busy_timeout=30000")
-                # deleted rows are overwritten, not left in free pages (delete means every byte)
-                cursor.execute("PRAGMA secure_delete=ON")
-            finally:
-                cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Any) -> None:
-            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {'IMMEDIATE' if mode == 'IMMEDIATE' else 'DEFERRED'}")
 
     def _create_schema(self) -> None:
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")

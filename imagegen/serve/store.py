@@ -36,18 +36,15 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    create_engine,
     delete,
-    event,
     func,
     select,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import StaticPool
 
-from imagegen.dbtypes import UTCDateTime, utcnow
+from imagegen.db import UTCDateTime, create_database_engine, utcnow
 from imagegen.identity.blobstore import BlobStore
 from imagegen.settings import Settings, get_settings
 
@@ -236,38 +233,8 @@ class ServeStore:
         self.close()
 
     def _create_engine(self) -> Engine:
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
-        is_sqlite = self.url.get_backend_name() == "sqlite"
-        if is_sqlite:
-            database = self.url.database or ""
-            kwargs["connect_args"] = {"timeout": 30}
-            if database in ("", ":memory:"):
-                kwargs["connect_args"]["check_same_thread"] = False
-                kwargs["poolclass"] = StaticPool
-            else:
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(self.url, **kwargs)
-        if is_sqlite:
-
-            @event.listens_for(engine, "connect")
-            def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-                dbapi_connection.isolation_level = None
-                cursor = dbapi_connection.cursor()
-                try:
-                    cursor.execute("PRAGMA foreign_keys=ON")
-                    cursor.execute("PRAGMA journal_mode=WAL")
-                    # jobs and audit rows: a crash may lose the last transactions of the OS, not corrupt
-                    cursor.execute("PRAGMA synchronous=NORMAL")
-                    cursor.execute("PRAGMA busy_timeout=30000")
-                finally:
-                    cursor.close()
-
-            @event.listens_for(engine, "begin")
-            def _on_begin(conn: Any) -> None:
-                mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-                conn.exec_driver_sql(f"BEGIN {'IMMEDIATE' if mode == 'IMMEDIATE' else 'DEFERRED'}")
-
-        return engine
+        # jobs and audit rows: a crash may lose the OS's last buffered transactions, never corrupt the file
+        return create_database_engine(self.url, synchronous="NORMAL")
 
     @contextmanager
     def _read(self) -> Iterator[Session]:

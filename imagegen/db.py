@@ -1,0 +1,87 @@
+"""What the two SQLAlchemy schemas (the registry and the service store) share: engine, clock, column type.
+
+Both schemas may live in one database (SQLite in ``IMAGEGEN_HOME`` by default, or PostgreSQL); both
+need the same SQLite discipline (WAL, foreign keys, explicit ``BEGIN``) and must read back the
+same aware UTC datetimes whatever the backend stores.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, DateTime, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def create_database_engine(
+    url: URL, *, echo: bool = False, synchronous: str = "FULL", secure_delete: bool = False
+) -> Engine:
+    """An engine for ``url``; for SQLite: the file's folder created, WAL and the pragmas on every connection.
+
+    SQLAlchemy (not sqlite3) emits ``BEGIN``: a connection with the execution option
+    ``sqlite_begin="IMMEDIATE"`` takes the write lock up front (no lock-upgrade deadlock between two
+    writers); reads use a plain deferred ``BEGIN`` and never block writers in WAL mode.
+    ``synchronous`` trades durability of the last OS-buffered transactions for speed (never
+    corruption); ``secure_delete`` overwrites deleted rows instead of leaving them in free pages.
+    Raises ``ImportError`` / ``NoSuchModuleError`` when the URL's driver is not installed.
+    """
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "echo": echo}
+    is_sqlite = url.get_backend_name() == "sqlite"
+    if is_sqlite:
+        database = url.database or ""
+        in_memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
+        kwargs["connect_args"] = {"timeout": 30}
+        if in_memory:
+            kwargs["connect_args"]["check_same_thread"] = False
+            kwargs["poolclass"] = StaticPool
+        else:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, **kwargs)
+    if not is_sqlite:
+        return engine
+    pragmas = ["foreign_keys=ON", "journal_mode=WAL", f"synchronous={synchronous}", "busy_timeout=30000"]
+    if secure_delete:
+        pragmas.append("secure_delete=ON")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # BEGIN is emitted below
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(f"PRAGMA {pragma}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {'IMMEDIATE' if mode == 'IMMEDIATE' else 'DEFERRED'}")
+
+    return engine
