@@ -347,7 +347,13 @@ class ServeStore:
         claimed = []
         with self._write() as s:
             rows = builtins.list(
-                s.scalars(select(JobRow).where(JobRow.status == "queued").order_by(JobRow.created_at).limit(limit))
+                s.scalars(
+                    select(JobRow)
+                    .where(JobRow.status == "queued")
+                    .order_by(JobRow.created_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
             )
             for row in rows:
                 if row.attempts >= max_attempts:  # defensive: never start an attempt beyond the limit
@@ -378,7 +384,8 @@ class ServeStore:
         cutoff = utcnow() - timedelta(seconds=stale_after_s)
         changed = []
         with self._write() as s:
-            rows = s.scalars(select(JobRow).where(JobRow.status == "running", JobRow.heartbeat_at < cutoff)).all()
+            stale = select(JobRow).where(JobRow.status == "running", JobRow.heartbeat_at < cutoff)
+            rows = s.scalars(stale.with_for_update(skip_locked=True)).all()
             for row in rows:
                 reason = f"the replica running it ({row.owner}) stopped answering"
                 if row.attempts < max_attempts:
@@ -401,7 +408,7 @@ class ServeStore:
     def requeue_job(self, job_id: str, owner: str, reason: str, max_attempts: int) -> str:
         """After a failed attempt of ``owner``: queued again if attempts remain, else failed. Returns the status."""
         with self._write() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None or row.status != "running" or row.owner != owner:
                 return "gone" if row is None else row.status
             if row.attempts < max_attempts:
@@ -413,7 +420,7 @@ class ServeStore:
     def release_job(self, job_id: str, owner: str) -> bool:
         """Give a running job back (its owner is shutting down): queued again, the attempt not counted."""
         with self._write() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None or row.status != "running" or row.owner != owner:
                 return False
             row.status, row.owner, row.heartbeat_at = "queued", None, None
@@ -424,7 +431,7 @@ class ServeStore:
 
     def fail_job(self, job_id: str, owner: str | None, code: str, message: str) -> bool:
         with self._write() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None or row.status not in ACTIVE or (owner is not None and row.owner != owner):
                 return False
             self._fail_row(s, row, code, message)
@@ -433,7 +440,7 @@ class ServeStore:
     def finish_job(self, job_id: str, owner: str, result: dict[str, Any]) -> bool:
         """Store a job's result; False when it was cancelled or taken over meanwhile (result dropped)."""
         with self._write() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None or row.status != "running" or row.owner != owner:
                 return False
             row.status, row.result, row.finished_at, row.heartbeat_at = "done", result, utcnow(), None
@@ -443,7 +450,7 @@ class ServeStore:
 
     def cancel_job(self, job_id: str) -> Job | None:
         with self._write() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None:
                 return None
             if row.status in ACTIVE:
@@ -453,7 +460,7 @@ class ServeStore:
 
     def job_progress(self, job_id: str, owner: str, data: dict[str, Any], progress: dict[str, Any]) -> None:
         with self._write() as s:
-            row = s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None or row.status != "running" or row.owner != owner:
                 return
             row.progress = {**(row.progress or {}), **progress}
