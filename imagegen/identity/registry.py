@@ -30,8 +30,7 @@ import builtins
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -59,10 +58,9 @@ from sqlalchemy.orm import (
     mapped_column,
     relationship,
     selectinload,
-    sessionmaker,
 )
 
-from imagegen.db import UTCDateTime, create_database_engine
+from imagegen.db import SessionScopes, UTCDateTime, create_database_engine
 from imagegen.db import utcnow as _utcnow
 from imagegen.identity.blobstore import (
     BlobNotFoundError,
@@ -274,7 +272,7 @@ Hook = Callable[[], None]
 
 
 # -- the registry ----------------------------------------------------------------------------------
-class Registry:
+class Registry(SessionScopes):
     """Characters and their bytes. Thread-safe: every call opens its own session.
 
     Open the registry of this process's settings with ``Registry.open()``; close it with
@@ -290,10 +288,7 @@ class Registry:
         except BaseException:
             self.engine.dispose()
             raise
-        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._write_sessions = sessionmaker(
-            self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
-        )
+        self._open_sessions()
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> Registry:
@@ -301,15 +296,6 @@ class Registry:
         settings = settings or get_settings()
         settings.home.mkdir(parents=True, exist_ok=True)
         return cls(settings.registry_url, BlobStore(settings.blob_root))
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Registry({self._where!r}, blobs={str(self.blobs.root)!r})"
@@ -352,16 +338,6 @@ class Registry:
     def schema_version(self) -> int:
         with self._read() as s:
             return int(s.execute(select(func.max(SchemaVersionRow.version))).scalar_one())
-
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._read_sessions() as session, session.begin():
-            yield session
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        with self._write_sessions() as session, session.begin():
-            yield session
 
     def _lock_character(self, session: Session, character_id: str) -> CharacterRow:
         """The character's row, locked for update (PostgreSQL; SQLite holds the write lock)."""

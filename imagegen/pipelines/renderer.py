@@ -146,7 +146,7 @@ class Renderer:
         for request in prepared:
             if request.character is not None:
                 self._character(request.character)  # unknown or unapproved: refuse before rendering anything
-        groups = self._groups(prepared)
+        groups = self.pipeline_calls(prepared)
         total_steps = sum(prepared[idx[0]].steps for idx in groups.values())
         done_steps = 0
         results: list[RenderResult | None] = [None] * len(prepared)
@@ -169,8 +169,10 @@ class Renderer:
         return final
 
     @staticmethod
-    def _groups(prepared: list[RenderRequest]) -> dict[tuple, list[int]]:
-        """Indices of requests that share a pipeline call: same shape and identity method.
+    def pipeline_calls(prepared: list[RenderRequest]) -> dict[tuple, list[int]]:
+        """Indices of (prepared) requests that share a pipeline call: same shape and identity method.
+
+        Public so callers that report batches (the Ray actor) count what ``render`` really did.
 
         A request without a character joins a group of its shape that has a method (identity
         weight 0 leaves it exactly as a plain render), so mixed batches stay one call.

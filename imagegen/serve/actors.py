@@ -204,13 +204,7 @@ class RendererActor:
 
 def _pipeline_calls(requests: list[RenderRequest]) -> list[list[int]]:
     """Which of ``requests`` (already resolved) ``Renderer.render`` put in the same pipeline call."""
-    grouping = getattr(Renderer, "_groups", None)
-    if grouping is not None:
-        try:
-            return [list(indices) for indices in grouping(requests).values()]
-        except Exception:  # noqa: BLE001 - the renderer's private grouping changed: fall back
-            log.debug("Renderer._groups unusable; counting the call as one batch", exc_info=True)
-    return [list(range(len(requests)))]
+    return list(Renderer.pipeline_calls(requests).values())
 
 
 def remote_renderer_class(num_gpus: float = 0, num_cpus: float = 1, **options: Any):

@@ -22,8 +22,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,9 +41,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from imagegen.db import UTCDateTime, create_database_engine, utcnow
+from imagegen.db import SessionScopes, UTCDateTime, create_database_engine, utcnow
 from imagegen.identity.blobstore import BlobStore
 from imagegen.settings import Settings, get_settings
 
@@ -204,7 +203,7 @@ def _event_from_row(row: JobEventRow) -> JobEvent:
     return JobEvent(id=row.id, job_id=row.job_id, type=row.type, data=dict(row.data), created_at=row.created_at)
 
 
-class ServeStore:
+class ServeStore(SessionScopes):
     """The serving tables. Thread-safe: every call opens its own session."""
 
     def __init__(self, url: str, results_root: Path | str):
@@ -212,10 +211,7 @@ class ServeStore:
         self.results = BlobStore(results_root)
         self.engine = self._create_engine()
         Base.metadata.create_all(self.engine.execution_options(sqlite_begin="IMMEDIATE"))
-        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._write_sessions = sessionmaker(
-            self.engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
-        )
+        self._open_sessions()
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> ServeStore:
@@ -223,28 +219,9 @@ class ServeStore:
         settings.home.mkdir(parents=True, exist_ok=True)
         return cls(settings.registry_url, settings.home / "serve" / "results")
 
-    def close(self) -> None:
-        self.engine.dispose()
-
-    def __enter__(self) -> ServeStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _create_engine(self) -> Engine:
         # jobs and audit rows: a crash may lose the OS's last buffered transactions, never corrupt the file
         return create_database_engine(self.url, synchronous="NORMAL")
-
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._read_sessions() as session, session.begin():
-            yield session
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        with self._write_sessions() as session, session.begin():
-            yield session
 
     def ping(self) -> None:
         with self._read() as s:

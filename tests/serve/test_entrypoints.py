@@ -37,6 +37,24 @@ def _render_once(url: str) -> None:
     assert response.headers["content-type"] == "image/png" and response.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _serve(command: list[str], port: int, stop_signal: int) -> tuple[subprocess.Popen, str]:
+    """Start ``command``, render once through it when it is ready, stop it with ``stop_signal``; its output."""
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=240)
+        _render_once(f"http://127.0.0.1:{port}")
+    finally:
+        out = _stop(proc, stop_signal)
+    return proc, out
+
+
 def _stop(proc: subprocess.Popen, sig: int) -> str:
     proc.send_signal(sig)
     try:
@@ -58,36 +76,12 @@ def test_serve_run_deploys_the_shipped_config(isolated_home, tmp_path):
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "renderer-tiny-sdxl"]
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(
-        [str(BIN / "serve"), "run", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", timeout_s=240)
-        _render_once(f"http://127.0.0.1:{port}")
-    finally:
-        _stop(proc, signal.SIGINT)
+    _serve([str(BIN / "serve"), "run", str(path)], port, signal.SIGINT)
 
 
 def test_imagegen_serve_runs_until_sigterm(isolated_home):
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", "serve", "--port", str(port), "--preset", "tiny-flux"],
-        cwd=ROOT,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", timeout_s=240)
-        _render_once(f"http://127.0.0.1:{port}")
-    finally:
-        out = _stop(proc, signal.SIGTERM)
+    command = [sys.executable, "-m", "imagegen.cli", "serve", "--port", str(port), "--preset", "tiny-flux"]
+    proc, out = _serve(command, port, signal.SIGTERM)
     assert proc.returncode == 0, out[-3000:]
     assert f"imagegen serving on http://127.0.0.1:{port}" in out and "stopped" in out

@@ -30,6 +30,7 @@ configured backend.
 from __future__ import annotations
 
 import hashlib
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,8 +128,9 @@ class IPAdapterMethod(IdentityMethod):
     def _load_spec(self) -> LoadSpec:
         return LoadSpec(self.files)
 
+    @abstractmethod
     def _embeds(self, samples: list[IdentitySample], cfg: bool) -> dict:
-        raise NotImplementedError
+        """The pipeline-call keyword arguments (``ip_adapter_image_embeds``) of one batch."""
 
     def _layer_inputs(self, samples: list[IdentitySample]) -> dict:
         return {}
