@@ -14,7 +14,7 @@ The workload is real photos from ``imagegen.samples``: the astronaut (512x512), 
 (512x600), five augmented astronauts (crop, flip, light, JPEG, rotation) and the two side by side
 (1040x600, two faces); every image has at least one face.
 
-``insightface-tiny`` is the generated **stand-in** pack (``imagegen.faces.testing_models``): real
+``insightface-tiny`` is the generated **stand-in** pack (``imagegen.standins.faces``): real
 insightface code (SCRFD decoding at 640x640, NMS, ArcFace alignment, ONNX Runtime) around
 trivial graphs. It measures the pipeline's overhead, *not* the speed of the real antelopev2 /
 buffalo_l models, which are far heavier (SCRFD-10G, ResNet-100).
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from imagegen.faces.testing_models import write_tiny_pack
+    from imagegen.standins.faces import write_tiny_pack
 
     images = workload()
     rows = []

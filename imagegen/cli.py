@@ -81,11 +81,11 @@ def progress_bar() -> Progress:
 
 @models_app.command("list")
 def models_list() -> None:
-    """Show every preset, with whether its weights are available locally."""
+    """Show every preset, its identity methods, and whether its weights are available locally."""
     from imagegen.pipelines.presets import all_presets, is_available_locally
 
     table = Table(title="model presets")
-    for column in ("name", "family", "repo", "dtype", "defaults", "local", "licence"):
+    for column in ("name", "family", "repo", "dtype", "defaults", "methods", "local", "licence"):
         table.add_column(column)
     for preset in all_presets().values():
         d = preset.defaults
@@ -96,11 +96,62 @@ def models_list() -> None:
             preset.repo,
             preset.dtype,
             f"{d.width}x{d.height}, {d.steps} steps, guidance {d.guidance}",
+            ", ".join(preset.methods) or "-",
             local,
             preset.licence,
         )
         table.add_row(*(escape(cell) for cell in cells))
     console.print(table)
+
+
+@models_app.command("show")
+def models_show(preset: str = typer.Argument(..., help="Preset name (see `imagegen models list`).")) -> None:
+    """A preset's identity methods and the state of every asset they need (present / missing / converted ...)."""
+    from imagegen.pipelines.assets import asset_states, store_for
+    from imagegen.pipelines.presets import get_preset, is_available_locally
+
+    chosen = get_preset(preset)
+    store = store_for(chosen)
+    base = "yes" if is_available_locally(chosen) else ("built on first use" if chosen.is_tiny else "missing")
+    console.print(f"[bold]{escape(chosen.name)}[/bold]: {escape(chosen.repo)} ({chosen.family}), base model: {base}")
+    origin = "hub / URLs" if store.remote else "stand-ins written by imagegen"
+    console.print(f"assets from: {escape(str(store.root))} ({origin})")
+    table = Table(title=f"identity assets of {chosen.name}")
+    for column in ("method", "role", "asset", "state", "source", "licence"):
+        table.add_column(column)
+    for method, rows in asset_states(chosen).items():
+        for role, asset, state in rows:
+            licence = asset.licence + (" [non-commercial]" if asset.non_commercial else "")
+            shown = "built on first use" if state == "missing" and not store.remote else state
+            table.add_row(*(escape(c) for c in (method, role, asset.id, shown, asset.source_text, licence)))
+    console.print(table)
+
+
+@models_app.command("pull")
+def models_pull(
+    preset: str = typer.Argument(..., help="Preset name (see `imagegen models list`)."),
+    method: list[str] = typer.Option(
+        None, "--method", help="Identity method(s) to fetch (default: all of the preset's)."
+    ),
+    accept_licence: bool = typer.Option(
+        False, "--accept-licence", help="Accept the licences of non-commercial or gated assets (read them first)."
+    ),
+) -> None:
+    """Fetch, convert and check everything a preset needs: base model and identity assets. Idempotent, resumable."""
+    from imagegen.pipelines.assets import pull
+    from imagegen.pipelines.presets import get_preset
+
+    chosen = get_preset(preset)
+    with progress_bar() as bar:
+        task = bar.add_task(f"pulling {preset}", total=None)
+
+        def step(name: str) -> None:
+            bar.update(task, description=f"{preset}: {name}")
+
+        states = pull(chosen, method or None, accept_licence=accept_licence, progress=step)
+        bar.update(task, total=1, completed=1, description=f"{preset}: done")
+    for asset_id, state in states.items():
+        console.print(f"{escape(asset_id)}: {state}")
 
 
 @app.command()
@@ -149,11 +200,17 @@ def render(
         method=method,
     )
     first.check_against(chosen)
+    from imagegen.pipelines.assets import preflight
+
     if character is not None:
         from imagegen.identity.methods import resolve_method
+
+        method = resolve_method(chosen, method)
+    # every file the render needs is checked here, before anything is downloaded or loaded
+    preflight(chosen, [method] if character is not None else [])
+    if character is not None:
         from imagegen.identity.registry import Registry
 
-        resolve_method(chosen, method)
         with Registry.open() as registry:
             registry.get(character)  # an unknown character fails here, before any model loads
     out = ensure_writable_dir(out)

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path.home() / ".imagegen")
     models_config: Path = DEFAULT_MODELS_CONFIG
+    #: the asset manifest (every file an identity method needs); default configs/assets.yaml
+    assets_config: Path | None = None
     #: model cache; defaults to IMAGEGEN_HOME/models (tests share one across isolated homes)
     model_cache_dir: Path | None = None
     #: "auto" picks CUDA when available, else CPU; "cpu" / "cuda" / "cuda:1" force one.

@@ -39,3 +39,11 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     get_settings.cache_clear()
     yield home
     get_settings.cache_clear()
+
+
+def tiny_method_files(preset: str, method: str):
+    """The files a tiny preset's identity method loads (its stand-ins, written and converted on first use)."""
+    from imagegen.pipelines.assets import method_files
+    from imagegen.pipelines.presets import get_preset
+
+    return method_files(get_preset(preset), method)

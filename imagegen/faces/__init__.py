@@ -15,11 +15,18 @@ order (see :data:`LANDMARK_NAMES`). Backend modules import their heavy dependenc
 
 from imagegen.faces.base import FaceAnalyzer, ImageLike, to_rgb_array
 from imagegen.faces.errors import EmbeddingMismatchError, NoFaceError, UnknownFaceBackendError
-from imagegen.faces.registry import available_backends, backend_family, clear_analyzer_cache, get_analyzer
+from imagegen.faces.registry import (
+    analyzer_for_pack,
+    available_backends,
+    backend_family,
+    clear_analyzer_cache,
+    get_analyzer,
+)
 from imagegen.faces.similarity import Metric, centroid, metric_for, same_identity, similarities, similarity, threshold
 from imagegen.faces.types import LANDMARK_NAMES, Face, FaceResult
 
 __all__ = [
+    "analyzer_for_pack",
     "LANDMARK_NAMES",
     "EmbeddingMismatchError",
     "Face",

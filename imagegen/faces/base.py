@@ -22,6 +22,25 @@ from imagegen.faces.types import Face, FaceResult
 
 ImageLike = Image.Image | np.ndarray
 
+#: ONNX metadata key that marks a generated stand-in model (the tiny presets' packs); a stand-in never vouches
+STANDIN_METADATA_KEY = "imagegen.standin"
+
+
+def is_standin_model(model_file: str | os.PathLike | None) -> bool:
+    """Whether an ONNX file is one of imagegen's generated stand-ins (marked with :data:`STANDIN_METADATA_KEY`).
+
+    Stand-ins are a few hundred KB; real pack models are >= 16 MB and are not parsed again here.
+    """
+    if not model_file or Path(model_file).stat().st_size > 8 * 2**20:
+        return False
+    import onnx
+
+    try:
+        model = onnx.load(str(model_file), load_external_data=False)
+    except Exception:  # unreadable metadata: not ours, so not a stand-in
+        return False
+    return any(p.key == STANDIN_METADATA_KEY for p in model.metadata_props)
+
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
     """``image`` as a C-contiguous ``uint8`` RGB array ``(H, W, 3)``."""

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from imagegen.errors import ModelNotAvailableError
-from imagegen.faces.base import FaceAnalyzer, ImageLike, model_file_version, sort_largest_first, to_rgb_array
+from imagegen.faces.base import (
+    FaceAnalyzer,
+    ImageLike,
+    is_standin_model,
+    model_file_version,
+    sort_largest_first,
+    to_rgb_array,
+)
 from imagegen.faces.types import Face
 
 logger = logging.getLogger(__name__)
@@ -104,6 +111,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         pack: str | None = None,
         *,
         root: str | Path | None = None,
+        pack_dir: str | Path | None = None,
         device: str | None = None,
         det_size: tuple[int, int] = (640, 640),
         det_thresh: float = 0.5,
@@ -114,9 +122,16 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         from imagegen.settings import get_settings
 
         settings = get_settings()
-        self.pack = pack or getattr(settings, "insightface_pack", None) or DEFAULT_PACK
-        self.root = Path(root).expanduser() if root is not None else settings.insightface_home
-        self.pack_dir = find_pack_dir(self.pack, self.root)  # before insightface is even imported
+        if pack_dir is not None:  # a pack an asset store holds (imagegen models pull): used as it is
+            self.pack_dir = Path(pack_dir).resolve()
+            self.pack = pack or self.pack_dir.name
+            self.root = self.pack_dir.parent
+            if not any(self.pack_dir.glob("*.onnx")):
+                raise ModelNotAvailableError(f"insightface pack folder {self.pack_dir} holds no .onnx models")
+        else:
+            self.pack = pack or getattr(settings, "insightface_pack", None) or DEFAULT_PACK
+            self.root = Path(root).expanduser() if root is not None else settings.insightface_home
+            self.pack_dir = find_pack_dir(self.pack, self.root)  # before insightface is even imported
 
         from insightface.app import FaceAnalysis
 
@@ -157,11 +172,20 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         out = getattr(self._recognizer, "output_shape", None)
         if out and isinstance(out[-1], int):
             self.embedding_dim = int(out[-1])  # instance override (antelopev2/buffalo_l: 512)
-        self.is_standin = _is_standin(self._recognizer.model_file) or _is_standin(self._detector.model_file)
+        self.is_standin = is_standin_model(self._recognizer.model_file) or is_standin_model(self._detector.model_file)
         if self.is_standin:
             logger.warning(
                 "insightface pack %s in %s is a tiny test stand-in, not real face models", self.pack, self.pack_dir
             )
+
+    @property
+    def recognizer_file(self) -> Path:
+        """The pack's ArcFace ONNX file (what PuLID and FaceID take their raw embedding from)."""
+        return Path(self._recognizer.model_file)
+
+    @property
+    def detector_file(self) -> Path:
+        return Path(self._detector.model_file)
 
     @cached_property
     def model_version(self) -> str:
@@ -206,18 +230,3 @@ def _bgr(image: ImageLike) -> np.ndarray:
 def _listing(directory: Path) -> str:
     names = sorted(p.name for p in directory.iterdir())
     return ", ".join(names) or "none"
-
-
-def _is_standin(model_file: str | None) -> bool:
-    # stand-ins are a few hundred KB; real pack models are >= 16 MB and are not parsed again here
-    if not model_file or Path(model_file).stat().st_size > 8 * 2**20:
-        return False
-    import onnx
-
-    from imagegen.faces.testing_models import STANDIN_METADATA_KEY
-
-    try:
-        model = onnx.load(str(model_file), load_external_data=False)
-    except Exception:  # unreadable metadata: not ours, so not a stand-in
-        return False
-    return any(p.key == STANDIN_METADATA_KEY for p in model.metadata_props)

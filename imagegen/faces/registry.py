@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from imagegen.faces.base import FaceAnalyzer
 from imagegen.faces.errors import UnknownFaceBackendError
@@ -95,6 +96,19 @@ def get_analyzer(name: str | None = None) -> FaceAnalyzer:
         analyzer = _cache.get(key)
         if analyzer is None:
             analyzer = factory(option)
+            _cache[key] = analyzer
+    return analyzer
+
+
+def analyzer_for_pack(pack_dir: str | Path) -> FaceAnalyzer:
+    """An insightface analyser over the pack folder ``pack_dir`` (an identity method's asset), cached per folder."""
+    from imagegen.faces.insightface_backend import InsightFaceAnalyzer
+
+    key: tuple = ("pack", str(Path(pack_dir).resolve()), get_settings().device)
+    with _lock:
+        analyzer = _cache.get(key)
+        if analyzer is None:
+            analyzer = InsightFaceAnalyzer(pack_dir=pack_dir)
             _cache[key] = analyzer
     return analyzer
 

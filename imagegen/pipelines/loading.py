@@ -1,8 +1,11 @@
 """Load a preset's diffusers pipeline once, on the right device and dtype.
 
 Every preset goes through ``from_pretrained``: tiny presets from the repo ``tiny.py`` wrote to the
-model cache, real presets from the hub (cached under ``IMAGEGEN_HOME/models/hub``) or a local
-directory. Only safetensors are loaded unless the preset opts into pickle weights.
+model cache, real presets from the hub cache (``IMAGEGEN_HOME/models/hub``, filled by
+``imagegen models pull``) or a local directory. Loading never downloads: a missing model is one line
+naming the ``models pull`` command (:func:`imagegen.pipelines.assets.preflight` checks it, and every
+identity asset, before anything loads). Only safetensors are loaded unless the preset opts into pickle
+weights.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def load_pipeline(preset: Preset, device: torch.device, dtype: torch.dtype, sett
     else:
         source = preset.repo
         kwargs["cache_dir"] = str(settings.model_cache / "hub")
-        kwargs["local_files_only"] = not settings.allow_downloads
+        kwargs["local_files_only"] = True  # `imagegen models pull` downloads; a render never does
         if preset.variant:
             kwargs["variant"] = preset.variant
         if preset.vae:
@@ -90,14 +93,8 @@ def _from_pretrained(cls, source: str, preset: Preset, kwargs: dict):
                 "arbitrary code and are refused. Convert the weights to safetensors, or set "
                 "`allow_pickle: true` on the preset if you trust the source."
             ) from exc
-        hint = (
-            "downloads are disabled (IMAGEGEN_ALLOW_DOWNLOADS=false)"
-            if kwargs.get("local_files_only")
-            else "the download failed (no network, or a gated repo whose licence you have not accepted: "
-            f"{preset.licence or 'see the hub page'})"
-        )
         raise ModelNotAvailableError(
-            f"preset '{preset.name}' needs '{source}', which is not in the model cache "
-            f"{get_settings().model_cache} and {hint}. Run once on a machine with access to the hub, "
-            f"or point the preset's repo at a local diffusers directory. ({text.splitlines()[0][:200]})"
+            f"preset '{preset.name}' needs '{source}', which is not complete in the model cache "
+            f"{get_settings().model_cache}; run `imagegen models pull {preset.name}` (or point the preset's repo "
+            f"at a local diffusers directory). ({text.splitlines()[0][:200]})"
         ) from exc

@@ -61,6 +61,10 @@ class Preset(BaseModel):
     allow_pickle: bool = False
     #: identity methods this preset supports; the first is the default
     methods: list[str] = Field(default_factory=list)
+    #: where the preset's identity assets come from: ``hub`` (fetched by ``imagegen models pull`` into the model
+    #: cache) or ``tiny`` (stand-ins in the released formats and names that imagegen writes into
+    #: ``<model cache>/tiny``); the code that loads them is the same
+    store: Literal["hub", "tiny"] = "hub"
 
     @property
     def default_method(self) -> str | None:

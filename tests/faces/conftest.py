@@ -9,7 +9,7 @@ from PIL import Image
 
 from imagegen import samples
 from imagegen.faces import FaceAnalyzer, FaceResult, get_analyzer
-from imagegen.faces.testing_models import write_tiny_pack
+from imagegen.standins.faces import write_tiny_pack
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,13 @@ from imagegen import samples
 from imagegen.errors import ModelNotAvailableError
 from imagegen.faces import FaceAnalyzer, get_analyzer, same_identity, similarity
 from imagegen.faces.insightface_backend import InsightFaceAnalyzer, find_pack_dir
-from imagegen.faces.testing_models import (
+from imagegen.settings import get_settings
+from imagegen.standins.faces import (
     DEFAULT_FACE_BOX,
     arcface_recognizer_model,
     write_arcface_recognizer,
     write_scrfd_detector,
 )
-from imagegen.settings import get_settings
 
 # insightface 2.1's aligner calls a scikit-image API deprecated in 0.26 (the backend silences it at
 # import, but pytest resets warning filters for every test)

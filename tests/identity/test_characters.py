@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from imagegen.errors import ImagegenError
-from imagegen.faces.testing_models import write_genderage_model
 from imagegen.identity.characters import ApprovalError, approve_character, register_character
 from imagegen.identity.ingest import InvalidImageError
 from imagegen.identity.models import DuplicateCharacterError, InvalidCharacterIdError, ProvenanceError
 from imagegen.identity.registry import Registry
 from imagegen.identity.safeguards import AgeGateError, ProtectedIdentityMatchError, protect_from_images
 from imagegen.settings import get_settings
+from imagegen.standins.faces import write_genderage_model
 from tests.photos import astronaut_set, hopper_set, no_face
 
 SYNTHETIC = {"kind": "synthetic", "creator": "artist@example.com"}

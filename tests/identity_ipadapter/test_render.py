@@ -10,11 +10,12 @@ from safetensors.torch import load_file
 from imagegen.identity.characters import approve_character, register_character
 from imagegen.identity.conditioning import UnsupportedMethodError
 from imagegen.identity.ipadapter.adapter import LoadSpec, attach_ip_adapter, describe
-from imagegen.identity.ipadapter.weights import FLUX_XLABS, IPAdapterWeightsError, ensure_tiny_ipadapter, resolve_files
+from imagegen.identity.ipadapter.weights import FLUX_XLABS, IPAdapterWeightsError, adapter_files
 from imagegen.identity.registry import Registry
 from imagegen.pipelines.renderer import Renderer
 from imagegen.pipelines.types import RenderRequest
 from imagegen.settings import Settings
+from tests.conftest import tiny_method_files
 from tests.photos import astronaut_set, hopper_set
 
 SYNTHETIC = {"kind": "synthetic", "creator": "tests"}
@@ -69,7 +70,7 @@ def test_loads_through_diffusers_from_the_released_layout(case):
     else:
         assert info["wrapped_layers"] == renderer.pipe.transformer.config.num_layers  # double blocks only
     assert info["lora_hooks"] == (64 if "faceid" in name else 0)  # 16 processors x q/k/v/out
-    assert method.files.weight_file.is_relative_to(ensure_tiny_ipadapter())
+    assert method.files.weight_file == tiny_method_files(renderer.preset.name, name)["weights"]
     # diffusers' converter filled the projection from the file (renamed keys, same numbers)
     released = load_file(str(method.files.weight_file))
     built = method.handle.projection.image_projection_layers[0].state_dict()
@@ -169,6 +170,8 @@ def test_a_checkpoint_for_another_model_is_refused_and_changes_nothing(renderers
     pipe = renderer.pipe
     processors, config = dict(pipe.unet.attn_processors), dict(pipe.config)
     with pytest.raises(IPAdapterWeightsError, match="ip_adapter.safetensors could not be loaded into this sdxl"):
-        attach_ip_adapter(pipe, "sdxl", LoadSpec(resolve_files(FLUX_XLABS, tiny=True)))  # XLabs' FLUX file
+        xlabs = tiny_method_files("tiny-flux", "ipadapter-flux")
+        spec = LoadSpec(adapter_files(FLUX_XLABS, xlabs["weights"], xlabs["image_encoder"]))
+        attach_ip_adapter(pipe, "sdxl", spec)  # XLabs' FLUX file
     assert all(pipe.unet.attn_processors[n] is p for n, p in processors.items())
     assert dict(pipe.config) == config and getattr(pipe.unet, "encoder_hid_proj", None) is None

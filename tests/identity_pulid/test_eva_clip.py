@@ -17,11 +17,11 @@ from imagegen.identity.pulid.eva_clip import (
 )
 from imagegen.identity.pulid.weights import (
     PulidWeightsError,
-    convert_to_safetensors,
     load_eva_clip,
-    load_tiny_eva_clip,
-    tiny_eva_clip_state_dict,
 )
+from imagegen.pipelines.assets import convert_pickle_to_safetensors
+from imagegen.standins.identity import tiny_eva_clip_state_dict
+from tests.conftest import tiny_method_files
 from tests.identity_pulid._parity import assert_matches, fixture, seeded
 
 EVA = "eva02_clip_l_336_parity.json"
@@ -56,8 +56,8 @@ def test_full_size_tower_matches_the_reference():
 
 @torch.inference_mode()
 def test_tiny_tower_shapes_and_layouts():
-    state_dict, metadata = tiny_eva_clip_state_dict()
-    assert metadata["eva_clip"] == TINY_EVA_CLIP.to_dict()
+    state_dict = tiny_eva_clip_state_dict()
+    assert EvaClipConfig.from_state_dict(state_dict) == TINY_EVA_CLIP  # sizes read back from the weights
     assert all(k.startswith("visual.") for k in state_dict) and "visual.blocks.0.mlp.w1.weight" in state_dict
     model = EvaClipVision(TINY_EVA_CLIP)
     model.load_checkpoint(state_dict)
@@ -84,26 +84,30 @@ def test_tiny_tower_shapes_and_layouts():
 
 @torch.inference_mode()
 def test_tiny_weights_file_round_trip(isolated_home):
-    loaded = load_tiny_eva_clip()
+    """The stand-in .pt went through the store's conversion; the loader reads its sizes from the weights."""
+    path = tiny_method_files("tiny-flux", "pulid-flux-v0.9.1")["eva_clip"]
+    assert path.suffix == ".safetensors" and "converted" in path.parts
+    loaded = load_eva_clip(path)
     assert loaded.config == TINY_EVA_CLIP and len(loaded.sha256) == 64
     direct = EvaClipVision(TINY_EVA_CLIP)
-    direct.load_checkpoint(tiny_eva_clip_state_dict()[0])
+    direct.load_checkpoint(tiny_eva_clip_state_dict())
     pixels = torch.randn(2, 3, 112, 112)
     assert torch.equal(loaded.model(pixels)[0], direct(pixels)[0])
 
 
-def test_pickle_checkpoint_needs_opt_in_and_converts(tmp_path):
-    state_dict, _ = tiny_eva_clip_state_dict()
+def test_pickle_checkpoint_is_refused_and_converts(tmp_path):
+    state_dict = tiny_eva_clip_state_dict()
     pickle_path = tmp_path / "EVA02_tiny.pt"
     torch.save({"state_dict": state_dict}, pickle_path)
-    with pytest.raises(UnsafeCheckpointError, match="allow_pickle"):
+    with pytest.raises(UnsafeCheckpointError, match="models pull"):
         load_eva_clip(pickle_path, config=TINY_EVA_CLIP)
-    from_pickle = load_eva_clip(pickle_path, allow_pickle=True, config=TINY_EVA_CLIP)
-    converted = convert_to_safetensors(pickle_path, tmp_path / "eva.safetensors")
-    from_safetensors = load_eva_clip(converted, config=TINY_EVA_CLIP)
+    converted = convert_pickle_to_safetensors(pickle_path, tmp_path / "eva.safetensors")
+    from_safetensors = load_eva_clip(converted)
+    direct = EvaClipVision(TINY_EVA_CLIP)
+    direct.load_checkpoint(state_dict)
     pixels = torch.randn(1, 3, 112, 112)
     with torch.inference_mode():
-        assert torch.equal(from_pickle.model(pixels)[0], from_safetensors.model(pixels)[0])
+        assert torch.equal(direct(pixels)[0], from_safetensors.model(pixels)[0])
     # sizes that do not fit the tensors are reported as a layout problem
     with pytest.raises(PulidWeightsError, match="EVA02-CLIP"):
         load_eva_clip(converted, config=EvaClipConfig(img_size=112, embed_dim=64, depth=12, num_heads=2))

@@ -16,11 +16,12 @@ from imagegen.identity.pulid.convert import (
 from imagegen.identity.pulid.embed import eva_pixels, id_tokens, stack_batch
 from imagegen.identity.pulid.flux_ca import CrossAttentionConfig, PulidFluxState, attach_pulid_flux, ca_positions
 from imagegen.identity.pulid.weights import (
-    TINY_FLUX_INTERVALS,
     build_cross_attentions,
-    load_tiny_eva_clip,
-    load_tiny_pulid_flux,
+    load_eva_clip,
+    load_pulid_flux,
 )
+from imagegen.standins.identity import TINY_FLUX_INTERVALS
+from tests.conftest import tiny_method_files
 from tests.identity_pulid._parity import assert_matches, fixture, seeded
 
 TINY = fixture("pulid_flux_tiny_transformer_parity.json")
@@ -181,8 +182,9 @@ def render(pipe, seeds, state=None, handle=None, steps=3, **extra):
 
 
 def test_tiny_pipeline_with_tiny_weights(flux_pipe, isolated_home):
-    weights = load_tiny_pulid_flux()
-    eva = load_tiny_eva_clip()
+    files = tiny_method_files("tiny-flux", "pulid-flux-v0.9.1")
+    weights = load_pulid_flux(files["weights"])
+    eva = load_eva_clip(files["eva_clip"])
     transformer = flux_pipe.transformer
     assert (
         len(weights.cross_attentions)

@@ -81,14 +81,14 @@ def test_mixed_batch_equals_each_sample_alone(renderer):
 def test_tokens_are_cached_and_face_models_stay_off_the_hot_path(registry, renderer):
     renderer.render([RenderRequest(prompt="warm", seed=1, character="grace")])
     method = renderer.identity_method(renderer.preset.default_method)
-    calls = method.preparer.calls
+    calls = method.calls
     renderer.render([RenderRequest(prompt="again", seed=2, character="grace")])
-    assert method.preparer.calls == calls
+    assert method.calls == calls
     # a fresh renderer (a new replica) reads the registry's cache instead of recomputing
     fresh = Renderer(renderer.preset, registry=registry)
     fresh.render([RenderRequest(prompt="again", seed=2, character="grace")])
     assert fresh.conditioning_cache.computed == 0
-    assert fresh.identity_method(renderer.preset.default_method).preparer.calls == 0
+    assert fresh.identity_method(renderer.preset.default_method).calls == 0
 
 
 def test_changing_references_invalidates_the_cache(registry):

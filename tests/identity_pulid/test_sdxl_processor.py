@@ -14,7 +14,8 @@ from imagegen.identity.pulid.sdxl_processor import (
     attach_pulid_sdxl,
     cross_attention_layers,
 )
-from imagegen.identity.pulid.weights import load_tiny_pulid_sdxl
+from imagegen.identity.pulid.weights import load_pulid_sdxl
+from tests.conftest import tiny_method_files
 from tests.identity_pulid._parity import assert_matches, fixture, seeded
 
 CASES = fixture("pulid_sdxl_attn_processor_parity.json")
@@ -151,7 +152,7 @@ def render(pipe, seeds, state=None, handle=None, guidance=5.0, steps=3):
 
 
 def test_tiny_pipeline_mixed_batch_start_step_and_detach(sdxl_pipe, isolated_home):
-    weights = load_tiny_pulid_sdxl()
+    weights = load_pulid_sdxl(tiny_method_files("tiny-sdxl", "pulid-sdxl-v1.1")["weights"])
     unet = sdxl_pipe.unet
     layers = cross_attention_layers(unet)
     assert {f"id_adapter_attn_layers.{i}.id_to_k.weight" for i, _, _ in layers} <= set(weights.layer_weights)
@@ -184,7 +185,7 @@ def test_tiny_pipeline_mixed_batch_start_step_and_detach(sdxl_pipe, isolated_hom
 
 
 def test_weights_that_do_not_fit_the_unet_are_refused(sdxl_pipe, isolated_home):
-    weights = load_tiny_pulid_sdxl()
+    weights = load_pulid_sdxl(tiny_method_files("tiny-sdxl", "pulid-sdxl-v1.1")["weights"])
     broken = dict(weights.layer_weights)
     first = next(iter(sorted(broken)))
     broken[first.replace(first.split(".")[1], "0", 1)] = broken.pop(first)

@@ -8,28 +8,21 @@ import os
 import pytest
 import torch
 
-from imagegen.errors import ModelNotAvailableError, UnsafeCheckpointError
+from imagegen.errors import UnsafeCheckpointError
 from imagegen.identity.pulid.encoder import IDFormer, IDFormerConfig
 from imagegen.identity.pulid.flux_ca import CrossAttentionConfig, PerceiverAttentionCA
 from imagegen.identity.pulid.weights import (
     FLUX_METHOD,
-    PULID_FLUX_FILE,
-    PULID_REPO,
-    TINY_FLUX_CA,
-    TINY_IDFORMER,
     PulidWeightsError,
-    ensure_tiny_weights,
     file_sha256,
     load_pulid_flux,
     load_pulid_sdxl,
-    load_tiny_pulid_flux,
     read_state_dict,
-    save_safetensors,
-    seeded_state_dict,
-    tiny_flux_state_dict,
-    tiny_weights_path,
 )
+from imagegen.pipelines.assets import convert_pickle_to_safetensors
 from imagegen.settings import get_settings
+from imagegen.standins.identity import TINY_FLUX_CA, TINY_IDFORMER, seeded_state_dict
+from tests.conftest import tiny_method_files
 from tests.identity_pulid._parity import seeded
 
 
@@ -39,42 +32,23 @@ def test_seeding_recipe_is_the_fixtures():
     assert all(torch.equal(ours[k], theirs[k]) for k in shapes)
 
 
-def test_tiny_flux_file_is_deterministic_and_loads_through_the_same_loader(isolated_home):
-    path = ensure_tiny_weights("flux")
-    assert path == tiny_weights_path("flux") and path.is_relative_to(get_settings().model_cache)
+def test_tiny_flux_file_loads_through_the_same_loader(isolated_home):
+    path = tiny_method_files("tiny-flux", FLUX_METHOD)["weights"]
+    assert path.name == "pulid_flux_v0.9.1.safetensors"  # the released name, under the released repo id
+    assert "models--guozinan--PuLID" in str(path) and path.is_relative_to(get_settings().model_cache)
     first_hash = file_sha256(path)
     assert first_hash == hashlib.sha256(path.read_bytes()).hexdigest()
-    mtime = path.stat().st_mtime_ns
-    assert ensure_tiny_weights("flux") == path and path.stat().st_mtime_ns == mtime  # current: not rewritten
-    ensure_tiny_weights("flux", force=True)
-    assert file_sha256(path) == first_hash  # rebuilt byte for byte
-    weights = load_tiny_pulid_flux()
+    weights = load_pulid_flux(path)
     assert weights.encoder.config == TINY_IDFORMER
     assert [ca.config for ca in weights.cross_attentions] == [TINY_FLUX_CA] * 4
     assert (weights.double_interval, weights.single_interval) == (2, 4)
     assert weights.sha256 == first_hash and weights.cache_key == f"{FLUX_METHOD}:{first_hash}"
-    tensors, metadata = read_state_dict(path)
+    tensors, _ = read_state_dict(path)
     assert any(k.startswith("pulid_encoder.") for k in tensors) and "pulid_ca.3.to_q.weight" in tensors
     assert torch.equal(weights.encoder.latents, tensors["pulid_encoder.latents"])
 
 
-def test_hub_download_uses_the_model_cache(isolated_home, monkeypatch):
-    monkeypatch.setenv("IMAGEGEN_ALLOW_DOWNLOADS", "false")
-    get_settings.cache_clear()
-    with pytest.raises(ModelNotAvailableError, match=PULID_FLUX_FILE):
-        load_pulid_flux()
-    # a hub cache entry, laid out the way huggingface_hub writes it, is found offline by the real hub code
-    tensors, metadata = tiny_flux_state_dict()
-    commit = "0" * 40
-    repo_dir = get_settings().model_cache / "hub" / ("models--" + PULID_REPO.replace("/", "--"))
-    save_safetensors(tensors, repo_dir / "snapshots" / commit / PULID_FLUX_FILE, metadata)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    weights = load_pulid_flux()
-    assert weights.path.name == PULID_FLUX_FILE and weights.encoder.config == TINY_IDFORMER
-
-
-def test_pickle_files_are_refused_unless_allowed(tmp_path, isolated_home):
+def test_pickle_files_are_refused_and_convert_with_tensors_only(tmp_path, isolated_home):
     # released head widths (64 per IDFormer head, 128 per cross-attention head) at toy sizes: a pickle has no
     # size metadata, so the loader reads the sizes from the tensors with the released head widths
     encoder_config = IDFormerConfig(**{**TINY_IDFORMER.to_dict(), "dim": 64, "dim_head": 64, "heads": 1})
@@ -87,22 +61,24 @@ def test_pickle_files_are_refused_unless_allowed(tmp_path, isolated_home):
         torch.save(tensors, path)
         with pytest.raises(UnsafeCheckpointError, match="pickle"):
             load_pulid_flux(path)
-    weights = load_pulid_flux(tmp_path / "pulid.bin", allow_pickle=True)  # read with torch.load(weights_only=True)
+    # the asset store's conversion reads it with torch.load(weights_only=True)
+    converted = convert_pickle_to_safetensors(tmp_path / "pulid.bin", tmp_path / "pulid.safetensors")
+    weights = load_pulid_flux(converted)
     assert weights.encoder.config == encoder_config
     assert [ca.config for ca in weights.cross_attentions] == [ca_config] * 4
     assert torch.equal(weights.cross_attentions[2].to_q.weight, tensors["pulid_ca.2.to_q.weight"])
 
 
 def test_missing_and_wrong_files(tmp_path, isolated_home):
-    with pytest.raises(ModelNotAvailableError, match="does not exist"):
+    with pytest.raises(PulidWeightsError, match="does not exist"):
         load_pulid_flux(tmp_path / "nope.safetensors")
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PulidWeightsError, match="safetensors"):
         load_pulid_flux(tmp_path / "garbage.safetensors")
-    flux_file = ensure_tiny_weights("flux")
+    flux_file = tiny_method_files("tiny-flux", FLUX_METHOD)["weights"]
     with pytest.raises(PulidWeightsError, match="id_adapter"):
         load_pulid_sdxl(flux_file)
-    sdxl_file = ensure_tiny_weights("sdxl")
+    sdxl_file = tiny_method_files("tiny-sdxl", "pulid-sdxl-v1.1")["weights"]
     with pytest.raises(PulidWeightsError, match="pulid_encoder"):
         load_pulid_flux(sdxl_file)
 

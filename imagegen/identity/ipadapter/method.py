@@ -20,16 +20,19 @@ Negatives (classifier-free guidance) follow diffusers: CLIP of an all-zero pixel
 states, a zero ArcFace vector for FaceID, CLIP of a black image for FLUX's true CFG. They are the same for every
 character and are computed once per loaded method.
 
-Where the face parts come from: tiny presets use the configured face backend (dlib by default) and, for FaceID, a
-generated recognizer with buffalo_l's ``w600k_r50`` signature, loaded through insightface's ``model_zoo``.
-Production FaceID uses insightface's ``buffalo_l`` pack (what FaceID was trained with; non-commercial weights
-placed under ``IMAGEGEN_INSIGHTFACE_ROOT/models/buffalo_l``); plus-face and FLUX only crop the face, with the
-configured backend.
+Every file comes from the asset manifest (``configs/assets.yaml``) through :func:`method_files`, checked before
+anything loads; the same code reads the released files and the tiny presets' stand-ins. The face detector is the
+method's ``faces`` asset: insightface's ``buffalo_l`` pack for FaceID (what it was trained with; its ``w600k_r50``
+gives the ArcFace embedding), dlib for plus-face and FLUX, which only crop the face (public domain, no
+non-commercial face models needed). The image encoder is needed only to compute a character's embeddings and the
+negatives: it is loaded on demand and released after ``compute``. The cache key is made of the files' digests.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import json
 from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagegen.faces import FaceAnalyzer, get_analyzer
+from imagegen.faces import FaceAnalyzer
 from imagegen.identity.conditioning import BatchConditioning, IdentityMethod, IdentitySample
 from imagegen.identity.ipadapter.adapter import (
     IPAdapterHandle,
@@ -59,12 +62,11 @@ from imagegen.identity.ipadapter.weights import (
     AdapterFiles,
     AdapterSource,
     IPAdapterWeightsError,
+    adapter_files,
     read_adapter_state_dict,
-    resolve_files,
-    tiny_recognizer,
 )
-from imagegen.identity.pulid.faceprep import ArcFaceRecognizer, align_face
-from imagegen.identity.pulid.weights import file_sha256
+from imagegen.identity.pulid.faceprep import ArcFaceRecognizer, align_face, method_analyzer
+from imagegen.pipelines.assets import MethodFiles, method_files
 from imagegen.pipelines.presets import Preset
 from imagegen.settings import Settings, get_settings
 
@@ -91,10 +93,16 @@ def load_image_encoder(folder: Path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval().requires_grad_(False)
 
 
+def encoder_image_size(folder: Path) -> int:
+    """The input size of a CLIP image-encoder folder, read from its ``config.json`` without loading the weights."""
+    config = json.loads((folder / "config.json").read_text())
+    return int(config.get("vision_config", config).get("image_size", 224))
+
+
 class IPAdapterMethod(IdentityMethod):
     """What the IP-Adapter methods share: files, image encoder, face crops, per-sample batches."""
 
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     source: ClassVar[AdapterSource]
 
     def __init__(self, preset: Preset, device: torch.device, dtype: torch.dtype, settings: Settings | None = None):
@@ -104,29 +112,49 @@ class IPAdapterMethod(IdentityMethod):
         self.device = torch.device(device)
         self.dtype = dtype
         self.settings = settings or get_settings()
-        self.files: AdapterFiles = resolve_files(self.source, self.settings, tiny=preset.is_tiny)
-        self.encoder = load_image_encoder(self.files.encoder_dir, self.device, dtype)
-        size = int(self.encoder.config.image_size)
+        self.method_files: MethodFiles = method_files(preset, self.name, self.settings)  # every file checked first
+        self.files: AdapterFiles = adapter_files(
+            self.source, self.method_files["weights"], self.method_files["image_encoder"]
+        )
+        self._encoder = None
+        size = encoder_image_size(self.files.encoder_dir)
         # what diffusers' load_ip_adapter registers as the pipeline's feature extractor
         self.image_processor = CLIPImageProcessor(size=size, crop_size=size)
-        self.analyzer: FaceAnalyzer = self._analyzer()
+        self.image_size = size
+        self.analyzer: FaceAnalyzer = method_analyzer(self.method_files)
         #: reference faces prepared so far (a render that hits the cache never adds to it)
         self.calls = 0
         self.handle: IPAdapterHandle | None = None
         self._uncond: dict[str, torch.Tensor] = {}
-        parts = [self.files.sha256, self.analyzer.model_version, CROP_RECIPE, *self._extra_hash_parts()]
+        parts = [self.method_files.digest, CROP_RECIPE]
         self._weights_hash = hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
-    # the parts subclasses choose -----------------------------------------------------------------------------
+    @property
+    def encoder(self):
+        """The image encoder, loaded on demand (only ``compute`` and the negatives need it)."""
+        if self._encoder is None:
+            self._encoder = load_image_encoder(self.files.encoder_dir, self.device, self.dtype)
+        return self._encoder
 
-    def _analyzer(self) -> FaceAnalyzer:
-        return get_analyzer()
+    def release_encoders(self) -> None:
+        """Free the image encoder once the negatives are computed (reloaded by the next ``compute``)."""
+        self._negatives()
+        if self._encoder is not None:
+            self._encoder = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
-    def _extra_hash_parts(self) -> list[str]:
-        return []
+    def _negatives(self) -> None:
+        """Compute (once) the negatives ``conditioning`` needs, so the encoder can go."""
+        self._uncond_hidden_states()
 
     def _load_spec(self) -> LoadSpec:
         return LoadSpec(self.files)
+
+    @abstractmethod
+    def _compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """This method's tensors of one character's references (the encoder is loaded)."""
 
     @abstractmethod
     def _embeds(self, samples: list[IdentitySample], cfg: bool) -> dict:
@@ -136,6 +164,12 @@ class IPAdapterMethod(IdentityMethod):
         return {}
 
     # IdentityMethod ------------------------------------------------------------------------------------------
+
+    def compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
+        try:
+            return self._compute(references)
+        finally:
+            self.release_encoders()
 
     @property
     def weights_hash(self) -> str:
@@ -188,7 +222,7 @@ class IPAdapterMethod(IdentityMethod):
     def _uncond_hidden_states(self) -> torch.Tensor:
         """diffusers' negative for hidden-state adapters: CLIP of an all-zero pixel tensor (CPU ``[1, T, C]``)."""
         if "hidden" not in self._uncond:
-            size = int(self.encoder.config.image_size)
+            size = self.image_size
             zeros = torch.zeros(1, 3, size, size, device=self.device, dtype=self.encoder.dtype)
             with torch.inference_mode():
                 self._uncond["hidden"] = self._hidden_states(zeros).cpu()
@@ -217,7 +251,7 @@ class PlusFaceSDXLMethod(IPAdapterMethod):
     source: ClassVar[AdapterSource] = PLUS_FACE_SDXL
 
     @torch.inference_mode()
-    def compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def _compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
         crops = [align_face(rgb, landmarks) for rgb, landmarks in self._faces(references)]
         hidden = self._hidden_states(self._pixels(crops))
         return {"clip": hidden.mean(dim=0, keepdim=True).cpu()}
@@ -238,19 +272,9 @@ class FaceIDPlusV2SDXLMethod(IPAdapterMethod):
     shortcut_scale: ClassVar[float] = 1.0
 
     def __init__(self, preset: Preset, device: torch.device, dtype: torch.dtype, settings: Settings | None = None):
-        settings = settings or get_settings()
-        if preset.is_tiny:
-            self.recognizer_file = tiny_recognizer(settings)
-        else:
-            self.recognizer_file = settings.insightface_home / "models" / "buffalo_l" / "w600k_r50.onnx"
-        self.recognizer = ArcFaceRecognizer(self.recognizer_file)
         super().__init__(preset, device, dtype, settings)
-
-    def _analyzer(self) -> FaceAnalyzer:
-        return get_analyzer() if self.preset.is_tiny else get_analyzer("insightface:buffalo_l")
-
-    def _extra_hash_parts(self) -> list[str]:
-        return [file_sha256(self.recognizer_file)]
+        # the pack's own ArcFace (buffalo_l's w600k_r50): FaceID reads its embedding of the detected face
+        self.recognizer = ArcFaceRecognizer(self.analyzer.recognizer_file)
 
     def _load_spec(self) -> LoadSpec:
         weights = read_adapter_state_dict(self.files.weight_file)
@@ -267,7 +291,7 @@ class FaceIDPlusV2SDXLMethod(IPAdapterMethod):
         )
 
     @torch.inference_mode()
-    def compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def _compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
         from insightface.utils import face_align
 
         faces = self._faces(references)
@@ -300,15 +324,18 @@ class FluxIPAdapterMethod(IPAdapterMethod):
     source: ClassVar[AdapterSource] = FLUX_XLABS
 
     @torch.inference_mode()
-    def compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def _compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
         crops = [align_face(rgb, landmarks) for rgb, landmarks in self._faces(references)]
         embeds = self.encoder(self._pixels(crops)).image_embeds.float()
         return {"image": embeds.mean(dim=0, keepdim=True).cpu()}
 
+    def _negatives(self) -> None:
+        self._uncond_image()
+
     def _uncond_image(self) -> torch.Tensor:
         """diffusers' FLUX negative: the CLIP embedding of a black image (CPU ``[1, D]``)."""
         if "image" not in self._uncond:
-            size = int(self.encoder.config.image_size)
+            size = self.image_size
             with torch.inference_mode():
                 black = self._pixels([np.zeros((size, size, 3), dtype=np.uint8)])
                 self._uncond["image"] = self.encoder(black).image_embeds.float().cpu()

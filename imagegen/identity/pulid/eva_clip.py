@@ -15,6 +15,7 @@ for the tiny 6, so every scale of IDFormer still sees a different depth and the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -55,10 +56,33 @@ class EvaClipConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], head_dim: int = 64) -> EvaClipConfig:
+        """The sizes of an EVA-CLIP visual tower from its weights (official ``visual.*`` names, prefix optional).
+
+        The split of the width into heads is not visible in the weights; EVA02's heads are 64 wide.
+        """
+        prefix = OFFICIAL_PREFIX if any(k.startswith(OFFICIAL_PREFIX) for k in state_dict) else ""
+        patch = state_dict[f"{prefix}patch_embed.proj.weight"]
+        width, patch_size = int(patch.shape[0]), int(patch.shape[-1])
+        grid = math.isqrt(int(state_dict[f"{prefix}pos_embed"].shape[1]) - 1)
+        blocks = {int(k[len(prefix) :].split(".")[1]) for k in state_dict if k.startswith(f"{prefix}blocks.")}
+        if width % head_dim:
+            raise ValueError(f"EVA-CLIP width {width} is not a multiple of the head width {head_dim}")
+        return cls(
+            img_size=grid * patch_size,
+            patch_size=patch_size,
+            embed_dim=width,
+            depth=len(blocks),
+            num_heads=width // head_dim,
+            output_dim=int(state_dict[f"{prefix}head.weight"].shape[0]),
+        )
+
 
 EVA02_CLIP_L_336 = EvaClipConfig()
-#: the tiny tower of the tiny presets: 112 px (8x8 patches + CLS = 65 tokens), width 64, 6 blocks of 2 heads
-TINY_EVA_CLIP = EvaClipConfig(img_size=112, patch_size=14, embed_dim=64, depth=6, num_heads=2, output_dim=32)
+#: the tiny tower of the tiny presets' stand-in: 112 px (8x8 patches + CLS = 65 tokens), width 64, 6 blocks of one
+#: 64-wide head (EVA02's head width, so its sizes read back from its weights like the released file's)
+TINY_EVA_CLIP = EvaClipConfig(img_size=112, patch_size=14, embed_dim=64, depth=6, num_heads=1, output_dim=32)
 
 
 class EvaClipVision(nn.Module):

@@ -5,14 +5,13 @@ FFHQ template, parse it with facexlib's BiSeNet, paint background and hair white
 grey, and take the *raw* ArcFace embedding of the face. This module does the same steps with
 pluggable parts, so the production models and the offline stand-ins run through one path:
 
-- detection + 5 landmarks: any ``imagegen.faces`` analyser (insightface antelopev2 in production,
-  dlib offline); the landmark order is the same (eyes, nose, mouth corners);
+- detection + 5 landmarks: the analyser of the method's ``faces`` asset (:func:`method_analyzer`: an insightface
+  pack such as antelopev2, or dlib); the landmark order is the same (eyes, nose, mouth corners);
 - alignment: ``cv2.estimateAffinePartial2D`` (LMEDS) onto facexlib's template, border colour
   (135, 133, 132), exactly as ``facexlib.utils.face_restoration_helper.FaceRestoreHelper``;
-- parsing: ``facexlib.parsing.bisenet.BiSeNet`` (19 classes) with facexlib's weights in
-  production, seeded weights for tiny presets (run at a smaller input size there);
-- recognition: an ArcFace-signature ONNX model loaded through insightface's ``model_zoo``
-  (antelopev2's ``glintr100.onnx`` in production; a generated stand-in for tiny presets).
+- parsing: ``facexlib.parsing.bisenet.BiSeNet`` (19 classes) with facexlib's weights, at 512 px;
+- recognition: the pack's ArcFace-signature ONNX model loaded through insightface's ``model_zoo``
+  (antelopev2's ``glintr100.onnx``).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imagegen.errors import ModelNotAvailableError
-from imagegen.faces import FaceAnalyzer
+from imagegen.faces import FaceAnalyzer, analyzer_for_pack, get_analyzer
 from imagegen.faces.errors import NoFaceError
 
 log = logging.getLogger(__name__)
@@ -75,13 +74,24 @@ def build_parser(weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Mod
 @torch.inference_mode()
 def parse_labels(parser: torch.nn.Module, aligned: np.ndarray, input_size: int) -> torch.Tensor:
     """Per-pixel BiSeNet labels of an aligned crop, ``[1, 1, 512, 512]`` (computed at ``input_size``)."""
-    pixels = torch.from_numpy(aligned).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    device = next(parser.parameters()).device
+    pixels = torch.from_numpy(aligned).permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
     small = F.interpolate(pixels, size=(input_size, input_size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(PARSING_MEAN)[None, :, None, None]
-    std = torch.tensor(PARSING_STD)[None, :, None, None]
+    mean = torch.tensor(PARSING_MEAN, device=device)[None, :, None, None]
+    std = torch.tensor(PARSING_STD, device=device)[None, :, None, None]
     logits = parser((small - mean) / std)[0]
     logits = F.interpolate(logits, size=aligned.shape[:2], mode="bilinear", align_corners=False)
-    return logits.argmax(dim=1, keepdim=True)
+    return logits.argmax(dim=1, keepdim=True).cpu()
+
+
+def method_analyzer(files) -> FaceAnalyzer:
+    """The face analyser of a method's ``faces`` asset: an insightface pack folder, or dlib (its Python package).
+
+    ``files`` is the method's :class:`~imagegen.pipelines.assets.MethodFiles`.
+    """
+    if files.assets["faces"].format == "onnx":
+        return analyzer_for_pack(files["faces"])
+    return get_analyzer("dlib")
 
 
 class ArcFaceRecognizer:

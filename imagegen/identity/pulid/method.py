@@ -4,115 +4,116 @@
 IDFormer; several references are encoded together through IDFormer's multi-image input), and
 ``conditioning`` applies cached tokens per sample for one batch.
 
-Where the parts come from:
+Every file comes from the asset manifest (``configs/assets.yaml``) through :func:`method_files`, which checks
+them all before anything is loaded; the same code reads the released files and the tiny presets' stand-ins:
 
-| part | production presets | tiny presets (offline) |
+| role | asset | loaded as |
 | --- | --- | --- |
-| detection, 5 landmarks | insightface ``antelopev2`` | the configured backend (dlib) |
-| ArcFace (raw) | ``antelopev2/glintr100.onnx`` via ``model_zoo`` | generated glintr100-signature ONNX |
-| face parsing | facexlib BiSeNet, ``parsing_bisenet.pth`` (``weights_only`` load) | the same class, seeded, at 128 px |
-| EVA02-CLIP-L-14-336 | official checkpoint (converted to safetensors) | tiny seeded EVA (``weights.py``) |
-| IDFormer + cross-attentions | ``guozinan/PuLID`` safetensors | tiny seeded PuLID (``weights.py``) |
+| ``faces`` | insightface ``antelopev2`` (SCRFD detector, 5 landmarks; ``glintr100`` raw ArcFace) | ONNX, insightface |
+| ``face_parser`` | facexlib BiSeNet ``parsing_bisenet.pth``, converted to safetensors | facexlib's ``BiSeNet`` |
+| ``eva_clip`` | EVA02-CLIP-L-14-336 ``.pt``, converted to safetensors | timm (:mod:`.eva_clip`) |
+| ``weights`` | ``guozinan/PuLID`` safetensors (IDFormer + cross-attentions / id_to_k,v) | :mod:`.weights` |
+
+The face models and EVA-CLIP are needed only to compute a character's tokens: they are loaded on the first
+``compute`` and released when it ends, so a serving replica whose characters are cached holds only the pipeline
+and the PuLID weights. The cache key (:attr:`weights_hash`) is made of the files' digests, known before loading.
+
+Dtypes on CUDA (:data:`DTYPE_PLAN`; everything is float32 on CPU) follow the reference code: FLUX runs EVA-CLIP,
+IDFormer and the cross-attentions in the pipeline's bf16; SDXL runs EVA-CLIP and the ``id_to_k/v`` projections in
+the UNet's fp16 but IDFormer in float32, as ``pulid/pipeline_v1_1.py`` does.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from imagegen.errors import ModelNotAvailableError
-from imagegen.faces import get_analyzer
 from imagegen.identity.conditioning import BatchConditioning, IdentityMethod, IdentitySample
 from imagegen.identity.pulid import weights as pulid_weights
 from imagegen.identity.pulid.embed import background_mask, eva_pixels, id_tokens, stack_batch
-from imagegen.identity.pulid.faceprep import ArcFaceRecognizer, FacePreparer, build_parser
+from imagegen.identity.pulid.faceprep import ArcFaceRecognizer, FacePreparer, build_parser, method_analyzer
 from imagegen.identity.pulid.flux_ca import PulidFluxState
 from imagegen.identity.pulid.sdxl_processor import PulidSDXLState
+from imagegen.pipelines.assets import MethodFiles, method_files
 from imagegen.pipelines.presets import Preset
 from imagegen.settings import Settings, get_settings
 
-TINY_PARSING_SIZE = 128
+#: BiSeNet's input size (facexlib parses the 512 px aligned face at full size)
 PARSING_SIZE = 512
-BISENET_SEED = 1234
+#: component -> dtype on CUDA: "model" is the pipeline's dtype (bf16 FLUX, fp16 SDXL), else the named one
+DTYPE_PLAN: dict[str, dict[str, str]] = {
+    "flux": {"eva_clip": "model", "idformer": "model", "cross_attention": "model"},
+    "sdxl": {"eva_clip": "model", "idformer": "float32", "cross_attention": "model"},
+}
 
 
-def tiny_face_models(settings: Settings) -> tuple[Path, Path]:
-    """The tiny presets' recognizer (glintr100 signature) and seeded BiSeNet, written once."""
-    from imagegen.faces.testing_models import write_arcface_recognizer
-
-    folder = settings.model_cache / pulid_weights.TINY_DIR
-    recognizer = folder / "glintr100-standin.onnx"
-    parser = folder / "bisenet_seeded.safetensors"
-    if not recognizer.exists():
-        write_arcface_recognizer(recognizer)
-    if not parser.exists():
-        torch.manual_seed(BISENET_SEED)
-        state = {k: v.contiguous() for k, v in build_parser().state_dict().items()}
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = parser.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(parser)
-    return recognizer, parser
+def plan_dtype(family: str, component: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``component`` runs in for a pipeline in ``model_dtype`` (float32 stays float32 everywhere)."""
+    choice = DTYPE_PLAN[family][component]
+    return model_dtype if choice == "model" else getattr(torch, choice)
 
 
-def production_face_models(settings: Settings) -> tuple[Path, dict[str, torch.Tensor]]:
-    """antelopev2's glintr100 and facexlib's BiSeNet weights, from where the user placed them."""
-    recognizer = settings.insightface_home / "models" / "antelopev2" / "glintr100.onnx"
-    parser_file = settings.model_cache / "facexlib" / "parsing_bisenet.pth"
-    if not parser_file.exists():
-        raise ModelNotAvailableError(
-            f"PuLID needs facexlib's face parser at {parser_file} (parsing_bisenet.pth from facexlib's releases); "
-            "it is loaded with torch.load(weights_only=True), which cannot run code"
-        )
-    return recognizer, torch.load(parser_file, map_location="cpu", weights_only=True)
+@dataclass
+class _Encoders:
+    """What only ``compute`` needs: the face preparation chain and EVA-CLIP."""
+
+    preparer: FacePreparer
+    eva: pulid_weights.EvaClipWeights
 
 
 class PulidMethod(IdentityMethod):
-    """What PuLID FLUX and SDXL share: the ID encoder pipeline and the cache key."""
+    """What PuLID FLUX and SDXL share: the files, the ID encoder pipeline and the cache key."""
 
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
 
     def __init__(self, preset: Preset, device: torch.device, dtype: torch.dtype, settings: Settings | None = None):
         self.preset = preset
         self.device = device
         self.dtype = dtype
         self.settings = settings or get_settings()
+        self.files: MethodFiles = method_files(preset, self.name, self.settings)  # every file checked first
         self.weights = self._load_weights()
-        if preset.is_tiny:
-            self.eva = pulid_weights.load_tiny_eva_clip(self.settings)
-            recognizer_file, parser_file = tiny_face_models(self.settings)
-            parser = build_parser(load_file(str(parser_file)))
-            analyzer, parsing_size = get_analyzer(), TINY_PARSING_SIZE
-        else:
-            self.eva = pulid_weights.load_eva_clip(settings=self.settings)
-            recognizer_file, parser_state = production_face_models(self.settings)
-            parser = build_parser(parser_state)
-            analyzer, parsing_size = get_analyzer("insightface"), PARSING_SIZE
-        self.preparer = FacePreparer(analyzer, ArcFaceRecognizer(recognizer_file), parser, parsing_size)
-        self._weights_hash = hashlib.sha256(
-            "|".join(
-                [
-                    self.weights.sha256,
-                    self.eva.sha256,
-                    pulid_weights.file_sha256(recognizer_file),
-                    analyzer.model_version,
-                ]
-            ).encode()
-        ).hexdigest()[:32]
+        self._weights_hash = hashlib.sha256(self.files.digest.encode()).hexdigest()[:32]
+        self._encoders: _Encoders | None = None
+        #: reference faces prepared so far (a render that hits the cache never adds to it)
+        self.calls = 0
         self.handle = None
 
     @abstractmethod
     def _load_weights(self):
-        """This method's checkpoint (released file, or the tiny seeded one for tiny presets)."""
+        """This method's checkpoint, from ``self.files["weights"]``."""
+
+    def _component_dtype(self, component: str) -> torch.dtype:
+        return plan_dtype(self.family, component, self.dtype)
+
+    def _load_encoders(self) -> _Encoders:
+        if self._encoders is None:
+            analyzer = method_analyzer(self.files)
+            recognizer = ArcFaceRecognizer(analyzer.recognizer_file)
+            parser = build_parser(load_file(str(self.files["face_parser"]))).to(self.device)
+            eva = pulid_weights.load_eva_clip(
+                self.files["eva_clip"], dtype=self._component_dtype("eva_clip"), device=self.device
+            )
+            self._encoders = _Encoders(FacePreparer(analyzer, recognizer, parser, PARSING_SIZE), eva)
+        return self._encoders
+
+    def release_encoders(self) -> None:
+        """Free the face models and EVA-CLIP (reloaded by the next ``compute``)."""
+        if self._encoders is not None:
+            self._encoders = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     @property
     def weights_hash(self) -> str:
@@ -120,14 +121,21 @@ class PulidMethod(IdentityMethod):
 
     @torch.inference_mode()
     def compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
-        prepared = [self.preparer.prepare(image, what=f"reference {i}") for i, image in enumerate(references)]
-        faces = torch.from_numpy(np.stack([p.aligned for p in prepared])).permute(0, 3, 1, 2).float().div(255)
-        parsing = torch.cat([p.parsing for p in prepared])
-        pixels = eva_pixels(faces, self.eva.config.img_size, background_mask(parsing))
-        arcface = torch.from_numpy(np.stack([p.arcface for p in prepared]))
-        encoder = self.weights.encoder
-        cond, uncond = id_tokens(encoder, self.eva.model, arcface, pixels.to(next(self.eva.model.parameters())))
-        return {"id": cond.float().cpu(), "uncond": uncond.float().cpu()}
+        try:
+            encoders = self._load_encoders()
+            prepared = []
+            for i, image in enumerate(references):
+                self.calls += 1
+                prepared.append(encoders.preparer.prepare(image, what=f"reference {i}"))
+            faces = torch.from_numpy(np.stack([p.aligned for p in prepared])).permute(0, 3, 1, 2).float().div(255)
+            parsing = torch.cat([p.parsing for p in prepared]).to(faces.device)
+            pixels = eva_pixels(faces, encoders.eva.config.img_size, background_mask(parsing))
+            arcface = torch.from_numpy(np.stack([p.arcface for p in prepared]))
+            eva_model = encoders.eva.model
+            cond, uncond = id_tokens(self.weights.encoder, eva_model, arcface, pixels.to(next(eva_model.parameters())))
+            return {"id": cond.float().cpu(), "uncond": uncond.float().cpu()}
+        finally:
+            self.release_encoders()
 
     def _stack(self, samples: list[IdentitySample], key: str) -> torch.Tensor:
         template = next(s.tensors[key] for s in samples if s.tensors is not None)[0]
@@ -145,9 +153,7 @@ class PulidFluxMethod(PulidMethod):
     family: ClassVar[str] = "flux"
 
     def _load_weights(self):
-        if self.preset.is_tiny:
-            return pulid_weights.load_tiny_pulid_flux(self.settings, dtype=self.dtype, device=self.device)
-        return pulid_weights.load_pulid_flux(settings=self.settings, dtype=self.dtype, device=self.device)
+        return pulid_weights.load_pulid_flux(self.files["weights"], dtype=self.dtype, device=self.device)
 
     def attach(self, pipe) -> None:
         if self.handle is None:
@@ -170,9 +176,9 @@ class PulidSDXLMethod(PulidMethod):
     family: ClassVar[str] = "sdxl"
 
     def _load_weights(self):
-        if self.preset.is_tiny:
-            return pulid_weights.load_tiny_pulid_sdxl(self.settings, dtype=self.dtype, device=self.device)
-        return pulid_weights.load_pulid_sdxl(settings=self.settings, dtype=self.dtype, device=self.device)
+        weights = pulid_weights.load_pulid_sdxl(self.files["weights"], dtype=self.dtype, device=self.device)
+        weights.encoder.to(self._component_dtype("idformer"))  # the reference runs SDXL's IDFormer in float32
+        return weights
 
     def attach(self, pipe) -> None:
         if self.handle is None:

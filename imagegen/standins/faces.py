@@ -1,10 +1,15 @@
-"""Tiny ONNX stand-ins with the signatures of insightface's models, for tests and offline runs.
+"""Tiny ONNX stand-ins with the signatures of insightface's models, for the tiny presets, tests and offline runs.
 
 The real insightface packs (antelopev2, buffalo_l) are licensed non-commercial and are not
 downloaded by imagegen. To exercise the real loading path (``insightface.app.FaceAnalysis`` and
 ``model_zoo``'s shape-based routing, SCRFD decoding, ArcFace alignment) without them, these
 functions build small ONNX graphs with ``onnx.helper`` that route the same way:
 
+- :func:`pixel_scrfd_detector_model`: the detector of the stand-in packs. It looks at the pixels: the
+  16-px cells of the detector input whose mean colour is most skin-like (a Gaussian around a skin tone in
+  YCbCr, smoothed over 5x5 cells) give at most one face, with a 128-px box and template landmarks around
+  it; a blank, grey or noise image gives none. It finds the face of the bundled astronaut portrait, and
+  also a brown table: it is not a face model, and is marked as a stand-in like the others.
 - :func:`scrfd_detector_model`: an SCRFD "bnkps" detector signature (``det_10g`` /
   ``scrfd_10g_bnkps``): input ``1x3xHxW`` (dynamic H, W), 9 outputs = scores, box distances and
   keypoint distances for strides 8, 16, 32 with 2 anchors per cell, rank-2 outputs
@@ -31,7 +36,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 #: ONNX metadata key present in every generated stand-in model
-STANDIN_METADATA_KEY = "imagegen.standin"
+from imagegen.faces.base import STANDIN_METADATA_KEY  # noqa: E402  (re-exported: where stand-ins are marked)
+
 #: file names of the detector and recognizer in each pack (as in the real zips)
 PACK_FILES: dict[str, tuple[str, str]] = {
     "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
@@ -55,7 +61,7 @@ def _finish(graph: onnx.GraphProto, description: str) -> onnx.ModelProto:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="imagegen.faces.testing_models",
+        producer_name="imagegen.standins.faces",
         doc_string=description,
     )
     model.ir_version = IR_VERSION
@@ -194,7 +200,7 @@ def write_tiny_pack(root: str | Path, pack: str = "antelopev2") -> Path:
     write_scrfd_detector(pack_dir / detector)
     write_arcface_recognizer(pack_dir / recognizer)
     (pack_dir / "STANDIN.txt").write_text(
-        "Tiny random-weight stand-ins written by imagegen.faces.testing_models for tests and offline\n"
+        "Tiny random-weight stand-ins written by imagegen.standins.faces for tests and offline\n"
         "runs. They have the signatures of the real models but detect and recognise nothing.\n"
     )
     return pack_dir
@@ -233,3 +239,106 @@ def write_genderage_model(path: str | Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(genderage_model(**kwargs), str(path))
     return path
+
+
+#: the skin tone the pixel stand-in detector looks for (YCbCr, 8-bit), its spread, and the darkest cell it accepts
+SKIN_CR, SKIN_CB, SKIN_SPREAD, SKIN_MIN_LUMA = 148.0, 110.0, 18.0, 60.0
+PIXEL_CELL = 16
+PIXEL_BOX = 128.0
+#: 5 landmarks as fractions of the box (eyes, nose, mouth corners), roughly an FFHQ-aligned face
+PIXEL_LANDMARKS = ((0.34, 0.40), (0.66, 0.40), (0.50, 0.58), (0.37, 0.76), (0.63, 0.76))
+
+
+def pixel_scrfd_detector_model() -> onnx.ModelProto:
+    """An SCRFD-signature detector that looks at the pixels (see the module doc): at most one face.
+
+    insightface feeds SCRFD ``(pixel - 127.5) / 128`` in RGB order. Scores come from the stride-16 grid (two
+    anchors per cell, both with the cell's score; NMS keeps one); strides 8 and 32 report nothing.
+    """
+    cell = PIXEL_CELL
+    half = PIXEL_BOX / 2
+    # box and landmarks relative to the anchor (the cell's top-left corner), in stride units
+    centre = cell / 2
+    box_dist = np.array([[half - centre, half - centre, half + centre, half + centre]], dtype=np.float32) / cell
+    kps = [(centre + (fx - 0.5) * PIXEL_BOX, centre + (fy - 0.5) * PIXEL_BOX) for fx, fy in PIXEL_LANDMARKS]
+    kps_dist = np.asarray(kps, dtype=np.float32).reshape(1, 10) / cell
+    # [Y, Cr - SKIN_CR, Cb - SKIN_CB] of 8-bit RGB as one 1x1 convolution
+    to_ycc = np.array(
+        [
+            [0.299, 0.587, 0.114],
+            [0.713 * 0.701, -0.713 * 0.587, -0.713 * 0.114],
+            [-0.564 * 0.299, -0.564 * 0.587, 0.564 * 0.886],
+        ],
+        dtype=np.float32,
+    )
+    initializers = [
+        _const("flat_shape", np.array([-1, 1], dtype=np.int64)),
+        _const("zero", np.array(0.0, dtype=np.float32)),
+        _const("one", np.array(1.0, dtype=np.float32)),
+        _const("to_255_scale", np.array(128.0, dtype=np.float32)),
+        _const("to_255_shift", np.array(127.5, dtype=np.float32)),
+        _const("ycc_weight", to_ycc.reshape(3, 3, 1, 1)),
+        _const("ycc_bias", np.array([-SKIN_MIN_LUMA, 128.0 - SKIN_CR, 128.0 - SKIN_CB], dtype=np.float32)),
+        _const("chroma_scale", np.array(1.0 / SKIN_SPREAD, dtype=np.float32)),
+        _const("luma_scale", np.array(0.5, dtype=np.float32)),
+        _const("split", np.array([1, 2], dtype=np.int64)),
+        _const("box_dist", box_dist),
+        _const("kps_dist", kps_dist),
+    ]
+    nodes = [
+        helper.make_node(
+            "AveragePool", ["input.1"], ["cells"], name="cells", kernel_shape=[cell, cell], strides=[cell, cell]
+        ),
+        helper.make_node("Mul", ["cells", "to_255_scale"], ["cells_scaled"], name="to_255"),
+        helper.make_node("Add", ["cells_scaled", "to_255_shift"], ["rgb"], name="to_255_shift"),
+        helper.make_node("Conv", ["rgb", "ycc_weight", "ycc_bias"], ["ycc"], name="ycc"),
+        helper.make_node("Split", ["ycc", "split"], ["luma", "chroma"], name="split_ycc", axis=1),
+        helper.make_node("Mul", ["chroma", "chroma_scale"], ["chroma_z"], name="chroma_z"),
+        helper.make_node("Mul", ["chroma_z", "chroma_z"], ["chroma_sq"], name="chroma_sq"),
+        helper.make_node("ReduceSum", ["chroma_sq", "sum_axis"], ["distance"], name="distance", keepdims=1),
+        helper.make_node("Neg", ["distance"], ["neg_distance"], name="neg_distance"),
+        helper.make_node("Exp", ["neg_distance"], ["tone"], name="tone"),
+        helper.make_node("Mul", ["luma", "luma_scale"], ["luma_z"], name="luma_z"),
+        helper.make_node("Sigmoid", ["luma_z"], ["bright"], name="bright"),
+        helper.make_node("Mul", ["tone", "bright"], ["skin"], name="skin"),
+        helper.make_node(
+            "AveragePool", ["skin"], ["region"], name="region", kernel_shape=[5, 5], strides=[1, 1], pads=[2, 2, 2, 2]
+        ),
+        helper.make_node("ReduceMax", ["region"], ["best"], name="best", keepdims=1),
+        helper.make_node("GreaterOrEqual", ["region", "best"], ["is_best"], name="is_best"),
+        helper.make_node("Cast", ["is_best"], ["best_mask"], name="best_mask", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["region", "best_mask"], ["face_score"], name="face_score"),
+        helper.make_node("Reshape", ["face_score", "flat_shape"], ["face_cells"], name="face_cells"),
+        helper.make_node("Concat", ["face_cells", "face_cells"], ["face_pair"], name="face_pair", axis=1),
+        helper.make_node("Reshape", ["face_pair", "flat_shape"], [f"score_{cell}"], name="face_anchors"),
+    ]
+    initializers.append(_const("sum_axis", np.array([1], dtype=np.int64)))
+    outputs: dict[str, list] = {"score": [], "bbox": [], "kps": []}
+    nodes.append(helper.make_node("ReduceMean", ["input.1"], ["grey"], name="grey", axes=[1], keepdims=1))
+    for s in STRIDES:
+        p = f"s{s}"
+        nodes += [
+            helper.make_node(
+                "AveragePool", ["grey"], [f"{p}_pool"], name=f"{p}_pool", kernel_shape=[s, s], strides=[s, s]
+            ),
+            helper.make_node("Reshape", [f"{p}_pool", "flat_shape"], [f"{p}_cells"], name=f"{p}_cells"),
+            helper.make_node("Concat", [f"{p}_cells", f"{p}_cells"], [f"{p}_pairs"], name=f"{p}_pairs", axis=1),
+            helper.make_node("Reshape", [f"{p}_pairs", "flat_shape"], [f"{p}_anchors"], name=f"{p}_anchors"),
+            helper.make_node("Mul", [f"{p}_anchors", "zero"], [f"{p}_zeros"], name=f"{p}_zeros"),
+            helper.make_node("Add", [f"{p}_zeros", "one"], [f"{p}_ones"], name=f"{p}_ones"),
+            helper.make_node("MatMul", [f"{p}_ones", "box_dist"], [f"bbox_{s}"], name=f"{p}_bbox"),
+            helper.make_node("MatMul", [f"{p}_ones", "kps_dist"], [f"kps_{s}"], name=f"{p}_kps"),
+        ]
+        if s != cell:
+            nodes.append(helper.make_node("Identity", [f"{p}_zeros"], [f"score_{s}"], name=f"{p}_score"))
+        outputs["score"].append(helper.make_tensor_value_info(f"score_{s}", TensorProto.FLOAT, [f"n{s}", 1]))
+        outputs["bbox"].append(helper.make_tensor_value_info(f"bbox_{s}", TensorProto.FLOAT, [f"n{s}", 4]))
+        outputs["kps"].append(helper.make_tensor_value_info(f"kps_{s}", TensorProto.FLOAT, [f"n{s}", 10]))
+    graph = helper.make_graph(
+        nodes,
+        "scrfd_pixel_standin",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        outputs["score"] + outputs["bbox"] + outputs["kps"],
+        initializer=initializers,
+    )
+    return _finish(graph, "tiny SCRFD-signature stand-in detector (most skin-coloured region); not a face model")
