@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
+from imagegen.identity.pulid.steps import Phase, RowGate
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class IPAdapterState:
       :meth:`callback`, used as (or chained into) the pipeline's ``callback_on_step_end``.
     - ``layer_inputs``: per-sample tensors some projections read from an attribute rather than from the
       embeddings (FaceID-Plus's CLIP hidden states: ``{"clip_embeds": ([B, 1, T, C] cond, [B, 1, T, C] uncond)}``).
+
+    The wrapped layers run per layer per step; they read the scales through :meth:`phase`, worked out on the host
+    here for every step and uploaded once per device and dtype (see :mod:`imagegen.identity.pulid.steps`), so the
+    loop has no host→device copy and no device→host sync of its own.
     """
 
     def __init__(
@@ -77,7 +82,9 @@ class IPAdapterState:
         self.start_step = per_sample(start_step, batch, torch.long, "start_step")
         self.layer_inputs = dict(layer_inputs or {})
         self.step = 0
-        self._on_device: dict[tuple, torch.Tensor] = {}
+        # both halves of a CFG batch [negative, positive] take their sample's scale
+        scales, starts = self.scale.tolist(), self.start_step.tolist()
+        self.gates = {batch: RowGate(scales, starts), 2 * batch: RowGate(scales + scales, starts + starts)}
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """A diffusers ``callback_on_step_end``: step ``step`` is done, the next one is ``step + 1``."""
@@ -86,27 +93,23 @@ class IPAdapterState:
 
     def rows(self, count: int, per_sample_values: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row values for a model call on ``count`` rows: ``B`` samples, or ``2B`` = ``[negative, positive]``."""
+        self._check_rows(count)
         if count == self.batch_size:
             return per_sample_values
-        if count == 2 * self.batch_size:
-            return torch.cat([per_sample_values if negative is None else negative, per_sample_values])
-        raise ValueError(
-            f"IP-Adapter state has {self.batch_size} samples but the model was called with {count} rows "
-            f"(expected {self.batch_size}, or {2 * self.batch_size} with classifier-free guidance)"
-        )
+        return torch.cat([per_sample_values if negative is None else negative, per_sample_values])
 
-    def row_scales(self, count: int) -> torch.Tensor:
-        """The scale of every row at the current step (CPU, float32)."""
-        scale = torch.where(self.step >= self.start_step, self.scale, torch.zeros_like(self.scale))
-        return self.rows(count, scale)
+    def phase(self, count: int) -> Phase:
+        """The scale of every row of a model call on ``count`` rows at the current step (host values and views of
+        the device tables; see :class:`~imagegen.identity.pulid.steps.Phase`)."""
+        self._check_rows(count)
+        return self.gates[count].at(self.step)
 
-    def row_scales_like(self, count: int, like: torch.Tensor) -> torch.Tensor:
-        """:meth:`row_scales` on ``like``'s device and dtype, shaped to broadcast over its non-batch dims."""
-        key = (self.step, count, like.device, like.dtype, like.ndim)
-        if key not in self._on_device:
-            shape = (count,) + (1,) * (like.ndim - 1)
-            self._on_device[key] = self.row_scales(count).to(device=like.device, dtype=like.dtype).view(shape)
-        return self._on_device[key]
+    def _check_rows(self, count: int) -> None:
+        if count not in (self.batch_size, 2 * self.batch_size):
+            raise ValueError(
+                f"IP-Adapter state has {self.batch_size} samples but the model was called with {count} rows "
+                f"(expected {self.batch_size}, or {2 * self.batch_size} with classifier-free guidance)"
+            )
 
     def layer_input(self, name: str, count: int) -> torch.Tensor:
         cond, uncond = self.layer_inputs[name]
@@ -283,20 +286,20 @@ class PerSampleSDXLProcessor(_PerSampleProcessor):
         if state is None or not isinstance(encoder_hidden_states, tuple):
             return self.plain(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb)
         count = hidden_states.shape[0]
-        scale = state.row_scales(count)
-        if not bool((scale != 0).any()):
+        phase = state.phase(count)  # which rows take the adapter: decided on the host
+        if not phase.rows:
             return self.plain(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb)
         ip_out = self.ip(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask, temb=temb)
-        if bool((scale == 1).all()):
+        if all(v == 1 for v in phase.values):
             return ip_out
         plain_out = self.plain(
             attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb
         )
-        s = state.row_scales_like(count, plain_out.float())
+        s = phase.values_on(plain_out.device, torch.float32).view((count,) + (1,) * (plain_out.ndim - 1))
         mixed = (plain_out.float() + s * (ip_out.float() - plain_out.float())).to(plain_out.dtype)
-        shape = (count,) + (1,) * (plain_out.ndim - 1)
-        mixed = torch.where((scale == 1).to(plain_out.device).view(shape), ip_out, mixed)
-        return torch.where((scale == 0).to(plain_out.device).view(shape), plain_out, mixed)
+        # rows at scale 1 / 0 are exactly diffusers' / the plain output (masks computed on the device)
+        mixed = torch.where(s == 1, ip_out, mixed)
+        return torch.where(s == 0, plain_out, mixed)
 
 
 class PerSampleFluxProcessor(_PerSampleProcessor):
@@ -316,15 +319,16 @@ class PerSampleFluxProcessor(_PerSampleProcessor):
         if state is None or ip_hidden_states is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         count = hidden_states.shape[0]
-        scale = state.row_scales(count)
-        if not bool((scale != 0).any()):
+        phase = state.phase(count)  # which rows take the adapter: decided on the host
+        if not phase.rows:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         hidden, context, ip_out = self.ip(
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, ip_hidden_states
         )
-        if bool((scale == 1).all()):
+        if all(v == 1 for v in phase.values):
             return hidden, context, ip_out
-        return hidden, context, ip_out * state.row_scales_like(count, ip_out)
+        s = phase.values_on(ip_out.device, ip_out.dtype).view((count,) + (1,) * (ip_out.ndim - 1))
+        return hidden, context, ip_out * s
 
 
 class RowLoRA:
@@ -339,13 +343,13 @@ class RowLoRA:
         state = self.handle.state
         if state is None:
             return None
-        active = state.row_scales(output.shape[0]) != 0
-        if not bool(active.any()):
+        phase = state.phase(output.shape[0])  # which rows take the LoRA: decided on the host
+        if not phase.rows:
             return None
         x = args[0]
-        if bool(active.all()):
+        if phase.all:
             return output + F.linear(F.linear(x, self.down), self.up).to(output.dtype)
-        rows = active.nonzero().squeeze(1).to(output.device)
+        rows = phase.rows_on(output.device)
         delta = F.linear(F.linear(x.index_select(0, rows), self.down), self.up)
         return output.index_add(0, rows, delta.to(output.dtype))
 

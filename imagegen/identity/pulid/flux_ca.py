@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from imagegen.identity.pulid.encoder import attention
-from imagegen.identity.pulid.steps import StepGatedState, per_sample
+from imagegen.identity.pulid.steps import Phase, RowGate, StepGatedState, per_sample
 
 #: attribute set on a transformer while PuLID hooks are attached (refuses a second attach)
 ATTACHED_ATTR = "_imagegen_pulid_flux"
@@ -103,6 +103,10 @@ class PulidFluxState(StepGatedState):
     - ``start_step``: an int or ``[B]`` per sample; identity is applied from denoising step ``start_step`` on.
       The step is ``self.step``, which :meth:`callback` (as ``callback_on_step_end``, or chained into one with
       :meth:`chain`) advances after every step.
+
+    The hooks run per block per step: they read the weights through :attr:`gate` (worked out on the host here for
+    every step, uploaded once per device and dtype) and the tokens through :meth:`tokens_on` (converted once), so
+    the loop has no host→device copy and no device→host sync (see :mod:`imagegen.identity.pulid.steps`).
     """
 
     def __init__(
@@ -123,6 +127,8 @@ class PulidFluxState(StepGatedState):
             )
         self.weight = per_sample(weight, batch, torch.float32, "weight")
         self.start_step = per_sample(start_step, batch, torch.long, "start_step")
+        #: the weights per step phase, on the host and (once per device / dtype) on the device
+        self.gate = RowGate(self.weight.tolist(), self.start_step.tolist())
         self.step = 0
         self.calls = 0
 
@@ -131,13 +137,16 @@ class PulidFluxState(StepGatedState):
         self.step = 0
         self.calls = 0
 
-    def next_call(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(id tokens, effective weights [B])`` for the transformer call that is starting."""
+    def next_call(self) -> tuple[torch.Tensor, Phase]:
+        """``(id tokens, phase of the current step)`` for the transformer call that is starting."""
         uncond = self.uncond_id_tokens is not None and self.calls % 2 == 1
         self.calls += 1
-        tokens = self.uncond_id_tokens if uncond else self.id_tokens
-        weight = self.gate(self.weight)
-        return tokens, weight
+        return (self.uncond_id_tokens if uncond else self.id_tokens), self.gate.at(self.step)
+
+    def tokens_on(self, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``tokens`` (``id_tokens`` or ``uncond_id_tokens``) on ``device`` in ``dtype``, converted once."""
+        which = "uncond" if tokens is self.uncond_id_tokens else "cond"
+        return self.cached((which, device, dtype), lambda: tokens.to(device=device, dtype=dtype))
 
 
 class PulidFluxHandle:
@@ -151,7 +160,8 @@ class PulidFluxHandle:
         self.double_interval = double_interval
         self.single_interval = single_interval
         self.state: PulidFluxState | None = None
-        self._current: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: ``(state, id tokens, phase)`` of the transformer call running, None when no sample takes identity in it
+        self._current: tuple[PulidFluxState, torch.Tensor, Phase] | None = None
         self._hooks: list = []
 
     @property
@@ -189,14 +199,14 @@ class PulidFluxHandle:
         self._current = None
         if self.state is None:
             return None
-        tokens, weight = self.state.next_call()
+        tokens, phase = self.state.next_call()
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden is not None and hidden.shape[0] != tokens.shape[0]:
             raise ValueError(
                 f"PuLID state has {tokens.shape[0]} samples but the transformer was called with {hidden.shape[0]}"
             )
-        if bool((weight != 0).any()):
-            self._current = (tokens, weight)
+        if phase.rows:  # decided on the host: no sample takes identity at this step -> the blocks run plainly
+            self._current = (self.state, tokens, phase)
         return None
 
     def _after_call(self, module, args, output):
@@ -213,18 +223,22 @@ class PulidFluxHandle:
         return hook
 
     def _apply(self, index: int, img: torch.Tensor) -> torch.Tensor:
-        tokens, weight = self._current
+        """``img + weight * ca(id, img)`` for the rows that take identity at this step, the others untouched.
+
+        Runs per block per step, so it only takes views of tensors the state already has on the device (see
+        :mod:`~imagegen.identity.pulid.steps`): no host→device copy, no device→host sync.
+        """
+        state, tokens, phase = self._current
         ca = self.cross_attentions[index]
         param = next(ca.parameters())
-        active = weight != 0
-        weight = weight.to(device=img.device, dtype=img.dtype)
-        if bool(active.all()):
-            residual = ca(tokens.to(device=param.device, dtype=param.dtype), img.to(param.dtype)).to(img.dtype)
+        tokens = state.tokens_on(tokens, param.device, param.dtype)
+        weight = phase.values_on(img.device, img.dtype)
+        if phase.all:
+            residual = ca(tokens, img.to(param.dtype)).to(img.dtype)
             return img + weight[:, None, None] * residual
-        rows = active.nonzero().squeeze(1).to(img.device)
+        rows = phase.rows_on(img.device)
         sub = img.index_select(0, rows)
-        sub_tokens = tokens.to(device=param.device, dtype=param.dtype).index_select(0, rows.to(param.device))
-        residual = ca(sub_tokens, sub.to(param.dtype)).to(img.dtype)
+        residual = ca(tokens.index_select(0, phase.rows_on(param.device)), sub.to(param.dtype)).to(img.dtype)
         return img.index_copy(0, rows, sub + weight.index_select(0, rows)[:, None, None] * residual)
 
 

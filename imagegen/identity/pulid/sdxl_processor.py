@@ -22,6 +22,7 @@ no weights).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagegen.identity.pulid.steps import StepGatedState, per_sample
+from imagegen.identity.pulid.steps import RowGate, StepGatedState, per_sample
 
 PREFIX = "id_adapter_attn_layers."
 ORTHO_MODES = (None, "v1", "v2")
@@ -75,23 +76,39 @@ class PulidSDXLState(StepGatedState):
         self.num_zero = num_zero
         self.ortho = ortho
         self.step = 0
+        # the scales per step phase of the two row layouts a UNet call can have: the B samples, or a CFG batch
+        # [negative, positive] (negative rows take the negative id tokens, or no identity without them)
+        scales, starts = self.scale.tolist(), self.start_step.tolist()
+        negative = scales if uncond_id_tokens is not None else [0.0] * batch
+        self.gates = {batch: RowGate(scales, starts), 2 * batch: RowGate(negative + scales, starts + starts)}
 
-    def for_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(id tokens [batch, N, C], scales [batch])`` for a UNet call on ``batch`` rows.
+    def for_batch(self, batch: int) -> tuple[torch.Tensor, RowGate]:
+        """``(id tokens [batch, N, C], gate of the scales [batch])`` for a UNet call on ``batch`` rows.
 
         ``batch == B``: the samples themselves; ``batch == 2B``: a CFG batch ``[negative, positive]``.
         """
-        scale = self.gate(self.scale)
+        if batch not in self.gates:
+            raise ValueError(
+                f"PuLID state has {self.batch_size} samples but the UNet was called with {batch} rows "
+                f"(expected {self.batch_size}, or {2 * self.batch_size} with classifier-free guidance)"
+            )
         if batch == self.batch_size:
-            return self.id_tokens, scale
-        if batch == 2 * self.batch_size:
-            if self.uncond_id_tokens is None:
-                return torch.cat([self.id_tokens, self.id_tokens]), torch.cat([torch.zeros_like(scale), scale])
-            return torch.cat([self.uncond_id_tokens, self.id_tokens]), torch.cat([scale, scale])
-        raise ValueError(
-            f"PuLID state has {self.batch_size} samples but the UNet was called with {batch} rows "
-            f"(expected {self.batch_size}, or {2 * self.batch_size} with classifier-free guidance)"
-        )
+            return self.id_tokens, self.gates[batch]
+        negative = self.id_tokens if self.uncond_id_tokens is None else self.uncond_id_tokens
+        # concatenated once per render, not per layer and step
+        return self.cached(("cfg tokens",), lambda: torch.cat([negative, self.id_tokens])), self.gates[batch]
+
+    def tokens_on(self, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``tokens`` (from :meth:`for_batch`) on ``device`` in ``dtype``, converted once per render."""
+        return self.cached((tokens.shape[0], device, dtype), lambda: tokens.to(device=device, dtype=dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_gate(scales: tuple[float, ...]) -> RowGate:
+    """The gate of per-call ``id_scale`` values (no start step), shared by every layer and call that passes the same
+    scales, so they reach a device once rather than once per layer and step. Pass Python numbers: a device tensor
+    has to be read back to the host first."""
+    return RowGate(scales, [0] * len(scales))
 
 
 def _check_mode(num_zero: int, ortho: str | None) -> None:
@@ -176,32 +193,41 @@ class PulidSDXLAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
     def _identity(self, batch, id_embedding, id_scale, num_zero, ortho):
-        """``(tokens, scales, num_zero, ortho)`` for this call, or None when no sample takes identity."""
+        """``(tokens, phase of the scales, num_zero, ortho)`` for this call, or None when no row takes identity.
+
+        The tokens are on this processor's device and dtype. Whether any row takes identity is decided on the
+        host (:class:`~imagegen.identity.pulid.steps.Phase`), never by reading a device tensor.
+        """
+        weight = self.id_to_k.weight
         if id_embedding is not None:
             scale = per_sample(1.0 if id_scale is None else id_scale, batch, torch.float32, "id_scale")
+            phase = _fixed_gate(tuple(scale.tolist())).at(0)
             num_zero = 0 if num_zero is None else num_zero
             _check_mode(num_zero, ortho)
-            tokens = id_embedding
+            if id_embedding.shape[0] != batch:
+                raise ValueError(f"id_embedding has {id_embedding.shape[0]} rows for a batch of {batch}")
+            if not phase.rows:
+                return None
+            tokens = id_embedding.to(device=weight.device, dtype=weight.dtype)
         else:
             state = self.handle.state if self.handle is not None else None
             if state is None:
                 return None
-            tokens, scale = state.for_batch(batch)
+            tokens, gate = state.for_batch(batch)
+            phase = gate.at(state.step)
+            if not phase.rows:
+                return None
+            tokens = state.tokens_on(tokens, weight.device, weight.dtype)
             num_zero, ortho = state.num_zero, state.ortho
-        if tokens.shape[0] != batch:
-            raise ValueError(f"id_embedding has {tokens.shape[0]} rows for a batch of {batch}")
-        if not bool((scale != 0).any()):
-            return None
-        return tokens, scale, num_zero, ortho
+        return tokens, phase, num_zero, ortho
 
-    def _add_identity(self, attn, query, hidden_states, tokens, scale, num_zero, ortho):
-        active = scale != 0
-        rows = None if bool(active.all()) else active.nonzero().squeeze(1).to(hidden_states.device)
-        weight = self.id_to_k.weight
-        tokens = tokens.to(device=weight.device, dtype=weight.dtype)
+    def _add_identity(self, attn, query, hidden_states, tokens, phase, num_zero, ortho):
+        # the rows that take identity come from the host-side phase; their indices and scales are views of
+        # tensors already on the device (no copy or sync per layer and step)
+        rows = None if phase.all else phase.rows_on(hidden_states.device)
         q, h = query, hidden_states
         if rows is not None:
-            tokens = tokens.index_select(0, rows.to(tokens.device))
+            tokens = tokens.index_select(0, phase.rows_on(tokens.device))
             q, h = query.index_select(0, rows), hidden_states.index_select(0, rows)
         if num_zero:
             tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], num_zero, tokens.shape[-1])], dim=1)
@@ -211,9 +237,11 @@ class PulidSDXLAttnProcessor(nn.Module):
         id_value = self.id_to_v(tokens).to(q.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
         h_id = F.scaled_dot_product_attention(q, id_key, id_value, attn_mask=None, dropout_p=0.0, is_causal=False)
         h_id = h_id.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
-        s = (scale if rows is None else scale.index_select(0, rows.cpu())).to(h.device)[:, None, None]
+        # the plain mode scales in the hidden states' dtype, the ortho modes in float32 (as PuLID does)
+        s = phase.values_on(h.device, h.dtype if ortho is None else torch.float32)
+        s = (s if rows is None else s.index_select(0, rows))[:, None, None]
         if ortho is None:
-            out = h + s.to(h.dtype) * h_id
+            out = h + s * h_id
         else:
             h32, id32 = h.float(), h_id.float()
             # per sample and channel, over the tokens; a channel whose text attention output is all zero (the

@@ -1,8 +1,23 @@
-"""What the FLUX and SDXL PuLID batch states share: per-sample values and the denoising-step gate."""
+"""Per-sample identity weights and the denoising-step gate, shared by the PuLID (FLUX, SDXL) and IP-Adapter states.
+
+The hooks that apply an identity run once per layer per denoising step. On a GPU, anything they do with host
+values there stalls the whole loop: a tensor made from Python values or a CPU tensor moved to the GPU is a
+blocking host→device copy, and a Python branch on a device tensor (``bool(t.any())``, ``.item()``, ``.tolist()``,
+``.nonzero()``) waits for every queued kernel. So none of that happens in the loop:
+
+- what a step needs depends on the weights and start steps (host values given when the state is built) and on the
+  step, a Python int advanced by the pipeline's step callback. The step only matters through which samples have
+  started, i.e. through the *phase*: how many of the distinct start steps it has reached. :class:`RowGate` works
+  out every phase on the host up front (which rows take identity, their gated values, their row indices);
+- its tables go to a device once per ``(device, dtype)`` (on first use, then cached: one copy per pipeline call),
+  and a step takes ``table[phase]``, a view: no copy, no kernel, no sync;
+- every "skip this work?" decision is made from the host-side values (:attr:`Phase.rows`), never from a tensor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,11 +32,80 @@ def per_sample(value, batch: int, dtype: torch.dtype, name: str) -> torch.Tensor
     return tensor
 
 
+class Phase:
+    """The rows of a model call that take identity during one phase of the loop, on the host and on devices.
+
+    ``values`` (host floats, 0 for rows that are off or have not started) and ``rows`` (indices of the rows with a
+    non-zero value) are what the hooks branch on; :meth:`values_on` / :meth:`rows_on` are views into the gate's
+    tables already on the device.
+    """
+
+    __slots__ = ("_gate", "_index", "all", "rows", "values")
+
+    def __init__(self, gate: RowGate, index: int, values: tuple[float, ...]):
+        self._gate = gate
+        self._index = index
+        self.values = values
+        self.rows = tuple(i for i, v in enumerate(values) if v != 0)
+        #: every row takes identity (no row selection needed)
+        self.all = len(self.rows) == len(values)
+
+    def values_on(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The gated values ``[R]`` on ``device`` in ``dtype`` (cast from float32, as the host values are)."""
+        return self._gate.table("values", device, dtype)[self._index]
+
+    def rows_on(self, device: torch.device) -> torch.Tensor:
+        """``rows`` as an index tensor ``[len(rows)]`` on ``device`` (for ``index_select`` / ``index_copy``)."""
+        return self._gate.table("rows", device, torch.long)[self._index, : len(self.rows)]
+
+
+class RowGate:
+    """Per-row values that switch on per row from a denoising step, worked out for every phase of the loop.
+
+    ``values[r]`` applies to row ``r`` from step ``starts[r]`` on (0 before). :meth:`at` gives the :class:`Phase` of
+    a step on the host; :meth:`table` uploads the ``[phases, R]`` tables once per device and dtype.
+    """
+
+    def __init__(self, values: Sequence[float], starts: Sequence[int]):
+        values = [float(v) for v in values]
+        starts = [int(s) for s in starts]
+        if len(values) != len(starts):
+            raise ValueError(f"{len(values)} values for {len(starts)} start steps")
+        #: distinct start steps; phase p: the rows whose start step is <= thresholds[p - 1] are on (phase 0: none)
+        self.thresholds = sorted(set(starts))
+        gated = [
+            tuple(v if p and s <= self.thresholds[p - 1] else 0.0 for v, s in zip(values, starts, strict=True))
+            for p in range(len(self.thresholds) + 1)
+        ]
+        self.phases = [Phase(self, p, row) for p, row in enumerate(gated)]
+        width = len(values)
+        self._host = {
+            "values": torch.tensor(gated, dtype=torch.float32).reshape(len(gated), width),
+            "rows": torch.tensor(
+                [list(phase.rows) + [0] * (width - len(phase.rows)) for phase in self.phases], dtype=torch.long
+            ).reshape(len(gated), width),
+        }
+        self._on_device: dict[tuple, torch.Tensor] = {}
+
+    def at(self, step: int) -> Phase:
+        """The phase of denoising step ``step`` (a Python int: no tensor is read)."""
+        return self.phases[bisect.bisect_right(self.thresholds, step)]
+
+    def table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[phases, R]`` table ``name`` (``"values"`` or ``"rows"``) on ``device``: copied there on first use."""
+        key = (name, torch.device(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = self._host[name].to(device=device, dtype=dtype)
+        return self._on_device[key]
+
+
 class StepGatedState:
     """Identity inputs of one batch that switch on per sample from denoising step ``start_step``.
 
     ``self.step`` is the step about to run; :meth:`callback` (a diffusers ``callback_on_step_end``)
-    advances it, so the pipeline's own loop drives the gate.
+    advances it, so the pipeline's own loop drives the gate. Subclasses build their :class:`RowGate` per call layout
+    once, in ``__init__``, and cache their tokens per device and dtype (:meth:`cached`), so the per-layer hooks find
+    everything already on the device.
     """
 
     id_tokens: torch.Tensor
@@ -32,9 +116,12 @@ class StepGatedState:
     def batch_size(self) -> int:
         return self.id_tokens.shape[0]
 
-    def gate(self, values: torch.Tensor) -> torch.Tensor:
-        """``values [B]`` where the sample's identity is on at the current step, 0 elsewhere."""
-        return torch.where(self.step >= self.start_step, values, torch.zeros_like(values))
+    def cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()`` the first time ``key`` is asked for in this state, the same tensor afterwards."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """A diffusers ``callback_on_step_end``: step ``step`` is done, the next one is ``step + 1``."""
