@@ -24,6 +24,7 @@ import numpy as np
 
 from imagegen.errors import ImagegenError
 from imagegen.faces import Face, FaceAnalyzer, FaceResult
+from imagegen.faces.base import is_standin_model
 from imagegen.faces.similarity import metric_for, similarities
 from imagegen.settings import Settings, get_settings
 
@@ -122,6 +123,10 @@ class InsightFaceAgeEstimator:
         if getattr(self.model, "taskname", None) != "genderage":
             raise SafeguardError(f"{model_file} is not an insightface genderage model")
         self.model.prepare(ctx_id=-1)
+        #: a generated stand-in (tiny presets, tests) may refuse a face but never vouches for one
+        self.is_standin = is_standin_model(self.model_file)
+        if self.is_standin:
+            self.name = "insightface-genderage+standin"
 
     def estimate(self, image: np.ndarray, face: Face) -> float:
         from insightface.app.common import Face as InsightFace
@@ -179,4 +184,13 @@ def check_age(
         raise AgeGateError(
             f"registration refused: faces look younger than {min_age}: {listed}. Characters must look clearly adult."
         )
+    if getattr(estimator, "is_standin", False):
+        # a stand-in's "adult" means nothing: the character stays unverified (and strict mode refuses it)
+        if strict:
+            raise AgeGateError(
+                f"registration refused: the apparent-age estimator ({estimator.name}) is a generated stand-in, not a "
+                "real model, and the age gate is strict. Install a real genderage.onnx (insightface buffalo_l or "
+                "antelopev2 pack)."
+            )
+        return AgeCheck("unverified", estimator.name, min_age, ages)
     return AgeCheck("passed", estimator.name, min_age, ages)

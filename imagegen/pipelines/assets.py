@@ -53,7 +53,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: bumped when the conversion changes; older conversions are redone
 CONVERTER_VERSION = 1
 
-AssetState = Literal["present", "converted", "needs conversion", "missing", "licence pending"]
+AssetState = Literal["present", "converted", "needs conversion", "needs unpacking", "missing", "licence pending"]
 
 
 class AssetError(ImagegenError):
@@ -331,6 +331,8 @@ class AssetStore:
         fetched = self.fetched_files(asset)
         if fetched is not None:
             return "needs conversion" if asset.convert else "present"
+        if asset.url is not None and asset.url.unpack and self._download_path(asset).is_file():
+            return "needs unpacking"
         if self.remote and asset.needs_acceptance and not (accepted or self.licence_accepted(asset)):
             return "licence pending"
         return "missing"

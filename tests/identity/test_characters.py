@@ -120,8 +120,29 @@ def test_age_gate_refuses_young_looking_references(registry, dlib, age_estimator
     assert registry.dump() == before
 
 
-def test_age_gate_passes_adults_and_records_it(registry, dlib, age_estimator_installed):
+def test_a_stand_in_age_model_never_vouches(registry, dlib, age_estimator_installed, monkeypatch):
     age_estimator_installed(41)
+    registration = register(registry, dlib)
+    assert registration.age.status == "unverified" and registration.age.ages == [41.0] * 4
+    assert "standin" in registration.age.estimator
+    assert registry.get("mia").age_check == "unverified"
+    monkeypatch.setenv("IMAGEGEN_STRICT_AGE_GATE", "true")
+    get_settings.cache_clear()
+    with pytest.raises(AgeGateError, match="stand-in"):
+        register(registry, dlib, "mia2")
+
+
+def test_age_gate_passes_adults_and_records_it(registry, dlib, isolated_home, monkeypatch):
+    """A genderage model that is not a stand-in (the stand-in with its marker removed plays a real one)."""
+    import onnx
+
+    path = isolated_home / "insightface" / "models" / "buffalo_l" / "genderage.onnx"
+    write_genderage_model(path, apparent_age=41)
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
+    monkeypatch.setenv("IMAGEGEN_INSIGHTFACE_ROOT", str(isolated_home / "insightface"))
+    get_settings.cache_clear()
     registration = register(registry, dlib)
     assert registration.age.status == "passed" and registration.age.ages == [41.0] * 4
     assert registry.get("mia").age_check == "passed"
