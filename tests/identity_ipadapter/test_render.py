@@ -175,3 +175,27 @@ def test_a_checkpoint_for_another_model_is_refused_and_changes_nothing(renderers
         attach_ip_adapter(pipe, "sdxl", spec)  # XLabs' FLUX file
     assert all(pipe.unet.attn_processors[n] is p for n, p in processors.items())
     assert dict(pipe.config) == config and getattr(pipe.unet, "encoder_hid_proj", None) is None
+
+
+@pytest.mark.parametrize("change", ["extra", "missing_ip", "missing_projection"])
+def test_a_file_with_extra_or_missing_keys_is_refused_and_changes_nothing(renderers, change):
+    """diffusers alone skips unknown keys and leaves missing ones unfilled; imagegen refuses both."""
+    from imagegen.identity.ipadapter.weights import PLUS_FACE_SDXL, read_adapter_state_dict
+
+    renderer = renderers["tiny-sdxl"]
+    renderer.detach_identity()
+    pipe = renderer.pipe
+    processors, config = dict(pipe.unet.attn_processors), dict(pipe.config)
+    files = tiny_method_files("tiny-sdxl", "ipadapter-plus-face-sdxl")
+    state = read_adapter_state_dict(files["weights"])
+    if change == "extra":
+        state["ip_adapter"]["999.to_k_ip.weight"] = state["ip_adapter"]["1.to_k_ip.weight"]
+    elif change == "missing_ip":
+        del state["ip_adapter"]["1.to_v_ip.weight"]
+    else:
+        del state["image_proj"]["proj_out.weight"]
+    spec = LoadSpec(adapter_files(PLUS_FACE_SDXL, files["weights"], files["image_encoder"]), state_dict=state)
+    with pytest.raises(IPAdapterWeightsError, match="could not be loaded"):
+        attach_ip_adapter(pipe, "sdxl", spec)
+    assert all(pipe.unet.attn_processors[n] is p for n, p in processors.items())
+    assert dict(pipe.config) == config and getattr(pipe.unet, "encoder_hid_proj", None) is None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -423,6 +423,28 @@ def _load(pipe, family: str, spec: LoadSpec) -> None:
             )
 
 
+def _check_ip_keys(unet, spec: LoadSpec) -> None:
+    """The file's ``ip_adapter.*`` keys are exactly ``to_k_ip``/``to_v_ip`` of every cross-attention of ``unet``."""
+    ip_keys = set(spec.state_dict["ip_adapter"])
+    expected = set()
+    for index, name in enumerate(unet.attn_processors):
+        if not name.endswith("attn1.processor"):
+            expected |= {f"{index}.to_k_ip.weight", f"{index}.to_v_ip.weight"}
+    ip_keys = {k for k in ip_keys if "_lora." not in k}
+    if ip_keys != expected:
+        missing, unexpected = sorted(expected - ip_keys), sorted(ip_keys - expected)
+        raise ValueError(f"ip_adapter keys do not fit this UNet: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def _check_filled(projection, processors: Mapping) -> None:
+    """Nothing diffusers built for the adapter is left unfilled (still on the meta device) by the file."""
+    modules = [projection, *(p for p in processors.values() if isinstance(p, torch.nn.Module))]
+    for module in modules:
+        empty = [n for n, t in module.named_parameters() if t.is_meta]
+        if empty and not all(t.is_meta for t in module.parameters()):
+            raise ValueError(f"the file leaves {type(module).__name__} weights unfilled: {empty[:4]}")
+
+
 def attach_ip_adapter(pipe, family: str, spec: LoadSpec) -> IPAdapterHandle:
     """Load an IP-Adapter into ``pipe`` with diffusers' ``load_ip_adapter``, made per-sample (see the module doc)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
@@ -434,12 +456,20 @@ def attach_ip_adapter(pipe, family: str, spec: LoadSpec) -> IPAdapterHandle:
     handle = IPAdapterHandle(pipe, model, family)
     handle._snapshot()
     try:
+        if family == "sdxl":
+            if spec.state_dict is None:  # read once: checked here, then handed to diffusers as it is
+                from imagegen.identity.ipadapter.weights import read_adapter_state_dict
+
+                spec = replace(spec, state_dict=read_adapter_state_dict(spec.files.weight_file))
+            _check_ip_keys(model, spec)  # diffusers skips unknown keys and leaves missing ones unfilled
         _load(pipe, family, spec)
         loaded = model.attn_processors
         projection = model.encoder_hid_proj
+        _check_filled(projection, loaded)
     except Exception as exc:
-        model.set_attn_processor(dict(handle._processors))
+        # the model first (diffusers' projection adds attention layers of its own), then its processors
         handle._restore_model()
+        model.set_attn_processor(dict(handle._processors))
         handle._restore_pipe()
         raise IPAdapterWeightsError(
             f"{spec.files.weight_file} could not be loaded into this {family} model by diffusers: {str(exc)[:600]}"
