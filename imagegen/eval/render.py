@@ -84,27 +84,21 @@ def _unwrap(exc: BaseException) -> BaseException:
 def start_actors(preset_name: str, count: int, options: dict[str, Any]) -> list[Any]:
     """``count`` RendererActors for a preset, all loaded and ready.
 
-    Model files are fetched once, not by every actor at the same time: the tiny repos are built
-    here in the driver, and for real presets the first actor loads (downloads) before the others
-    start.
+    Model files are checked (and a tiny preset's stand-ins built) once here in the driver, before any
+    actor starts: actors never race to write them, and never download (``imagegen models pull`` does).
     """
     import ray
 
+    from imagegen.pipelines.assets import prepare
     from imagegen.pipelines.presets import get_preset
-    from imagegen.pipelines.tiny import ensure_tiny_repo
     from imagegen.serve.actors import remote_renderer_class
-    from imagegen.settings import get_settings
 
     remote = remote_renderer_class(**options)
     preset = get_preset(preset_name)
     actors: list[Any] = []
     try:
-        if preset.is_tiny:
-            ensure_tiny_repo(preset.tiny_name, get_settings().model_cache)
-        else:
-            actors.append(remote.remote(preset_name, warmup=False))
-            ray.get(actors[0].health.remote())
-        actors += [remote.remote(preset_name, warmup=False) for _ in range(count - len(actors))]
+        prepare(preset)
+        actors += [remote.remote(preset_name, warmup=False) for _ in range(count)]
         ray.get([a.health.remote() for a in actors])
     except Exception as exc:  # noqa: BLE001 - an actor that died in __init__ arrives wrapped
         for actor in actors:

@@ -766,3 +766,14 @@ def asset_states(preset: Preset, settings: Settings | None = None) -> dict[str, 
     for method in preset.methods:
         out[method] = [(role, asset, store.state(asset)) for role, asset in manifest.method_assets(method).items()]
     return out
+
+
+def prepare(preset: Preset, methods: Iterable[str] | None = None, settings: Settings | None = None) -> None:
+    """Before actors or replicas start: build what a built store needs once (so replicas never race to write it),
+    and check that everything else is on this machine (a replica never downloads while serving)."""
+    settings = settings or get_settings()
+    chosen = preset_methods(preset, methods)
+    if not store_for(preset, settings).remote:
+        pull(preset, chosen, settings=settings)
+    preflight(preset, chosen, settings)
+

@@ -123,15 +123,14 @@ class Service:
         self.stop()
 
 
-def _prebuild_tiny(presets: list[str]) -> None:
-    """Build the tiny repos once here instead of racing to build them in every replica."""
+def _prepare_files(presets: list[str]) -> None:
+    """Check every preset's files (and build tiny stand-ins) once here, instead of racing in every replica;
+    a replica never downloads while serving."""
+    from imagegen.pipelines.assets import prepare
     from imagegen.pipelines.presets import get_preset
-    from imagegen.pipelines.tiny import ensure_tiny_repo
 
     for name in presets:
-        preset = get_preset(name)
-        if preset.is_tiny:
-            ensure_tiny_repo(preset.repo.split(":", 1)[1])
+        prepare(get_preset(name))
 
 
 def start_service(
@@ -153,7 +152,7 @@ def start_service(
     data = prepare_config(config, **overrides)
     schema = ServeDeploySchema.model_validate(data)
     app = next(a for a in schema.applications if a.name == APP_NAME)
-    _prebuild_tiny(list((app.args or {}).get("presets") or ["tiny-flux", "tiny-sdxl"]))
+    _prepare_files(list((app.args or {}).get("presets") or ["tiny-flux", "tiny-sdxl"]))
     started_ray = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {

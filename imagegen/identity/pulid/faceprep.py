@@ -118,6 +118,20 @@ class ArcFaceRecognizer:
         return np.asarray(self.model.get(bgr, face), dtype=np.float32).reshape(-1)
 
 
+#: PuLID's reference resizes every reference so its long edge is at most this before face preparation
+REFERENCE_LONG_EDGE = 1024
+
+
+def downscale_long_edge(rgb: np.ndarray, long_edge: int) -> np.ndarray:
+    """``rgb`` shrunk (area interpolation) so that its longer side is at most ``long_edge``; never enlarged."""
+    height, width = rgb.shape[:2]
+    scale = long_edge / max(height, width)
+    if scale >= 1:
+        return rgb
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(np.ascontiguousarray(rgb), size, interpolation=cv2.INTER_AREA)
+
+
 @dataclass
 class PreparedFace:
     """One reference, ready for the ID encoder."""
@@ -142,7 +156,7 @@ class FacePreparer:
 
     def prepare(self, image: Image.Image, what: str = "reference") -> PreparedFace:
         self.calls += 1
-        rgb = np.asarray(image.convert("RGB"))
+        rgb = downscale_long_edge(np.asarray(image.convert("RGB")), REFERENCE_LONG_EDGE)
         face = self.analyzer.largest(rgb).require(what)
         aligned = align_face(rgb, face.landmarks)
         return PreparedFace(
