@@ -321,7 +321,7 @@ def build_manifests() -> dict[str, dict]:
             faceid_plusv2_sdxl,
             unet,
             "h94/IP-Adapter-FaceID ip-adapter-faceid-plusv2_sdxl.bin, flattened to safetensors "
-            "(image_proj.* / ip_adapter.*) as imagegen's convert_faceid_checkpoint writes it",
+            "(image_proj.* / ip_adapter.*) as imagegen's asset store converts it",
             "IPAdapterFaceIDPlusImageProjection(embed_dims=2048, hidden_dims=1280 (ViT-H), id_embeddings_dim=512, "
             "num_tokens=4, heads=32, depth=4) + IPAdapterAttnProcessor2_0 on every cross-attention + "
             "LoRALinearLayer(rank=128) on to_q/to_k/to_v/to_out.0 of every attention processor",

@@ -65,6 +65,8 @@ class Preset(BaseModel):
     #: cache) or ``tiny`` (stand-ins in the released formats and names that imagegen writes into
     #: ``<model cache>/tiny``); the code that loads them is the same
     store: Literal["hub", "tiny"] = "hub"
+    #: width and height must be multiples of this (VAE factor x 2x2 packing / UNet downsampling)
+    size_multiple: int = Field(default=16, ge=1)
 
     @property
     def default_method(self) -> str | None:
@@ -88,10 +90,7 @@ class Preset(BaseModel):
     def tiny_name(self) -> str:
         return self.repo[len(TINY_PREFIX) :]
 
-    @property
-    def size_multiple(self) -> int:
-        """Width and height must be multiples of this (VAE factor x 2x2 packing / UNet downsampling)."""
-        return 4 if self.is_tiny else 16
+
 
 
 def local_repo_path(preset: Preset, model_cache: Path | None = None) -> Path | None:

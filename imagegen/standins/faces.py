@@ -87,24 +87,48 @@ def scrfd_detector_model(
     box_dist = np.array([[-x0, -y0, x1, y1]], dtype=np.float32) / stride
     kps_dist = np.asarray(landmarks, dtype=np.float32).reshape(1, 10) / stride
 
-    nodes = [
-        helper.make_node("ReduceMean", ["input.1"], ["grey"], name="grey", axes=[1], keepdims=1),
-    ]
     initializers = [
-        _const("flat_shape", np.array([-1, 1], dtype=np.int64)),
-        _const("zero", np.array(0.0, dtype=np.float32)),
-        _const("one", np.array(1.0, dtype=np.float32)),
         _const("axis0", np.array(0, dtype=np.int64)),
         _const("score_value", np.array(score, dtype=np.float32)),
         _const("box_dist", box_dist),
         _const("kps_dist", kps_dist),
     ]
+
+    def first_anchor(p: str) -> list:
+        # score_value at the first anchor of the stride-32 grid, 0 elsewhere
+        return [
+            helper.make_node("CumSum", [f"{p}_ones", "axis0"], [f"{p}_index"], name=f"{p}_index"),
+            helper.make_node("Equal", [f"{p}_index", "one"], [f"{p}_first"], name=f"{p}_first"),
+            helper.make_node("Cast", [f"{p}_first"], [f"{p}_onehot"], name=f"{p}_onehot", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}_onehot", "score_value"], [f"score_{stride}"], name=f"{p}_score"),
+        ]
+
+    return _scrfd_model(
+        "scrfd_standin",
+        "tiny SCRFD-signature stand-in detector (fixed output); not a face model",
+        [],
+        initializers,
+        stride,
+        first_anchor,
+    )
+
+
+def _scrfd_model(name, description, nodes, initializers, scored_stride, score_nodes) -> onnx.ModelProto:
+    """The SCRFD "bnkps" signature around ``nodes``: for every stride, two anchors per cell of its grid (interleaved
+    like insightface's anchor centres), each with the box ``box_dist`` and landmarks ``kps_dist`` (initializers the
+    caller supplies, in stride units from the anchor); scores from ``score_nodes(prefix)`` at ``scored_stride``
+    (it must output ``score_<stride>``; ``{prefix}_ones`` is a column of ones, one per anchor), zeros elsewhere."""
+    nodes = [*nodes, helper.make_node("ReduceMean", ["input.1"], ["grey"], name="grey", axes=[1], keepdims=1)]
+    initializers = [
+        *initializers,
+        _const("flat_shape", np.array([-1, 1], dtype=np.int64)),
+        _const("zero", np.array(0.0, dtype=np.float32)),
+        _const("one", np.array(1.0, dtype=np.float32)),
+    ]
     outputs: dict[str, list] = {"score": [], "bbox": [], "kps": []}
     for s in STRIDES:
         p = f"s{s}"
         nodes += [
-            # one value per cell of the stride-s grid, two anchors per cell (interleaved like
-            # insightface's anchor centres), then a column of ones of that length
             helper.make_node(
                 "AveragePool", ["grey"], [f"{p}_pool"], name=f"{p}_pool", kernel_shape=[s, s], strides=[s, s]
             ),
@@ -116,27 +140,21 @@ def scrfd_detector_model(
             helper.make_node("MatMul", [f"{p}_ones", "box_dist"], [f"bbox_{s}"], name=f"{p}_bbox"),
             helper.make_node("MatMul", [f"{p}_ones", "kps_dist"], [f"kps_{s}"], name=f"{p}_kps"),
         ]
-        if s == stride:
-            nodes += [
-                helper.make_node("CumSum", [f"{p}_ones", "axis0"], [f"{p}_index"], name=f"{p}_index"),
-                helper.make_node("Equal", [f"{p}_index", "one"], [f"{p}_first"], name=f"{p}_first"),
-                helper.make_node("Cast", [f"{p}_first"], [f"{p}_onehot"], name=f"{p}_onehot", to=TensorProto.FLOAT),
-                helper.make_node("Mul", [f"{p}_onehot", "score_value"], [f"score_{s}"], name=f"{p}_score"),
-            ]
+        if s == scored_stride:
+            nodes += score_nodes(p)
         else:
             nodes.append(helper.make_node("Identity", [f"{p}_zeros"], [f"score_{s}"], name=f"{p}_score"))
         outputs["score"].append(helper.make_tensor_value_info(f"score_{s}", TensorProto.FLOAT, [f"n{s}", 1]))
         outputs["bbox"].append(helper.make_tensor_value_info(f"bbox_{s}", TensorProto.FLOAT, [f"n{s}", 4]))
         outputs["kps"].append(helper.make_tensor_value_info(f"kps_{s}", TensorProto.FLOAT, [f"n{s}", 10]))
-
     graph = helper.make_graph(
         nodes,
-        "scrfd_standin",
+        name,
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
         outputs["score"] + outputs["bbox"] + outputs["kps"],
         initializer=initializers,
     )
-    return _finish(graph, "tiny SCRFD-signature stand-in detector (fixed output); not a face model")
+    return _finish(graph, description)
 
 
 def arcface_recognizer_model(*, input_size: int = 112, embedding_dim: int = 512, seed: int = 0) -> onnx.ModelProto:
@@ -272,9 +290,6 @@ def pixel_scrfd_detector_model() -> onnx.ModelProto:
         dtype=np.float32,
     )
     initializers = [
-        _const("flat_shape", np.array([-1, 1], dtype=np.int64)),
-        _const("zero", np.array(0.0, dtype=np.float32)),
-        _const("one", np.array(1.0, dtype=np.float32)),
         _const("to_255_scale", np.array(128.0, dtype=np.float32)),
         _const("to_255_shift", np.array(127.5, dtype=np.float32)),
         _const("ycc_weight", to_ycc.reshape(3, 3, 1, 1)),
@@ -313,32 +328,11 @@ def pixel_scrfd_detector_model() -> onnx.ModelProto:
         helper.make_node("Reshape", ["face_pair", "flat_shape"], [f"score_{cell}"], name="face_anchors"),
     ]
     initializers.append(_const("sum_axis", np.array([1], dtype=np.int64)))
-    outputs: dict[str, list] = {"score": [], "bbox": [], "kps": []}
-    nodes.append(helper.make_node("ReduceMean", ["input.1"], ["grey"], name="grey", axes=[1], keepdims=1))
-    for s in STRIDES:
-        p = f"s{s}"
-        nodes += [
-            helper.make_node(
-                "AveragePool", ["grey"], [f"{p}_pool"], name=f"{p}_pool", kernel_shape=[s, s], strides=[s, s]
-            ),
-            helper.make_node("Reshape", [f"{p}_pool", "flat_shape"], [f"{p}_cells"], name=f"{p}_cells"),
-            helper.make_node("Concat", [f"{p}_cells", f"{p}_cells"], [f"{p}_pairs"], name=f"{p}_pairs", axis=1),
-            helper.make_node("Reshape", [f"{p}_pairs", "flat_shape"], [f"{p}_anchors"], name=f"{p}_anchors"),
-            helper.make_node("Mul", [f"{p}_anchors", "zero"], [f"{p}_zeros"], name=f"{p}_zeros"),
-            helper.make_node("Add", [f"{p}_zeros", "one"], [f"{p}_ones"], name=f"{p}_ones"),
-            helper.make_node("MatMul", [f"{p}_ones", "box_dist"], [f"bbox_{s}"], name=f"{p}_bbox"),
-            helper.make_node("MatMul", [f"{p}_ones", "kps_dist"], [f"kps_{s}"], name=f"{p}_kps"),
-        ]
-        if s != cell:
-            nodes.append(helper.make_node("Identity", [f"{p}_zeros"], [f"score_{s}"], name=f"{p}_score"))
-        outputs["score"].append(helper.make_tensor_value_info(f"score_{s}", TensorProto.FLOAT, [f"n{s}", 1]))
-        outputs["bbox"].append(helper.make_tensor_value_info(f"bbox_{s}", TensorProto.FLOAT, [f"n{s}", 4]))
-        outputs["kps"].append(helper.make_tensor_value_info(f"kps_{s}", TensorProto.FLOAT, [f"n{s}", 10]))
-    graph = helper.make_graph(
-        nodes,
+    return _scrfd_model(
         "scrfd_pixel_standin",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
-        outputs["score"] + outputs["bbox"] + outputs["kps"],
-        initializer=initializers,
+        "tiny SCRFD-signature stand-in detector (most skin-coloured region); not a face model",
+        nodes,
+        initializers,
+        cell,
+        lambda prefix: [],  # score_16 is computed above
     )
-    return _finish(graph, "tiny SCRFD-signature stand-in detector (most skin-coloured region); not a face model")
