@@ -216,3 +216,95 @@ def test_no_full_unpickling_anywhere_in_the_package():
             if re.search(r"torch\.load\(", line) and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(package)}:{number}")
     assert offenders == []
+
+
+class _RangeServer:
+    """A real HTTP server for one file, honouring ``Range`` (as GitHub's release CDN does); counts bytes served."""
+
+    def __init__(self, data: bytes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server interface
+                start = 0
+                if self.headers.get("Range"):
+                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
+                body = data[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                server.served += len(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.served = 0
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/releases/v1/pack.zip"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_url_download_resumes_unpacks_and_checks_its_digest(tmp_path):
+    import hashlib
+    import io
+    import zipfile
+
+    from imagegen.pipelines.assets import Asset
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("pack/det.onnx", b"d" * 300_000)
+        zf.writestr("pack/rec.onnx", b"r" * 300_000)
+    data = buffer.getvalue()
+    server = _RangeServer(data)
+    try:
+        asset = Asset(
+            id="pack",
+            url={"url": server.url, "unpack": "zip", "files": ["det.onnx", "rec.onnx"]},
+            format="onnx",
+            sha256={"pack.zip": hashlib.sha256(data).hexdigest()},
+        )
+        store = AssetStore(tmp_path / "cache")
+        target = store._download_path(asset)
+        target.parent.mkdir(parents=True)
+        half = len(data) // 2
+        target.with_name(target.name + ".part").write_bytes(data[:half])  # an interrupted earlier pull
+        files = store.fetch(asset, allow_downloads=True)
+        assert server.served == len(data) - half  # only the rest came over the wire
+        assert [p.name for p in files] == ["det.onnx", "rec.onnx"] and store.path(asset).name == "pack"
+        assert store.fetch(asset, allow_downloads=True) == files and server.served == len(data) - half  # idempotent
+        # the same archive with a wrong published digest is removed, never unpacked
+        bad = asset.model_copy(update={"id": "bad", "sha256": {"pack.zip": "0" * 64}})
+        other = AssetStore(tmp_path / "other")
+        with pytest.raises(AssetError, match="not the published"):
+            other.fetch(bad, allow_downloads=True)
+        assert not other._download_path(bad).exists() and other.fetched_files(bad) is None
+    finally:
+        server.close()
+
+
+def test_an_archive_with_paths_outside_its_folder_is_refused(tmp_path):
+    import io
+    import zipfile
+
+    from imagegen.pipelines.assets import Asset
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("../../escaped.onnx", b"x")
+    server = _RangeServer(buffer.getvalue())
+    try:
+        asset = Asset(id="evil", url={"url": server.url, "unpack": "zip", "files": ["escaped.onnx"]}, format="onnx")
+        store = AssetStore(tmp_path / "cache")
+        with pytest.raises(AssetError, match="unsafe member path"):
+            store.fetch(asset, allow_downloads=True)
+        assert not list(tmp_path.rglob("escaped.onnx"))
+    finally:
+        server.close()
