@@ -100,15 +100,16 @@ def get_analyzer(name: str | None = None) -> FaceAnalyzer:
     return analyzer
 
 
-def analyzer_for_pack(pack_dir: str | Path) -> FaceAnalyzer:
-    """An insightface analyser over the pack folder ``pack_dir`` (an identity method's asset), cached per folder."""
+def analyzer_for_pack(pack_dir: str | Path, pack: str | None = None) -> FaceAnalyzer:
+    """An insightface analyser over the pack folder ``pack_dir`` (an identity method's asset, named ``pack``),
+    cached per folder."""
     from imagegen.faces.insightface_backend import InsightFaceAnalyzer
 
     key: tuple = ("pack", str(Path(pack_dir).resolve()), get_settings().device)
     with _lock:
         analyzer = _cache.get(key)
         if analyzer is None:
-            analyzer = InsightFaceAnalyzer(pack_dir=pack_dir)
+            analyzer = InsightFaceAnalyzer(pack, pack_dir=pack_dir)
             _cache[key] = analyzer
     return analyzer
 

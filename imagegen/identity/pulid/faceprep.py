@@ -90,7 +90,7 @@ def method_analyzer(files) -> FaceAnalyzer:
     ``files`` is the method's :class:`~imagegen.pipelines.assets.MethodFiles`.
     """
     if files.assets["faces"].format == "onnx":
-        return analyzer_for_pack(files["faces"])
+        return analyzer_for_pack(files["faces"], files.assets["faces"].id)
     return get_analyzer("dlib")
 
 
