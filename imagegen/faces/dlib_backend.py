@@ -9,14 +9,17 @@ scoring backend and the one the test suite runs on.
   ~1.5 s for 512x512 on one CPU core without CUDA: evaluation only). HOG's sliding window is
   80x80 px, so images are upsampled 2x when their longest side is <= 1024 px: faces down to
   about 40 px are found (``upsample=`` overrides the rule).
-- HOG detections are kept from score ``min_score`` (0.0, dlib's and face_recognition's cut);
-  the weak ones, scoring below ``verify_below`` (0.8), are kept only when the MMOD CNN, run on a
-  crop around the box (the box plus half its size on every side, scaled to a 100 px box), finds
-  a face there too. Measured by ``bench/face_recall.py`` (docs/benchmarks.md): a plain score cut
-  cannot separate the two, true faces score from -0.7 and false detections (the mission patch
-  on the astronaut's suit) up to 0.59; the CNN check rejects every false detection down to a
-  score of -0.3 while confirming the true faces, at ~0.1-0.3 s per weak detection (most images
-  have none). ``verify_below=None`` turns the check off (a plain cut at ``min_score``).
+- HOG detections are kept from score ``min_score`` (-0.4); the weak ones, scoring below
+  ``verify_below`` (0.8), only when the MMOD CNN, run on a crop around the box (the box plus
+  a quarter of its size on every side, scaled to a 100 px box), finds a face of about the box's
+  size centred inside it. A plain score cut cannot separate weak faces from weak non-faces: on the
+  photos of ``bench/face_recall.py`` true faces score down to -1.0 and false detections (the
+  mission patch and collar on the astronaut's suit, in rotated copies) up to 0.71. The CNN check
+  rejected every false detection and confirmed nearly every face; it costs ~0.1 s per weak
+  detection on one core, and most images have none (docs/benchmarks.md, "Face detector recall").
+  ``verify_below=None`` turns it off: a plain cut at ``min_score``, by default the best plain
+  cut of the benchmark (0.2), which is also what the detector falls back to when the MMOD model
+  file is missing.
 - Landmarks: the 68-point predictor (the wheel ships ``shape_predictor_68_face_landmarks.dat``)
   gives all 5 points in our order (:data:`imagegen.faces.types.LANDMARK_NAMES`): eye centres
   (mean of the six points of each eye), nose tip (point 30), mouth corners (points 48, 54).
@@ -59,21 +62,28 @@ ARCFACE_TEMPLATE = np.array(
     dtype=np.float32,
 )
 
-#: HOG score below which a detection is dropped (dlib's own default, and face_recognition's).
-#: The old cut, 0.3, lost 8% of the faces on held-back photos (bench/face_recall.py) and still
-#: let the astronaut's mission patch through at 0.47-0.59 in rotated copies of the photo.
-DEFAULT_MIN_SCORE = 0.0
-#: HOG detections scoring below this must be confirmed by the MMOD CNN (see the module docstring);
-#: above the strongest false detection measured (0.59) with a margin.
+#: HOG score below which a detection is dropped. Chosen with bench/face_recall.py on its tuning
+#: half (fewest missed faces + false positives, then fewest CNN checks) over -0.6..0.2; the old
+#: plain cut, 0.3, missed 12% of the faces of the held-back half (this setting: 3%).
+DEFAULT_MIN_SCORE = -0.4
+#: HOG detections scoring below this must be confirmed by the MMOD CNN (module docstring): the
+#: lowest of 0.3/0.5/0.8/1.0/1.2 above every false detection of the tuning half (up to 0.71).
 DEFAULT_VERIFY_BELOW = 0.8
-#: MMOD confidence a face needs to confirm a weak HOG detection (confirmed faces scored 0.6-1.1)
+#: the best plain HOG cut of the benchmark's tuning half (no CNN check: ``verify_below=None``)
+PLAIN_MIN_SCORE = 0.2
+#: MMOD confidence a face needs to confirm a weak HOG detection (confirmed faces score 0.6-1.1;
+#: the false detections get no CNN detection at all)
 VERIFY_MIN_CONFIDENCE = 0.3
-#: the crop the CNN checks: the HOG box plus this fraction of its size on every side ...
-VERIFY_MARGIN = 0.5
-#: ... scaled so that the box is this many pixels wide
+#: the crop the CNN checks: the HOG box plus this fraction of its size on every side, scaled so
+#: that the box is VERIFY_BOX_PX wide (the CNN misses faces under ~80 px without upsampling).
+#: With margins of 0.1-0.5 (boxes of 90-100 px) it confirmed 51-52 of the 53 faces among the
+#: benchmark's weak detections and none of the 36 false ones; its cost grows with the crop's area
+#: (one core: ~130 ms for these 150 px crops, ~240 ms at 200 px).
+VERIFY_MARGIN = 0.25
 VERIFY_BOX_PX = 100
-#: MMOD confidence below which ``detector="cnn"`` drops a detection
-DEFAULT_CNN_MIN_SCORE = 0.3
+#: MMOD confidence below which ``detector="cnn"`` drops a detection: dlib's own (the network's
+#: threshold); 0.3 lost a face in each half of the benchmark and removed no false positive
+DEFAULT_CNN_MIN_SCORE = 0.0
 #: upsample 2x when the longest image side is at most this many pixels
 AUTO_UPSAMPLE_MAX_SIDE = 1024
 
@@ -155,14 +165,18 @@ class DlibAnalyzer(FaceAnalyzer):
             raise ModelNotAvailableError(f"the 68-point dlib model {paths['shape68']} is missing; use landmarks='5'")
         if detector == "cnn" and not paths["cnn"].is_file():
             raise ModelNotAvailableError(f"the dlib MMOD detector {paths['cnn']} is missing; use detector='hog'")
-        if min_score is None:
-            min_score = DEFAULT_MIN_SCORE if detector == "hog" else DEFAULT_CNN_MIN_SCORE
         if detector == "cnn":
             verify_below = None  # the CNN is the detector: nothing to confirm
         elif verify_below is not None and not paths["cnn"].is_file():
-            # without the CNN the weak detections cannot be confirmed: drop them (a plain cut)
-            logger.warning("no dlib MMOD model at %s: HOG detections below %s are dropped", paths["cnn"], verify_below)
-            min_score, verify_below = max(float(min_score), float(verify_below)), None
+            # weak detections cannot be confirmed without the CNN: the best plain cut instead
+            logger.warning("no dlib MMOD model at %s: plain HOG cut at %s", paths["cnn"], PLAIN_MIN_SCORE)
+            verify_below = None
+            min_score = PLAIN_MIN_SCORE if min_score is None else max(float(min_score), PLAIN_MIN_SCORE)
+        if min_score is None:
+            if detector == "cnn":
+                min_score = DEFAULT_CNN_MIN_SCORE
+            else:
+                min_score = DEFAULT_MIN_SCORE if verify_below is not None else PLAIN_MIN_SCORE
 
         self.detector_kind: Detector = detector
         self.upsample = upsample
@@ -235,7 +249,7 @@ class DlibAnalyzer(FaceAnalyzer):
             return self._cnn_confidence(rgb, self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1))
 
     def _cnn_confidence(self, rgb: np.ndarray, rect) -> float:
-        """The best MMOD confidence of a face centred inside ``rect``, on a crop around it."""
+        """The best MMOD confidence of a face centred inside ``rect`` and 0.5-2x as wide, on a crop around it."""
         left, top, right, bottom = rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1
         width, height = max(1, right - left), max(1, bottom - top)
         mx, my = round(VERIFY_MARGIN * width), round(VERIFY_MARGIN * height)
@@ -252,7 +266,8 @@ class DlibAnalyzer(FaceAnalyzer):
         for d in self._cnn(crop, 0):
             cx = x0 + (d.rect.left() + d.rect.right() + 1) / 2 / scale
             cy = y0 + (d.rect.top() + d.rect.bottom() + 1) / 2 / scale
-            if left <= cx <= right and top <= cy <= bottom:
+            size = (d.rect.right() + 1 - d.rect.left()) / scale
+            if left <= cx <= right and top <= cy <= bottom and 0.5 * width <= size <= 2 * width:
                 best = max(best, float(d.confidence))
         return best
 
