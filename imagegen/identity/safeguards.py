@@ -138,13 +138,25 @@ class InsightFaceAgeEstimator:
 
 
 def find_age_estimator(settings: Settings | None = None) -> AgeEstimator | None:
-    """The insightface genderage model when a pack that has one is installed, else None."""
+    """insightface's genderage model when a pack that has one is installed, else None.
+
+    Looked for under ``IMAGEGEN_INSIGHTFACE_ROOT/models/<pack>/`` first, then in the packs ``imagegen models pull``
+    fetched into the model cache (the identity methods' ``faces`` assets).
+    """
     settings = settings or get_settings()
     root = settings.insightface_home / "models"
     for pack in ("antelopev2", "buffalo_l"):
         candidate = root / pack / "genderage.onnx"
         if candidate.exists():
             return InsightFaceAgeEstimator(candidate)
+    from imagegen.pipelines.assets import AssetStore, load_manifest
+
+    store, manifest = AssetStore(settings.model_cache), load_manifest(settings)
+    for pack in ("antelopev2", "buffalo_l"):
+        fetched = store.fetched_files(manifest.assets[pack]) if pack in manifest.assets else None
+        for path in fetched or []:
+            if path.name == "genderage.onnx":
+                return InsightFaceAgeEstimator(path)
     return None
 
 

@@ -308,3 +308,13 @@ def test_an_archive_with_paths_outside_its_folder_is_refused(tmp_path):
         assert not list(tmp_path.rglob("escaped.onnx"))
     finally:
         server.close()
+
+
+def test_the_age_gate_finds_the_pulled_packs_genderage_model(offline):
+    """A pack fetched by `models pull` serves the registration age gate too; a stand-in one never vouches."""
+    from imagegen.identity.safeguards import find_age_estimator
+
+    settings, _ = offline
+    estimator = find_age_estimator(settings)
+    assert estimator is not None and estimator.is_standin and "standin" in estimator.name
+    assert settings.model_cache in estimator.model_file.parents
