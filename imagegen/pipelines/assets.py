@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imagegen.errors import ConfigError, ImagegenError, ModelNotAvailableError, UnsafeCheckpointError
-from imagegen.pipelines.presets import Preset, is_available_locally
+from imagegen.pipelines.presets import Preset, is_available_locally, read_yaml_config
 from imagegen.settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -157,14 +156,7 @@ class Manifest(BaseModel):
 
 @lru_cache(maxsize=4)
 def _load_manifest(path: Path) -> Manifest:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"asset manifest not found: {path} (set IMAGEGEN_ASSETS_CONFIG)") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("assets"), dict):
-        raise ConfigError(f"{path} must hold a mapping under the key 'assets'")
+    raw = read_yaml_config(path, "assets", "asset manifest", "IMAGEGEN_ASSETS_CONFIG")
     try:
         assets = {name: {"id": name, **(body or {})} for name, body in raw["assets"].items()}
         return Manifest(assets=assets, methods=raw.get("methods") or {})

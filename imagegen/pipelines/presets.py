@@ -114,16 +114,22 @@ def is_available_locally(preset: Preset, model_cache: Path | None = None) -> boo
     return any(path.glob("snapshots/*/model_index.json"))
 
 
-@lru_cache(maxsize=8)
-def _load_presets(path: Path) -> dict[str, Preset]:
+def read_yaml_config(path: Path, key: str, what: str, variable: str) -> dict:
+    """A YAML config file that must hold a mapping under ``key``; one clear error line otherwise."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
-        raise ConfigError(f"model presets file not found: {path} (set IMAGEGEN_MODELS_CONFIG)") from exc
+        raise ConfigError(f"{what} not found: {path} (set {variable})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("presets"), dict):
-        raise ConfigError(f"{path} must hold a mapping under the key 'presets'")
+    if not isinstance(raw, dict) or not isinstance(raw.get(key), dict):
+        raise ConfigError(f"{path} must hold a mapping under the key '{key}'")
+    return raw
+
+
+@lru_cache(maxsize=8)
+def _load_presets(path: Path) -> dict[str, Preset]:
+    raw = read_yaml_config(path, "presets", "model presets file", "IMAGEGEN_MODELS_CONFIG")
     presets: dict[str, Preset] = {}
     for name, body in raw["presets"].items():
         try:
