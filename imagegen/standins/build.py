@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from imagegen.pipelines.assets import Asset, AssetStore
+from imagegen.pipelines.assets import Asset, AssetStore, atomic_write
 from imagegen.settings import Settings
 from imagegen.standins import faces as face_standins
 from imagegen.standins import identity as tiny
@@ -64,7 +63,7 @@ def write_standins(store: AssetStore, assets: list[Asset], settings: Settings) -
             for name in asset.hub.files:
                 place_in_hub_cache(store.hub_dir, asset.hub.repo, name, files[name])
         else:
-            _write_bytes(store._download_path(asset), files[asset.url.file_name])
+            _write_bytes(store.download_path(asset), files[asset.url.file_name])
 
 
 def place_in_hub_cache(hub_dir: Path, repo: str, filename: str, data: bytes) -> Path:
@@ -77,11 +76,7 @@ def place_in_hub_cache(hub_dir: Path, repo: str, filename: str, data: bytes) -> 
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # what each asset's files are ------------------------------------------------------------------------------------

@@ -56,3 +56,17 @@ def test_face_models_and_encoders_are_released_after_compute():
     assert plus._encoder is None  # nothing loaded until a character is computed
     plus.compute(images)
     assert plus._encoder is None and "hidden" in plus._uncond  # the negatives stay, the encoder goes
+
+
+def test_a_render_never_loads_the_image_encoder():
+    """Attaching computes the negatives and frees the encoder: conditioning a batch touches no face model."""
+    from imagegen.identity.conditioning import IdentitySample
+    from imagegen.pipelines.renderer import Renderer
+
+    renderer = Renderer("tiny-sdxl")
+    method = renderer.identity_method("ipadapter-plus-face-sdxl")
+    assert method._encoder is None and "hidden" in method._uncond
+    tensors = {"clip": torch.zeros_like(method._uncond["hidden"])}
+    with method.conditioning(renderer.pipe, [IdentitySample(tensors=tensors, weight=1.0, start_step=0)], cfg=True):
+        pass
+    assert method._encoder is None

@@ -272,7 +272,7 @@ def test_url_download_resumes_unpacks_and_checks_its_digest(tmp_path):
             sha256={"pack.zip": hashlib.sha256(data).hexdigest()},
         )
         store = AssetStore(tmp_path / "cache")
-        target = store._download_path(asset)
+        target = store.download_path(asset)
         target.parent.mkdir(parents=True)
         half = len(data) // 2
         target.with_name(target.name + ".part").write_bytes(data[:half])  # an interrupted earlier pull
@@ -285,7 +285,7 @@ def test_url_download_resumes_unpacks_and_checks_its_digest(tmp_path):
         other = AssetStore(tmp_path / "other")
         with pytest.raises(AssetError, match="not the published"):
             other.fetch(bad, allow_downloads=True)
-        assert not other._download_path(bad).exists() and other.fetched_files(bad) is None
+        assert not other.download_path(bad).exists() and other.fetched_files(bad) is None
     finally:
         server.close()
 

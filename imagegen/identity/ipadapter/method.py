@@ -178,6 +178,8 @@ class IPAdapterMethod(IdentityMethod):
     def attach(self, pipe) -> None:
         if self.handle is None:
             self.handle = attach_ip_adapter(pipe, self.family, self._load_spec())
+            # the negatives are computed now, so a render never loads the image encoder (it is freed again)
+            self.release_encoders()
 
     def detach(self, pipe) -> None:
         if self.handle is not None:

@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -159,19 +156,3 @@ def read_adapter_state_dict(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     if not out["image_proj"] or not out["ip_adapter"]:
         raise IPAdapterWeightsError(f"{path} has no image_proj.* / ip_adapter.* weights: not an h94 IP-Adapter file")
     return out
-
-
-def _save(tensors: Mapping[str, torch.Tensor], path: Path) -> Path:
-    """Write safetensors atomically (temporary file renamed into place)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

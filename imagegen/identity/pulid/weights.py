@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from imagegen.identity.pulid.flux_ca import (
 )
 from imagegen.identity.pulid.sdxl_processor import PREFIX as SDXL_LAYER_PREFIX
 from imagegen.identity.pulid.sdxl_processor import PulidSDXLHandle, attach_pulid_sdxl
-from imagegen.pipelines.assets import PICKLE_SUFFIXES, file_sha256
+from imagegen.pipelines.assets import PICKLE_SUFFIXES, atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +90,11 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path, metadat
     """Write ``state_dict`` atomically (temporary file renamed into place), sizes in the metadata."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     # one metadata entry at most: safetensors writes the metadata map in no fixed order, and a written file must be
     # the same bytes (the same sha256) on every build
     meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata is not None else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def _file_config(metadata: Mapping[str, str]) -> dict:
