@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import bootstrap as scipy_bootstrap
 
 from imagegen.eval.stats import bootstrap_ci, equal_error_rate, roc_auc
 
@@ -45,3 +46,19 @@ def test_bootstrap_is_seeded_and_brackets_the_mean():
     # ~ mean +- 1.96 * sd / sqrt(n)
     assert first[1] - first[0] == pytest.approx(2 * 1.96 * x.std() / np.sqrt(len(x)), rel=0.2)
     assert bootstrap_ci(0, lambda idx: idx.mean(axis=1)) is None
+
+
+def test_bootstrap_is_scipys_percentile_interval():
+    x = np.random.default_rng(2).normal(0.0, 1.0, 40)
+    ours = bootstrap_ci(len(x), lambda idx: x[idx].mean(axis=1), samples=400, seed=7)
+    theirs = scipy_bootstrap((x,), np.mean, n_resamples=400, method="percentile", rng=np.random.default_rng(7))
+    assert ours == pytest.approx(tuple(theirs.confidence_interval))
+
+
+def test_bootstrap_drops_undefined_resamples():
+    # a unit with NaN: resamples made only of it are undefined, the rest still give an interval
+    x = np.array([np.nan, 1.0, 2.0])
+    ci = bootstrap_ci(len(x), lambda idx: np.nanmean(x[idx], axis=1), samples=300, seed=0)
+    assert ci is not None and 1.0 <= ci[0] <= ci[1] <= 2.0
+    assert bootstrap_ci(1, lambda idx: x[idx].mean(axis=1)) is None
+    assert bootstrap_ci(1, lambda idx: x[1:][idx].mean(axis=1)) == (1.0, 1.0)
