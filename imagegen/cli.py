@@ -9,20 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from imagegen.errors import ImagegenError, InvalidRequestError
 from imagegen.eval.cli import eval_app
 from imagegen.identity.cli import characters_app, protect_app
 from imagegen.serve.cli import keys_app, provenance_app, serve_command
+from imagegen.terminal import console, ensure_writable_dir, err_console, progress_bar
 
 app = typer.Typer(
     name="imagegen",
@@ -40,21 +38,6 @@ app.add_typer(provenance_app, name="provenance")
 app.command("serve")(serve_command)
 app.add_typer(eval_app, name="eval")
 
-# piped output (CI logs, tests) gets wide lines instead of rich's 80-column default
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
-
-def ensure_writable_dir(path: Path) -> Path:
-    """Create ``path`` if needed and prove it is writable before any expensive work starts."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ImagegenError(f"cannot write to output directory {path}: {exc.strerror or exc}", field="out") from exc
-    return path
-
 
 def build_request(**fields):
     """A ``RenderRequest`` from CLI options, with pydantic's complaints turned into one clear line."""
@@ -66,17 +49,6 @@ def build_request(**fields):
         first = exc.errors()[0]
         name = ".".join(str(p) for p in first["loc"]) or "request"
         raise InvalidRequestError(f"{name}: {first['msg']}", field=name) from exc
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    )
 
 
 @models_app.command("list")

@@ -7,22 +7,20 @@ configuration error (printed as one line by ``imagegen.cli.main``).
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from imagegen.errors import ImagegenError
+from imagegen.terminal import console, ensure_writable_dir, progress_bar
 
 eval_app = typer.Typer(
     help="Consistency evaluation: regression suites, scoring, run comparison, threshold calibration.",
     no_args_is_help=True,
 )
-console = Console(width=None if sys.stdout.isatty() else 200)
 
 VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "ungated": "bold blue"}
 
@@ -30,8 +28,6 @@ VERDICT_STYLE = {"pass": "bold green", "fail": "bold red", "ungated": "bold blue
 @contextmanager
 def _progress():
     """A rich progress bar with one task per phase; yields the callback the library takes."""
-    from imagegen.cli import progress_bar
-
     tasks: dict[str, int] = {}
     with progress_bar() as bar:
 
@@ -121,7 +117,6 @@ def run_command(
     ray_address: str | None = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
 ) -> None:
     """Render a suite's grid through a Ray actor pool (cached renders are reused), score it, report."""
-    from imagegen.cli import ensure_writable_dir
     from imagegen.eval.run import run_suite
     from imagegen.eval.suite import load_suite
 
@@ -162,7 +157,6 @@ def score_command(
     baseline: Path | None = typer.Option(None, help="Run directory to compare with."),
 ) -> None:
     """Score renders made anywhere (this system, ComfyUI, ...) and write a run directory."""
-    from imagegen.cli import ensure_writable_dir
     from imagegen.eval.run import score_directory
     from imagegen.eval.thresholds import ImageThresholds
     from imagegen.faces import get_analyzer, metric_for
