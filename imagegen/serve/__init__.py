@@ -1,1 +1,1 @@
-"""Ray: actors that host pipelines, the Serve app, jobs and the client."""
+"""Ray: actors that host pipelines, the Serve app and jobs (the client is :mod:`imagegen.client`)."""

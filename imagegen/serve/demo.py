@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from imagegen.serve.client import Client, RenderedPNG
+from imagegen.client import Client, RenderedPNG
 
 DEMO_SERVICE_CHARACTER = "demo-service-astronaut"
 

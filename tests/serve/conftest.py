@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from imagegen.client import Client
 from imagegen.serve.auth import create_key
-from imagegen.serve.client import Client
 from imagegen.serve.store import ServeStore
 
 #: what the tests override in configs/serve.yaml

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagegen.client import ApiClientError, Client, parse_sse
 from imagegen.images import RECORD_KEY
 from imagegen.provenance import read_watermark
-from imagegen.serve.client import ApiClientError, Client, parse_sse
 from imagegen.serve.store import ServeStore
 from tests.serve.conftest import assert_error_shape
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagegen.serve.client import ApiClientError, Client
+from imagegen.client import ApiClientError, Client
 from tests.photos import astronaut_set, hopper_set, no_face
 from tests.serve.conftest import assert_error_shape
 

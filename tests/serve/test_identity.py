@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagegen.client import ApiClientError, Client
 from imagegen.faces import centroid, get_analyzer
-from imagegen.serve.client import ApiClientError, Client
 from imagegen.serve.gate import GateScorer
 from tests.photos import astronaut_set, hopper_set
 

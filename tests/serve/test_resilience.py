@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from imagegen.serve.client import ApiClientError
+from imagegen.client import ApiClientError
 from tests.serve.conftest import assert_error_shape, wait_ready
 
 
