@@ -100,8 +100,8 @@ def test_registration_refusals(service, keys, writer, http):
 
 def test_service_demo_against_the_running_service(service, keys, tmp_path):
     """The demo's service part (register, render sync and as a job with SSE progress, provenance)."""
-    from imagegen.demo import DEMO_PROVENANCE, demo_reference_files
-    from imagegen.serve.demo import run_service_demo
+    from imagegen.demo.local import DEMO_PROVENANCE, demo_reference_files
+    from imagegen.demo.service import run_service_demo
 
     lines: list[str] = []
     written = run_service_demo(

@@ -1,17 +1,12 @@
-"""The README's first command: the main job end to end on the embedded defaults.
+"""The offline part of the demo: a character from packaged photos and a grid of renders.
 
-1. Registers a demo character from public-domain photos that ship in installed packages (the
-   NASA astronaut portrait from scikit-image, augmented), with its reference report and contact
-   sheet; the provenance says exactly where the photos come from.
-2. Approves it and renders a small grid with the tiny FLUX and SDXL presets (real diffusers
-   pipelines loaded with ``from_pretrained``; random weights, so the pictures are noise), each
-   prompt without identity, with the demo character through PuLID and through an IP-Adapter
-   method (loaded by diffusers' ``load_ip_adapter`` on the same pipeline), and a contact sheet.
-3. Starts the HTTP service (Ray Serve, configs/serve.yaml), drives it with the Python client
-   (register, approve, render synchronously and as a job with SSE progress, provenance check)
-   and stops it.
-4. Ends with an eval run of the smoke suite through the Ray actor pool: ``report.html``,
-   ``metrics.json`` and ``junit.xml`` under ``out/eval-smoke``.
+Registers a demo character from public-domain photos that ship in installed packages (the NASA
+astronaut portrait from scikit-image, augmented), with its reference report and contact sheet;
+the provenance says exactly where the photos come from. Approves it and renders a small grid
+with the tiny FLUX and SDXL presets (real diffusers pipelines loaded with ``from_pretrained``;
+random weights, so the pictures are noise), each prompt without identity, with the demo
+character through PuLID and through an IP-Adapter method (loaded by diffusers'
+``load_ip_adapter`` on the same pipeline), and a contact sheet.
 """
 
 from __future__ import annotations
@@ -75,15 +70,8 @@ def register_demo_character(out: Path) -> dict[str, Path]:
     return registration.write_artifacts(out / "characters")
 
 
-def run_demo(
-    out: Path,
-    progress_factory: Callable[[], Progress],
-    *,
-    service: bool = True,
-    evaluation: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Path]:
-    """Render the demo grid into ``out``, then the service and eval parts; returns what was written, by label."""
+def run_local_demo(out: Path, progress_factory: Callable[[], Progress]) -> dict[str, Path]:
+    """Register the demo character and render the demo grid into ``out``; returns what was written, by label."""
     renders = out / "renders"
     renders.mkdir(parents=True, exist_ok=True)
     images, labels = [], []
@@ -112,39 +100,9 @@ def run_demo(
                 bar.advance(task)
     sheet_path = out / "renders-grid.png"
     contact_sheet(images, labels, columns=len(DEMO_PROMPTS) * len(DEMO_SEEDS) * 3).save(sheet_path)
-    written = {
+    return {
         "reference report": character["report"],
         "reference contact sheet": character["contact_sheet"],
         "renders": renders,
         "grid": sheet_path,
     }
-    if service:
-        written.update(run_service_part(out, log))
-    if evaluation:
-        written.update(run_eval_part(out, progress_factory))
-    return written
-
-
-def run_service_part(out: Path, log: Callable[[str], None]) -> dict[str, Path]:
-    """Start the service, drive it with the Python client, stop it (``imagegen/serve/demo.py``)."""
-    from imagegen.serve.demo import run_service_demo
-
-    written = run_service_demo(out, demo_reference_files(), DEMO_PROVENANCE, log=log)
-    return {f"service {label}": path for label, path in written.items()}
-
-
-def run_eval_part(out: Path, progress_factory: Callable[[], Progress]) -> dict[str, Path]:
-    """The smoke suite through the Ray actor pool: report.html, metrics.json and junit.xml."""
-    from imagegen.eval.run import run_suite
-
-    run_dir = out / "eval-smoke"
-    with progress_factory() as bar:
-        tasks: dict[str, int] = {}
-
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(f"eval {phase}", total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
-        result = run_suite("smoke", run_dir, progress=update)
-    return {f"eval ({result.evaluation.verdict}) {label}": path for label, path in result.paths.items()}

@@ -1,0 +1,66 @@
+"""The README's first command (``imagegen demo``): the main job end to end on the embedded defaults.
+
+1. :mod:`imagegen.demo.local`: registers a demo character from public-domain photos that ship
+   in installed packages, approves it and renders a small grid with the tiny FLUX and SDXL
+   presets, without identity, through PuLID and through an IP-Adapter method.
+2. :mod:`imagegen.demo.service`: starts the HTTP service (Ray Serve, configs/serve.yaml), drives
+   it with the Python client (register, approve, render synchronously and as a job with SSE
+   progress, provenance check) and stops it.
+3. Ends with an eval run of the smoke suite through the Ray actor pool: ``report.html``,
+   ``metrics.json`` and ``junit.xml`` under ``out/eval-smoke``.
+
+The demo sits on top: it uses identity, serve and eval; nothing else in the package imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.progress import Progress
+
+from imagegen.demo.local import DEMO_PROVENANCE, demo_reference_files, run_local_demo
+
+__all__ = ["run_demo"]
+
+
+def run_demo(
+    out: Path,
+    progress_factory: Callable[[], Progress],
+    *,
+    service: bool = True,
+    evaluation: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Render the demo grid into ``out``, then the service and eval parts; returns what was written, by label."""
+    written = run_local_demo(out, progress_factory)
+    if service:
+        written.update(run_service_part(out, log))
+    if evaluation:
+        written.update(run_eval_part(out, progress_factory))
+    return written
+
+
+def run_service_part(out: Path, log: Callable[[str], None]) -> dict[str, Path]:
+    """Start the service, drive it with the Python client, stop it (:mod:`imagegen.demo.service`)."""
+    from imagegen.demo.service import run_service_demo
+
+    written = run_service_demo(out, demo_reference_files(), DEMO_PROVENANCE, log=log)
+    return {f"service {label}": path for label, path in written.items()}
+
+
+def run_eval_part(out: Path, progress_factory: Callable[[], Progress]) -> dict[str, Path]:
+    """The smoke suite through the Ray actor pool: report.html, metrics.json and junit.xml."""
+    from imagegen.eval.run import run_suite
+
+    run_dir = out / "eval-smoke"
+    with progress_factory() as bar:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(f"eval {phase}", total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        result = run_suite("smoke", run_dir, progress=update)
+    return {f"eval ({result.evaluation.verdict}) {label}": path for label, path in result.paths.items()}
