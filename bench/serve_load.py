@@ -1,22 +1,39 @@
-"""Load test of the HTTP service: N concurrent clients for T seconds.
+"""Load test of the HTTP service, and its per-request overhead against the Ray Serve floor.
 
     python bench/serve_load.py                              # starts configs/serve.yaml locally, tiny-flux
-    python bench/serve_load.py --clients 16 --duration 30
-    python bench/serve_load.py --url http://host:8000 --key igk_...   # an already running service
+    python bench/serve_load.py --clients 16 --duration 30 --requests 300
+    python bench/serve_load.py --url http://host:8000 --key igk_...   # an already running service (no floor arm)
 
-Measures, in this order (so they do not compete for the CPU):
+Measures, in this order (so the phases do not compete for the CPU):
 
-1. the ``Renderer`` called directly in this process (one image per call, batch 1, the same
-   request and the same torch thread count as a renderer replica): the floor;
-2. the service at concurrency 1: the same request through HTTP, auth, the ingress, the renderer
-   deployment, provenance and audit; *per-request overhead* = its median minus the direct median;
-3. the service under load: ``--clients`` threads each sending sync renders back to back for
+1. **Interleaved, concurrency 1** (``--requests`` rounds, 200 by default). Each round sends, one
+   after the other, the same request (prompt, seed, size, steps) to three arms:
+
+   * ``floor``: a bare Ray Serve app deployed by this script on the *same* local Ray, as a second
+     application (``/floor``, sharing the HTTP proxy): HTTP proxy -> FastAPI ingress deployment ->
+     ``DeploymentHandle`` -> a ``@serve.batch`` deployment with the renderer's max batch size and
+     ``batch_wait_timeout_s`` (from the service's config), which renders nothing and returns
+     ``--floor-bytes`` (5 KB) of bytes: what Ray Serve alone costs on these hops;
+   * ``imagegen``: a sync ``POST /v1/renders`` through the real service (proxy, auth, ingress,
+     handle stream, batched renderer deployment, PNG + provenance, audit);
+   * ``direct``: the same render on a ``Renderer`` in this process, batch 1, with the replica's torch
+     thread count (``--replica-threads``), no character.
+
+   Interleaving makes the three arms share the machine's noise (other processes, CPU frequency),
+   so their differences are fair on a busy machine. imagegen's own per-request work is
+   ``overhead = imagegen_p50 - direct_p50 - floor_p50``; its 95% interval is a bootstrap
+   (``scipy.stats.bootstrap``, BCa, median statistic) of the per-round paired differences
+   ``imagegen - direct - floor``. One JSON line with these figures is printed (and kept in the
+   document under ``interleaved``).
+2. **The service alone at concurrency 1** for ``--single-duration`` seconds, with every process's
+   CPU time read from ``/proc`` before and after: **CPU ms per request** by part (renderer
+   replica, ingress, Ray's HTTP proxy, Ray's control plane, this load generator).
+3. **The service under load**: ``--clients`` threads each sending sync renders back to back for
    ``--duration`` seconds: throughput, latency p50/p95/p99, errors by status and code, and the
    mean pipeline batch size (from ``/metrics``).
 
-For a service it starts itself, the concurrency-1 phase also reads every process's CPU time from
-``/proc`` before and after, and reports **CPU ms per request** by part (renderer replica,
-ingress, Ray's HTTP proxy, Ray's control plane, this load generator): where the overhead goes.
+With ``--url`` (a service this script did not start) there is no floor arm and no CPU split.
+The machine's load average is recorded around phases 1 and 3 (``load_average``).
 
 Prints a table and, last, one JSON document (also written to ``--json`` when given).
 """
@@ -39,6 +56,9 @@ from rich.table import Table
 
 console = Console(stderr=True)
 
+FLOOR_APP = "floor"
+FLOOR_PREFIX = "/floor"
+
 
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
@@ -59,10 +79,16 @@ def body(args: argparse.Namespace, i: int) -> dict[str, Any]:
     }
 
 
+def load_average() -> dict[str, Any]:
+    one, five, fifteen = os.getloadavg()
+    return {"1m": round(one, 2), "5m": round(five, 2), "15m": round(fifteen, 2), "at": time.strftime("%H:%M:%S")}
+
+
 #: process command-line marker -> the part of the service it is (first match wins)
 PARTS = (
     ("ServeReplica:imagegen:renderer", "renderer replica"),
     ("ServeReplica:imagegen:Ingress", "ingress replica"),
+    (f"ServeReplica:{FLOOR_APP}:", "floor app replicas"),
     ("ProxyActor", "Ray HTTP proxy"),
     ("ray", "Ray control plane (controller, GCS, raylet, agents)"),
 )
@@ -102,24 +128,186 @@ def cpu_split(before: dict, after: dict, requests: int) -> dict[str, float]:
     return {part: round(seconds / requests * 1000, 1) for part, seconds in split.most_common()}
 
 
-def direct_baseline(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+# -- the floor: a bare Ray Serve app with the service's hops and no work ---------------------------
+def renderer_batching(config: dict[str, Any] | None, preset: str) -> tuple[int, float]:
+    """(max_batch_size, batch_wait_timeout_s) of ``preset``'s renderer in the deployed config."""
+    max_batch_size, wait = 4, 0.05  # RendererConfig's defaults, for a config that leaves them out
+    for app in (config or {}).get("applications") or []:
+        for deployment in app.get("deployments") or []:
+            if deployment.get("name") == f"renderer-{preset}":
+                user_config = deployment.get("user_config") or {}
+                max_batch_size = int(user_config.get("max_batch_size", max_batch_size))
+                wait = float(user_config.get("batch_wait_timeout_s", wait))
+    return max_batch_size, wait
 
-    from imagegen.pipelines.renderer import Renderer
+
+def deploy_floor(max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int, logging_config: Any) -> None:
+    """Deploy the floor app on the running Serve instance (its own route prefix, the same proxy).
+
+    The classes are defined here, inside a function, so Ray pickles them by value: the replicas
+    need nothing from bench/ on their path.
+    """
+    from fastapi import Body, FastAPI
+    from fastapi.responses import Response
+    from ray import serve
+    from ray.serve.handle import DeploymentHandle
+
+    @serve.deployment(name="FloorBatch", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
+    class FloorBatch:
+        def __init__(self, max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int):
+            self.payload = os.urandom(payload_bytes)
+            self._batch.set_max_batch_size(max_batch_size)
+            self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+        @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+        async def _batch(self, items: list[dict[str, Any]]) -> list[bytes]:
+            return [self.payload for _ in items]
+
+        async def __call__(self, item: dict[str, Any]) -> bytes:
+            return await self._batch(item)
+
+    api = FastAPI()
+
+    @serve.deployment(name="FloorIngress", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class FloorIngress:
+        def __init__(self, batcher: DeploymentHandle):
+            self.batcher = batcher
+
+        @api.post("/render")
+        async def render(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
+            return Response(await self.batcher.remote(item), media_type="application/octet-stream")
+
+    app = FloorIngress.bind(FloorBatch.bind(max_batch_size, batch_wait_timeout_s, payload_bytes))
+    serve.run(app, name=FLOOR_APP, route_prefix=FLOOR_PREFIX, logging_config=logging_config)
+
+
+def worker_imagegen_file() -> str:
+    """``imagegen.__file__`` as a Ray worker of this cluster imports it (the replicas' view)."""
+    import ray
+
+    def where() -> str:
+        import imagegen
+
+        return imagegen.__file__
+
+    return ray.get(ray.remote(num_cpus=0)(where).remote())
+
+
+# -- phase 1: floor, imagegen and direct, interleaved ----------------------------------------------
+def post_timed(client: httpx.Client, path: str, payload: dict[str, Any]) -> tuple[float, int, int]:
+    """(seconds, status, response bytes) of one POST."""
+    started = time.perf_counter()
+    response = client.post(path, json=payload)
+    content = response.content
+    return time.perf_counter() - started, response.status_code, len(content)
+
+
+def bootstrap_interval(samples: list[Any], statistic: Any, rng_seed: int = 0) -> list[float] | None:
+    """95% BCa bootstrap interval (paired resampling when more than one sample)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    try:
+        result = bootstrap(
+            tuple(np.asarray(s) for s in samples),
+            statistic,
+            paired=len(samples) > 1,
+            vectorized=True,
+            confidence_level=0.95,
+            n_resamples=9999,
+            method="BCa",
+            rng=np.random.default_rng(rng_seed),
+        )
+    except (ValueError, TypeError) as exc:  # too few rounds, degenerate sample
+        console.print(f"[yellow]bootstrap failed: {exc}[/yellow]")
+        return None
+    low, high = result.confidence_interval
+    return [round(float(low), 2), round(float(high), 2)]
+
+
+def arm_figures(seconds: list[float]) -> dict[str, Any]:
+    ms = [s * 1000 for s in seconds]
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 2) if ms else None,
+        "p95_ms": round(percentile(ms, 95), 2) if ms else None,
+        "mean_ms": round(statistics.fmean(ms), 2) if ms else None,
+    }
+
+
+def interleaved(client: httpx.Client, renderer: Any, args: argparse.Namespace, floor: bool) -> dict[str, Any]:
+    """``--requests`` rounds of (floor request, imagegen request, direct render), one after the other."""
+    import numpy as np
+
     from imagegen.pipelines.types import RenderRequest
 
-    torch.set_num_threads(args.replica_threads)
-    renderer = Renderer(args.preset)
-    request = RenderRequest(**{k: v for k, v in body(args, 0).items() if k != "preset"})
-    renderer.render([request])
-    times = []
-    for _ in range(args.direct_repeats):
-        started = time.perf_counter()
+    times: dict[str, list[float]] = {"floor": [], "imagegen": [], "direct": []}
+    sizes: dict[str, list[int]] = {"floor": [], "imagegen": []}
+    errors: Counter = Counter()
+    load_before = load_average()
+    started = time.monotonic()
+    for r in range(args.requests):
+        payload = body(args, r)
+        request = RenderRequest(**{k: v for k, v in payload.items() if k != "preset"})
+        round_times: dict[str, float] = {}
+        if floor:
+            elapsed, status, size = post_timed(client, f"{FLOOR_PREFIX}/render", payload)
+            if status == 200:
+                round_times["floor"] = elapsed
+                sizes["floor"].append(size)
+            else:
+                errors[f"floor {status}"] += 1
+        elapsed, status, size = post_timed(client, "/v1/renders", payload)
+        if status == 200:
+            round_times["imagegen"] = elapsed
+            sizes["imagegen"].append(size)
+        else:
+            errors[f"imagegen {status}"] += 1
+        t0 = time.perf_counter()
         renderer.render([request])
-        times.append(time.perf_counter() - started)
-    return {"median_s": statistics.median(times), "p95_s": percentile(times, 95), "calls": len(times)}
+        round_times["direct"] = time.perf_counter() - t0
+        if len(round_times) == (3 if floor else 2):  # only complete rounds count
+            for arm, value in round_times.items():
+                times[arm].append(value)
+    wall = time.monotonic() - started
+    arms = {arm: arm_figures(values) for arm, values in times.items() if floor or arm != "floor"}
+    summary: dict[str, Any] = {
+        "floor_p50_ms": arms["floor"]["p50_ms"] if floor else None,
+        "imagegen_p50_ms": arms["imagegen"]["p50_ms"],
+        "direct_p50_ms": arms["direct"]["p50_ms"],
+        "overhead_p50_ms": None,
+        "overhead_ci95_ms": None,
+        "overhead_paired_median_ms": None,
+        "overhead_p50_ci95_ms": None,
+        "rounds": len(times["imagegen"]),
+    }
+    if floor and times["floor"]:
+        floor_ms, imagegen_ms, direct_ms = (np.asarray(times[a]) * 1000 for a in ("floor", "imagegen", "direct"))
+        differences = imagegen_ms - direct_ms - floor_ms
+        summary["overhead_p50_ms"] = round(
+            summary["imagegen_p50_ms"] - summary["direct_p50_ms"] - summary["floor_p50_ms"], 2
+        )
+        # the brief's interval: median of the per-round paired differences
+        summary["overhead_ci95_ms"] = bootstrap_interval([differences], np.median)
+        summary["overhead_paired_median_ms"] = round(float(np.median(differences)), 2)
+
+        # the same rounds resampled (paired) for the difference of the three medians itself
+        def medians(f, i, d, axis=-1):
+            return np.median(i, axis=axis) - np.median(d, axis=axis) - np.median(f, axis=axis)
+
+        summary["overhead_p50_ci95_ms"] = bootstrap_interval([floor_ms, imagegen_ms, direct_ms], medians)
+    return {
+        "summary": summary,
+        "arms": arms,
+        "response_bytes_p50": {arm: statistics.median(v) for arm, v in sizes.items() if v},
+        "errors": dict(errors),
+        "wall_s": round(wall, 1),
+        "load_average": {"before": load_before, "after": load_average()},
+    }
 
 
+# -- phases 2 and 3: the service alone ---------------------------------------------------------------
 def batch_figures(client: httpx.Client, preset: str) -> tuple[float, float]:
     text = client.get("/metrics").text
     total = count = 0.0
@@ -144,6 +332,7 @@ def run_clients(url: str, key: str, args: argparse.Namespace, clients: int, dura
             while time.monotonic() < stop_at:
                 i += 1
                 started = time.perf_counter()
+                response = None
                 try:
                     response = http.post("/v1/renders", json=body(args, i))
                     status = response.status_code
@@ -158,7 +347,9 @@ def run_clients(url: str, key: str, args: argparse.Namespace, clients: int, dura
                     else:
                         codes[f"{status} {code}"] += 1
                 if status in (429, 503):
-                    time.sleep(float(response.headers.get("retry-after", "1")) if status else 1.0)
+                    time.sleep(float(response.headers.get("retry-after", "1")) if response is not None else 1.0)
+                elif status == 0:
+                    time.sleep(1.0)
 
     started = time.monotonic()
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
@@ -198,17 +389,29 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
     parser.add_argument("--max-batch-size", type=int, default=None, help="override the renderers' max_batch_size")
     parser.add_argument("--batch-wait", type=float, default=None, help="override batch_wait_timeout_s (seconds)")
-    parser.add_argument("--replica-threads", type=int, default=1, help="torch threads of the direct baseline")
-    parser.add_argument("--direct-repeats", type=int, default=20)
-    parser.add_argument("--single-duration", type=float, default=8.0, help="seconds at concurrency 1")
+    parser.add_argument("--replica-threads", type=int, default=1, help="torch threads of the direct arm")
+    parser.add_argument("--requests", type=int, default=200, help="interleaved rounds (requests per arm)")
+    parser.add_argument("--floor-bytes", type=int, default=5120, help="bytes the floor app returns")
+    parser.add_argument("--single-duration", type=float, default=8.0, help="seconds of the CPU-split phase")
     parser.add_argument("--json", help="also write the JSON document here")
     args = parser.parse_args()
 
-    console.print(f"direct Renderer baseline ({args.preset}, {args.size}px, {args.steps} steps) ...")
-    direct = direct_baseline(args)
+    import imagegen
+
+    console.print(f"imagegen imported from {imagegen.__file__}")
+    import torch
+
+    from imagegen.pipelines.renderer import Renderer
+    from imagegen.pipelines.types import RenderRequest
+
+    console.print(f"direct Renderer ({args.preset}, {args.size}px, {args.steps} steps) ...")
+    torch.set_num_threads(args.replica_threads)
+    renderer = Renderer(args.preset)
+    renderer.render([RenderRequest(**{k: v for k, v in body(args, 0).items() if k != "preset"})])
 
     service = None
     url, key = args.url, args.key
+    worker_file = None
     if url is None:
         from imagegen.serve.auth import create_key
         from imagegen.serve.launcher import start_service
@@ -228,18 +431,39 @@ def main() -> None:
         url = service.url
         with ServeStore.open() as store:
             key = create_key(store, "bench-serve-load", ["admin"])[1]
+    floor_batching = None
     try:
+        if service is not None:
+            worker_file = worker_imagegen_file()
+            console.print(f"Ray workers import imagegen from {worker_file}")
+            floor_batching = renderer_batching(service.config, args.preset)
+            console.print(
+                f"deploying the floor app at {FLOOR_PREFIX} "
+                f"(max batch {floor_batching[0]}, wait {floor_batching[1]}s) ..."
+            )
+            deploy_floor(*floor_batching, args.floor_bytes, service.config.get("logging_config"))
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
             for i in range(3):  # warm-up: prompt cache, connections
                 client.post("/v1/renders", json=body(args, i)).raise_for_status()
-            console.print("concurrency 1 ...")
+                if service is not None:
+                    client.post(f"{FLOOR_PREFIX}/render", json=body(args, i)).raise_for_status()
+            console.print(f"interleaved floor / imagegen / direct, {args.requests} rounds ...")
+            paired = interleaved(client, renderer, args, floor=service is not None)
+            console.print(json.dumps(paired["summary"]), soft_wrap=True)
+            if service is not None:
+                from ray import serve
+
+                serve.delete(FLOOR_APP)
+            console.print(f"the service alone at concurrency 1 for {args.single_duration:.0f}s ...")
             cpu_before = cpu_seconds_by_process() if service is not None else None
             single = run_clients(url, key, args, 1, args.single_duration)
             if cpu_before is not None:
                 single["cpu_ms_per_request"] = cpu_split(cpu_before, cpu_seconds_by_process(), single["requests"])
             before = batch_figures(client, args.preset)
             console.print(f"{args.clients} clients for {args.duration:.0f}s ...")
+            load_before = load_average()
             loaded = run_clients(url, key, args, args.clients, args.duration)
+            loaded["load_average"] = {"before": load_before, "after": load_average()}
             after = batch_figures(client, args.preset)
             health = client.get("/readyz").json()
     finally:
@@ -247,15 +471,37 @@ def main() -> None:
             service.stop()
     batches = after[1] - before[1]
     loaded["mean_batch_size"] = round((after[0] - before[0]) / batches, 3) if batches else None
-    overhead = single["latency_s"]["p50"] - direct["median_s"] if single["latency_s"]["p50"] else None
+    summary = paired["summary"]
+    direct_s = summary["direct_p50_ms"] / 1000
+    overhead = summary["imagegen_p50_ms"] / 1000 - direct_s
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_end": load_average(),
+        },
+        "imagegen_file": imagegen.__file__,
+        "worker_imagegen_file": worker_file,
         "request": {"preset": args.preset, "size": args.size, "steps": args.steps},
         "renderer": health.get("checks", {}).get("renderers", {}).get(args.preset),
-        "direct_renderer": direct,
+        "floor_app": None
+        if floor_batching is None
+        else {
+            "max_batch_size": floor_batching[0],
+            "batch_wait_timeout_s": floor_batching[1],
+            "bytes": args.floor_bytes,
+        },
+        "interleaved": paired,
+        "direct_renderer": {
+            "median_s": direct_s,
+            "p95_s": paired["arms"]["direct"]["p95_ms"] / 1000,
+            "calls": paired["arms"]["direct"]["n"],
+        },
         "concurrency_1": single,
         "loaded": loaded,
-        "per_request_overhead_s": round(overhead, 4) if overhead is not None else None,
+        # HTTP p50 minus the direct p50, both from the interleaved phase (the floor not subtracted)
+        "per_request_overhead_s": round(overhead, 4),
     }
     table = Table(title=f"serve load: {args.preset} {args.size}px {args.steps} steps")
     for column in ("run", "clients", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch"):
@@ -264,18 +510,25 @@ def main() -> None:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1000:.0f}"
 
-    table.add_row(
-        "direct Renderer",
-        "1",
-        str(direct["calls"]),
-        f"{1 / direct['median_s']:.2f}",
-        ms(direct["median_s"]),
-        ms(direct["p95_s"]),
-        "-",
-        "0",
-        "1",
-    )
-    for label, run in (("HTTP, concurrency 1", single), (f"HTTP, {args.clients} clients", loaded)):
+    for arm, label in (
+        ("direct", "direct Renderer (interleaved)"),
+        ("floor", "bare Serve floor (interleaved)"),
+        ("imagegen", "HTTP imagegen (interleaved)"),
+    ):
+        figures = paired["arms"].get(arm)
+        if figures:
+            table.add_row(
+                label,
+                "1",
+                str(figures["n"]),
+                "-",
+                f"{figures['p50_ms']:.1f}",
+                f"{figures['p95_ms']:.1f}",
+                "-",
+                "-",
+                "1" if arm == "direct" else "-",
+            )
+    for label, run in (("HTTP, concurrency 1 (CPU split)", single), (f"HTTP, {args.clients} clients", loaded)):
         lat = run["latency_s"]
         table.add_row(
             label,
@@ -289,7 +542,12 @@ def main() -> None:
             str(run.get("mean_batch_size", "-")),
         )
     Console(width=140).print(table)
-    print(f"per-request overhead (HTTP p50 at concurrency 1 - direct median): {ms(overhead)} ms")
+    if summary["overhead_p50_ms"] is not None:
+        print(
+            "imagegen's own per-request work (imagegen p50 - direct p50 - floor p50): "
+            f"{summary['overhead_p50_ms']:.1f} ms, 95% CI of the paired median {summary['overhead_ci95_ms']} ms"
+        )
+    print(f"per-request overhead over the direct render (imagegen p50 - direct p50): {ms(overhead)} ms")
     if single.get("cpu_ms_per_request"):
         split = Table(title="CPU per request at concurrency 1, by part")
         split.add_column("part")
@@ -297,6 +555,7 @@ def main() -> None:
         for part, value in single["cpu_ms_per_request"].items():
             split.add_row(part, f"{value:.1f}")
         Console(width=140).print(split)
+    print(json.dumps(summary))
     document = json.dumps(result, indent=2)
     print(document)
     if args.json:
