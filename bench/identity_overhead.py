@@ -80,7 +80,7 @@ def bench_preset(name: str, registry: Registry, repeats: int, methods: list[str]
                 "median_s": timed(lambda: renderer.render([with_id]), repeats, cuda),  # noqa: B023
             }
         )
-        character = registry.get(CHARACTER)
+        character = registry.characters.get(CHARACTER)
         references = renderer.conditioning_cache.usable_references(character)
 
         def recompute_and_render():

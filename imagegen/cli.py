@@ -184,7 +184,7 @@ def render(
         from imagegen.identity.registry import Registry
 
         with Registry.open() as registry:
-            registry.get(character)  # an unknown character fails here, before any model loads
+            registry.characters.get(character)  # an unknown character fails here, before any model loads
     out = ensure_writable_dir(out)
     first = first.resolved(chosen)
     requests = [first.model_copy(update={"seed": first.seed + i}) for i in range(num)]

@@ -56,8 +56,8 @@ def demo_reference_files() -> list[tuple[str, bytes]]:
 def register_demo_character(out: Path) -> dict[str, Path]:
     """(Re-)register the demo character and write its report and contact sheet into ``out``."""
     with Registry.open() as registry:
-        if registry.exists(DEMO_CHARACTER):
-            registry.delete(DEMO_CHARACTER)
+        if registry.characters.exists(DEMO_CHARACTER):
+            registry.characters.delete(DEMO_CHARACTER)
         registration = register_character(
             registry,
             character_id=DEMO_CHARACTER,

@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from imagegen.blobstore import sha256_hex, validate_digest
 from imagegen.errors import ImagegenError
-from imagegen.identity.blobstore import sha256_hex, validate_digest
 from imagegen.identity.models import Character, ReferenceInput, RegistryError
 from imagegen.identity.registry import Registry
 
@@ -106,10 +106,10 @@ def export_character(
     path = Path(path)
     if path.exists() and not overwrite:
         raise ArchiveError(f"{path} already exists; choose another file name or pass overwrite=True")
-    character = registry.get(character_id)
+    character = registry.characters.get(character_id)
     blobs: dict[str, bytes] = {}
     for ref in character.references:
-        blobs[_blob_member(ref.digest)] = registry.reference_bytes(character_id, ref.digest)
+        blobs[_blob_member(ref.digest)] = registry.characters.reference_bytes(character_id, ref.digest)
     manifest = {
         "format": ARCHIVE_FORMAT,
         "format_version": ARCHIVE_VERSION,
@@ -294,4 +294,4 @@ def import_character(registry: Registry, path: str | os.PathLike[str], *, keep_s
     fields = character.model_dump(exclude={"references", "version", "created_at", "updated_at"})
     if not keep_status:
         fields.update(status="draft", age_check="unverified")
-    return registry.register(fields, references)
+    return registry.characters.register(fields, references)

@@ -112,7 +112,7 @@ def register_character(
         card=card or Card(),
         provenance=provenance,
     )
-    if registry.exists(character.id):  # fail before the (slow) analysis
+    if registry.characters.exists(character.id):  # fail before the (slow) analysis
         raise DuplicateCharacterError(
             f"a character with id {character.id!r} is already registered; pick another id or delete it first"
         )
@@ -129,7 +129,7 @@ def register_character(
         ReferenceInput(data=image.png_bytes, filename=image.filename, faces=_face_analysis(result, report, index))
         for index, (image, result) in enumerate(zip(images, results, strict=True))
     ]
-    saved = registry.register(stored, references)
+    saved = registry.characters.register(stored, references)
     return Registration(saved, report, age, images, results)
 
 
@@ -145,9 +145,9 @@ def recheck_character(
     character was registered, so approval checks again instead of trusting old results.
     """
     settings = settings or get_settings()
-    character = registry.get(character_id)
+    character = registry.characters.get(character_id)
     files = [
-        (ref.filename or ref.digest[:12], registry.reference_bytes(character.id, ref.digest))
+        (ref.filename or ref.digest[:12], registry.characters.reference_bytes(character.id, ref.digest))
         for ref in character.references
     ]
     images = ingest_all(files)
@@ -168,6 +168,6 @@ def approve_character(
         raise ApprovalError(
             f"'{character_id}' cannot be approved: its reference report fails: " + "; ".join(check.report.reasons)
         )
-    registry.set_age_check(character_id, check.age.status)
-    approved = registry.approve(character_id)
+    registry.characters.set_age_check(character_id, check.age.status)
+    approved = registry.characters.approve(character_id)
     return Registration(approved, check.report, check.age, check.images, check.results)

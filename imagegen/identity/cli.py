@@ -121,7 +121,7 @@ def list_characters() -> None:
     table = Table(title="characters")
     for column in ("id", "name", "status", "version", "references", "provenance", "age check"):
         table.add_column(column)
-    for c in _registry().list():
+    for c in _registry().characters.all():
         table.add_row(
             c.id, escape(c.name), c.status, str(c.version), str(len(c.references)), c.provenance.kind, c.age_check
         )
@@ -131,7 +131,7 @@ def list_characters() -> None:
 @characters_app.command("show")
 def show(character_id: str = typer.Argument(..., metavar="ID")) -> None:
     """One character as JSON (card, provenance, references; no embeddings)."""
-    character = _registry().get(character_id)
+    character = _registry().characters.get(character_id)
     data = character.model_dump(mode="json")
     for ref in data["references"]:
         for face in ref["faces"].values():
@@ -175,7 +175,7 @@ def prepare(
     from imagegen.pipelines.renderer import Renderer
 
     registry = _registry()
-    registry.get(character_id)
+    registry.characters.get(character_id)
     renderer = Renderer(preset, registry=registry, allow_draft=allow_draft)
     identity = renderer.identity_method(resolve_method(renderer.preset, method))
     tensors = renderer.identity_tensors(character_id, identity)
@@ -187,7 +187,7 @@ def prepare(
 @characters_app.command("delete")
 def delete(character_id: str = typer.Argument(..., metavar="ID")) -> None:
     """Delete a character and every byte of it; says how much was removed."""
-    removed = _registry().delete(character_id)
+    removed = _registry().characters.delete(character_id)
     console.print(
         f"deleted '{character_id}': {removed.references} references, {removed.face_analyses} face analyses, "
         f"{removed.conditioning} cached tensors, {removed.blobs_removed} blobs, {removed.bytes_removed:,} bytes removed"
@@ -233,7 +233,7 @@ def protect_list() -> None:
     table = Table(title="protected identities")
     for column in ("id", "label", "backend", "note", "added"):
         table.add_column(column)
-    for p in _registry().list_protected_identities():
+    for p in _registry().gallery.all():
         table.add_row(str(p.id), escape(p.label), p.backend, escape(p.note), str(p.created_at))
     console.print(table)
 
@@ -241,5 +241,5 @@ def protect_list() -> None:
 @protect_app.command("remove")
 def protect_remove(protected_id: int = typer.Argument(..., metavar="ID")) -> None:
     """Remove one protected-identity embedding."""
-    _registry().remove_protected_identity(protected_id)
+    _registry().gallery.remove(protected_id)
     console.print(f"removed protected identity {protected_id}")

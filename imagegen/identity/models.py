@@ -32,8 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from imagegen.blobstore import validate_digest
 from imagegen.errors import ImagegenError
-from imagegen.identity.blobstore import validate_digest
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 #: backend, method and version names: short, no path separators

@@ -60,7 +60,7 @@ class ProtectedMatch:
 
 def protected_matches(registry, results: list[FaceResult], filenames: list[str], backend: str) -> list[ProtectedMatch]:
     """Every (reference, protected identity) pair whose faces are the same person by ``backend``."""
-    gallery = registry.list_protected_identities(backend=backend)
+    gallery = registry.gallery.all(backend=backend)
     if not gallery:
         return []
     metric = metric_for(backend)
@@ -94,7 +94,7 @@ def protect_from_images(registry, label: str, images, analyzer: FaceAnalyzer, no
         face = analyzer.largest(image.image).face
         if face is None:
             raise SafeguardError(f"{image.filename}: no face found; a protected identity needs a clear face photo")
-        ids.append(registry.add_protected_identity(label, analyzer.name, face.embedding, note=note).id)
+        ids.append(registry.gallery.add(label, analyzer.name, face.embedding, note=note).id)
     return ids
 
 

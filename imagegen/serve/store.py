@@ -19,7 +19,6 @@ Tables::
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -43,8 +42,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from imagegen.blobstore import BlobStore
 from imagegen.db import SessionScopes, UTCDateTime, create_database_engine, utcnow
-from imagegen.identity.blobstore import BlobStore
 from imagegen.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -248,7 +247,7 @@ class ServeStore(SessionScopes):
             row = s.get(ApiKeyRow, key_id)
             return None if row is None else _key_from_row(row)
 
-    def list_keys(self) -> builtins.list[ApiKey]:
+    def list_keys(self) -> list[ApiKey]:
         with self._read() as s:
             return [_key_from_row(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
 
@@ -300,7 +299,7 @@ class ServeStore(SessionScopes):
             row = s.get(JobRow, job_id)
             return None if row is None else Job.from_row(row)
 
-    def list_jobs(self, key_id: str | None, limit: int = 50) -> builtins.list[Job]:
+    def list_jobs(self, key_id: str | None, limit: int = 50) -> list[Job]:
         query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
         if key_id is not None:
             query = query.where(JobRow.key_id == key_id)
@@ -316,14 +315,14 @@ class ServeStore(SessionScopes):
             rows = s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
         return {status: int(count) for status, count in rows}
 
-    def claim_jobs(self, owner: str, limit: int, max_attempts: int) -> builtins.list[Job]:
+    def claim_jobs(self, owner: str, limit: int, max_attempts: int) -> list[Job]:
         """Take up to ``limit`` queued jobs (oldest first) for ``owner``; each claim counts an attempt."""
         if limit <= 0:
             return []
         now = utcnow()
         claimed = []
         with self._write() as s:
-            rows = builtins.list(
+            rows = list(
                 s.scalars(
                     select(JobRow)
                     .where(JobRow.status == "queued")
@@ -356,7 +355,7 @@ class ServeStore(SessionScopes):
             rows = s.execute(select(JobRow.id, JobRow.status, JobRow.owner).where(JobRow.id.in_(job_ids))).all()
         return {job_id: (status if job_owner == owner else "taken") for job_id, status, job_owner in rows}
 
-    def recover_stale(self, stale_after_s: float, max_attempts: int) -> builtins.list[tuple[str, str]]:
+    def recover_stale(self, stale_after_s: float, max_attempts: int) -> list[tuple[str, str]]:
         """Running jobs whose owner stopped sending heartbeats: queued again, or failed when out of attempts."""
         cutoff = utcnow() - timedelta(seconds=stale_after_s)
         changed = []
@@ -447,7 +446,7 @@ class ServeStore(SessionScopes):
         with self._write() as s:
             self._event(s, job_id, kind, data)
 
-    def events(self, job_id: str, after: int = 0, limit: int = 500) -> builtins.list[JobEvent]:
+    def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
         with self._read() as s:
             rows = s.scalars(
                 select(JobEventRow)
@@ -487,7 +486,7 @@ class ServeStore(SessionScopes):
             for record in records:
                 s.add(AuditRow(**record, created_at=utcnow()))
 
-    def audit_by_tag(self, tag: int) -> builtins.list[dict[str, Any]]:
+    def audit_by_tag(self, tag: int) -> list[dict[str, Any]]:
         with self._read() as s:
             rows = s.scalars(select(AuditRow).where(AuditRow.watermark_tag == tag)).all()
             return [_audit_dict(r) for r in rows]

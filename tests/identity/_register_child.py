@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from imagegen.identity.blobstore import BlobStore  # noqa: E402
+from imagegen.blobstore import BlobStore  # noqa: E402
 from imagegen.identity.registry import Registry  # noqa: E402
 from tests.identity._helpers import make_character, make_refs  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     character = make_character(CHARACTER_ID, centroids={"dlib": [0.5] * 8})
     print("READY", flush=True)
     start = time.perf_counter()
-    registry.register(character, refs, **hooks)
+    registry.characters.register(character, refs, **hooks)
     print(f"DONE {time.perf_counter() - start:.4f}", flush=True)
 
 

@@ -19,12 +19,12 @@ from ._helpers import embedding, make_character, make_refs
 @pytest.fixture
 def source(isolated_home: Path) -> Registry:
     reg = Registry.open()
-    reg.register(
+    reg.characters.register(
         make_character("mia", centroids={"dlib": embedding(3)}),
         make_refs(3, backends=("dlib", "insightface")),
     )
-    reg.approve("mia")
-    reg.set_age_check("mia", "passed")
+    reg.characters.approve("mia")
+    reg.characters.set_age_check("mia", "passed")
     yield reg
     reg.close()
 
@@ -52,7 +52,7 @@ def rewrite(src: Path, dst: Path, change: dict[str, bytes | None], add: dict[str
 
 def test_round_trip(source: Registry, target: Registry, tmp_path: Path) -> None:
     archive = export_character(source, "mia", tmp_path / "mia.zip")
-    original = source.get("mia")
+    original = source.characters.get("mia")
     with zipfile.ZipFile(archive) as zf:
         names = zf.namelist()
         manifest = json.loads(zf.read("manifest.json"))
@@ -64,14 +64,15 @@ def test_round_trip(source: Registry, target: Registry, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".mia.zip.tmp-*"))
 
     imported = import_character(target, archive)
-    assert imported == target.get("mia")
+    assert imported == target.characters.get("mia")
     same = ("id", "name", "card", "provenance", "references", "centroids")
     assert imported.model_dump(include=set(same)) == original.model_dump(include=set(same))
     np.testing.assert_array_equal(imported.centroid("dlib"), embedding(3))
     # safeguards run again in the new registry, unless asked otherwise
     assert (imported.status, imported.age_check, imported.version) == ("draft", "unverified", 1)
     for ref in original.references:
-        assert target.reference_bytes("mia", ref.digest) == source.reference_bytes("mia", ref.digest)
+        expected = source.characters.reference_bytes("mia", ref.digest)
+        assert target.characters.reference_bytes("mia", ref.digest) == expected
     assert target.verify() == []
 
     with pytest.raises(ArchiveError, match="already exists"):
@@ -175,4 +176,4 @@ def test_unlisted_member_and_garbage_files_are_refused(source: Registry, target:
         import_character(target, garbage)
     with pytest.raises(ArchiveError, match="not a file"):
         import_character(target, tmp_path / "missing.zip")
-    assert target.list() == []
+    assert target.characters.all() == []

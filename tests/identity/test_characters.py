@@ -37,7 +37,7 @@ def register(registry, dlib, character_id="mia", files=None, provenance=SYNTHETI
 
 def test_register_stores_references_embeddings_and_centroid(registry, dlib, tmp_path):
     registration = register(registry, dlib)
-    stored = registry.get("mia")
+    stored = registry.characters.get("mia")
     assert stored.status == "draft" and stored.age_check == "unverified"
     assert len(stored.references) == 4 and all("dlib" in ref.faces for ref in stored.references)
     assert len(stored.centroids["dlib"]) == 128
@@ -52,7 +52,7 @@ def test_approve_needs_a_passing_report(registry, dlib):
     register(registry, dlib, "mixed", files=[*astronaut_set(4), no_face()])
     with pytest.raises(ApprovalError, match="no face found in: coffee.png"):
         approve_character(registry, "mixed", dlib)
-    assert registry.get("mixed").status == "draft"
+    assert registry.characters.get("mixed").status == "draft"
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_protected_identity_blocks_registration(registry, dlib):
     from imagegen.identity.characters import ingest_all
 
     protect_from_images(registry, "Grace Hopper", ingest_all([hopper_set(1)[0]]), dlib, note="real person")
-    stored = registry.list_protected_identities()
+    stored = registry.gallery.all()
     assert len(stored) == 1 and len(stored[0].embedding) == 128  # an embedding, no image
     before = registry.dump()
     with pytest.raises(ProtectedIdentityMatchError, match="Grace Hopper"):
@@ -125,7 +125,7 @@ def test_a_stand_in_age_model_never_vouches(registry, dlib, age_estimator_instal
     registration = register(registry, dlib)
     assert registration.age.status == "unverified" and registration.age.ages == [41.0] * 4
     assert "standin" in registration.age.estimator
-    assert registry.get("mia").age_check == "unverified"
+    assert registry.characters.get("mia").age_check == "unverified"
     monkeypatch.setenv("IMAGEGEN_STRICT_AGE_GATE", "true")
     get_settings.cache_clear()
     with pytest.raises(AgeGateError, match="stand-in"):
@@ -145,7 +145,7 @@ def test_age_gate_passes_adults_and_records_it(registry, dlib, isolated_home, mo
     get_settings.cache_clear()
     registration = register(registry, dlib)
     assert registration.age.status == "passed" and registration.age.ages == [41.0] * 4
-    assert registry.get("mia").age_check == "passed"
+    assert registry.characters.get("mia").age_check == "passed"
 
 
 def test_strict_gate_refuses_without_an_estimator(registry, dlib, monkeypatch):
@@ -153,7 +153,7 @@ def test_strict_gate_refuses_without_an_estimator(registry, dlib, monkeypatch):
     get_settings.cache_clear()
     with pytest.raises(AgeGateError, match="no apparent-age estimator"):
         register(registry, dlib)
-    assert registry.list() == []
+    assert registry.characters.all() == []
 
 
 def test_approval_rechecks_the_protected_gallery(registry, dlib):
@@ -163,4 +163,4 @@ def test_approval_rechecks_the_protected_gallery(registry, dlib):
     protect_from_images(registry, "the astronaut", ingest_all([astronaut_set(1)[0]]), dlib)
     with pytest.raises(ProtectedIdentityMatchError):
         approve_character(registry, "mia", dlib)
-    assert registry.get("mia").status == "draft"
+    assert registry.characters.get("mia").status == "draft"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from sqlalchemy import text
 
+from imagegen.blobstore import CorruptBlobError, InvalidDigestError
 from imagegen.errors import ImagegenError
-from imagegen.identity.blobstore import CorruptBlobError, InvalidDigestError
 from imagegen.identity.models import (
     Character,
     DuplicateCharacterError,
@@ -83,9 +83,9 @@ def test_a_missing_database_driver_is_explained(tmp_path: Path) -> None:
 
 def test_in_memory_sqlite_works_across_threads(tmp_path: Path) -> None:
     with Registry("sqlite://", tmp_path / "blobs") as registry:
-        registry.register(make_character("mia"), make_refs(1))
+        registry.characters.register(make_character("mia"), make_refs(1))
         result: list[str] = []
-        thread = threading.Thread(target=lambda: result.extend(registry.ids()))
+        thread = threading.Thread(target=lambda: result.extend(registry.characters.ids()))
         thread.start()
         thread.join()
         assert result == ["mia"]
@@ -94,8 +94,8 @@ def test_in_memory_sqlite_works_across_threads(tmp_path: Path) -> None:
 def test_register_and_get_round_trip(registry: Registry) -> None:
     refs = make_refs(4, backends=("dlib", "insightface"))
     centroid = np.mean([embedding(i) for i in range(4)], axis=0)
-    stored = registry.register(make_character("mia", centroids={"dlib": centroid}), refs)
-    got = registry.get("mia")
+    stored = registry.characters.register(make_character("mia", centroids={"dlib": centroid}), refs)
+    got = registry.characters.get("mia")
     assert got == stored
     assert got.id == "mia" and got.name == "Mia"
     assert got.card.look.startswith("short red hair")
@@ -109,7 +109,7 @@ def test_register_and_get_round_trip(registry: Registry) -> None:
     for ref, given in zip(got.references, refs, strict=True):
         assert ref.digest == registry.blobs.put(given.data)
         assert (ref.mime_type, ref.width, ref.height, ref.size) == ("image/png", 12, 10, len(given.data))
-        assert registry.reference_bytes("mia", ref.digest) == given.data
+        assert registry.characters.reference_bytes("mia", ref.digest) == given.data
         assert set(ref.faces) == {"dlib", "insightface"}
         for backend in ("dlib", "insightface"):
             face, expected = ref.faces[backend], given.faces[backend]
@@ -118,37 +118,38 @@ def test_register_and_get_round_trip(registry: Registry) -> None:
             assert face.landmarks == expected.landmarks and face.quality == expected.quality
     np.testing.assert_array_equal(got.centroid("dlib"), centroid.astype(np.float32))
     assert got.centroid("insightface") is None
-    assert registry.list() == [got]
-    assert registry.ids() == ["mia"]
-    assert registry.exists("mia") and not registry.exists("noa")
+    assert registry.characters.all() == [got]
+    assert registry.characters.ids() == ["mia"]
+    assert registry.characters.exists("mia") and not registry.characters.exists("noa")
 
 
 def test_register_accepts_a_character_model_and_keeps_given_status(registry: Registry) -> None:
     character = Character.model_validate(make_character("noa", status="approved", age_check="passed"))
-    stored = registry.register(character, make_refs(1))
+    stored = registry.characters.register(character, make_refs(1))
     assert (stored.status, stored.age_check, stored.version) == ("approved", "passed", 1)
-    assert registry.list(status="approved") == [stored]
-    assert registry.list(status="draft") == []
+    assert registry.characters.all(status="approved") == [stored]
+    assert registry.characters.all(status="draft") == []
 
 
 @pytest.mark.parametrize("bad_id", BAD_IDS)
 def test_invalid_id_is_refused_and_nothing_changes(registry: Registry, bad_id: str) -> None:
-    registry.register(make_character("mia"), make_refs(2))
+    registry.characters.register(make_character("mia"), make_refs(2))
     before = registry.dump()
     with pytest.raises(InvalidCharacterIdError, match="not a valid character id") as info:
-        registry.register(make_character(bad_id), make_refs(2, start=10))
+        registry.characters.register(make_character(bad_id), make_refs(2, start=10))
     assert info.value.code == "invalid_character_id" and info.value.field == "character_id"
-    for call in (registry.get, registry.delete, registry.approve, registry.exists):
+    characters = registry.characters
+    for call in (characters.get, characters.delete, characters.approve, characters.exists):
         with pytest.raises(InvalidCharacterIdError):
             call(bad_id)
     assert registry.dump() == before
 
 
 def test_duplicate_id_is_refused_and_nothing_changes(registry: Registry) -> None:
-    registry.register(make_character("mia"), make_refs(2))
+    registry.characters.register(make_character("mia"), make_refs(2))
     before = registry.dump()
     with pytest.raises(DuplicateCharacterError, match="already registered") as info:
-        registry.register(make_character("mia", name="Other Mia"), make_refs(3, start=50))
+        registry.characters.register(make_character("mia", name="Other Mia"), make_refs(3, start=50))
     assert isinstance(info.value, ImagegenError) and info.value.code == "duplicate_character"
     assert registry.dump() == before  # not even a blob of the refused images
 
@@ -168,31 +169,31 @@ def test_duplicate_id_is_refused_and_nothing_changes(registry: Registry) -> None
 def test_missing_or_invalid_provenance_is_refused(registry: Registry, provenance: object, message: str) -> None:
     before = registry.dump()
     with pytest.raises(ProvenanceError, match=message) as info:
-        registry.register(make_character("mia", provenance=provenance), make_refs(1))
+        registry.characters.register(make_character("mia", provenance=provenance), make_refs(1))
     assert info.value.field == "provenance"
     data = make_character("mia")
     del data["provenance"]
     with pytest.raises(ProvenanceError, match="no provenance"):
-        registry.register(data, make_refs(1))
+        registry.characters.register(data, make_refs(1))
     assert registry.dump() == before
 
 
 def test_unknown_character_errors_leave_the_registry_unchanged(registry: Registry) -> None:
-    registry.register(make_character("mia"), make_refs(1))
+    registry.characters.register(make_character("mia"), make_refs(1))
     before = registry.dump()
     calls = [
-        lambda: registry.get("noa"),
-        lambda: registry.delete("noa"),
-        lambda: registry.approve("noa"),
-        lambda: registry.set_status("noa", "draft"),
-        lambda: registry.set_age_check("noa", "passed"),
-        lambda: registry.update_card("noa", name="Noa"),
-        lambda: registry.replace_references("noa", make_refs(1, start=30)),
-        lambda: registry.add_references("noa", make_refs(1, start=31)),
-        lambda: registry.set_centroid("noa", "dlib", embedding(1)),
-        lambda: registry.put_conditioning("noa", "pulid", "v1", "w" * 64, {"x": torch.ones(2)}),
-        lambda: registry.get_conditioning("noa", "pulid", "v1", "w" * 64),
-        lambda: registry.reference_bytes("noa", "0" * 64),
+        lambda: registry.characters.get("noa"),
+        lambda: registry.characters.delete("noa"),
+        lambda: registry.characters.approve("noa"),
+        lambda: registry.characters.set_status("noa", "draft"),
+        lambda: registry.characters.set_age_check("noa", "passed"),
+        lambda: registry.characters.update_card("noa", name="Noa"),
+        lambda: registry.characters.replace_references("noa", make_refs(1, start=30)),
+        lambda: registry.characters.add_references("noa", make_refs(1, start=31)),
+        lambda: registry.characters.set_centroid("noa", "dlib", embedding(1)),
+        lambda: registry.conditioning.put("noa", "pulid", "v1", "w" * 64, {"x": torch.ones(2)}),
+        lambda: registry.conditioning.get("noa", "pulid", "v1", "w" * 64),
+        lambda: registry.characters.reference_bytes("noa", "0" * 64),
     ]
     for call in calls:
         with pytest.raises(UnknownCharacterError, match="no character 'noa'") as info:
@@ -204,31 +205,31 @@ def test_unknown_character_errors_leave_the_registry_unchanged(registry: Registr
 def test_invalid_references_are_refused_before_anything_is_written(registry: Registry) -> None:
     before = registry.dump()
     with pytest.raises(InvalidReferenceError, match="not an image"):
-        registry.register(make_character("mia"), [{"data": b"not an image at all"}])
+        registry.characters.register(make_character("mia"), [{"data": b"not an image at all"}])
     with pytest.raises(InvalidReferenceError, match="same bytes"):
-        registry.register(make_character("mia"), make_refs(2) + make_refs(1))
+        registry.characters.register(make_character("mia"), make_refs(2) + make_refs(1))
     bad_face = fake_face(1)
     bad_face["embedding"] = np.array([np.nan, 1.0])
     with pytest.raises(ImagegenError, match="NaN"):
-        registry.register(make_character("mia"), [{"data": png_bytes(1), "faces": {"dlib": bad_face}}])
+        registry.characters.register(make_character("mia"), [{"data": png_bytes(1), "faces": {"dlib": bad_face}}])
     with pytest.raises(InvalidReferenceError, match="width"):
-        registry.register(make_character("mia"), [{"data": png_bytes(1), "width": 999}])
+        registry.characters.register(make_character("mia"), [{"data": png_bytes(1), "width": 999}])
     with pytest.raises(InvalidCharacterError, match="filled by the registry"):
         stored_ref = {"digest": "a" * 64, "mime_type": "image/png", "width": 1, "height": 1, "size": 1}
-        registry.register(make_character("mia", references=[stored_ref]))
+        registry.characters.register(make_character("mia", references=[stored_ref]))
     assert registry.dump() == before
 
 
 def test_a_failure_inside_the_transaction_leaves_nothing_but_orphans_for_gc(registry: Registry) -> None:
-    registry.register(make_character("noa"), make_refs(1, start=90))
+    registry.characters.register(make_character("noa"), make_refs(1, start=90))
     before = registry.dump()
 
     def boom() -> None:
         raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError, match="power cut"):
-        registry.register(make_character("mia"), make_refs(5), _before_commit=boom)
-    assert not registry.exists("mia")
+        registry.characters.register(make_character("mia"), make_refs(5), _before_commit=boom)
+    assert not registry.characters.exists("mia")
     after = registry.dump()
     assert after["tables"] == before["tables"]
     assert len(after["blobs"]) == len(before["blobs"]) + 5  # written first, referenced by nothing
@@ -236,103 +237,103 @@ def test_a_failure_inside_the_transaction_leaves_nothing_but_orphans_for_gc(regi
     report = registry.gc(grace_s=0)
     assert report.blobs_removed == 5 and report.bytes_removed > 0
     assert registry.dump() == before
-    registry.register(make_character("mia"), make_refs(5))  # the id is free
+    registry.characters.register(make_character("mia"), make_refs(5))  # the id is free
 
 
 def test_status_card_and_age_check_updates(registry: Registry) -> None:
-    registry.register(make_character("mia"), make_refs(1))
-    approved = registry.approve("mia")
+    registry.characters.register(make_character("mia"), make_refs(1))
+    approved = registry.characters.approve("mia")
     assert (approved.status, approved.version) == ("approved", 2)
     assert approved.updated_at > approved.created_at
-    assert registry.set_status("mia", "approved").version == 2  # no change, no bump
-    assert registry.set_status("mia", "draft").version == 3
+    assert registry.characters.set_status("mia", "approved").version == 2  # no change, no bump
+    assert registry.characters.set_status("mia", "draft").version == 3
     with pytest.raises(InvalidCharacterError, match="status 'published'"):
-        registry.set_status("mia", "published")
-    carded = registry.update_card("mia", {"look": "long black hair"}, name="Mia Rossi")
+        registry.characters.set_status("mia", "published")
+    carded = registry.characters.update_card("mia", {"look": "long black hair"}, name="Mia Rossi")
     assert (carded.card.look, carded.card.personality, carded.name, carded.version) == (
         "long black hair",
         "",
         "Mia Rossi",
         4,
     )
-    assert registry.update_card("mia", carded.card).version == 4
-    checked = registry.set_age_check("mia", "passed")
+    assert registry.characters.update_card("mia", carded.card).version == 4
+    checked = registry.characters.set_age_check("mia", "passed")
     assert (checked.age_check, checked.version) == ("passed", 4)
     with pytest.raises(InvalidCharacterError):
-        registry.set_age_check("mia", "maybe")
+        registry.characters.set_age_check("mia", "maybe")
 
 
 def test_conditioning_cache_round_trip(registry: Registry) -> None:
-    registry.register(make_character("mia"), make_refs(2))
+    registry.characters.register(make_character("mia"), make_refs(2))
     tensors = {
         "id_tokens": torch.randn(1, 32, 16),
         "id_weight": torch.tensor([0.8], dtype=torch.bfloat16),
         "view": torch.arange(12.0).reshape(3, 4).t(),  # non-contiguous
     }
     key = ("mia", "pulid-flux", "v0.9.1", "ab" * 32)
-    assert registry.get_conditioning(*key) is None
-    digest = registry.put_conditioning(*key, tensors, {"encoder": "eva-clip", "layers": [1, 2]})
-    entry = registry.get_conditioning_entry(*key)
+    assert registry.conditioning.get(*key) is None
+    digest = registry.conditioning.put(*key, tensors, {"encoder": "eva-clip", "layers": [1, 2]})
+    entry = registry.conditioning.get_entry(*key)
     assert entry is not None and entry.digest == digest and entry.character_version == 1
     assert entry.meta == {"encoder": "eva-clip", "layers": [1, 2]}
-    got = registry.get_conditioning(*key)
+    got = registry.conditioning.get(*key)
     assert set(got) == set(tensors)
     for name, tensor in tensors.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
     # another method version is another entry; putting the same key again replaces it
-    assert registry.get_conditioning("mia", "pulid-flux", "v1.0", "ab" * 32) is None
-    new_digest = registry.put_conditioning(*key, {"id_tokens": torch.zeros(2)})
+    assert registry.conditioning.get("mia", "pulid-flux", "v1.0", "ab" * 32) is None
+    new_digest = registry.conditioning.put(*key, {"id_tokens": torch.zeros(2)})
     assert not registry.blobs.exists(digest) and registry.blobs.exists(new_digest)
-    assert torch.equal(registry.get_conditioning(*key)["id_tokens"], torch.zeros(2))
+    assert torch.equal(registry.conditioning.get(*key)["id_tokens"], torch.zeros(2))
     assert len(registry.dump()["tables"]["conditioning_cache"]) == 1
     with pytest.raises(InvalidCharacterError, match="method"):
-        registry.put_conditioning("mia", "../pulid", "v1", "x", {"a": torch.ones(1)})
+        registry.conditioning.put("mia", "../pulid", "v1", "x", {"a": torch.ones(1)})
 
 
 def test_stale_conditioning_is_refused(registry: Registry) -> None:
-    registry.register(make_character("mia"), make_refs(2))
-    version = registry.get("mia").version
-    registry.replace_references("mia", make_refs(2, start=5))
+    registry.characters.register(make_character("mia"), make_refs(2))
+    version = registry.characters.get("mia").version
+    registry.characters.replace_references("mia", make_refs(2, start=5))
     before = registry.dump()
     with pytest.raises(StaleConditioningError, match="version 2"):
-        registry.put_conditioning(
+        registry.conditioning.put(
             "mia", "ipadapter", "faceid-plus", "w", {"a": torch.ones(1)}, expected_version=version
         )
     assert registry.dump() == before
-    registry.put_conditioning("mia", "ipadapter", "faceid-plus", "w", {"a": torch.ones(1)}, expected_version=2)
+    registry.conditioning.put("mia", "ipadapter", "faceid-plus", "w", {"a": torch.ones(1)}, expected_version=2)
 
 
 def test_reference_changes_invalidate_conditioning_and_centroids(registry: Registry) -> None:
     first = make_refs(3)
-    registry.register(make_character("mia", centroids={"dlib": embedding(0)}), first)
+    registry.characters.register(make_character("mia", centroids={"dlib": embedding(0)}), first)
     key = ("mia", "pulid-sdxl", "v1.1", "c" * 64)
-    cache_digest = registry.put_conditioning(*key, {"t": torch.ones(3)})
+    cache_digest = registry.conditioning.put(*key, {"t": torch.ones(3)})
 
-    replaced = registry.replace_references("mia", make_refs(2, start=1))  # keeps ref 1, drops 0
+    replaced = registry.characters.replace_references("mia", make_refs(2, start=1))  # keeps ref 1, drops 0
     assert replaced.version == 2
     assert [r.filename for r in replaced.references] == ["ref_001.png", "ref_002.png"]
     assert replaced.centroids == {}
-    assert registry.get_conditioning(*key) is None
+    assert registry.conditioning.get(*key) is None
     assert not registry.blobs.exists(cache_digest)
     assert not registry.blobs.exists(first_digest(first[0]))
     assert registry.blobs.exists(first_digest(first[1]))
 
-    registry.set_centroid("mia", "dlib", embedding(7))
-    registry.put_conditioning(*key, {"t": torch.ones(3)})
-    added = registry.add_references("mia", make_refs(1, start=40))
+    registry.characters.set_centroid("mia", "dlib", embedding(7))
+    registry.conditioning.put(*key, {"t": torch.ones(3)})
+    added = registry.characters.add_references("mia", make_refs(1, start=40))
     assert added.version == 3 and len(added.references) == 3
     assert added.references[-1].filename == "ref_040.png"
-    assert registry.get_conditioning(*key) is None and added.centroids == {}
+    assert registry.conditioning.get(*key) is None and added.centroids == {}
     with pytest.raises(InvalidReferenceError, match="already one of"):
-        registry.add_references("mia", make_refs(1, start=40))
+        registry.characters.add_references("mia", make_refs(1, start=40))
 
-    removed = registry.remove_references("mia", [first_digest(make_refs(1, start=1)[0])])
+    removed = registry.characters.remove_references("mia", [first_digest(make_refs(1, start=1)[0])])
     assert removed.version == 4
     assert [r.filename for r in removed.references] == ["ref_002.png", "ref_040.png"]
     with pytest.raises(InvalidReferenceError, match="has no reference"):
-        registry.remove_references("mia", ["0" * 64])
+        registry.characters.remove_references("mia", ["0" * 64])
     with pytest.raises(InvalidDigestError):
-        registry.remove_references("mia", ["../../x"])
+        registry.characters.remove_references("mia", ["../../x"])
     assert sorted(registry.blobs.digests()) == sorted(r.digest for r in removed.references)
 
 
@@ -346,22 +347,24 @@ def test_delete_purges_every_byte_except_shared_blobs(isolated_home: Path, regis
     marker = "zqxmarker-personality-of-mia"
     mia_refs = make_refs(3)
     shared = mia_refs[2]
-    registry.register(make_character("mia", card={"personality": marker}, centroids={"dlib": embedding(1)}), mia_refs)
-    registry.register(make_character("noa"), make_refs(2, start=20) + [shared])
-    registry.put_conditioning("mia", "pulid-flux", "v0.9.1", "w1", {"id": torch.randn(4, 8)})
-    registry.put_conditioning("mia", "ipadapter", "faceid", "w2", {"id": torch.randn(4, 8)})
-    registry.put_conditioning("noa", "pulid-flux", "v0.9.1", "w1", {"id": torch.randn(4, 8)})
-    noa_before = registry.get("noa")
-    noa_cache = registry.get_conditioning("noa", "pulid-flux", "v0.9.1", "w1")
-    mia = registry.get("mia")
+    registry.characters.register(
+        make_character("mia", card={"personality": marker}, centroids={"dlib": embedding(1)}), mia_refs
+    )
+    registry.characters.register(make_character("noa"), make_refs(2, start=20) + [shared])
+    registry.conditioning.put("mia", "pulid-flux", "v0.9.1", "w1", {"id": torch.randn(4, 8)})
+    registry.conditioning.put("mia", "ipadapter", "faceid", "w2", {"id": torch.randn(4, 8)})
+    registry.conditioning.put("noa", "pulid-flux", "v0.9.1", "w1", {"id": torch.randn(4, 8)})
+    noa_before = registry.characters.get("noa")
+    noa_cache = registry.conditioning.get("noa", "pulid-flux", "v0.9.1", "w1")
+    mia = registry.characters.get("mia")
     mia_only = {r.digest for r in mia.references} - {r.digest for r in noa_before.references}
     mia_cache = {
-        registry.get_conditioning_entry("mia", m, v, w).digest
+        registry.conditioning.get_entry("mia", m, v, w).digest
         for m, v, w in [("pulid-flux", "v0.9.1", "w1"), ("ipadapter", "faceid", "w2")]
     }
     blob_bytes = sum(registry.blobs.size(d) for d in mia_only | mia_cache)
 
-    report = registry.delete("mia")
+    report = registry.characters.delete("mia")
 
     assert report.character_id == "mia"
     assert (report.references, report.face_analyses, report.centroids, report.conditioning) == (3, 3, 1, 2)
@@ -374,23 +377,23 @@ def test_delete_purges_every_byte_except_shared_blobs(isolated_home: Path, regis
     dump = registry.dump()
     text_dump = json.dumps(dump["tables"])
     assert '"mia"' not in text_dump and marker not in text_dump
-    assert not registry.exists("mia")
+    assert not registry.characters.exists("mia")
     # the other character is untouched, its shared image included
-    assert registry.get("noa") == noa_before
-    assert registry.reference_bytes("noa", first_digest(shared)) == shared.data
-    assert torch.equal(registry.get_conditioning("noa", "pulid-flux", "v0.9.1", "w1")["id"], noa_cache["id"])
+    assert registry.characters.get("noa") == noa_before
+    assert registry.characters.reference_bytes("noa", first_digest(shared)) == shared.data
+    assert torch.equal(registry.conditioning.get("noa", "pulid-flux", "v0.9.1", "w1")["id"], noa_cache["id"])
     assert registry.verify() == []
     # not even in SQLite's free pages or the write-ahead log
     registry.close()
     for path in isolated_home.glob("registry.db*"):
         assert marker.encode() not in path.read_bytes(), path
     with pytest.raises(UnknownCharacterError):
-        Registry.open().delete("mia")
+        Registry.open().characters.delete("mia")
 
 
 def test_gc_removes_only_unreferenced_blobs(registry: Registry) -> None:
-    registry.register(make_character("mia"), make_refs(2))
-    registry.put_conditioning("mia", "pulid-flux", "v1", "w", {"x": torch.ones(1)})
+    registry.characters.register(make_character("mia"), make_refs(2))
+    registry.conditioning.put("mia", "pulid-flux", "v1", "w", {"x": torch.ones(1)})
     kept = set(registry.blobs.digests())
     orphan = registry.blobs.put(b"orphan from a killed process")
     assert registry.gc().blobs_removed == 0
@@ -401,33 +404,33 @@ def test_gc_removes_only_unreferenced_blobs(registry: Registry) -> None:
 
 
 def test_corrupted_reference_is_reported(registry: Registry) -> None:
-    stored = registry.register(make_character("mia"), make_refs(2))
+    stored = registry.characters.register(make_character("mia"), make_refs(2))
     digest = stored.references[0].digest
     registry.blobs.path(digest).write_bytes(b"bit rot")
     with pytest.raises(CorruptBlobError, match="corrupt"):
-        registry.reference_bytes("mia", digest)
+        registry.characters.reference_bytes("mia", digest)
     problems = registry.verify()
     assert len(problems) == 1 and digest in problems[0]
 
 
 def test_protected_identities_store_embeddings_only(registry: Registry) -> None:
-    a = registry.add_protected_identity("Famous Actor", "insightface", embedding(1, 512), note="press kit")
-    b = registry.add_protected_identity("Politician", "dlib", embedding(2, 128))
+    a = registry.gallery.add("Famous Actor", "insightface", embedding(1, 512), note="press kit")
+    b = registry.gallery.add("Politician", "dlib", embedding(2, 128))
     assert a.id != b.id and a.created_at.tzinfo is UTC
     np.testing.assert_array_equal(a.as_array(), embedding(1, 512))
-    assert registry.list_protected_identities() == [a, b]
-    assert registry.list_protected_identities(backend="dlib") == [b]
+    assert registry.gallery.all() == [a, b]
+    assert registry.gallery.all(backend="dlib") == [b]
     before = registry.dump()
     assert before["blobs"] == []  # nothing but rows: no image is ever stored
     with pytest.raises(UnknownProtectedIdentityError):
-        registry.remove_protected_identity(9999)
+        registry.gallery.remove(9999)
     with pytest.raises(ImagegenError, match="1-D vector"):
-        registry.add_protected_identity("x", "dlib", np.ones((2, 3)))
+        registry.gallery.add("x", "dlib", np.ones((2, 3)))
     with pytest.raises(InvalidCharacterError, match="label"):
-        registry.add_protected_identity("  ", "dlib", embedding(3))
+        registry.gallery.add("  ", "dlib", embedding(3))
     assert registry.dump() == before
-    registry.remove_protected_identity(a.id)
-    assert registry.list_protected_identities() == [b]
+    registry.gallery.remove(a.id)
+    assert registry.gallery.all() == [b]
 
 
 def test_concurrent_registrations_from_threads(registry: Registry) -> None:
@@ -435,9 +438,9 @@ def test_concurrent_registrations_from_threads(registry: Registry) -> None:
 
     def worker(k: int) -> None:
         try:
-            registry.register(make_character(f"char-{k}"), make_refs(3, start=10 * k))
-            registry.approve(f"char-{k}")
-            registry.list()
+            registry.characters.register(make_character(f"char-{k}"), make_refs(3, start=10 * k))
+            registry.characters.approve(f"char-{k}")
+            registry.characters.all()
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -447,7 +450,7 @@ def test_concurrent_registrations_from_threads(registry: Registry) -> None:
     for t in threads:
         t.join()
     assert not errors
-    characters = registry.list()
+    characters = registry.characters.all()
     assert [c.id for c in characters] == sorted(f"char-{k}" for k in range(8))
     assert all(c.version == 2 and len(c.references) == 3 for c in characters)
     assert registry.verify() == []

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagegen.identity.blobstore import BlobStore
+from imagegen.blobstore import BlobStore
 from imagegen.identity.registry import Registry
 
 from ._helpers import make_refs
@@ -66,13 +66,13 @@ def check_all_or_nothing(home: Path) -> bool:
     registry = Registry(f"sqlite:///{home / 'registry.db'}", BlobStore(home / "blobs"))
     try:
         tables = registry.dump()["tables"]
-        present = registry.exists(CHARACTER_ID)
+        present = registry.characters.exists(CHARACTER_ID)
         if present:
-            character = registry.get(CHARACTER_ID)
+            character = registry.characters.get(CHARACTER_ID)
             expected = make_refs(N_REFS, backends=("dlib", "insightface"))
             assert len(character.references) == N_REFS
             for ref, given in zip(character.references, expected, strict=True):
-                assert registry.reference_bytes(CHARACTER_ID, ref.digest) == given.data
+                assert registry.characters.reference_bytes(CHARACTER_ID, ref.digest) == given.data
                 assert set(ref.faces) == {"dlib", "insightface"}
                 for backend in ("dlib", "insightface"):
                     np.testing.assert_array_equal(ref.faces[backend].as_array(), given.faces[backend].as_array())

@@ -17,7 +17,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from imagegen.identity.models import DuplicateCharacterError, StaleConditioningError, UnknownCharacterError
-from imagegen.identity.registry import Base, Registry
+from imagegen.identity.registry import Registry
+from imagegen.identity.registry.schema import Base
 
 from ._helpers import embedding, make_character, make_refs
 
@@ -49,26 +50,28 @@ def pg_registry(tmp_path: Path) -> Registry:
 def test_registry_on_another_database(pg_registry: Registry) -> None:
     reg = pg_registry
     assert reg.schema_version == 1
-    stored = reg.register(make_character("mia", centroids={"dlib": embedding(1)}), make_refs(3, backends=("dlib", "x")))
-    assert reg.get("mia") == stored and stored.created_at.tzinfo is not None
+    stored = reg.characters.register(
+        make_character("mia", centroids={"dlib": embedding(1)}), make_refs(3, backends=("dlib", "x"))
+    )
+    assert reg.characters.get("mia") == stored and stored.created_at.tzinfo is not None
     with pytest.raises(DuplicateCharacterError):
-        reg.register(make_character("mia"), make_refs(1, start=9))
-    assert reg.approve("mia").version == 2
+        reg.characters.register(make_character("mia"), make_refs(1, start=9))
+    assert reg.characters.approve("mia").version == 2
     key = ("mia", "pulid-flux", "v0.9.1", "w")
-    reg.put_conditioning(*key, {"t": torch.arange(4.0)}, {"k": 1}, expected_version=2)
-    assert torch.equal(reg.get_conditioning(*key)["t"], torch.arange(4.0))
+    reg.conditioning.put(*key, {"t": torch.arange(4.0)}, {"k": 1}, expected_version=2)
+    assert torch.equal(reg.conditioning.get(*key)["t"], torch.arange(4.0))
     with pytest.raises(StaleConditioningError):
-        reg.put_conditioning(*key, {"t": torch.ones(1)}, expected_version=1)
-    replaced = reg.replace_references("mia", make_refs(2, start=2))
-    assert replaced.version == 3 and reg.get_conditioning(*key) is None
-    reg.add_protected_identity("someone", "dlib", embedding(5))
+        reg.conditioning.put(*key, {"t": torch.ones(1)}, expected_version=1)
+    replaced = reg.characters.replace_references("mia", make_refs(2, start=2))
+    assert replaced.version == 3 and reg.conditioning.get(*key) is None
+    reg.gallery.add("someone", "dlib", embedding(5))
 
     errors: list[BaseException] = []
 
     def worker(k: int) -> None:
         try:
-            reg.register(make_character(f"c{k}"), make_refs(2, start=100 + 10 * k))
-            reg.set_status(f"c{k}", "approved")
+            reg.characters.register(make_character(f"c{k}"), make_refs(2, start=100 + 10 * k))
+            reg.characters.set_status(f"c{k}", "approved")
         except BaseException as exc:  # pragma: no cover
             errors.append(exc)
 
@@ -78,12 +81,12 @@ def test_registry_on_another_database(pg_registry: Registry) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert reg.ids() == sorted(["mia"] + [f"c{k}" for k in range(6)])
+    assert reg.characters.ids() == sorted(["mia"] + [f"c{k}" for k in range(6)])
 
-    report = reg.delete("mia")
+    report = reg.characters.delete("mia")
     assert report.references == 2 and report.blobs_removed == 2
     with pytest.raises(UnknownCharacterError):
-        reg.get("mia")
+        reg.characters.get("mia")
     assert "mia" not in str(reg.dump()["tables"])
     assert reg.verify() == []
     assert reg.gc(grace_s=0).blobs_removed == 0

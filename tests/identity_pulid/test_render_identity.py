@@ -98,10 +98,10 @@ def test_changing_references_invalidates_the_cache(registry):
     renderer.render([RenderRequest(prompt="x", seed=1, character="temp")])
     method = renderer.identity_method("pulid-flux-v0.9.1")
     key = ("temp", method.name, method.version, method.weights_hash)
-    assert registry.get_conditioning(*key) is not None
-    registry.remove_references("temp", [registry.get("temp").references[-1].digest])
-    assert registry.get_conditioning(*key) is None
-    registry.delete("temp")
+    assert registry.conditioning.get(*key) is not None
+    registry.characters.remove_references("temp", [registry.characters.get("temp").references[-1].digest])
+    assert registry.conditioning.get(*key) is None
+    registry.characters.delete("temp")
 
 
 def test_detaching_leaves_no_residue(registry):

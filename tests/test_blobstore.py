@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.identity.blobstore import (
+from imagegen.blobstore import (
     TEMP_PREFIX,
     BlobNotFoundError,
     BlobStore,
