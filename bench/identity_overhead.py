@@ -29,9 +29,9 @@ from rich.table import Table
 
 from imagegen import samples
 from imagegen.identity.characters import approve_character, register_character
-from imagegen.identity.conditioning import IdentitySample
+from imagegen.identity.provider import identity_renderer
 from imagegen.identity.registry import Registry
-from imagegen.pipelines.renderer import Renderer
+from imagegen.pipelines.conditioning import IdentitySample
 from imagegen.pipelines.types import RenderRequest
 from imagegen.settings import Settings, get_settings
 
@@ -64,7 +64,7 @@ def timed(fn, repeats: int, cuda: bool) -> float:
 
 
 def bench_preset(name: str, registry: Registry, repeats: int, methods: list[str] | None) -> list[dict]:
-    renderer = Renderer(name, registry=registry)
+    renderer = identity_renderer(name, registry)
     cuda = renderer.device.type == "cuda"
     request = RenderRequest(prompt="a portrait at a cafe", seed=1)
     rows = [
@@ -81,7 +81,7 @@ def bench_preset(name: str, registry: Registry, repeats: int, methods: list[str]
             }
         )
         character = registry.characters.get(CHARACTER)
-        references = renderer.conditioning_cache.usable_references(character)
+        references = renderer.identity.conditioning_cache.usable_references(character)
 
         def recompute_and_render():
             tensors = method.compute(references)  # noqa: B023

@@ -189,10 +189,10 @@ def render(
     first = first.resolved(chosen)
     requests = [first.model_copy(update={"seed": first.seed + i}) for i in range(num)]
 
+    from imagegen.identity.provider import identity_renderer
     from imagegen.images import save_png  # heavy imports only once the arguments are known to be good
-    from imagegen.pipelines.renderer import Renderer
 
-    renderer = Renderer(chosen, allow_draft=allow_draft)
+    renderer = identity_renderer(chosen, allow_draft=allow_draft)
     written, failed = [], []
     with progress_bar() as bar:
         task = bar.add_task(f"rendering {preset}", total=num)

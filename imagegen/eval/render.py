@@ -2,8 +2,10 @@
 
 The actor class is the one Serve replicas use; here it is wrapped with ``ray.remote`` and pooled,
 one pool per preset (an actor hosts one preset). Each actor loads its pipeline once; batches of
-requests go to whichever actor is free. Renders are written as PNGs (with their recipe in text
-chunks) under the cell's content-hash name, so a cell whose file exists is never rendered again.
+requests go to whichever actor is free, as the same typed ``RenderCall`` the service sends: the
+actor watermarks, stamps provenance plus the cell's ``eval`` record, and encodes each PNG once;
+the bytes are written as they come under the cell's content-hash name, so a cell whose file
+exists is never rendered again.
 
 A cell the renderer refuses (an ``ImagegenError``: a method the preset does not support, a
 character that is not approved, identity weights that are not installed ...) fails the run, or
@@ -13,7 +15,6 @@ go through ``RendererActor.render_isolated``, which validates every request on i
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -21,11 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from imagegen.errors import ImagegenError
 from imagegen.eval.suite import Cell
-from imagegen.images import save_png
+from imagegen.pipelines.assets import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +158,11 @@ def render_cells(
             batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
             skip = on_unsupported == "skip"
             for batch in batches:
+                calls = [_call(cell, extra_metadata or {}) for cell in batch]
                 if skip:  # each request on its own: a refused one becomes a RenderError, the rest render
-                    pool.submit(lambda actor, b: actor.render_isolated.remote([c.request for c in b]), batch)
+                    pool.submit(lambda actor, c: actor.render_isolated.remote(c), calls)
                 else:  # the first refused request fails the batch (and the run)
-                    pool.submit(lambda actor, b: actor.render.remote([c.request for c in b]), batch)
+                    pool.submit(lambda actor, c: actor.render.remote(c), calls)
             for batch in batches:
                 try:
                     images = pool.get_next()
@@ -181,7 +181,7 @@ def render_cells(
                         raise RenderFailedError(f"rendering with preset {preset} failed: {cause!r}") from exc
                 else:
                     for cell, image in zip(batch, images, strict=True):
-                        _store(run_dir, cell, image, extra_metadata or {}, outcome)
+                        _store(run_dir, cell, image, outcome)
                 done += len(batch)
                 if progress:
                     progress("render", done, total)
@@ -192,7 +192,15 @@ def render_cells(
     return outcome
 
 
-def _store(run_dir: Path, cell: Cell, image: Any, extra: dict[str, Any], outcome: RenderOutcome) -> None:
+def _call(cell: Cell, extra: dict[str, Any]) -> Any:
+    from imagegen.pipelines.types import RenderRequest
+    from imagegen.serve.actors import RenderCall
+
+    record = {**extra, "key": cell.key, "character": cell.character, "tags": cell.tags}
+    return RenderCall(request=RenderRequest(**cell.request), request_id=f"eval-{cell.key}", metadata={"eval": record})
+
+
+def _store(run_dir: Path, cell: Cell, image: Any, outcome: RenderOutcome) -> None:
     from imagegen.serve.actors import RenderError
 
     if isinstance(image, RenderError):  # from render_isolated: this request was refused, the others rendered
@@ -201,10 +209,5 @@ def _store(run_dir: Path, cell: Cell, image: Any, extra: dict[str, Any], outcome
     if image.png is None:
         outcome.problems[cell.key] = image.problem or "unusable"
         return
-    path = run_dir / cell.file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = dict(image.metadata)
-    metadata["eval"] = {**extra, "key": cell.key, "character": cell.character, "tags": cell.tags}
-    with Image.open(io.BytesIO(image.png)) as decoded:
-        save_png(decoded.convert("RGB"), path, metadata)
+    atomic_write(run_dir / cell.file, lambda tmp: Path(tmp).write_bytes(image.png))
     outcome.rendered.append(cell)

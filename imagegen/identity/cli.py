@@ -171,17 +171,19 @@ def prepare(
     allow_draft: bool = typer.Option(False, help="Prepare a character that is not approved yet."),
 ) -> None:
     """Compute and cache a character's identity tensors now, instead of on its first render."""
-    from imagegen.identity.methods import resolve_method
-    from imagegen.pipelines.renderer import Renderer
+    from imagegen.identity.provider import RegistryIdentity
+    from imagegen.pipelines.loading import pick_device, pick_dtype
+    from imagegen.pipelines.presets import get_preset
 
-    registry = _registry()
-    registry.characters.get(character_id)
-    renderer = Renderer(preset, registry=registry, allow_draft=allow_draft)
-    identity = renderer.identity_method(resolve_method(renderer.preset, method))
-    tensors = renderer.identity_tensors(character_id, identity)
+    chosen = get_preset(preset)
+    identity = RegistryIdentity(_registry(), allow_draft=allow_draft)
+    identity.renderable(character_id)  # unknown or draft: refused before any model loads
+    device = pick_device(identity.settings)
+    method_obj = identity.load(identity.resolve_method(chosen, method), chosen, device, pick_dtype(chosen, device))
+    tensors = identity.tensors_for(character_id, method_obj)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
-    state = "computed" if renderer.conditioning_cache.computed else "already cached"
-    console.print(f"{identity.name} for '{character_id}': {state} ({shapes})")
+    state = "computed" if identity.conditioning_cache.computed else "already cached"
+    console.print(f"{method_obj.name} for '{character_id}': {state} ({shapes})")
 
 
 @characters_app.command("delete")

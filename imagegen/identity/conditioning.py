@@ -1,8 +1,9 @@
 """Per-character identity conditioning: the adapter protocol and the cache in front of it.
 
-The renderer knows only ``IdentityMethod``: prepare tensors from a character's references
-(once; cached in the registry), attach to a loaded pipeline (once), and condition one batch with
-per-sample tensors, weights and start steps. PuLID and the IP-Adapter family implement it.
+The renderer knows only the ``Conditioner`` protocol of ``imagegen.pipelines.conditioning``
+(attach once, condition one batch with per-sample tensors, weights and start steps, detach).
+``IdentityMethod`` adds what only the identity side needs: computing the tensors from a
+character's references (once; cached in the registry). PuLID and the IP-Adapter family implement it.
 
 Why the cache matters: computing identity runs face detection, alignment, parsing, a ViT and the
 ID encoder. The reference code does that on every request; here it runs once per (character,
@@ -12,11 +13,8 @@ method, method version, weights hash) and a render only reads a few kilobytes of
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from abc import abstractmethod
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -24,6 +22,7 @@ from PIL import Image
 from imagegen.errors import ImagegenError
 from imagegen.identity.models import Character
 from imagegen.identity.registry import Registry
+from imagegen.pipelines.conditioning import Conditioner
 
 log = logging.getLogger(__name__)
 
@@ -45,60 +44,18 @@ class CharacterNotRenderableError(IdentityError):
     code = "character_not_renderable"
 
 
-@dataclass
-class IdentitySample:
-    """The identity of one sample of a batch; ``tensors`` None (and weight 0) for a sample without one."""
+class IdentityMethod(Conditioner):
+    """A ``Conditioner`` that also computes a character's tensors from its reference images.
 
-    tensors: dict[str, torch.Tensor] | None
-    weight: float
-    start_step: int = 0
+    PuLID and the IP-Adapter family implement it; the renderer sees only the ``Conditioner`` part.
+    """
 
-
-@dataclass
-class BatchConditioning:
-    """What a method adds to one pipeline call."""
-
-    #: extra keyword arguments for the pipeline call
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    #: called after every denoising step (``callback_on_step_end`` signature); None when not needed
-    on_step_end: Callable | None = None
-
-
-class IdentityMethod(ABC):
-    """One way of putting a character's face into a pipeline (PuLID, IP-Adapter, ...)."""
-
-    #: the name presets and requests use, e.g. "pulid-flux-v0.9.1"
-    name: ClassVar[str]
-    #: the pipeline family it works with ("flux" / "sdxl")
-    family: ClassVar[str]
     #: bump when the way tensors are computed changes (part of the cache key)
     version: ClassVar[str]
-
-    @property
-    @abstractmethod
-    def weights_hash(self) -> str:
-        """Identifies the weights that computed cached tensors (part of the cache key)."""
 
     @abstractmethod
     def compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
         """A character's conditioning tensors from its reference images (CPU tensors)."""
-
-    @abstractmethod
-    def attach(self, pipe) -> None:
-        """Install the method's layers or hooks on ``pipe`` (once per loaded pipeline)."""
-
-    @abstractmethod
-    def detach(self, pipe) -> None:
-        """Remove everything ``attach`` installed; the pipeline renders as if never attached."""
-
-    @abstractmethod
-    @contextmanager
-    def conditioning(self, pipe, samples: list[IdentitySample], cfg: bool = False) -> Iterator[BatchConditioning]:
-        """Condition the pipeline calls made inside the ``with`` block on ``samples``.
-
-        ``cfg``: the pipeline runs a negative pass too (SDXL CFG, FLUX true CFG); the method
-        gives it the unconditional identity.
-        """
 
 
 class ConditioningCache:
@@ -123,14 +80,12 @@ class ConditioningCache:
                 f"(`imagegen characters report {character.id}`)"
             )
         chosen = usable[:MAX_IDENTITY_REFERENCES]
-        return [
-            Image.open(io.BytesIO(self.registry.reference_bytes(character.id, ref.digest))).convert("RGB")
-            for ref in chosen
-        ]
+        read = self.registry.characters.reference_bytes
+        return [Image.open(io.BytesIO(read(character.id, ref.digest))).convert("RGB") for ref in chosen]
 
     def get(self, character: Character, method: IdentityMethod) -> dict[str, torch.Tensor]:
         key = (character.id, method.name, method.version, method.weights_hash)
-        cached = self.registry.get_conditioning(*key)
+        cached = self.registry.conditioning.get(*key)
         if cached is not None:
             return cached
         log.info("computing %s conditioning for %s", method.name, character.id)
@@ -138,7 +93,7 @@ class ConditioningCache:
             k: v.detach().to("cpu").contiguous() for k, v in method.compute(self.usable_references(character)).items()
         }
         self.computed += 1
-        self.registry.put_conditioning(
+        self.registry.conditioning.put(
             *key,
             tensors,
             meta={"references": min(len(character.references), MAX_IDENTITY_REFERENCES)},

@@ -34,8 +34,10 @@ from pydantic import (
 
 from imagegen.blobstore import validate_digest
 from imagegen.errors import ImagegenError
+from imagegen.ids import InvalidCharacterIdError as InvalidCharacterIdError  # re-exported: the registry raises it
+from imagegen.ids import shown as _shown
+from imagegen.ids import validate_character_id
 
-SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 #: backend, method and version names: short, no path separators
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 MAX_EMBEDDING_DIM = 8192
@@ -54,13 +56,6 @@ class RegistryError(ImagegenError):
     """Base class of the character registry's errors."""
 
     code = "registry_error"
-
-
-class InvalidCharacterIdError(RegistryError):
-    """A character id that is not a slug."""
-
-    code = "invalid_character_id"
-    field = "character_id"
 
 
 class InvalidCharacterError(RegistryError):
@@ -120,21 +115,6 @@ class StaleConditioningError(RegistryError):
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _shown(value: object, limit: int = 70) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def validate_character_id(value: object) -> str:
-    """Return ``value`` if it is a valid character id, else raise ``InvalidCharacterIdError``."""
-    if not isinstance(value, str) or not SLUG_RE.fullmatch(value):
-        raise InvalidCharacterIdError(
-            f"{_shown(value)} is not a valid character id: use 1 to 64 characters, lowercase letters "
-            "a-z, digits, '-' and '_', starting with a letter or a digit (for example 'mia' or 'mia_v2')"
-        )
-    return value
-
-
 def validate_name(value: object, what: str) -> str:
     """A backend / method / version name: 1-64 characters of ``[A-Za-z0-9_.+-]``."""
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):

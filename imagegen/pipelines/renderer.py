@@ -7,9 +7,11 @@ batch (up to float rounding of batched matmuls).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -19,16 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagegen.errors import BadOutputError
-from imagegen.identity.conditioning import (
-    BatchConditioning,
-    CharacterNotRenderableError,
-    ConditioningCache,
-    IdentityMethod,
-    IdentitySample,
-)
-from imagegen.identity.methods import create_method, resolve_method
+from imagegen.errors import BadOutputError, InvalidRequestError
 from imagegen.pipelines import flux, sdxl
+from imagegen.pipelines.conditioning import BatchConditioning, Conditioner, IdentityProvider, IdentitySample, Tensors
 from imagegen.pipelines.loading import load_pipeline, pick_device, pick_dtype
 from imagegen.pipelines.presets import Preset, get_preset
 from imagegen.pipelines.types import RenderRequest, RenderResult
@@ -38,8 +33,6 @@ from imagegen.versions import library_versions
 log = logging.getLogger(__name__)
 
 FAMILIES: dict[str, ModuleType] = {"flux": flux, "sdxl": sdxl}
-#: characters whose identity tensors a renderer keeps in memory
-IDENTITY_LRU_SIZE = 64
 #: an image whose brightest pixel is below this (in [0, 1]) counts as all black
 BLACK_THRESHOLD = 2 / 255
 
@@ -90,15 +83,20 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
 
 
 class Renderer:
-    """Hosts one preset's pipeline; renders lists of requests in as few pipeline calls as possible."""
+    """Hosts one preset's pipeline; renders lists of requests in as few pipeline calls as possible.
+
+    Identity comes from the injected ``identity`` provider (``imagegen.pipelines.conditioning``):
+    the renderer attaches, uses and detaches conditioners and asks for each character's tensors;
+    which characters exist and which may be rendered is the provider's business. Without a
+    provider a request naming a character is refused.
+    """
 
     def __init__(
         self,
         preset: str | Preset,
         settings: Settings | None = None,
         device: str | None = None,
-        registry=None,
-        allow_draft: bool = False,
+        identity: IdentityProvider | None = None,
     ):
         self.settings = settings or get_settings()
         self.preset = preset if isinstance(preset, Preset) else get_preset(preset)
@@ -111,22 +109,23 @@ class Renderer:
         self.prompt_cache = PromptCache(self.settings.prompt_cache_size)
         # a diffusers pipeline holds per-call state (scheduler timesteps): one call at a time
         self._lock = threading.Lock()
-        #: the registry characters and cached identity tensors come from (opened on first use)
-        self._registry = registry
-        #: render characters still in draft (artists previewing); approved only otherwise
-        self.allow_draft = allow_draft
-        self._methods: dict[str, IdentityMethod] = {}
+        self.identity = identity
+        self._conditioners: dict[str, Conditioner] = {}
         self._attached: str | None = None
-        self._conditioning: ConditioningCache | None = None
-        #: (character id, version, method) -> tensors: the hot path reads neither disk nor face models
-        self._identity_lru: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._batch_ids = itertools.count(1)
+        self._instance = uuid.uuid4().hex[:8]
         log.info("loaded preset %s on %s/%s in %.2fs", self.preset.name, self.device, self.dtype, self.load_seconds)
 
     def prepare(self, request: RenderRequest) -> RenderRequest:
         """Validate a request against this preset and fill its defaults (seed and method included)."""
-        request.check_against(self.preset)
         if request.character is not None:
-            request = request.model_copy(update={"method": resolve_method(self.preset, request.method)})
+            if self.identity is None:
+                raise InvalidRequestError(
+                    f"this renderer of preset '{self.preset.name}' has no identity provider; "
+                    "render characters through the CLI or the service",
+                    field="character",
+                )
+            request = request.model_copy(update={"method": self.identity.resolve_method(self.preset, request.method)})
         resolved = request.resolved(self.preset)
         resolved.check_against(self.preset)
         return resolved
@@ -137,22 +136,31 @@ class Renderer:
         progress: Progress | None = None,
         strict: bool = False,
     ) -> list[RenderResult]:
-        """Render every request; results come back in request order.
+        """Prepare and render every request; results come back in request order (see ``render_prepared``)."""
+        return self.render_prepared([self.prepare(r) for r in requests], progress, strict)
 
-        Compatible requests (same size, steps, guidance) share one pipeline call. With ``strict``
-        a NaN or black image raises ``BadOutputError``; otherwise it is reported on its result.
+    def render_prepared(
+        self,
+        prepared: Sequence[RenderRequest],
+        progress: Progress | None = None,
+        strict: bool = False,
+    ) -> list[RenderResult]:
+        """Render requests ``prepare`` returned; results come back in request order.
+
+        Compatible requests (same size, steps, guidance) share one pipeline call; each result
+        says which (``RenderResult.batch``). Every character's tensors are fetched before the
+        first call, so an unknown or unrenderable character refuses the whole list before
+        anything renders. With ``strict`` a NaN or black image raises ``BadOutputError``;
+        otherwise it is reported on its result.
         """
-        prepared = [self.prepare(r) for r in requests]
-        for request in prepared:
-            if request.character is not None:
-                self._character(request.character)  # unknown or unapproved: refuse before rendering anything
-        groups = self.pipeline_calls(prepared)
+        groups = self._pipeline_calls(prepared)
+        tensors = self._identity_tensors(prepared, groups)
         total_steps = sum(prepared[idx[0]].steps for idx in groups.values())
         done_steps = 0
         results: list[RenderResult | None] = [None] * len(prepared)
         for (_, method), indices in groups.items():
             batch = [prepared[i] for i in indices]
-            rendered = self._render_batch(batch, method, progress, done_steps, total_steps)
+            rendered = self._render_batch(batch, method, tensors, progress, done_steps, total_steps)
             for i, result in zip(indices, rendered, strict=True):
                 results[i] = result
             done_steps += batch[0].steps
@@ -169,10 +177,8 @@ class Renderer:
         return final
 
     @staticmethod
-    def pipeline_calls(prepared: list[RenderRequest]) -> dict[tuple, list[int]]:
+    def _pipeline_calls(prepared: Sequence[RenderRequest]) -> dict[tuple, list[int]]:
         """Indices of (prepared) requests that share a pipeline call: same shape and identity method.
-
-        Public so callers that report batches (the Ray actor) count what ``render`` really did.
 
         A request without a character joins a group of its shape that has a method (identity
         weight 0 leaves it exactly as a plain render), so mixed batches stay one call.
@@ -187,65 +193,49 @@ class Renderer:
                 groups.setdefault(key, []).append(index)
         return {key: sorted(indices) for key, indices in groups.items()}
 
-    @property
-    def registry(self):
-        if self._registry is None:
-            from imagegen.identity.registry import Registry
+    def _identity_tensors(self, prepared: Sequence[RenderRequest], groups: dict[tuple, list[int]]) -> dict:
+        """(character, method) -> tensors for every character of the list: one provider call per pair."""
+        tensors: dict[tuple[str, str], Tensors] = {}
+        for (_, method), indices in groups.items():
+            for i in indices:
+                character = prepared[i].character
+                if character is not None and (character, method) not in tensors:
+                    assert self.identity is not None and method is not None  # prepare() refused it otherwise
+                    tensors[(character, method)] = self.identity.tensors_for(character, self.conditioner(method))
+        return tensors
 
-            self._registry = Registry.open(self.settings)
-        return self._registry
+    def conditioner(self, name: str) -> Conditioner:
+        """The conditioner ``name`` for this pipeline, loaded once (not necessarily attached)."""
+        if name not in self._conditioners:
+            if self.identity is None:
+                raise InvalidRequestError(f"this renderer has no identity provider for method '{name}'", field="method")
+            self._conditioners[name] = self.identity.load(name, self.preset, self.device, self.dtype)
+        return self._conditioners[name]
 
-    def _character(self, character_id: str):
-        character = self.registry.get(character_id)
-        if character.status != "approved" and not self.allow_draft:
-            raise CharacterNotRenderableError(
-                f"character '{character_id}' is a draft; approve it first "
-                f"(`imagegen characters approve {character_id}`)"
-            )
-        return character
-
-    def identity_method(self, name: str) -> IdentityMethod:
-        """The method ``name``, loaded once and attached to this pipeline (detaching any other)."""
-        if name not in self._methods:
-            self._methods[name] = create_method(name, self.preset, self.device, self.dtype, self.settings)
+    def identity_method(self, name: str) -> Conditioner:
+        """The conditioner ``name``, loaded once and attached to this pipeline (detaching any other)."""
+        conditioner = self.conditioner(name)
         if self._attached != name:
             if self._attached is not None:
-                self._methods[self._attached].detach(self.pipe)
-            self._methods[name].attach(self.pipe)
+                self._conditioners[self._attached].detach(self.pipe)
+            conditioner.attach(self.pipe)
             self._attached = name
-        return self._methods[name]
+        return conditioner
 
     def detach_identity(self) -> None:
-        """Remove the attached identity method: the pipeline renders exactly as freshly loaded."""
+        """Remove the attached conditioner: the pipeline renders exactly as freshly loaded."""
         if self._attached is not None:
-            self._methods[self._attached].detach(self.pipe)
+            self._conditioners[self._attached].detach(self.pipe)
             self._attached = None
 
-    @property
-    def conditioning_cache(self) -> ConditioningCache:
-        if self._conditioning is None:
-            self._conditioning = ConditioningCache(self.registry)
-        return self._conditioning
-
-    def identity_tensors(self, character_id: str, method: IdentityMethod) -> dict[str, torch.Tensor]:
-        """Cached conditioning of a character: memory, then the registry, computed only on a miss."""
-        character = self._character(character_id)
-        key = (character.id, character.version, method.name, method.weights_hash)
-        if key not in self._identity_lru:
-            self._identity_lru[key] = self.conditioning_cache.get(character, method)
-            while len(self._identity_lru) > IDENTITY_LRU_SIZE:
-                self._identity_lru.popitem(last=False)
-        self._identity_lru.move_to_end(key)
-        return self._identity_lru[key]
-
-    def _identity(self, batch: list[RenderRequest], method_name: str | None):
+    def _identity(self, batch: list[RenderRequest], method_name: str | None, tensors: dict):
         """The identity context of one batch (a no-op context when no sample has a character)."""
         if method_name is None:
             return nullcontext(BatchConditioning())
-        method = self.identity_method(method_name)
+        conditioner = self.identity_method(method_name)
         samples = [
             IdentitySample(
-                tensors=self.identity_tensors(r.character, method) if r.character else None,
+                tensors=tensors[(r.character, method_name)] if r.character else None,
                 weight=r.identity_weight if r.character else 0.0,
                 start_step=r.identity_start_step,
             )
@@ -253,7 +243,7 @@ class Renderer:
         ]
         first = batch[0]
         cfg = first.true_cfg_scale > 1 if self.preset.family == "flux" else (first.guidance or 0) > 1
-        return method.conditioning(self.pipe, samples, cfg=cfg)
+        return conditioner.conditioning(self.pipe, samples, cfg=cfg)
 
     def _encode(self, request: RenderRequest) -> dict[str, torch.Tensor]:
         return self.prompt_cache.get_or_compute(
@@ -265,6 +255,7 @@ class Renderer:
         self,
         batch: list[RenderRequest],
         method_name: str | None,
+        tensors: dict,
         progress: Progress | None,
         done_before: int,
         total: int,
@@ -274,7 +265,7 @@ class Renderer:
             per_sample = [self._encode(r) for r in batch]
             embeds = {key: torch.cat([e[key] for e in per_sample]) for key in per_sample[0]}
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
-            with self._identity(batch, method_name) as identity:
+            with self._identity(batch, method_name, tensors) as identity:
                 encoded = time.perf_counter()
 
                 def on_step(pipe, step: int, timestep, kwargs):
@@ -288,9 +279,14 @@ class Renderer:
         finished = time.perf_counter()
         timings = {
             "batch_size": float(len(batch)),
-            "encode_s": encoded - started,  # prompts and identity lookup
+            "encode_s": encoded - started,  # prompts and identity attach
             "pipeline_s": finished - encoded,
             "total_s": finished - started,
+        }
+        info = {
+            "id": f"{self._instance}-{next(self._batch_ids)}",
+            "size": len(batch),
+            "characters": len({r.character for r in batch if r.character}),
         }
         results = []
         for request, image in zip(batch, pixels, strict=True):
@@ -303,6 +299,7 @@ class Renderer:
                     problem=problem,
                     timings=dict(timings),
                     versions=library_versions(),
+                    batch=dict(info),
                 )
             )
         return results

@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagegen.errors import InvalidRequestError
+from imagegen.ids import validate_character_id
 from imagegen.pipelines.presets import Preset
 
 MAX_SEED = 2**63 - 1
@@ -47,11 +48,7 @@ class RenderRequest(BaseModel):
     @field_validator("character")
     @classmethod
     def _character_slug(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        from imagegen.identity.models import validate_character_id
-
-        return validate_character_id(value)
+        return None if value is None else validate_character_id(value)
 
     def resolved(self, preset: Preset) -> RenderRequest:
         """This request with every default filled from the preset and a seed drawn if none was given."""
@@ -110,6 +107,8 @@ class RenderResult:
     problem: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    #: the pipeline call this image came from: id (unique per renderer), size, distinct characters
+    batch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:

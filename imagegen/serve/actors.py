@@ -1,9 +1,11 @@
-"""The one class that hosts a ``Renderer`` in a long-lived Ray process.
+"""The one class that hosts a ``Renderer`` in a long-lived Ray process, and the call it takes.
 
 The same class serves online (wrapped by the Serve replica ``imagegen.serve.renderer_deployment``)
 and offline (``ray.remote`` actors in an ``ActorPool`` for suites and bulk jobs, see
 :func:`actor_pool`): it loads and warms up its preset once, reports its health, and renders
-batches. Results cross process boundaries as PNG bytes plus metadata, never as live objects.
+batches of :class:`RenderCall`. Every image is finished where its pixels are: scored against the
+consistency gate's centroid when the call has one, watermarked, stamped with provenance metadata
+and encoded as PNG **once**; only the PNG bytes and plain data cross the process boundary.
 
 ``render`` renders a batch and raises on the first bad request (what a suite wants);
 ``render_isolated`` renders a batch coming from *different* callers: each request is validated
@@ -13,8 +15,6 @@ pipeline call fails is split so one request cannot fail the others.
 
 from __future__ import annotations
 
-import io
-import itertools
 import logging
 import os
 import time
@@ -25,9 +25,12 @@ from typing import Any
 
 import torch
 
+from imagegen import provenance
 from imagegen.errors import ImagegenError
-from imagegen.pipelines.renderer import Progress, Renderer
+from imagegen.identity.provider import identity_renderer
+from imagegen.pipelines.renderer import Progress
 from imagegen.pipelines.types import RenderRequest, RenderResult
+from imagegen.serve.gate import GateScorer
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +38,52 @@ log = logging.getLogger(__name__)
 GroupProgress = Callable[[list[int], int, int], None]
 
 
+@dataclass(frozen=True)
+class GateTarget:
+    """The consistency gate of one image: score its largest face against ``centroid`` (backend's scale)."""
+
+    backend: str
+    centroid: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class RenderCall:
+    """One image to render, as it travels from the render service (or a suite) to a renderer.
+
+    ``request`` was validated at the edge; the replica prepares it once. The provenance fields
+    say who asked (``request_id``, and ``extra`` such as the key and job), ``metadata`` adds
+    plain entries to the PNG (a suite's cell), ``gate`` asks for a face score.
+    """
+
+    request: RenderRequest
+    request_id: str = "offline"
+    character_version: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    gate: GateTarget | None = None
+    #: stream step progress back to the caller
+    progress: bool = False
+
+
 @dataclass
 class RenderedImage:
-    """A render result that can be pickled across Ray: PNG bytes, not a PIL object."""
+    """A finished image: PNG bytes (watermarked, with provenance), its metadata, score and batch."""
 
     png: bytes | None
+    image_id: str
     metadata: dict[str, Any]
     problem: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     #: the pipeline batch this image came from: id, size, distinct characters, replica pid
     batch: dict[str, Any] = field(default_factory=dict)
+    #: consistency gate: similarity of the largest face to the centroid (None: no face, or no gate)
+    similarity: float | None = None
+    #: the provenance record written into the PNG (None for an unusable image)
+    provenance: dict[str, Any] | None = None
 
-    @classmethod
-    def from_result(cls, result: RenderResult, batch: dict[str, Any] | None = None) -> RenderedImage:
-        png = None
-        if result.image is not None:
-            buffer = io.BytesIO()
-            result.image.save(buffer, format="PNG")
-            png = buffer.getvalue()
-        return cls(
-            png=png,
-            metadata=result.metadata(),
-            problem=result.problem,
-            timings=dict(result.timings),
-            batch=dict(batch or {}),
-        )
+    @property
+    def seed(self) -> int:
+        return int(self.metadata["seed"])
 
 
 @dataclass
@@ -77,12 +101,17 @@ class RenderError:
         return cls(code="render_failed", message=f"{type(exc).__name__}: {exc}")
 
 
+def as_call(item: RenderCall | RenderRequest) -> RenderCall:
+    """A bare ``RenderRequest`` (scripts, suites) as a call with default provenance."""
+    return item if isinstance(item, RenderCall) else RenderCall(request=item)
+
+
 class RendererActor:
-    """Hosts one preset's ``Renderer``: load and warm up once, then render batches on demand."""
+    """Hosts one preset's ``Renderer``: load and warm up once, then render and finish batches on demand."""
 
     def __init__(self, preset: str, warmup: bool = True, device: str | None = None):
         started = time.perf_counter()
-        self.renderer = Renderer(preset, device=device)
+        self.renderer = identity_renderer(preset, device=device)
         if warmup:
             d = self.renderer.preset.defaults
             self.renderer.render([RenderRequest(prompt="warm-up", seed=0, width=d.width, height=d.height, steps=1)])
@@ -90,42 +119,34 @@ class RendererActor:
         self.rendered = 0
         self.batches = 0
         self.failed = 0
-        self._batch_ids = itertools.count(1)
-        self._instance = uuid.uuid4().hex[:8]
+        self._gates: dict[str, GateScorer] = {}
         log.info("renderer actor for %s ready in %.2fs (pid %d)", preset, self.ready_seconds, os.getpid())
 
-    @staticmethod
-    def _parse(request: RenderRequest | dict) -> RenderRequest:
-        return request if isinstance(request, RenderRequest) else RenderRequest(**request)
-
-    def render(self, requests: list[RenderRequest | dict], progress: Progress | None = None) -> list[RenderedImage]:
-        """Render a batch; requests may arrive as dicts (JSON) or ``RenderRequest`` objects."""
-        parsed = [self._parse(r) for r in requests]
-        results = self.renderer.render(parsed, progress=progress)
-        self.rendered += len(results)
-        out: list[RenderedImage | None] = [None] * len(results)
-        for members in _pipeline_calls([r.request for r in results]):
-            info = self._batch_info([results[i].request for i in members])
-            self.batches += 1
-            for i in members:
-                out[i] = RenderedImage.from_result(results[i], info)
-        return [o for o in out if o is not None]
+    def render(
+        self, items: Sequence[RenderCall | RenderRequest], progress: Progress | None = None
+    ) -> list[RenderedImage]:
+        """Render and finish a batch; the first bad request fails it (``ImagegenError``)."""
+        calls = [as_call(i) for i in items]
+        results = self.renderer.render([c.request for c in calls], progress=progress)
+        self._count(results)
+        return [self.finish(call, result) for call, result in zip(calls, results, strict=True)]
 
     def render_isolated(
         self,
-        requests: Sequence[RenderRequest | dict],
+        items: Sequence[RenderCall | RenderRequest],
         progress: GroupProgress | None = None,
         on_result: Callable[[int, RenderedImage | RenderError], None] | None = None,
     ) -> list[RenderedImage | RenderError]:
-        """Render requests from independent callers; one bad request never fails the others.
+        """Render calls from independent callers; one bad request never fails the others.
 
-        Each request is validated alone (an invalid one gets its ``RenderError``); the valid ones
+        Each request is prepared alone (an invalid one gets its ``RenderError``); the valid ones
         are grouped by shape (``RenderRequest.batch_key``: different characters share a group,
-        identity is per sample) and each group is one pipeline call. ``progress`` gets each
+        identity is per sample) and each group is rendered together. ``progress`` gets each
         group's step progress with the indices of its requests; ``on_result`` gets every outcome
         as soon as it is known (results of a group arrive together).
         """
-        outcomes: list[RenderedImage | RenderError | None] = [None] * len(requests)
+        calls = [as_call(i) for i in items]
+        outcomes: list[RenderedImage | RenderError | None] = [None] * len(calls)
 
         def settle(index: int, outcome: RenderedImage | RenderError) -> None:
             outcomes[index] = outcome
@@ -135,22 +156,23 @@ class RendererActor:
                 on_result(index, outcome)
 
         prepared: dict[int, RenderRequest] = {}
-        for index, raw in enumerate(requests):
+        for index, call in enumerate(calls):
             try:
-                prepared[index] = self.renderer.prepare(self._parse(raw))
+                prepared[index] = self.renderer.prepare(call.request)
             except Exception as exc:  # noqa: BLE001 - every failure becomes this caller's error
                 settle(index, RenderError.from_exception(exc))
         groups: dict[tuple, list[int]] = {}
         for index, request in prepared.items():
             groups.setdefault(request.batch_key(), []).append(index)
         for indices in groups.values():
-            self._render_group(indices, [prepared[i] for i in indices], progress, settle)
+            self._render_group(indices, calls, prepared, progress, settle)
         return [o for o in outcomes if o is not None]
 
     def _render_group(
         self,
         indices: list[int],
-        group: list[RenderRequest],
+        calls: list[RenderCall],
+        prepared: dict[int, RenderRequest],
         progress: GroupProgress | None,
         settle: Callable[[int, RenderedImage | RenderError], None],
     ) -> None:
@@ -159,33 +181,56 @@ class RendererActor:
                 progress(indices, done, total)
 
         try:
-            results = self.renderer.render(group, progress=step)
+            results = self.renderer.render_prepared([prepared[i] for i in indices], progress=step)
         except Exception as exc:  # noqa: BLE001 - isolate: retry the members one by one
-            if len(group) == 1:
+            if len(indices) == 1:
                 log.warning("render failed: %s", exc)
                 settle(indices[0], RenderError.from_exception(exc))
                 return
-            log.warning("a batch of %d failed (%s); rendering its members one by one", len(group), exc)
-            for index, request in zip(indices, group, strict=True):
-                self._render_group([index], [request], progress, settle)
+            log.warning("a batch of %d failed (%s); rendering its members one by one", len(indices), exc)
+            for index in indices:
+                self._render_group([index], calls, prepared, progress, settle)
             return
-        resolved = [r.request for r in results]
-        batches: dict[int, dict[str, Any]] = {}
-        for members in _pipeline_calls(resolved):
-            info = self._batch_info([resolved[i] for i in members])
-            batches.update({i: info for i in members})
-        self.rendered += len(results)
-        self.batches += len({id(b) for b in batches.values()})
-        for position, (index, result) in enumerate(zip(indices, results, strict=True)):
-            settle(index, RenderedImage.from_result(result, batches.get(position)))
+        self._count(results)
+        for index, result in zip(indices, results, strict=True):
+            try:
+                settle(index, self.finish(calls[index], result))
+            except Exception as exc:  # noqa: BLE001 - a face-scoring or encoding failure is this caller's
+                settle(index, RenderError.from_exception(exc))
 
-    def _batch_info(self, requests: Sequence[RenderRequest]) -> dict[str, Any]:
-        return {
-            "id": f"{self._instance}-{next(self._batch_ids)}",
-            "size": len(requests),
-            "characters": len({r.character for r in requests if r.character}),
-            "pid": os.getpid(),
-        }
+    def _count(self, results: list[RenderResult]) -> None:
+        self.rendered += len(results)
+        self.batches += len({r.batch.get("id") for r in results})
+
+    def finish(self, call: RenderCall, result: RenderResult) -> RenderedImage:
+        """Score (when gated), watermark, stamp and encode one image: the only PNG encode it gets."""
+        metadata = {**result.metadata(), **call.metadata}
+        image_id = uuid.uuid4().hex
+        batch = {**result.batch, "pid": os.getpid()}
+        if result.image is None:
+            return RenderedImage(None, image_id, metadata, result.problem, dict(result.timings), batch)
+        similarity = None
+        if call.gate is not None:
+            similarity = self._gate(call.gate.backend).score(result.image, call.gate.centroid)
+        extra = dict(call.extra)
+        if call.gate is not None:
+            extra["identity_similarity"] = similarity
+        png, record = provenance.stamp(
+            result.image,
+            metadata,
+            image_id=image_id,
+            request_id=call.request_id,
+            character_version=call.character_version,
+            extra=extra,
+        )
+        return RenderedImage(
+            png, image_id, metadata, None, dict(result.timings), batch, similarity=similarity, provenance=record
+        )
+
+    def _gate(self, backend: str) -> GateScorer:
+        if backend not in self._gates:
+            self._gates[backend] = GateScorer(backend)
+        return self._gates[backend]
 
     def health(self) -> dict[str, Any]:
         """What a health check needs: alive, which preset, where, how busy it has been."""
@@ -202,11 +247,6 @@ class RendererActor:
         }
 
 
-def _pipeline_calls(requests: list[RenderRequest]) -> list[list[int]]:
-    """Which of ``requests`` (already resolved) ``Renderer.render`` put in the same pipeline call."""
-    return list(Renderer.pipeline_calls(requests).values())
-
-
 def remote_renderer_class(num_gpus: float = 0, num_cpus: float = 1, **options: Any):
     """``RendererActor`` as a Ray actor class with the given resources (GPU count from configuration)."""
     import ray
@@ -217,7 +257,8 @@ def remote_renderer_class(num_gpus: float = 0, num_cpus: float = 1, **options: A
 def actor_pool(preset: str, size: int = 1, *, num_gpus: float = 0, num_cpus: float = 1, warmup: bool = True):
     """An offline ``ray.util.ActorPool`` of ``size`` renderer actors for ``preset`` (Ray must be initialised).
 
-    Typical use: ``pool.map(lambda a, batch: a.render.remote(batch), batches)``.
+    Typical use: ``pool.map(lambda a, batch: a.render.remote(batch), batches)`` with batches of
+    ``RenderCall`` (or bare ``RenderRequest``).
     """
     from ray.util import ActorPool
 

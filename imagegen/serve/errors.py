@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
 from imagegen.errors import ImagegenError
 
 NOT_FOUND = {
@@ -81,12 +79,6 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message, self.field)
-
-    def response(self, request_id: str | None = None) -> JSONResponse:
-        headers = dict(self.headers)
-        if request_id:
-            headers.setdefault("X-Request-Id", request_id)
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:

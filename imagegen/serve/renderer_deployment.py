@@ -1,10 +1,11 @@
 """The renderer deployment: one Serve replica hosting one ``RendererActor`` (one preset).
 
-Callers (the ingress) stream from ``render``: one request in, events out: ``progress`` (when
-asked for), then exactly one ``result`` or ``error``. ``@serve.batch`` gathers the requests that
-arrive within ``batch_wait_timeout_s`` (up to ``max_batch_size``, both from the deployment's
-``user_config``) into one ``RendererActor.render_isolated`` call: requests of *different*
-characters share a pipeline call when their shapes match, and one bad request fails only itself.
+Callers (the render service) stream from ``render``: one ``RenderCall`` in, events out:
+``StepProgress`` (when asked for), then exactly one ``RenderedImage`` or ``RenderError``.
+``@serve.batch`` gathers the requests that arrive within ``batch_wait_timeout_s`` (up to
+``max_batch_size``, both from the deployment's ``user_config``) into one
+``RendererActor.render_isolated`` call: requests of *different* characters share a pipeline
+call when their shapes match, and one bad request fails only itself.
 
 The pipeline runs in a worker thread, so the replica keeps answering health checks while it
 renders.
@@ -13,20 +14,32 @@ renders.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
-from imagegen.serve.actors import RenderedImage, RendererActor, RenderError
+from imagegen.serve.actors import RenderCall, RenderedImage, RendererActor, RenderError
 from imagegen.serve.config import RendererConfig
 
 log = logging.getLogger(__name__)
 
 _END = "end"
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Denoising progress of the pipeline call a request is in."""
+
+    done: int
+    total: int
+
+
+#: what ``RendererDeployment.render`` streams to its caller
+RenderEvent = StepProgress | RenderedImage | RenderError
 
 
 @serve.deployment(max_ongoing_requests=16)
@@ -52,8 +65,8 @@ class RendererDeployment:
         if self.actor is None:
             raise RuntimeError("renderer not loaded")
 
-    async def render(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any] | None]:
-        """Stream one request's events. ``item``: ``{"request": RenderRequest fields, "progress": bool}``.
+    async def render(self, item: RenderCall) -> AsyncIterator[RenderEvent]:
+        """Stream one call's events: progress (when ``item.progress``), then its image or its error.
 
         ``None`` items are fillers of the batch stream (another caller's event): they are dropped
         here, so a batch of B sends each caller its own few events instead of B x events messages.
@@ -63,7 +76,7 @@ class RendererDeployment:
                 yield event
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _render_batch(self, items: list[dict[str, Any]]) -> AsyncIterator[list[Any]]:
+    async def _render_batch(self, items: list[RenderCall]) -> AsyncIterator[list[Any]]:
         count = len(items)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -79,7 +92,7 @@ class RendererDeployment:
 
         def work() -> None:
             try:
-                self.actor.render_isolated([item["request"] for item in items], progress, on_result)
+                self.actor.render_isolated(items, progress, on_result)
             except BaseException as exc:  # noqa: BLE001 - reported to every caller still waiting
                 put((_END, [], exc, None))
             else:
@@ -90,19 +103,16 @@ class RendererDeployment:
         while True:
             kind, indices, payload, extra = await queue.get()
             if kind == "progress":
-                wanted = [i for i in indices if not stopped[i] and items[i].get("progress")]
+                wanted = [i for i in indices if not stopped[i] and items[i].progress]
                 if wanted:
                     out: list[Any] = [None] * count
                     for i in wanted:
-                        out[i] = {"type": "progress", "done": payload, "total": extra}
+                        out[i] = StepProgress(payload, extra)
                     yield out
             elif kind == "result":
                 index = indices[0]
                 out = [None] * count
-                if isinstance(payload, RenderError):
-                    out[index] = {"type": "error", **dataclasses.asdict(payload)}
-                else:
-                    out[index] = {"type": "result", **dataclasses.asdict(payload)}
+                out[index] = payload
                 yield out
                 out = [None] * count
                 out[index] = StopIteration
@@ -115,7 +125,7 @@ class RendererDeployment:
                     out = [None] * count
                     for i in range(count):
                         if not stopped[i]:
-                            out[i] = {"type": "error", **dataclasses.asdict(error)}
+                            out[i] = error
                     yield out
                 yield [StopIteration] * count
                 return

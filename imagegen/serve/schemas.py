@@ -91,3 +91,49 @@ class JobOut(BaseModel):
     error: ErrorDetail | None = None
     result: RenderOut | None = None
     links: dict[str, str] = Field(default_factory=dict)
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class CharacterSummary(BaseModel):
+    id: str
+    name: str
+    status: Literal["draft", "approved"]
+    version: int
+    references: int
+    provenance: dict[str, Any]
+    age_check: str | None = None
+    centroid_backends: list[str] = Field(default_factory=list)
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class CharacterList(BaseModel):
+    characters: list[CharacterSummary]
+
+
+class RegistrationOut(BaseModel):
+    """A registration or an approval: the character, its reference report and its age check."""
+
+    character: CharacterSummary
+    report: dict[str, Any]
+    age_check: dict[str, Any]
+
+
+class DeleteCounts(BaseModel):
+    """What deleting a character removed (blobs another character still uses are kept and counted)."""
+
+    character_id: str
+    references: int = 0
+    face_analyses: int = 0
+    centroids: int = 0
+    conditioning: int = 0
+    blobs_removed: int = 0
+    bytes_removed: int = 0
+    blobs_shared: int = 0
+
+
+class DeleteOut(BaseModel):
+    deleted: DeleteCounts

@@ -11,6 +11,7 @@ from imagegen.identity.characters import approve_character, register_character
 from imagegen.identity.conditioning import UnsupportedMethodError
 from imagegen.identity.ipadapter.adapter import LoadSpec, attach_ip_adapter, describe
 from imagegen.identity.ipadapter.weights import FLUX_XLABS, IPAdapterWeightsError, adapter_files
+from imagegen.identity.provider import identity_renderer
 from imagegen.identity.registry import Registry
 from imagegen.pipelines.renderer import Renderer
 from imagegen.pipelines.types import RenderRequest
@@ -42,7 +43,7 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def renderers(registry) -> dict[str, Renderer]:
-    return {preset: Renderer(preset, registry=registry) for preset in ("tiny-sdxl", "tiny-flux")}
+    return {preset: identity_renderer(preset, registry) for preset in ("tiny-sdxl", "tiny-flux")}
 
 
 @pytest.fixture(params=list(CASES))
@@ -147,9 +148,9 @@ def test_embeddings_are_cached_and_face_models_stay_off_the_hot_path(registry, c
     calls = method.calls
     render(renderer, prompt="again", seed=2, character="grace", method=name)
     assert method.calls == calls
-    fresh = Renderer(renderer.preset, registry=registry)  # a new replica reads the registry's cache
+    fresh = identity_renderer(renderer.preset, registry)  # a new replica reads the registry's cache
     render(fresh, prompt="again", seed=2, character="grace", method=name)
-    assert fresh.conditioning_cache.computed == 0
+    assert fresh.identity.conditioning_cache.computed == 0
     assert fresh.identity_method(name).calls == 0
 
 

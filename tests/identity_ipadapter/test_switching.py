@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from imagegen.identity.characters import approve_character, register_character
+from imagegen.identity.provider import identity_renderer
 from imagegen.identity.registry import Registry
 from imagegen.pipelines.renderer import Renderer
 from imagegen.pipelines.types import RenderRequest
@@ -47,7 +48,7 @@ def hooks(module) -> int:
 
 @pytest.mark.parametrize("preset", list(ROUNDS))
 def test_switching_methods_keeps_the_model_and_leaves_no_residue(registry, preset):
-    renderer = Renderer(preset, registry=registry)
+    renderer = identity_renderer(preset, registry)
     pipe = renderer.pipe
     model = pipe.unet if renderer.preset.family == "sdxl" else pipe.transformer
     processors = dict(model.attn_processors)
@@ -73,6 +74,6 @@ def test_switching_methods_keeps_the_model_and_leaves_no_residue(registry, prese
     assert dict(model.config) == config and dict(pipe.config) == pipe_config
     assert getattr(model, "encoder_hid_proj", None) is None and getattr(pipe, "feature_extractor", None) is None
     after = plain(renderer)
-    fresh = plain(Renderer(preset, registry=registry))
+    fresh = plain(identity_renderer(preset, registry))
     assert np.array_equal(after, before)
     assert np.array_equal(after, fresh)

@@ -60,7 +60,7 @@ def test_face_models_and_encoders_are_released_after_compute():
 
 def test_a_render_never_loads_the_image_encoder():
     """Attaching computes the negatives and frees the encoder: conditioning a batch touches no face model."""
-    from imagegen.identity.conditioning import IdentitySample
+    from imagegen.pipelines.conditioning import IdentitySample
     from imagegen.pipelines.renderer import Renderer
 
     renderer = Renderer("tiny-sdxl")

@@ -8,6 +8,7 @@ import pytest
 from imagegen.identity.characters import approve_character, register_character
 from imagegen.identity.conditioning import CharacterNotRenderableError, UnsupportedMethodError
 from imagegen.identity.models import UnknownCharacterError
+from imagegen.identity.provider import identity_renderer
 from imagegen.identity.registry import Registry
 from imagegen.pipelines.renderer import Renderer
 from imagegen.pipelines.types import RenderRequest
@@ -34,7 +35,7 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["tiny-flux", "tiny-sdxl"])
 def renderer(request, registry) -> Renderer:
-    return Renderer(request.param, registry=registry)
+    return identity_renderer(request.param, registry)
 
 
 def pixels(result) -> np.ndarray:
@@ -85,16 +86,16 @@ def test_tokens_are_cached_and_face_models_stay_off_the_hot_path(registry, rende
     renderer.render([RenderRequest(prompt="again", seed=2, character="grace")])
     assert method.calls == calls
     # a fresh renderer (a new replica) reads the registry's cache instead of recomputing
-    fresh = Renderer(renderer.preset, registry=registry)
+    fresh = identity_renderer(renderer.preset, registry)
     fresh.render([RenderRequest(prompt="again", seed=2, character="grace")])
-    assert fresh.conditioning_cache.computed == 0
+    assert fresh.identity.conditioning_cache.computed == 0
     assert fresh.identity_method(renderer.preset.default_method).calls == 0
 
 
 def test_changing_references_invalidates_the_cache(registry):
     register_character(registry, character_id="temp", name="temp", provenance=SYNTHETIC, files=list(astronaut_set(3)))
     approve_character(registry, "temp")
-    renderer = Renderer("tiny-flux", registry=registry)
+    renderer = identity_renderer("tiny-flux", registry)
     renderer.render([RenderRequest(prompt="x", seed=1, character="temp")])
     method = renderer.identity_method("pulid-flux-v0.9.1")
     key = ("temp", method.name, method.version, method.weights_hash)
@@ -105,7 +106,7 @@ def test_changing_references_invalidates_the_cache(registry):
 
 
 def test_detaching_leaves_no_residue(registry):
-    renderer = Renderer("tiny-flux", registry=registry)
+    renderer = identity_renderer("tiny-flux", registry)
     [before] = renderer.render([RenderRequest(prompt="x", seed=4)])
     renderer.render([RenderRequest(prompt="x", seed=4, character="mia")])
     renderer.detach_identity()

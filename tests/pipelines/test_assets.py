@@ -20,6 +20,7 @@ import yaml
 
 from imagegen.errors import ModelNotAvailableError, UnsafeCheckpointError
 from imagegen.identity.characters import approve_character, register_character
+from imagegen.identity.provider import identity_renderer
 from imagegen.identity.registry import Registry
 from imagegen.pipelines.assets import (
     AssetError,
@@ -32,7 +33,6 @@ from imagegen.pipelines.assets import (
     store_for,
 )
 from imagegen.pipelines.presets import get_preset
-from imagegen.pipelines.renderer import Renderer
 from imagegen.pipelines.types import RenderRequest
 from imagegen.settings import PROJECT_ROOT, Settings, get_settings
 from imagegen.standins.build import write_hub_layout
@@ -115,7 +115,7 @@ def test_released_names_render_with_every_method_offline(offline):
         register_character(registry, character_id="mia", name="Mia", provenance=SYNTHETIC, files=list(astronaut_set(3)))
         approve_character(registry, "mia")
         for name, body in REAL_NAMED.items():
-            renderer = Renderer(name, registry=registry)
+            renderer = identity_renderer(name, registry)
             [plain] = renderer.render([RenderRequest(prompt="a cafe", seed=3)])
             for method in body["methods"]:
                 [out] = renderer.render([RenderRequest(prompt="a cafe", seed=3, character="mia", method=method)])

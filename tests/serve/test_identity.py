@@ -120,7 +120,7 @@ def test_gate_scorer_on_real_photos():
     faces = [analyzer.largest(Image.open(io.BytesIO(data)).convert("RGB")).face for _, data in astronaut_set(4)]
     center = centroid([f for f in faces if f is not None], "dlib")
     scorer = GateScorer("dlib")
-    same = scorer.score(astronaut_set(6)[5][1], center)
-    other = scorer.score(hopper_set(1)[0][1], center)
+    same = scorer.score(Image.open(io.BytesIO(astronaut_set(6)[5][1])), center)
+    other = scorer.score(Image.open(io.BytesIO(hopper_set(1)[0][1])), center)
     assert same is not None and other is not None
     assert same >= scorer.default_threshold > other

@@ -1,0 +1,37 @@
+"""The character id rule, shared by every layer.
+
+A render request names its character by id at the edge (HTTP, CLI) and the pipelines check the
+slug without knowing anything else about characters; the registry stores characters under the
+same rule. Keeping the rule here lets both use it without the pipelines importing the registry.
+"""
+
+from __future__ import annotations
+
+import re
+
+from imagegen.errors import ImagegenError
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class InvalidCharacterIdError(ImagegenError):
+    """A character id that is not a slug."""
+
+    code = "invalid_character_id"
+    field = "character_id"
+
+
+def shown(value: object, limit: int = 70) -> str:
+    """``repr(value)``, cut to ``limit`` characters: user input quoted in an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate_character_id(value: object) -> str:
+    """Return ``value`` if it is a valid character id, else raise ``InvalidCharacterIdError``."""
+    if not isinstance(value, str) or not SLUG_RE.fullmatch(value):
+        raise InvalidCharacterIdError(
+            f"{shown(value)} is not a valid character id: use 1 to 64 characters, lowercase letters "
+            "a-z, digits, '-' and '_', starting with a letter or a digit (for example 'mia' or 'mia_v2')"
+        )
+    return value

@@ -1,0 +1,93 @@
+"""The identity contract of the pipelines: how a render gets per-sample conditioning, from whom.
+
+The pipelines know nothing of characters, registries or approval. A ``Renderer`` is given an
+``IdentityProvider`` (the identity package implements one over its registry) and asks it for
+two things: a ``Conditioner`` by method name (loaded once per pipeline, then attached, used and
+detached by the renderer), and the conditioning tensors of a character for that conditioner.
+diffusers keeps its pipelines ignorant of where embeddings come from the same way
+(``ip_adapter_image_embeds``); here the tensors are per sample, so one batch may mix characters.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from imagegen.pipelines.presets import Preset
+
+#: a character's conditioning tensors (CPU tensors; the conditioner moves what it needs)
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class IdentitySample:
+    """The identity of one sample of a batch; ``tensors`` None (and weight 0) for a sample without one."""
+
+    tensors: Tensors | None
+    weight: float
+    start_step: int = 0
+
+
+@dataclass
+class BatchConditioning:
+    """What a conditioner adds to one pipeline call."""
+
+    #: extra keyword arguments for the pipeline call
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: called after every denoising step (``callback_on_step_end`` signature); None when not needed
+    on_step_end: Callable | None = None
+
+
+class Conditioner(ABC):
+    """Puts per-sample identity into a loaded pipeline: attach once, condition batches, detach exactly."""
+
+    #: the name presets and requests use, e.g. "pulid-flux-v0.9.1"
+    name: ClassVar[str]
+    #: the pipeline family it works with ("flux" / "sdxl")
+    family: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def weights_hash(self) -> str:
+        """Identifies the weights in use (tensors computed with other weights do not fit)."""
+
+    @abstractmethod
+    def attach(self, pipe) -> None:
+        """Install the layers or hooks on ``pipe`` (once per loaded pipeline)."""
+
+    @abstractmethod
+    def detach(self, pipe) -> None:
+        """Remove everything ``attach`` installed; the pipeline renders as if never attached."""
+
+    @abstractmethod
+    def conditioning(
+        self, pipe, samples: list[IdentitySample], cfg: bool = False
+    ) -> AbstractContextManager[BatchConditioning]:
+        """Condition the pipeline calls made inside the ``with`` block on ``samples``.
+
+        ``cfg``: the pipeline runs a negative pass too (SDXL CFG, FLUX true CFG); the conditioner
+        gives it the unconditional identity.
+        """
+
+
+class IdentityProvider(Protocol):
+    """Where a renderer's identity comes from; owns method choice, character lookup and policy."""
+
+    def resolve_method(self, preset: Preset, requested: str | None) -> str:
+        """The method a request naming ``requested`` (None: the preset's default) gets on ``preset``."""
+        ...
+
+    def load(self, name: str, preset: Preset, device: torch.device, dtype: torch.dtype) -> Conditioner:
+        """The conditioner ``name`` for a pipeline of ``preset`` on ``device`` / ``dtype`` (not attached)."""
+        ...
+
+    def tensors_for(self, character: str, conditioner: Conditioner) -> Tensors:
+        """``character``'s tensors for ``conditioner``; raises when it may not be rendered (unknown, draft)."""
+        ...
+

@@ -1,0 +1,75 @@
+"""The render service's way to the renderer deployments: one ``DeploymentHandle`` per preset.
+
+``ServeRenderers.render`` streams one ``RenderCall`` to the preset's deployment (progress events,
+then the image) and owns what only Ray knows about: a replica that died or became unreachable
+is retried (``Dispatch.retries``), a full queue (``BackPressureError``) is either answered with
+503 at once or waited out with jitter (``Dispatch.wait_on_backpressure``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+
+from imagegen.serve.actors import RenderCall, RenderedImage, RenderError
+from imagegen.serve.config import IngressConfig
+from imagegen.serve.errors import ApiError, too_busy
+from imagegen.serve.jobs import RendererDied
+from imagegen.serve.metrics import Metrics
+from imagegen.serve.renderer_deployment import StepProgress
+from imagegen.serve.service import Dispatch
+
+log = logging.getLogger(__name__)
+
+
+class ServeRenderers:
+    """Renderer deployments by preset, reached through Serve handles (implements ``service.Renderers``)."""
+
+    def __init__(self, handles: dict[str, Any], metrics: Metrics, config: Callable[[], IngressConfig]):
+        self.handles = handles
+        self.metrics = metrics
+        self.config = config
+
+    async def health(self, preset: str) -> dict[str, Any]:
+        return await self.handles[preset].health.remote()
+
+    async def render(
+        self, preset: str, call: RenderCall, progress: Callable[[int, int], None] | None, dispatch: Dispatch
+    ) -> RenderedImage:
+        handle = self.handles[preset]
+        attempt = 0
+        gauge = self.metrics.queue_depth.labels(preset)
+        while True:
+            attempt += 1
+            gauge.inc()
+            try:
+                async for event in handle.options(stream=True).render.remote(call):
+                    if isinstance(event, StepProgress):
+                        if progress is not None:
+                            progress(event.done, event.total)
+                    elif isinstance(event, RenderedImage):
+                        return event
+                    elif isinstance(event, RenderError):
+                        raise ApiError.from_code(event.code, event.message, event.field)
+                raise RendererDied(f"the {preset} renderer ended the stream without a result")
+            except BackPressureError as exc:
+                self.metrics.rejected.labels("renderer_queue_full").inc()
+                retry_after = self.config().retry_after_s
+                if not dispatch.wait_on_backpressure:
+                    raise too_busy("renderer_overloaded", str(exc), retry_after, 503) from None
+                await asyncio.sleep(retry_after * (0.5 + random.random()))
+                attempt -= 1
+            except (RayActorError, ReplicaUnavailableError, RendererDied) as exc:
+                reason = f"the {preset} renderer replica died or became unreachable: {type(exc).__name__}"
+                log.warning("%s (attempt %d)", reason, attempt)
+                if attempt > dispatch.retries:
+                    raise RendererDied(reason) from exc
+                self.metrics.renderer_retries.labels(preset).inc()
+            finally:
+                gauge.dec()

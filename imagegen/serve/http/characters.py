@@ -1,0 +1,118 @@
+"""``/v1/characters``: register (multipart), list, read, approve and delete characters."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+
+from imagegen.ids import validate_character_id
+from imagegen.serve.errors import ApiError
+from imagegen.serve.http.deps import AUTH, ingress_of, scoped
+from imagegen.serve.schemas import CharacterList, CharacterSummary, DeleteCounts, DeleteOut, RegistrationOut
+
+router = APIRouter(tags=["characters"], dependencies=AUTH)
+
+
+def summary(character: Any) -> CharacterSummary:
+    return CharacterSummary(
+        id=character.id,
+        name=character.name,
+        status=character.status,
+        version=character.version,
+        references=len(character.references),
+        provenance=character.provenance.model_dump(mode="json"),
+        age_check=character.age_check,
+        centroid_backends=sorted(character.centroids),
+        created_at=character.created_at.isoformat() if character.created_at else None,
+        updated_at=character.updated_at.isoformat() if character.updated_at else None,
+    )
+
+
+def registration_out(registration: Any) -> RegistrationOut:
+    return RegistrationOut(
+        character=summary(registration.character),
+        report=registration.report.to_dict(),
+        age_check=dict(registration.age.__dict__),
+    )
+
+
+def _json_field(raw: str, field: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", f"{field} must be JSON: {exc}", field) from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "validation_error", f"{field} must be a JSON object", field)
+    return value
+
+
+@router.post(
+    "/v1/characters",
+    status_code=201,
+    response_model=RegistrationOut,
+    dependencies=[Depends(scoped("characters:write"))],
+)
+async def create_character(
+    request: Request,
+    id: str = Form(..., max_length=64, description="Slug: a-z, 0-9, '-' and '_'."),
+    name: str = Form(..., min_length=1, max_length=200),
+    provenance_json: str = Form(
+        ..., alias="provenance", max_length=10_000, description='JSON: {"kind", "creator", "date", "evidence"}'
+    ),
+    card_json: str | None = Form(None, alias="card", max_length=100_000, description="JSON card (optional)."),
+    references: list[UploadFile] = File(..., description="Reference images (PNG, JPEG, WebP)."),
+) -> RegistrationOut:
+    """Register a character (as `draft`) from reference images; returns its reference report."""
+    from imagegen.identity.characters import MAX_REFERENCES
+
+    validate_character_id(id)
+    provenance_data = _json_field(provenance_json, "provenance")
+    card = _json_field(card_json, "card") if card_json else None
+    if len(references) > MAX_REFERENCES:
+        raise ApiError(422, "invalid_reference", f"at most {MAX_REFERENCES} references", "references")
+    files = [(upload.filename or f"reference-{i}", await upload.read()) for i, upload in enumerate(references)]
+    registration = await ingress_of(request).characters.register(id, name, provenance_data, files, card)
+    return registration_out(registration)
+
+
+@router.get("/v1/characters", response_model=CharacterList, dependencies=[Depends(scoped(None))])
+async def list_characters(
+    request: Request, status: str | None = Query(None, pattern="^(draft|approved)$")
+) -> CharacterList:
+    """Every registered character (summaries), optionally only `draft` or `approved` ones."""
+    characters = await ingress_of(request).characters.all(status)
+    return CharacterList(characters=[summary(c) for c in characters])
+
+
+@router.get("/v1/characters/{character_id}", dependencies=[Depends(scoped(None))])
+async def get_character(request: Request, character_id: str) -> dict[str, Any]:
+    """One character: card, provenance, references and face analyses (no embeddings)."""
+    character = await ingress_of(request).characters.get(validate_character_id(character_id))
+    data = character.model_dump(mode="json")
+    for ref in data["references"]:
+        for face in ref["faces"].values():
+            face.pop("embedding", None)
+    data["centroids"] = sorted(data["centroids"])
+    return data
+
+
+@router.post(
+    "/v1/characters/{character_id}/approve",
+    response_model=RegistrationOut,
+    dependencies=[Depends(scoped("characters:write"))],
+)
+async def approve_character(request: Request, character_id: str) -> RegistrationOut:
+    """Approve a character: re-runs the reference report and every safeguard first."""
+    registration = await ingress_of(request).characters.approve(validate_character_id(character_id))
+    return registration_out(registration)
+
+
+@router.delete(
+    "/v1/characters/{character_id}", response_model=DeleteOut, dependencies=[Depends(scoped("characters:write"))]
+)
+async def delete_character(request: Request, character_id: str) -> DeleteOut:
+    """Delete a character and every byte of it; says how much went."""
+    report = await ingress_of(request).characters.delete(validate_character_id(character_id))
+    return DeleteOut(deleted=DeleteCounts(**report.__dict__))

@@ -1,0 +1,179 @@
+"""What every HTTP request passes before a route: request id, body limit, API key, metrics, errors.
+
+``EdgeMiddleware`` is pure ASGI (streams pass through): request id, body-size limit (413 before
+the body is parsed), API-key check (401 before the body is parsed; health routes are exempt) and
+metrics. The error handlers answer every failure in one JSON shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from imagegen.errors import ImagegenError
+from imagegen.serve.config import IngressConfig
+from imagegen.serve.errors import ApiError, error_body, too_busy, validation_error
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = {"/healthz", "/readyz"}
+DOC_PATHS = {"/docs", "/openapi.json", "/docs/oauth2-redirect"}
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+}
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than the {limit:,}-byte limit of this route")
+
+
+def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
+    headers = dict(error.headers)
+    if request_id:
+        headers.setdefault("X-Request-Id", request_id)
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class EdgeMiddleware:
+    """Request id, body limit, API key and metrics for every HTTP request (reads ``app.state.ingress``)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ingress = getattr(scope["app"].state, "ingress", None)
+        cfg = ingress.cfg if ingress else IngressConfig()
+        started = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        incoming = headers.get("x-request-id", "")
+        request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        scope["imagegen.request_id"] = request_id
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        status_holder = {"status": 500, "started": False}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def reply(error: ApiError) -> None:
+            await error_response(error, request_id)(scope, receive, send_wrapper)
+
+        try:
+            limit = cfg.max_upload_bytes if (path == "/v1/characters" and method == "POST") else cfg.max_body_bytes
+            length = headers.get("content-length")
+            if length is not None and not length.isdigit():
+                await reply(ApiError(400, "bad_request", "the Content-Length header is not a number"))
+                return
+            if length is not None and int(length) > limit:
+                await reply(ApiError(413, "payload_too_large", BodyTooLarge(limit).detail))
+                return
+            public = path in PUBLIC_PATHS or (path in DOC_PATHS and cfg.public_docs)
+            if not public:
+                if ingress is None:
+                    await reply(ApiError(503, "not_ready", "the service is starting", headers={"Retry-After": "2"}))
+                    return
+                try:
+                    scope["imagegen.key"] = await ingress.authenticate(headers)
+                except ApiError as exc:
+                    await reply(exc)
+                    return
+            received = 0
+
+            async def receive_wrapper() -> dict:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise BodyTooLarge(limit)
+                return message
+
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+            except BodyTooLarge as exc:
+                if not status_holder["started"]:
+                    await reply(ApiError(413, "payload_too_large", exc.detail))
+        finally:
+            if ingress is not None:
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                status = str(status_holder["status"])
+                ingress.metrics.requests.labels(template, method, status).inc()
+                ingress.metrics.latency.labels(template, method).observe(time.perf_counter() - started)
+
+
+def request_id_of(request: Request) -> str | None:
+    return request.scope.get("imagegen.request_id")
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    """One JSON error shape for every failure, with the request id."""
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc, request_id_of(request))
+
+    @api.exception_handler(ImagegenError)
+    async def _imagegen_error(request: Request, exc: ImagegenError) -> JSONResponse:
+        error = ApiError.from_imagegen(exc)
+        if exc.code == "invalid_character_id" and request.url.path in ("/v1/renders", "/v1/jobs"):
+            error.field = "character"  # the body field is `character` (the registry says character_id)
+        return error_response(error, request_id_of(request))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(exc.errors())), request_id_of(request))
+
+    @api.exception_handler(ValidationError)
+    async def _pydantic_error(request: Request, exc: ValidationError) -> JSONResponse:
+        return error_response(validation_error(exc.errors(include_url=False)), request_id_of(request))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(exc.status_code, "http_error")
+        error = ApiError(exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}))
+        return error_response(error, request_id_of(request))
+
+    @api.exception_handler(BackPressureError)
+    async def _backpressure(request: Request, exc: BackPressureError) -> JSONResponse:
+        ingress = getattr(request.app.state, "ingress", None)
+        retry = ingress.cfg.retry_after_s if ingress else 2
+        return error_response(too_busy("renderer_overloaded", str(exc), retry, 503), request_id_of(request))
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        body = error_body(
+            "internal_error", f"unexpected server error ({type(exc).__name__}); request id {request_id_of(request)}"
+        )
+        return JSONResponse(body, status_code=500)

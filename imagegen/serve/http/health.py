@@ -1,0 +1,71 @@
+"""Health, metrics and API docs: ``/healthz``, ``/readyz``, ``/metrics``, ``/openapi.json``, ``/docs``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse, Response
+
+from imagegen import __version__ as imagegen_version
+from imagegen.serve.errors import error_body
+from imagegen.serve.http.deps import AUTH, ingress_of, key_of, scoped
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: the ingress answers."""
+    return {"status": "ok", "version": imagegen_version}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: the database answers and every renderer deployment has a live replica."""
+    service = ingress_of(request).service
+    checks: dict[str, Any] = {}
+    ready = True
+    try:
+        await asyncio.wait_for(service.db(service.store.ping), 5)
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["database"] = f"error: {type(exc).__name__}"
+        ready = False
+
+    async def probe(preset: str) -> tuple[str, Any]:
+        try:
+            return preset, await asyncio.wait_for(service.renderers.health(preset), 5)
+        except Exception as exc:  # noqa: BLE001
+            return preset, f"error: {type(exc).__name__}"
+
+    results = await asyncio.gather(*(probe(p) for p in service.presets))
+    checks["renderers"] = dict(results)
+    ready = ready and all(isinstance(v, dict) for _, v in results)
+    if ready:
+        return JSONResponse({"status": "ready", "checks": checks})
+    body = error_body("not_ready", "a dependency of the service is not ready")
+    return JSONResponse({**body, "checks": checks}, status_code=503, headers={"Retry-After": "2"})
+
+
+@router.get("/metrics", dependencies=[*AUTH, Depends(scoped("admin"))], response_class=Response)
+async def metrics_route(request: Request) -> Response:
+    """Prometheus metrics of this ingress replica (needs the `admin` scope)."""
+    ingress = ingress_of(request)
+    return Response(await ingress.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_route(request: Request) -> JSONResponse:
+    if not ingress_of(request).cfg.public_docs:
+        key_of(request, None)
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs_route(request: Request) -> Response:
+    if not ingress_of(request).cfg.public_docs:
+        key_of(request, None)
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="imagegen API")

@@ -1,0 +1,475 @@
+"""The render service: plan → render through the gate → audit, with no web framework in sight.
+
+One ``RenderService`` per ingress replica serves the synchronous route and the job runner alike:
+
+- ``plan`` validates a ``RenderBody`` once (preset served here, limits, the character approved,
+  its gate centroid) and resolves it into one typed ``RenderRequest`` (seed drawn, defaults
+  filled) plus the gate's settings;
+- ``execute`` renders every image concurrently (they batch with each other and with other
+  requests in the renderer deployment), each through the consistency gate: a ``RenderCall`` per
+  attempt goes to the preset's renderer replica, which renders, scores the face, watermarks,
+  stamps and encodes the PNG once and returns it with its score; the best attempt wins;
+- the winners are audited and counted, and the result comes back as the ``RenderOut`` the HTTP
+  layer sends.
+
+Errors are ``ApiError`` (status, code, message, field) or ``ImagegenError``; the HTTP layer maps
+them to its one JSON error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from imagegen import provenance
+from imagegen.identity.methods import resolve_method
+from imagegen.identity.registry import Registry
+from imagegen.pipelines.presets import get_preset
+from imagegen.pipelines.types import MAX_SEED, RenderRequest
+from imagegen.serve.actors import GateTarget, RenderCall, RenderedImage
+from imagegen.serve.config import IngressConfig
+from imagegen.serve.errors import ApiError, too_busy
+from imagegen.serve.jobs import RendererDied
+from imagegen.serve.metrics import Metrics
+from imagegen.serve.schemas import GateAttempt, GateReport, ImageOut, JobOut, RenderBody, RenderOut
+from imagegen.serve.store import Job, ServeStore, prompt_sha256
+
+log = logging.getLogger(__name__)
+
+#: progress of a whole render: (image index, attempt, step done, steps total)
+RenderProgress = Callable[[int, int, int, int], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated render: what to render (one resolved ``RenderRequest``), for whom, with which gate."""
+
+    request_id: str
+    key_id: str
+    job_id: str | None
+    preset: str
+    base: RenderRequest
+    num_images: int
+    character_version: int | None
+    gate: GateTarget | None
+    gate_min: float | None
+    max_attempts: int
+    body: RenderBody
+
+    def seed_for(self, index: int, attempt: int) -> int:
+        assert self.base.seed is not None
+        return self.base.seed + index + attempt * self.num_images
+
+    def call(self, index: int, attempt: int, progress: bool) -> RenderCall:
+        """The renderer call of attempt ``attempt`` at image ``index``."""
+        return RenderCall(
+            request=self.base.model_copy(update={"seed": self.seed_for(index, attempt)}),
+            request_id=self.request_id,
+            character_version=self.character_version,
+            extra={"preset": self.preset, "job_id": self.job_id, "key_id": self.key_id},
+            gate=self.gate,
+            progress=progress,
+        )
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """How hard to try a renderer: replica deaths retried, and whether to wait out a full queue."""
+
+    retries: int
+    wait_on_backpressure: bool
+
+
+#: a synchronous request: one retry if a replica dies; a full queue answers 503 at once
+SYNC = Dispatch(retries=1, wait_on_backpressure=False)
+#: a job: the runner re-queues it if a replica dies; a full queue is waited out
+JOB = Dispatch(retries=0, wait_on_backpressure=True)
+
+
+class Renderers(Protocol):
+    """How the service reaches a preset's renderer (Serve handles online; see ``dispatch``)."""
+
+    async def render(
+        self, preset: str, call: RenderCall, progress: Callable[[int, int], None] | None, dispatch: Dispatch
+    ) -> RenderedImage: ...
+
+    async def health(self, preset: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class Rendered:
+    """What ``execute`` returns: the response body (without image bytes) and the PNG of each image."""
+
+    out: RenderOut
+    pngs: list[bytes | None]
+
+
+class RenderService:
+    """Plans, renders (through the gate) and audits renders for one ingress replica."""
+
+    def __init__(
+        self,
+        renderers: Renderers,
+        presets: list[str],
+        registry: Registry,
+        store: ServeStore,
+        metrics: Metrics,
+        config: Callable[[], IngressConfig],
+        gate_backend: str,
+    ):
+        from imagegen.faces import backend_family
+
+        self.renderers = renderers
+        self.presets = list(presets)
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.config = config
+        self.gate_backend = gate_backend
+        self.gate_family = backend_family(gate_backend)
+        self.db_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="db")
+
+    async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking database call off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.db_pool, fn, *args)
+
+    # -- plan ------------------------------------------------------------------------------------
+    async def plan(self, body: RenderBody, key_id: str, request_id: str, job_id: str | None = None) -> Plan:
+        """Validate ``body`` for this service and resolve it into one typed request (raises ``ApiError``)."""
+        cfg = self.config()
+        if body.preset not in self.presets:
+            raise ApiError(
+                404,
+                "unknown_preset",
+                f"preset {body.preset!r} is not served here; served: {', '.join(self.presets)}",
+                "preset",
+            )
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(body, name)) > cfg.max_prompt_chars:
+                raise ApiError(422, "invalid_request", f"{name} is longer than {cfg.max_prompt_chars} characters", name)
+        if body.num_images > cfg.max_images_per_request:
+            raise ApiError(
+                422, "invalid_request", f"num_images is above the limit of {cfg.max_images_per_request}", "num_images"
+            )
+        gate_min = body.min_identity_similarity
+        if gate_min is not None and body.character is None:
+            raise ApiError(
+                422, "invalid_request", "min_identity_similarity needs a character", "min_identity_similarity"
+            )
+        if body.max_attempts is not None and body.max_attempts > 1 and gate_min is None:
+            raise ApiError(422, "invalid_request", "max_attempts > 1 needs min_identity_similarity", "max_attempts")
+        if body.max_attempts is not None and body.max_attempts > cfg.max_gate_attempts:
+            raise ApiError(422, "invalid_request", f"max_attempts is above {cfg.max_gate_attempts}", "max_attempts")
+        max_attempts = body.max_attempts or (3 if gate_min is not None else 1)
+        seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**32)
+        if seed + body.num_images * max_attempts > MAX_SEED:
+            raise ApiError(422, "invalid_request", "seed is too large for this many images and attempts", "seed")
+        preset = get_preset(body.preset)
+        base = body.render_request().model_copy(update={"seed": seed})
+        if base.character is not None:
+            base = base.model_copy(update={"method": resolve_method(preset, base.method)})
+        base = base.resolved(preset)
+        base.check_against(preset)
+        character_version, gate = None, None
+        if body.character is not None:
+            character = await self.db(self.registry.characters.get, body.character)
+            if character.status != "approved":
+                raise ApiError(
+                    409,
+                    "character_not_renderable",
+                    f"character {character.id!r} is {character.status}; approve it first "
+                    f"(POST /v1/characters/{character.id}/approve)",
+                    "character",
+                )
+            character_version = character.version
+            if gate_min is not None:
+                centroid = character.centroids.get(self.gate_family)
+                if centroid is None:
+                    raise ApiError(
+                        422,
+                        "invalid_request",
+                        f"character {character.id!r} has no identity centroid for face backend "
+                        f"{self.gate_family!r}; re-analyse its references",
+                        "min_identity_similarity",
+                    )
+                gate = GateTarget(self.gate_backend, tuple(float(v) for v in centroid))
+        return Plan(
+            request_id=request_id,
+            key_id=key_id,
+            job_id=job_id,
+            preset=body.preset,
+            base=base,
+            num_images=body.num_images,
+            character_version=character_version,
+            gate=gate,
+            gate_min=gate_min,
+            max_attempts=max_attempts,
+            body=body.model_copy(update={"seed": seed}),
+        )
+
+    # -- execute ---------------------------------------------------------------------------------
+    async def execute(self, plan: Plan, dispatch: Dispatch, on_progress: RenderProgress | None = None) -> Rendered:
+        """Render every image of ``plan`` (concurrently: they batch with each other and with others)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        rendered = await _gather_or_cancel(
+            [self._render_image(plan, i, dispatch, on_progress) for i in range(plan.num_images)]
+        )
+        rendered_at = loop.time()
+        images = [self._image_out(plan, i, image, gate) for i, (image, gate) in enumerate(rendered)]
+        audits = [self._audit(plan, image) for image, _ in rendered if image.png is not None]
+        await self.db(self.store.add_audit, audits)
+        self.metrics.images.labels(plan.preset).inc(len(audits))
+        out = RenderOut(
+            request_id=plan.request_id,
+            preset=plan.preset,
+            character=plan.base.character,
+            character_version=plan.character_version,
+            images=images,
+            timings={"render_s": round(rendered_at - started, 4), "total_s": round(loop.time() - started, 4)},
+        )
+        return Rendered(out, [image.png for image, _ in rendered])
+
+    async def _render_image(
+        self, plan: Plan, index: int, dispatch: Dispatch, on_progress: RenderProgress | None
+    ) -> tuple[RenderedImage, GateReport | None]:
+        """Image ``index`` of ``plan``, through the consistency gate: (winning image, gate report)."""
+        attempts: list[GateAttempt] = []
+        best: tuple[float, RenderedImage] | None = None
+        last: RenderedImage | None = None
+        for attempt in range(plan.max_attempts):
+            callback = None
+            if on_progress is not None:
+
+                def callback(done: int, total: int, a: int = attempt) -> None:
+                    on_progress(index, a, done, total)
+
+            call = plan.call(index, attempt, progress=callback is not None)
+            image = await self.renderers.render(plan.preset, call, callback, dispatch)
+            self.metrics.observe_batch(plan.preset, image.batch)
+            last = image
+            if plan.gate_min is None:
+                return image, None
+            if image.png is None:
+                attempts.append(GateAttempt(seed=image.seed, problem=image.problem))
+            else:
+                score = image.similarity
+                passed = score is not None and score >= plan.gate_min
+                attempts.append(GateAttempt(seed=image.seed, similarity=score, passed=passed))
+                rank = -1e9 if score is None else score
+                if best is None or rank > best[0]:
+                    best = (rank, image)
+                if passed:
+                    break
+            if attempt + 1 < plan.max_attempts:
+                self.metrics.gate_retries.labels(plan.preset).inc()
+        assert last is not None and plan.gate_min is not None
+        passed = any(a.passed for a in attempts)
+        if not passed:
+            self.metrics.gate_failures.labels(plan.preset).inc()
+        winner = best[1] if best is not None else last
+        report = GateReport(
+            min_identity_similarity=plan.gate_min,
+            backend=self.gate_family,
+            passed=passed,
+            winning_seed=best[1].seed if best is not None else None,
+            attempts=attempts,
+        )
+        return winner, report
+
+    @staticmethod
+    def _image_out(plan: Plan, index: int, image: RenderedImage, gate: GateReport | None) -> ImageOut:
+        metadata = dict(image.metadata)
+        if image.provenance is not None:
+            metadata["provenance"] = image.provenance
+        return ImageOut(
+            index=index,
+            image_id=image.image_id,
+            seed=image.seed,
+            width=metadata.get("width"),
+            height=metadata.get("height"),
+            problem=image.problem,
+            gate=gate,
+            identity_similarity=image.similarity if gate is not None else None,
+            watermark=(image.provenance or {}).get("watermark") or {},
+            metadata=metadata,
+        )
+
+    @staticmethod
+    def _audit(plan: Plan, image: RenderedImage) -> dict[str, Any]:
+        metadata = image.metadata
+        return {
+            "image_id": image.image_id,
+            "request_id": plan.request_id,
+            "job_id": plan.job_id,
+            "key_id": plan.key_id,
+            "preset": plan.preset,
+            "character": metadata.get("character"),
+            "character_version": plan.character_version,
+            "method": metadata.get("method"),
+            "prompt_sha256": prompt_sha256(metadata.get("prompt") or "", metadata.get("negative_prompt") or ""),
+            "seed": image.seed,
+            "watermark_tag": provenance.tag_for(image.image_id),
+        }
+
+    # -- jobs ------------------------------------------------------------------------------------
+    async def run_job(self, job: Job, emit: Callable[[dict], None]) -> dict:
+        """The job runner's executor: plan the stored body again, render, store the PNGs, return the result."""
+        body = RenderBody.model_validate(job.request["body"])
+        plan = await self.plan(body, job.key_id, job.request["request_id"], job_id=job.id)
+        done_images: set[int] = set()
+        loop = asyncio.get_running_loop()
+        last_emit = [0.0]
+
+        def on_progress(index: int, attempt: int, done: int, total: int) -> None:
+            now = loop.time()
+            if done >= total:
+                done_images.add(index)
+            elif now - last_emit[0] < 0.1:
+                return
+            last_emit[0] = now
+            emit(
+                {
+                    "image": index,
+                    "attempt": attempt + 1,
+                    "step": done,
+                    "steps": total,
+                    "images_done": len(done_images),
+                    "images_total": plan.num_images,
+                }
+            )
+
+        rendered = await self.execute(plan, JOB, on_progress)
+        result = rendered.out.model_dump(mode="json")
+        for image, png in zip(result["images"], rendered.pngs, strict=True):
+            if png is not None:
+                image["digest"] = await self.db(self.store.results.put, png)
+                image["url"] = f"/v1/jobs/{job.id}/images/{image['index']}"
+        return result
+
+    def job_out(self, job: Job, include_images: bool = False) -> JobOut:
+        """A stored job as the API shows it (blocking: reads image blobs when ``include_images``)."""
+        result = None
+        if job.result is not None:
+            result = json.loads(json.dumps(job.result))
+            for image in result.get("images", []):
+                digest = image.pop("digest", None)
+                if include_images and digest:
+                    image["png_base64"] = base64.b64encode(self.store.results.get(digest)).decode()
+        return JobOut(
+            job_id=job.id,
+            status=job.status,
+            preset=job.preset,
+            attempts=job.attempts,
+            progress=job.progress or {},
+            created_at=_iso(job.created_at) or "",
+            started_at=_iso(job.started_at),
+            finished_at=_iso(job.finished_at),
+            error={"code": job.error_code, "message": job.error_message, "field": None} if job.error_code else None,
+            result=result,
+            links={"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"},
+        )
+
+    async def submit_job(self, body: RenderBody, key_id: str, request_id: str) -> Job:
+        """Plan a job and store it ``queued`` (429 when the queue is full); the runner picks it up."""
+        cfg = self.config()
+        plan = await self.plan(body, key_id, request_id, job_id=uuid.uuid4().hex)
+        assert plan.job_id is not None
+        if await self.db(self.store.count_active_jobs) >= cfg.max_queued_jobs:
+            self.metrics.rejected.labels("job_queue_full").inc()
+            raise too_busy(
+                "job_queue_full", f"{cfg.max_queued_jobs} jobs are queued or running; retry later", cfg.retry_after_s
+            )
+        stored = {"body": plan.body.model_dump(mode="json"), "request_id": plan.request_id}
+        return await self.db(self.store.create_job, plan.job_id, plan.key_id, plan.preset, stored, plan.num_images)
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+async def _gather_or_cancel(coroutines: list) -> list:
+    """``asyncio.gather`` that cancels the others when one fails (no orphan renders)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class SyncRenders:
+    """The synchronous-render policy of one ingress replica: bounded in-flight count and a time limit."""
+
+    def __init__(self, service: RenderService):
+        self.service = service
+        self.inflight = 0
+
+    async def render(self, body: RenderBody, key_id: str, request_id: str) -> Rendered:
+        service, cfg = self.service, self.service.config()
+        plan = await service.plan(body, key_id, request_id)
+        if self.inflight >= cfg.max_inflight_renders:
+            service.metrics.rejected.labels("ingress_busy").inc()
+            raise too_busy(
+                "overloaded",
+                f"{self.inflight} renders in progress on this replica (limit {cfg.max_inflight_renders}); retry later",
+                cfg.retry_after_s,
+            )
+        self.inflight += 1
+        try:
+            return await asyncio.wait_for(service.execute(plan, SYNC), timeout=cfg.sync_timeout_s)
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"the render took longer than {cfg.sync_timeout_s:.0f}s") from None
+        except RendererDied as exc:
+            raise too_busy("renderer_unavailable", str(exc), cfg.retry_after_s, 503) from None
+        finally:
+            self.inflight -= 1
+
+
+class CharacterService:
+    """Character registration and management for the HTTP layer, run off the event loop."""
+
+    def __init__(self, registry: Registry, db: Callable[..., Any]):
+        self.registry = registry
+        self.db = db
+        #: registration analyses faces: CPU-heavy, so fewer at once than database calls
+        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu")
+
+    async def _cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
+
+    async def register(
+        self, character_id: str, name: str, provenance: dict, files: list[tuple[str, bytes]], card: dict | None
+    ) -> Any:
+        from imagegen.identity.characters import register_character
+
+        def register() -> Any:
+            return register_character(
+                self.registry, character_id=character_id, name=name, provenance=provenance, files=files, card=card
+            )
+
+        return await self._cpu(register)
+
+    async def approve(self, character_id: str) -> Any:
+        from imagegen.identity.characters import approve_character
+
+        return await self._cpu(approve_character, self.registry, character_id)
+
+    async def all(self, status: str | None) -> list:
+        return await self.db(lambda: self.registry.characters.all(status=status))
+
+    async def get(self, character_id: str) -> Any:
+        return await self.db(self.registry.characters.get, character_id)
+
+    async def delete(self, character_id: str) -> Any:
+        return await self.db(self.registry.characters.delete, character_id)
