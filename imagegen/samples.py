@@ -13,17 +13,25 @@ Both are different people, so they give a negative pair; :func:`augment` turns o
 same-identity variants (flip, crop, light, JPEG, rotation, downscale) for positive pairs.
 :func:`no_face_image` is a photo with no face in it (a cup of coffee) for negatives.
 
-Everything returns a PIL ``RGB`` image and is deterministic for a given ``seed``.
+Every image is a PIL ``RGB`` image and is deterministic for a given ``seed``.
+
+**Sample characters** are built here, once, for the demo and the evaluation suites: one photo
+plus its augmentations (:func:`reference_images`, :func:`reference_files`), its provenance
+(:func:`provenance`) and the registration (:func:`register_sample_character`). This module sits
+at the identity layer: it may use :mod:`imagegen.identity`, never serve, eval or the demo.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from typing import Literal
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+log = logging.getLogger(__name__)
 
 Box = tuple[int, int, int, int]
 AugmentKind = Literal["flip", "crop", "brightness", "jpeg", "rotate", "downscale"]
@@ -154,3 +162,84 @@ def _crop_around(image: Image.Image, box: Box, rng: np.random.Generator) -> Imag
     right = int(rng.integers(keep[2], w + 1))
     bottom = int(rng.integers(keep[3], h + 1))
     return image.crop((left, top, right, bottom))
+
+
+# -- sample characters -----------------------------------------------------------------------------
+#: name -> (loader, face box) of every photo a sample character can be made of
+PHOTOS: dict[str, tuple[Callable[[], Image.Image], Box]] = {
+    "astronaut": (astronaut, ASTRONAUT_FACE_BOX),
+    "grace_hopper": (grace_hopper, GRACE_HOPPER_FACE_BOX),
+}
+#: display name of each sample character
+NAMES = {"astronaut": "Eileen Collins (NASA portrait)", "grace_hopper": "Grace Hopper (US Navy portrait)"}
+#: who made each photo and where it ships: the provenance of a sample character
+CREATORS = {
+    "astronaut": "NASA (public-domain US government work)",
+    "grace_hopper": "US Navy (public-domain US government work)",
+}
+SOURCES = {
+    "astronaut": "skimage.data.astronaut(): NASA portrait of Eileen Collins, public-domain US government work",
+    "grace_hopper": "matplotlib sample data grace_hopper.jpg: US Navy portrait, public-domain US government work",
+}
+#: augmentations (seeded 0, 1, ...) that make a reference set out of one photo
+REFERENCE_KINDS: tuple[AugmentKind, ...] = ("flip", "brightness", "jpeg", "downscale")
+
+
+def reference_images(sample: str) -> list[tuple[str, Image.Image]]:
+    """The photo ``sample`` (a key of :data:`PHOTOS`) and same-person augmentations of it, named."""
+    if sample not in PHOTOS:
+        raise ValueError(f"unknown sample photo {sample!r}; choose one of {', '.join(PHOTOS)}")
+    load, box = PHOTOS[sample]
+    base = load()
+    variants = [(f"{sample}-{k}.png", augment(base, k, seed=i, face_box=box)) for i, k in enumerate(REFERENCE_KINDS)]
+    return [(f"{sample}.png", base), *variants]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def reference_files(sample: str) -> list[tuple[str, bytes]]:
+    """:func:`reference_images` as PNG upload bytes: what registration and the HTTP API take."""
+    return [(name, png_bytes(image)) for name, image in reference_images(sample)]
+
+
+def provenance(sample: str) -> dict[str, str]:
+    """Where the photos of sample character ``sample`` come from (a public-domain licence)."""
+    return {"kind": "licensed", "creator": CREATORS[sample], "evidence": SOURCES[sample]}
+
+
+def register_sample_character(
+    registry: Any,
+    character_id: str,
+    sample: str,
+    *,
+    name: str | None = None,
+    card: dict | None = None,
+    replace: bool = False,
+) -> Any | None:
+    """Register and approve photo ``sample`` as character ``character_id``; returns the ``Registration``.
+
+    Only approved characters render with an identity method; the sample sets pass the reference
+    report, so approval goes through the same checks an artist's character does. An existing
+    character of that id is deleted first with ``replace``, else left exactly as it is (None).
+    """
+    from imagegen.identity.characters import approve_character, register_character
+
+    if registry.exists(character_id):
+        if not replace:
+            return None
+        registry.delete(character_id)
+    register_character(
+        registry,
+        character_id=character_id,
+        name=name or NAMES[sample],
+        provenance=provenance(sample),
+        files=reference_files(sample),
+        card=card or {"style_notes": "public-domain sample portrait"},
+    )
+    registration = approve_character(registry, character_id)
+    log.info("registered sample character %s from %s", character_id, sample)
+    return registration

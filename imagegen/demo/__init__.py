@@ -19,7 +19,8 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from imagegen.demo.local import DEMO_PROVENANCE, demo_reference_files, run_local_demo
+from imagegen import samples
+from imagegen.demo.local import DEMO_SAMPLE, run_local_demo
 
 __all__ = ["run_demo"]
 
@@ -45,7 +46,8 @@ def run_service_part(out: Path, log: Callable[[str], None]) -> dict[str, Path]:
     """Start the service, drive it with the Python client, stop it (:mod:`imagegen.demo.service`)."""
     from imagegen.demo.service import run_service_demo
 
-    written = run_service_demo(out, demo_reference_files(), DEMO_PROVENANCE, log=log)
+    files, provenance = samples.reference_files(DEMO_SAMPLE), samples.provenance(DEMO_SAMPLE)
+    written = run_service_demo(out, files, provenance, log=log)
     return {f"service {label}": path for label, path in written.items()}
 
 

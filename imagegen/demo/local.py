@@ -17,7 +17,6 @@ from pathlib import Path
 from rich.progress import Progress
 
 from imagegen import samples
-from imagegen.identity.characters import approve_character, register_character
 from imagegen.identity.registry import Registry
 from imagegen.images import contact_sheet, save_png
 from imagegen.pipelines.renderer import Renderer
@@ -27,46 +26,23 @@ DEMO_PRESETS = ("tiny-flux", "tiny-sdxl")
 DEMO_PROMPTS = ("a photo of a woman at a cafe at night", "portrait of a man in a studio, soft lighting")
 DEMO_SEEDS = (7, 8)
 DEMO_CHARACTER = "demo-astronaut"
+#: the packaged photo the demo character is made of (see :mod:`imagegen.samples`)
+DEMO_SAMPLE = "astronaut"
 #: the IP-Adapter method each tiny preset also renders the character with (PuLID is their default)
 DEMO_IPADAPTER = {"tiny-flux": "ipadapter-flux", "tiny-sdxl": "ipadapter-faceid-plusv2-sdxl"}
-DEMO_PROVENANCE = {
-    "kind": "licensed",
-    "creator": "NASA (public-domain US government work)",
-    "evidence": "skimage.data.astronaut(), shipped with scikit-image; used for offline demos and tests only",
-}
-
-
-def demo_reference_files() -> list[tuple[str, bytes]]:
-    """The astronaut portrait and same-person augmentations, as upload bytes."""
-    import io
-
-    base = samples.astronaut()
-    images = [("astronaut.png", base)] + [
-        (f"astronaut-{kind}.png", samples.augment(base, kind, seed=i, face_box=samples.ASTRONAUT_FACE_BOX))
-        for i, kind in enumerate(("flip", "crop", "brightness", "jpeg"))
-    ]
-    files = []
-    for name, image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        files.append((name, buffer.getvalue()))
-    return files
 
 
 def register_demo_character(out: Path) -> dict[str, Path]:
     """(Re-)register the demo character and write its report and contact sheet into ``out``."""
     with Registry.open() as registry:
-        if registry.characters.exists(DEMO_CHARACTER):
-            registry.characters.delete(DEMO_CHARACTER)
-        registration = register_character(
+        registration = samples.register_sample_character(
             registry,
-            character_id=DEMO_CHARACTER,
+            DEMO_CHARACTER,
+            DEMO_SAMPLE,
             name="Demo astronaut",
-            provenance=DEMO_PROVENANCE,
             card={"look": "short brown hair, orange flight suit", "style_notes": "NASA portrait lighting"},
-            files=demo_reference_files(),
+            replace=True,
         )
-        approve_character(registry, DEMO_CHARACTER)
     return registration.write_artifacts(out / "characters")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,39 +69,6 @@ class CharacterIdentity:
             "version": self.version,
             "fingerprint": self.fingerprint,
         }
-
-
-# -- bundled photos --------------------------------------------------------------------------------
-#: name -> (loader, face box) of the public-domain photos in imagegen.samples
-SAMPLE_PHOTOS: dict[str, tuple[Callable[[], Image.Image], tuple[int, int, int, int]]] = {
-    "astronaut": (samples.astronaut, samples.ASTRONAUT_FACE_BOX),
-    "grace_hopper": (samples.grace_hopper, samples.GRACE_HOPPER_FACE_BOX),
-}
-SAMPLE_NAMES = {"astronaut": "Eileen Collins (NASA portrait)", "grace_hopper": "Grace Hopper (US Navy portrait)"}
-SAMPLE_PROVENANCE = {
-    "astronaut": "skimage.data.astronaut(): NASA portrait of Eileen Collins, public-domain US government work",
-    "grace_hopper": "matplotlib sample data grace_hopper.jpg: US Navy portrait, public-domain US government work",
-}
-#: augmentations that make a reference set out of one photo
-SAMPLE_REFERENCE_KINDS = ("flip", "brightness", "jpeg", "downscale")
-
-
-def sample_reference_images(sample: str) -> list[tuple[str, Image.Image]]:
-    """The bundled photo ``sample`` and same-person augmentations of it, named."""
-    if sample not in SAMPLE_PHOTOS:
-        raise IdentityError(f"unknown sample photo {sample!r}; choose one of {', '.join(SAMPLE_PHOTOS)}")
-    load, box = SAMPLE_PHOTOS[sample]
-    base = load()
-    images = [(f"{sample}.png", base)]
-    for i, kind in enumerate(SAMPLE_REFERENCE_KINDS):
-        images.append((f"{sample}-{kind}.png", samples.augment(base, kind, seed=i, face_box=box)))
-    return images
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # -- builders --------------------------------------------------------------------------------------
@@ -158,44 +125,18 @@ def identity_from_images(
 
 
 def identity_from_sample(character_id: str, sample: str, analyzer: FaceAnalyzer, name: str | None = None):
-    """An identity from a bundled public-domain photo and its augmentations."""
-    named = sample_reference_images(sample)
+    """An identity from a bundled public-domain photo and its augmentations (:mod:`imagegen.samples`)."""
+    if sample not in samples.PHOTOS:
+        raise IdentityError(f"unknown sample photo {sample!r}; choose one of {', '.join(samples.PHOTOS)}")
+    named = samples.reference_images(sample)
     return identity_from_images(
         character_id,
         [image for _, image in named],
         analyzer,
-        name=name or SAMPLE_NAMES[sample],
+        name=name or samples.NAMES[sample],
         names=[n for n, _ in named],
         source=f"sample:{sample}",
     )
-
-
-def register_sample_character(registry: Any, character_id: str, sample: str, name: str | None = None) -> None:
-    """Register and approve the bundled photo ``sample`` as character ``character_id`` unless it exists.
-
-    Only approved characters render with an identity method; the sample sets pass the reference
-    report, so approval goes through the same checks an artist's character does. An existing
-    character of that id is left exactly as it is.
-    """
-    if registry.characters.exists(character_id):
-        return
-    from imagegen.identity.characters import approve_character, register_character
-
-    files = [(n, png_bytes(image)) for n, image in sample_reference_images(sample)]
-    register_character(
-        registry,
-        character_id=character_id,
-        name=name or SAMPLE_NAMES[sample],
-        provenance={
-            "kind": "licensed",
-            "creator": "imagegen eval (public-domain sample)",
-            "evidence": SAMPLE_PROVENANCE[sample],
-        },
-        files=files,
-        card={"style_notes": "public-domain sample portrait, registered by an evaluation suite"},
-    )
-    approve_character(registry, character_id)
-    log.info("registered sample character %s from %s", character_id, sample)
 
 
 def identity_from_registry(registry: Any, character_id: str, analyzer: FaceAnalyzer) -> CharacterIdentity:
@@ -204,7 +145,7 @@ def identity_from_registry(registry: Any, character_id: str, analyzer: FaceAnaly
     Stored reference embeddings are used when the same model made them; otherwise every
     reference image is analysed again with ``analyzer``.
     """
-    character = registry.characters.get(character_id)
+    character = registry.get(character_id)
     family = metric_for(analyzer.name).backend
     stored = []
     for ref in character.references:
@@ -238,7 +179,7 @@ def identity_from_registry(registry: Any, character_id: str, analyzer: FaceAnaly
     fingerprint = _fingerprint(character)
     names, results = [], []
     for ref in character.references:
-        data = registry.characters.reference_bytes(character.id, ref.digest)
+        data = registry.reference_bytes(character.id, ref.digest)
         with Image.open(io.BytesIO(data)) as image:
             results.append(analyzer.largest(image.convert("RGB")))
         names.append(ref.filename or ref.digest[:12])

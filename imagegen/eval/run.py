@@ -22,7 +22,6 @@ from imagegen.eval.identities import (
     CharacterIdentity,
     identity_from_registry,
     identity_from_sample,
-    register_sample_character,
     resolve_identity,
 )
 from imagegen.eval.metrics import Evaluation, ImageScore, evaluate, score_image
@@ -33,6 +32,7 @@ from imagegen.eval.scoring import FaceScorer, list_images
 from imagegen.eval.suite import Suite, expand, load_suite
 from imagegen.eval.thresholds import Gates, ImageThresholds, resolve_thresholds
 from imagegen.faces import FaceResult, get_analyzer
+from imagegen.samples import register_sample_character
 from imagegen.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,10 @@ def write_with_baseline(
 
 
 # -- eval run --------------------------------------------------------------------------------------
+#: the card of a sample character a suite registers (``register_sample: true``)
+SAMPLE_CARD = {"style_notes": "public-domain sample portrait, registered by an evaluation suite"}
+
+
 def suite_identities(suite: Suite, analyzer: Any) -> dict[str, CharacterIdentity]:
     """The identity of every character of the suite (registering sample characters if asked)."""
     identities: dict[str, CharacterIdentity] = {}
@@ -154,7 +158,7 @@ def suite_identities(suite: Suite, analyzer: Any) -> dict[str, CharacterIdentity
 
                 registry = Registry.open()
             if spec.sample:
-                register_sample_character(registry, spec.id, spec.sample, spec.name)
+                register_sample_character(registry, spec.id, spec.sample, name=spec.name, card=SAMPLE_CARD)
             identities[spec.id] = identity_from_registry(registry, spec.id, analyzer)
     finally:
         if registry is not None:

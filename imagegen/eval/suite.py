@@ -49,8 +49,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imagegen.errors import ConfigError
-from imagegen.eval.identities import SAMPLE_PHOTOS
 from imagegen.eval.thresholds import Gates, ImageThresholds, eval_settings
+from imagegen.samples import PHOTOS
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 #: tags a prompt may carry
@@ -133,8 +133,8 @@ class CharacterSpec(_Strict):
     @field_validator("sample")
     @classmethod
     def _sample(cls, value: str | None) -> str | None:
-        if value is not None and value not in SAMPLE_PHOTOS:
-            raise ValueError(f"unknown sample photo {value!r}; choose one of {', '.join(SAMPLE_PHOTOS)}")
+        if value is not None and value not in PHOTOS:
+            raise ValueError(f"unknown sample photo {value!r}; choose one of {', '.join(PHOTOS)}")
         return value
 
 

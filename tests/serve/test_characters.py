@@ -100,13 +100,12 @@ def test_registration_refusals(service, keys, writer, http):
 
 def test_service_demo_against_the_running_service(service, keys, tmp_path):
     """The demo's service part (register, render sync and as a job with SSE progress, provenance)."""
-    from imagegen.demo.local import DEMO_PROVENANCE, demo_reference_files
+    from imagegen import samples
     from imagegen.demo.service import run_service_demo
 
     lines: list[str] = []
-    written = run_service_demo(
-        tmp_path, demo_reference_files(), DEMO_PROVENANCE, url=service.url, api_key=keys.admin, log=lines.append
-    )
+    files, provenance = samples.reference_files("astronaut"), samples.provenance("astronaut")
+    written = run_service_demo(tmp_path, files, provenance, url=service.url, api_key=keys.admin, log=lines.append)
     assert {"sync seed 7", "sync seed 8", "job seed 11", "provenance check"} <= set(written)
     assert all(path.exists() for path in written.values())
     assert any("step" in line for line in lines) and any("done" in line for line in lines)
