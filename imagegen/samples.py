@@ -228,10 +228,10 @@ def register_sample_character(
     """
     from imagegen.identity.characters import approve_character, register_character
 
-    if registry.exists(character_id):
+    if registry.characters.exists(character_id):
         if not replace:
             return None
-        registry.delete(character_id)
+        registry.characters.delete(character_id)
     register_character(
         registry,
         character_id=character_id,

@@ -32,8 +32,8 @@ def test_register_sample_character_keeps_or_replaces_an_existing_one(isolated_ho
     with Registry.open() as registry:
         first = samples.register_sample_character(registry, "sample-hopper", "grace_hopper")
         assert first.character.status == "approved" and first.report.passed
-        assert registry.get("sample-hopper").name == samples.NAMES["grace_hopper"]
+        assert registry.characters.get("sample-hopper").name == samples.NAMES["grace_hopper"]
         assert samples.register_sample_character(registry, "sample-hopper", "grace_hopper", name="Other") is None
-        assert registry.get("sample-hopper").name == samples.NAMES["grace_hopper"]
+        assert registry.characters.get("sample-hopper").name == samples.NAMES["grace_hopper"]
         again = samples.register_sample_character(registry, "sample-hopper", "grace_hopper", name="Other", replace=True)
-        assert again.character.name == "Other" and registry.get("sample-hopper").status == "approved"
+        assert again.character.name == "Other" and registry.characters.get("sample-hopper").status == "approved"

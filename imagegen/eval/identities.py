@@ -145,7 +145,7 @@ def identity_from_registry(registry: Any, character_id: str, analyzer: FaceAnaly
     Stored reference embeddings are used when the same model made them; otherwise every
     reference image is analysed again with ``analyzer``.
     """
-    character = registry.get(character_id)
+    character = registry.characters.get(character_id)
     family = metric_for(analyzer.name).backend
     stored = []
     for ref in character.references:
@@ -179,7 +179,7 @@ def identity_from_registry(registry: Any, character_id: str, analyzer: FaceAnaly
     fingerprint = _fingerprint(character)
     names, results = [], []
     for ref in character.references:
-        data = registry.reference_bytes(character.id, ref.digest)
+        data = registry.characters.reference_bytes(character.id, ref.digest)
         with Image.open(io.BytesIO(data)) as image:
             results.append(analyzer.largest(image.convert("RGB")))
         names.append(ref.filename or ref.digest[:12])
