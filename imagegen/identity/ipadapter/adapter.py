@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
-from imagegen.identity.pulid.steps import Phase, RowGate
+from imagegen.identity.steps import StepGatedState, per_sample
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,7 @@ _MISSING = object()
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out")
 
 
-def per_sample(value: float | Sequence | torch.Tensor, batch: int, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """``value`` as a CPU tensor of ``batch`` values (a scalar is repeated)."""
-    tensor = torch.as_tensor(value, dtype=dtype).flatten().cpu()
-    if tensor.numel() == 1:
-        return tensor.expand(batch).clone()
-    if tensor.numel() != batch:
-        raise ValueError(f"{what} has {tensor.numel()} values for a batch of {batch}")
-    return tensor
-
-
-class IPAdapterState:
+class IPAdapterState(StepGatedState):
     """The identity inputs of one batch of ``B`` samples that the wrapped layers read while armed.
 
     - ``scale``: per sample ``[B]`` (0: the sample renders exactly as without the adapter).
@@ -66,9 +56,11 @@ class IPAdapterState:
       embeddings (FaceID-Plus's CLIP hidden states: ``{"clip_embeds": ([B, 1, T, C] cond, [B, 1, T, C] uncond)}``).
 
     The wrapped layers run per layer per step; they read the scales through :meth:`phase`, worked out on the host
-    here for every step and uploaded once per device and dtype (see :mod:`imagegen.identity.pulid.steps`), so the
+    here for every step and uploaded once per device and dtype (see :mod:`imagegen.identity.steps`), so the
     loop has no host→device copy and no device→host sync of its own.
     """
+
+    label = "IP-Adapter"
 
     def __init__(
         self,
@@ -77,39 +69,18 @@ class IPAdapterState:
         start_step: int | Sequence[int] | torch.Tensor = 0,
         layer_inputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
-        self.batch_size = batch
         self.scale = per_sample(scale, batch, torch.float32, "scale")
-        self.start_step = per_sample(start_step, batch, torch.long, "start_step")
+        super().__init__(batch, start_step)
         self.layer_inputs = dict(layer_inputs or {})
-        self.step = 0
         # both halves of a CFG batch [negative, positive] take their sample's scale
-        scales, starts = self.scale.tolist(), self.start_step.tolist()
-        self.gates = {batch: RowGate(scales, starts), 2 * batch: RowGate(scales + scales, starts + starts)}
-
-    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        """A diffusers ``callback_on_step_end``: step ``step`` is done, the next one is ``step + 1``."""
-        self.step = step + 1
-        return callback_kwargs
+        self.gates = self.row_gates(self.scale.tolist())
 
     def rows(self, count: int, per_sample_values: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row values for a model call on ``count`` rows: ``B`` samples, or ``2B`` = ``[negative, positive]``."""
-        self._check_rows(count)
+        self.check_rows(count)
         if count == self.batch_size:
             return per_sample_values
         return torch.cat([per_sample_values if negative is None else negative, per_sample_values])
-
-    def phase(self, count: int) -> Phase:
-        """The scale of every row of a model call on ``count`` rows at the current step (host values and views of
-        the device tables; see :class:`~imagegen.identity.pulid.steps.Phase`)."""
-        self._check_rows(count)
-        return self.gates[count].at(self.step)
-
-    def _check_rows(self, count: int) -> None:
-        if count not in (self.batch_size, 2 * self.batch_size):
-            raise ValueError(
-                f"IP-Adapter state has {self.batch_size} samples but the model was called with {count} rows "
-                f"(expected {self.batch_size}, or {2 * self.batch_size} with classifier-free guidance)"
-            )
 
     def layer_input(self, name: str, count: int) -> torch.Tensor:
         cond, uncond = self.layer_inputs[name]

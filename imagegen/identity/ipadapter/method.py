@@ -44,7 +44,8 @@ import torch
 from PIL import Image
 
 from imagegen.faces import FaceAnalyzer
-from imagegen.identity.conditioning import BatchConditioning, IdentityMethod, IdentitySample
+from imagegen.identity.conditioning import IdentityMethod
+from imagegen.identity.faceprep import ArcFaceRecognizer, align_face, method_analyzer
 from imagegen.identity.ipadapter.adapter import (
     IPAdapterHandle,
     IPAdapterState,
@@ -65,8 +66,8 @@ from imagegen.identity.ipadapter.weights import (
     adapter_files,
     read_adapter_state_dict,
 )
-from imagegen.identity.pulid.faceprep import ArcFaceRecognizer, align_face, method_analyzer
 from imagegen.pipelines.assets import MethodFiles, method_files
+from imagegen.pipelines.conditioning import BatchConditioning, IdentitySample
 from imagegen.pipelines.presets import Preset
 from imagegen.settings import Settings, get_settings
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from imagegen.identity.pulid.encoder import attention
-from imagegen.identity.pulid.steps import Phase, RowGate, StepGatedState, per_sample
+from imagegen.identity.steps import Phase, RowGate, StepGatedState, per_sample
 
 #: attribute set on a transformer while PuLID hooks are attached (refuses a second attach)
 ATTACHED_ATTR = "_imagegen_pulid_flux"
@@ -106,7 +106,7 @@ class PulidFluxState(StepGatedState):
 
     The hooks run per block per step: they read the weights through :attr:`gate` (worked out on the host here for
     every step, uploaded once per device and dtype) and the tokens through :meth:`tokens_on` (converted once), so
-    the loop has no host→device copy and no device→host sync (see :mod:`imagegen.identity.pulid.steps`).
+    the loop has no host→device copy and no device→host sync (see :mod:`imagegen.identity.steps`).
     """
 
     def __init__(
@@ -126,10 +126,9 @@ class PulidFluxState(StepGatedState):
                 f"uncond_id_tokens {tuple(uncond_id_tokens.shape)} must match id_tokens {tuple(id_tokens.shape)}"
             )
         self.weight = per_sample(weight, batch, torch.float32, "weight")
-        self.start_step = per_sample(start_step, batch, torch.long, "start_step")
+        super().__init__(batch, start_step)
         #: the weights per step phase, on the host and (once per device / dtype) on the device
         self.gate = RowGate(self.weight.tolist(), self.start_step.tolist())
-        self.step = 0
         self.calls = 0
 
     def reset(self) -> None:
@@ -226,7 +225,7 @@ class PulidFluxHandle:
         """``img + weight * ca(id, img)`` for the rows that take identity at this step, the others untouched.
 
         Runs per block per step, so it only takes views of tensors the state already has on the device (see
-        :mod:`~imagegen.identity.pulid.steps`): no host→device copy, no device→host sync.
+        :mod:`~imagegen.identity.steps`): no host→device copy, no device→host sync.
         """
         state, tokens, phase = self._current
         ca = self.cross_attentions[index]

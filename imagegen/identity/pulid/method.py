@@ -38,13 +38,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from imagegen.identity.conditioning import BatchConditioning, IdentityMethod, IdentitySample
+from imagegen.identity.conditioning import IdentityMethod
+from imagegen.identity.faceprep import ArcFaceRecognizer, method_analyzer
 from imagegen.identity.pulid import weights as pulid_weights
 from imagegen.identity.pulid.embed import background_mask, eva_pixels, id_tokens, stack_batch
-from imagegen.identity.pulid.faceprep import ArcFaceRecognizer, FacePreparer, build_parser, method_analyzer
 from imagegen.identity.pulid.flux_ca import PulidFluxState
+from imagegen.identity.pulid.preparer import FacePreparer, build_parser
 from imagegen.identity.pulid.sdxl_processor import PulidSDXLState
 from imagegen.pipelines.assets import MethodFiles, method_files
+from imagegen.pipelines.conditioning import BatchConditioning, IdentitySample
 from imagegen.pipelines.presets import Preset
 from imagegen.settings import Settings, get_settings
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagegen.identity.pulid.steps import RowGate, StepGatedState, per_sample
+from imagegen.identity.steps import RowGate, StepGatedState, per_sample
 
 PREFIX = "id_adapter_attn_layers."
 ORTHO_MODES = (None, "v1", "v2")
@@ -52,6 +52,9 @@ class PulidSDXLState(StepGatedState):
       by :meth:`callback` used as (or chained into) the pipeline's ``callback_on_step_end``.
     """
 
+    label = "PuLID"
+    caller = "UNet"
+
     def __init__(
         self,
         id_tokens: torch.Tensor,
@@ -72,31 +75,25 @@ class PulidSDXLState(StepGatedState):
         self.id_tokens = id_tokens
         self.uncond_id_tokens = uncond_id_tokens
         self.scale = per_sample(scale, batch, torch.float32, "scale")
-        self.start_step = per_sample(start_step, batch, torch.long, "start_step")
+        super().__init__(batch, start_step)
         self.num_zero = num_zero
         self.ortho = ortho
-        self.step = 0
         # the scales per step phase of the two row layouts a UNet call can have: the B samples, or a CFG batch
         # [negative, positive] (negative rows take the negative id tokens, or no identity without them)
-        scales, starts = self.scale.tolist(), self.start_step.tolist()
-        negative = scales if uncond_id_tokens is not None else [0.0] * batch
-        self.gates = {batch: RowGate(scales, starts), 2 * batch: RowGate(negative + scales, starts + starts)}
+        scales = self.scale.tolist()
+        self.gates = self.row_gates(scales, scales if uncond_id_tokens is not None else [0.0] * batch)
 
     def for_batch(self, batch: int) -> tuple[torch.Tensor, RowGate]:
         """``(id tokens [batch, N, C], gate of the scales [batch])`` for a UNet call on ``batch`` rows.
 
         ``batch == B``: the samples themselves; ``batch == 2B``: a CFG batch ``[negative, positive]``.
         """
-        if batch not in self.gates:
-            raise ValueError(
-                f"PuLID state has {self.batch_size} samples but the UNet was called with {batch} rows "
-                f"(expected {self.batch_size}, or {2 * self.batch_size} with classifier-free guidance)"
-            )
+        gate = self.gate_for(batch)
         if batch == self.batch_size:
-            return self.id_tokens, self.gates[batch]
+            return self.id_tokens, gate
         negative = self.id_tokens if self.uncond_id_tokens is None else self.uncond_id_tokens
         # concatenated once per render, not per layer and step
-        return self.cached(("cfg tokens",), lambda: torch.cat([negative, self.id_tokens])), self.gates[batch]
+        return self.cached(("cfg tokens",), lambda: torch.cat([negative, self.id_tokens])), gate
 
     def tokens_on(self, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``tokens`` (from :meth:`for_batch`) on ``device`` in ``dtype``, converted once per render."""
@@ -196,7 +193,7 @@ class PulidSDXLAttnProcessor(nn.Module):
         """``(tokens, phase of the scales, num_zero, ortho)`` for this call, or None when no row takes identity.
 
         The tokens are on this processor's device and dtype. Whether any row takes identity is decided on the
-        host (:class:`~imagegen.identity.pulid.steps.Phase`), never by reading a device tensor.
+        host (:class:`~imagegen.identity.steps.Phase`), never by reading a device tensor.
         """
         weight = self.id_to_k.weight
         if id_embedding is not None:

@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 
 
 def per_sample(value, batch: int, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """``value`` (a number, a sequence or a tensor) as a CPU tensor of one value per sample ``[batch]``."""
-    tensor = torch.as_tensor(value, dtype=dtype).detach().cpu()
-    if tensor.ndim == 0:
-        tensor = tensor.expand(batch).clone()
+    """``value`` (a number, a sequence or a tensor) as a CPU tensor of one value per sample ``[batch]``.
+
+    A single value (a number, or a sequence or tensor of one element) is repeated for every sample.
+    """
+    given = torch.as_tensor(value, dtype=dtype).detach()
+    tensor = given.flatten().cpu()
+    if tensor.numel() == 1:
+        return tensor.expand(batch).clone()
     if tensor.shape != (batch,):
-        raise ValueError(f"{name} must be a number or have one value per sample ({batch}), got {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must be a number or have one value per sample ({batch}), got {tuple(given.shape)}")
     return tensor
 
 
@@ -100,21 +105,58 @@ class RowGate:
 
 
 class StepGatedState:
-    """Identity inputs of one batch that switch on per sample from denoising step ``start_step``.
+    """Identity inputs of one batch of ``B`` samples that switch on per sample from denoising step ``start_step``.
 
-    ``self.step`` is the step about to run; :meth:`callback` (a diffusers ``callback_on_step_end``)
-    advances it, so the pipeline's own loop drives the gate. Subclasses build their :class:`RowGate` per call layout
-    once, in ``__init__``, and cache their tokens per device and dtype (:meth:`cached`), so the per-layer hooks find
-    everything already on the device.
+    ``self.step`` is the step about to run; :meth:`callback` (a diffusers ``callback_on_step_end``, or chained into
+    one with :meth:`chain`) advances it, so the pipeline's own loop drives the gate. Subclasses call
+    ``super().__init__(batch, start_step)`` and build their :class:`RowGate` per call layout once, in ``__init__``
+    (:meth:`row_gates` for the ``B`` / ``2B`` layouts of a UNet-style call, read through :meth:`phase`), and cache
+    their tokens per device and dtype (:meth:`cached`), so the per-layer hooks find everything already on the device.
     """
 
-    id_tokens: torch.Tensor
+    #: how a wrong row count names the state and what called it ("<label> state has B samples but the <caller>...")
+    label: ClassVar[str] = "identity"
+    caller: ClassVar[str] = "model"
+
+    batch_size: int
     start_step: torch.Tensor
     step: int = 0
+    #: the gates of the row layouts a model call can have, by row count (see :meth:`row_gates`)
+    gates: dict[int, RowGate]
 
-    @property
-    def batch_size(self) -> int:
-        return self.id_tokens.shape[0]
+    def __init__(self, batch: int, start_step: int | Sequence[int] | torch.Tensor = 0):
+        self.batch_size = batch
+        self.start_step = per_sample(start_step, batch, torch.long, "start_step")
+        self.step = 0
+
+    def row_gates(self, values: Sequence[float], negative: Sequence[float] | None = None) -> dict[int, RowGate]:
+        """The gates of the two row layouts a model call can have: the ``B`` samples (``values``), or a CFG batch
+        ``[negative, positive]`` of ``2B`` rows whose negative half takes ``negative`` (by default ``values``)."""
+        values = list(values)
+        negative = values if negative is None else list(negative)
+        starts = self.start_step.tolist()
+        return {
+            self.batch_size: RowGate(values, starts),
+            2 * self.batch_size: RowGate(negative + values, starts + starts),
+        }
+
+    def check_rows(self, count: int) -> None:
+        """A model call on ``count`` rows must be on the ``B`` samples or on a CFG batch of ``2B``."""
+        if count not in (self.batch_size, 2 * self.batch_size):
+            raise ValueError(
+                f"{self.label} state has {self.batch_size} samples but the {self.caller} was called with {count} rows "
+                f"(expected {self.batch_size}, or {2 * self.batch_size} with classifier-free guidance)"
+            )
+
+    def gate_for(self, count: int) -> RowGate:
+        """The gate of a model call on ``count`` rows (:attr:`gates`)."""
+        self.check_rows(count)
+        return self.gates[count]
+
+    def phase(self, count: int) -> Phase:
+        """Which rows of a model call on ``count`` rows take identity at the current step, with their values (host
+        values and views of the device tables; see :class:`Phase`)."""
+        return self.gate_for(count).at(self.step)
 
     def cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``make()`` the first time ``key`` is asked for in this state, the same tensor afterwards."""

@@ -5,20 +5,16 @@ FFHQ template, parse it with facexlib's BiSeNet, paint background and hair white
 grey, and take the *raw* ArcFace embedding of the face. This module does the same steps with
 pluggable parts, so the production models and the offline stand-ins run through one path:
 
-- detection + 5 landmarks: the analyser of the method's ``faces`` asset (:func:`method_analyzer`: an insightface
-  pack such as antelopev2, or dlib); the landmark order is the same (eyes, nose, mouth corners);
-- alignment: ``cv2.estimateAffinePartial2D`` (LMEDS) onto facexlib's template, border colour
-  (135, 133, 132), exactly as ``facexlib.utils.face_restoration_helper.FaceRestoreHelper``;
-- parsing: ``facexlib.parsing.bisenet.BiSeNet`` (19 classes) with facexlib's weights, at 512 px;
-- recognition: the pack's ArcFace-signature ONNX model loaded through insightface's ``model_zoo``
-  (antelopev2's ``glintr100.onnx``).
+- detection, alignment and recognition: the parts every identity method shares
+  (:mod:`imagegen.identity.faceprep`: the method's face analyser, facexlib's FFHQ alignment, insightface's
+  ArcFace through ``model_zoo``, antelopev2's ``glintr100.onnx`` for PuLID);
+- parsing (PuLID only): ``facexlib.parsing.bisenet.BiSeNet`` (19 classes) with facexlib's weights, at 512 px.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -26,39 +22,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imagegen.errors import ModelNotAvailableError
-from imagegen.faces import FaceAnalyzer, analyzer_for_pack, get_analyzer
-from imagegen.faces.errors import NoFaceError
+from imagegen.faces import FaceAnalyzer
+from imagegen.identity.faceprep import ArcFaceRecognizer, align_face
 
 log = logging.getLogger(__name__)
 
-#: facexlib's "standard 5 landmarks for FFHQ faces with 512 x 512" (FaceRestoreHelper.face_template)
-FFHQ_TEMPLATE_512 = np.array(
-    [
-        [192.98138, 239.94708],
-        [318.90277, 240.1936],
-        [256.63416, 314.01935],
-        [201.26117, 371.41043],
-        [313.08905, 371.15118],
-    ],
-    dtype=np.float32,
-)
-ALIGN_BORDER = (135, 133, 132)
-ALIGNED_SIZE = 512
 #: ImageNet normalisation facexlib's BiSeNet expects
 PARSING_MEAN = (0.485, 0.456, 0.406)
 PARSING_STD = (0.229, 0.224, 0.225)
-
-
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
-    """The face warped onto the FFHQ template: ``[size, size, 3]`` uint8 RGB."""
-    template = FFHQ_TEMPLATE_512 * (size / 512.0)
-    matrix, _ = cv2.estimateAffinePartial2D(np.asarray(landmarks, dtype=np.float32), template, method=cv2.LMEDS)
-    if matrix is None:
-        raise NoFaceError("could not align the face: its landmarks are degenerate")
-    return cv2.warpAffine(
-        np.ascontiguousarray(image), matrix, (size, size), borderMode=cv2.BORDER_CONSTANT, borderValue=ALIGN_BORDER
-    )
 
 
 def build_parser(weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -82,40 +53,6 @@ def parse_labels(parser: torch.nn.Module, aligned: np.ndarray, input_size: int) 
     logits = parser((small - mean) / std)[0]
     logits = F.interpolate(logits, size=aligned.shape[:2], mode="bilinear", align_corners=False)
     return logits.argmax(dim=1, keepdim=True).cpu()
-
-
-def method_analyzer(files) -> FaceAnalyzer:
-    """The face analyser of a method's ``faces`` asset: an insightface pack folder, or dlib (its Python package).
-
-    ``files`` is the method's :class:`~imagegen.pipelines.assets.MethodFiles`.
-    """
-    if files.assets["faces"].format == "onnx":
-        return analyzer_for_pack(files["faces"], files.assets["faces"].id)
-    return get_analyzer("dlib")
-
-
-class ArcFaceRecognizer:
-    """An ArcFace-signature ONNX recognizer through insightface's ``model_zoo`` (as PuLID loads glintr100)."""
-
-    def __init__(self, model_file: Path):
-        if not Path(model_file).exists():
-            raise ModelNotAvailableError(
-                f"ArcFace recognizer {model_file} is missing: place insightface's antelopev2 pack "
-                "(glintr100.onnx; non-commercial licence) there"
-            )
-        from insightface.model_zoo import model_zoo
-
-        self.model_file = Path(model_file)
-        self.model = model_zoo.get_model(str(model_file), providers=["CPUExecutionProvider"])
-        self.model.prepare(ctx_id=-1)
-
-    def raw_embedding(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """The un-normalised 512-d embedding of the face with ``landmarks`` in the RGB ``image``."""
-        from insightface.app.common import Face as InsightFace
-
-        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
-        face = InsightFace(kps=np.asarray(landmarks, dtype=np.float32))
-        return np.asarray(self.model.get(bgr, face), dtype=np.float32).reshape(-1)
 
 
 #: PuLID's reference resizes every reference so its long edge is at most this before face preparation
