@@ -17,9 +17,9 @@ from pathlib import Path
 from rich.progress import Progress
 
 from imagegen import samples
+from imagegen.identity.provider import identity_renderer
 from imagegen.identity.registry import Registry
 from imagegen.images import contact_sheet, save_png
-from imagegen.pipelines.renderer import Renderer
 from imagegen.pipelines.types import RenderRequest
 
 DEMO_PRESETS = ("tiny-flux", "tiny-sdxl")
@@ -63,7 +63,7 @@ def run_local_demo(out: Path, progress_factory: Callable[[], Progress]) -> dict[
                 for c, m in ((None, None), (DEMO_CHARACTER, None), (DEMO_CHARACTER, DEMO_IPADAPTER[preset]))
             ]
             task = bar.add_task(f"demo {preset}", total=len(requests))
-            renderer = Renderer(preset)
+            renderer = identity_renderer(preset)
             for result in renderer.render(requests, strict=True):
                 who = result.request.character or "plain"
                 if result.request.character and result.request.method.startswith("ipadapter"):

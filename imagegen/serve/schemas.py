@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegen.identity.registry.characters import DeleteReport
 from imagegen.pipelines.types import RenderRequest
 
 
@@ -122,18 +123,6 @@ class RegistrationOut(BaseModel):
     age_check: dict[str, Any]
 
 
-class DeleteCounts(BaseModel):
-    """What deleting a character removed (blobs another character still uses are kept and counted)."""
-
-    character_id: str
-    references: int = 0
-    face_analyses: int = 0
-    centroids: int = 0
-    conditioning: int = 0
-    blobs_removed: int = 0
-    bytes_removed: int = 0
-    blobs_shared: int = 0
-
-
 class DeleteOut(BaseModel):
-    deleted: DeleteCounts
+    #: what deleting a character removed (blobs another character still uses are kept and counted)
+    deleted: DeleteReport

@@ -60,10 +60,10 @@ def test_face_models_and_encoders_are_released_after_compute():
 
 def test_a_render_never_loads_the_image_encoder():
     """Attaching computes the negatives and frees the encoder: conditioning a batch touches no face model."""
+    from imagegen.identity.provider import identity_renderer
     from imagegen.pipelines.conditioning import IdentitySample
-    from imagegen.pipelines.renderer import Renderer
 
-    renderer = Renderer("tiny-sdxl")
+    renderer = identity_renderer("tiny-sdxl")
     method = renderer.identity_method("ipadapter-plus-face-sdxl")
     assert method._encoder is None and "hidden" in method._uncond
     tensors = {"clip": torch.zeros_like(method._uncond["hidden"])}

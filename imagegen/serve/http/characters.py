@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from imagegen.ids import validate_character_id
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, ingress_of, scoped
-from imagegen.serve.schemas import CharacterList, CharacterSummary, DeleteCounts, DeleteOut, RegistrationOut
+from imagegen.serve.schemas import CharacterList, CharacterSummary, DeleteOut, RegistrationOut
 
 router = APIRouter(tags=["characters"], dependencies=AUTH)
 
@@ -115,4 +115,4 @@ async def approve_character(request: Request, character_id: str) -> Registration
 async def delete_character(request: Request, character_id: str) -> DeleteOut:
     """Delete a character and every byte of it; says how much went."""
     report = await ingress_of(request).characters.delete(validate_character_id(character_id))
-    return DeleteOut(deleted=DeleteCounts(**report.__dict__))
+    return DeleteOut(deleted=report)
