@@ -4,8 +4,8 @@
 what the pipelines must not know: which characters exist, which may be rendered (approved, or
 drafts for an artist's preview), and where their tensors are cached. A render reads each of its
 characters from the registry once (so a deleted or re-registered character is seen at once) and
-keeps the tensors themselves in a small in-memory LRU keyed by the character's version and the
-method's weights.
+keeps the tensors themselves in a small in-memory LRU keyed by the character's registration (id,
+creation time, version) and the method's weights: nothing deleted or replaced renders from memory.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class RegistryIdentity:
         #: render characters still in draft (artists previewing); approved only otherwise
         self.allow_draft = allow_draft
         self._cache: ConditioningCache | None = None
-        #: (character id, version, method, weights hash) -> tensors: the hot path reads no blobs
+        #: (character id, created at, version, method, weights hash) -> tensors: the hot path reads no blobs
         self._lru: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     @property
@@ -70,7 +70,8 @@ class RegistryIdentity:
     def tensors_for(self, character: str, conditioner: IdentityMethod) -> dict[str, torch.Tensor]:
         """Cached conditioning of a character: memory, then the registry, computed only on a miss."""
         found = self.renderable(character)
-        key = (found.id, found.version, conditioner.name, conditioner.weights_hash)
+        # created_at tells registrations apart: an id deleted and registered again restarts at version 1
+        key = (found.id, found.created_at, found.version, conditioner.name, conditioner.weights_hash)
         if key not in self._lru:
             self._lru[key] = self.conditioning_cache.get(found, conditioner)
             while len(self._lru) > IDENTITY_LRU_SIZE:

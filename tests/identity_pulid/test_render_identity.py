@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from imagegen.identity.characters import approve_character, register_character
 from imagegen.identity.conditioning import CharacterNotRenderableError, UnsupportedMethodError
@@ -103,6 +104,27 @@ def test_changing_references_invalidates_the_cache(registry):
     registry.characters.remove_references("temp", [registry.characters.get("temp").references[-1].digest])
     assert registry.conditioning.get(*key) is None
     registry.characters.delete("temp")
+
+
+def test_a_deleted_character_never_renders_from_memory(registry):
+    """Delete, then re-register the same id from other photos: the renderer's in-memory tensors are not reused."""
+    register_character(registry, character_id="reused", name="r", provenance=SYNTHETIC, files=list(astronaut_set(3)))
+    approve_character(registry, "reused")
+    renderer = identity_renderer("tiny-flux", registry)
+    renderer.render([RenderRequest(prompt="x", seed=3, character="reused")])
+    first = renderer.identity.tensors_for("reused", renderer.conditioner("pulid-flux-v0.9.1"))
+    registry.characters.delete("reused")
+    with pytest.raises(UnknownCharacterError):
+        renderer.render([RenderRequest(prompt="x", seed=3, character="reused")])
+    register_character(registry, character_id="reused", name="r", provenance=SYNTHETIC, files=list(hopper_set(3)))
+    approve_character(registry, "reused")  # the same id and the same version number as the first registration
+    renderer.render([RenderRequest(prompt="x", seed=3, character="reused")])
+    method = renderer.conditioner("pulid-flux-v0.9.1")
+    stored = registry.conditioning.get("reused", method.name, method.version, method.weights_hash)
+    in_memory = renderer.identity.tensors_for("reused", method)
+    assert stored is not None and all(torch.equal(stored[k], in_memory[k]) for k in stored)
+    assert not all(torch.equal(first[k], in_memory[k]) for k in first)
+    registry.characters.delete("reused")
 
 
 def test_detaching_leaves_no_residue(registry):
