@@ -8,12 +8,12 @@ as JSON (timings and library versions included).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
+
+from imagegen.files import atomic_write
 
 HEADLINE_FIELDS = ("prompt", "negative_prompt", "seed", "preset", "width", "height", "steps", "guidance")
 RECORD_KEY = "imagegen"
@@ -30,16 +30,7 @@ def png_info(metadata: dict[str, Any]) -> PngImagePlugin.PngInfo:
 
 def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> Path:
     """Write ``image`` with ``metadata`` atomically (temp file + rename): no half-written PNGs."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=png_info(metadata))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(metadata)))
 
 
 def read_png_metadata(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from imagegen.errors import ImagegenError
 from imagegen.eval.suite import Cell
-from imagegen.pipelines.assets import atomic_write
+from imagegen.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,13 @@ Layout (the same for both commands)::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imagegen.errors import ImagegenError
 from imagegen.eval.metrics import ImageScore
+from imagegen.files import atomic_write
 
 SCHEMA = "imagegen.eval/1"
 
@@ -37,28 +36,13 @@ class RunDirError(ImagegenError):
 
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, allow_nan=False, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=str)
+    return write_text(path, text)
 
 
 def write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write UTF-8 text atomically (temp file + rename)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 @dataclass

@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imagegen.errors import ConfigError, ImagegenError, ModelNotAvailableError, UnsafeCheckpointError
+from imagegen.files import atomic_write
 from imagegen.pipelines.presets import Preset, is_available_locally, read_yaml_config
 from imagegen.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -238,20 +239,6 @@ def flatten_tensors(loaded) -> dict:
 
     walk("", loaded)
     return out
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> Path:
-    """``write(temporary path)`` then rename it into ``path``: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def convert_pickle_to_safetensors(source: Path, target: Path) -> Path:

@@ -35,7 +35,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from imagegen.pipelines.assets import Asset, AssetStore, atomic_write
+from imagegen.files import atomic_write
+from imagegen.pipelines.assets import Asset, AssetStore
 from imagegen.settings import Settings
 from imagegen.standins import faces as face_standins
 from imagegen.standins import identity as tiny

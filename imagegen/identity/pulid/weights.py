@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from imagegen.errors import ImagegenError, UnsafeCheckpointError
+from imagegen.files import atomic_write
 from imagegen.identity.pulid.encoder import IDFormer, IDFormerConfig
 from imagegen.identity.pulid.eva_clip import EvaClipConfig, EvaClipVision
 from imagegen.identity.pulid.flux_ca import (
@@ -36,7 +37,7 @@ from imagegen.identity.pulid.flux_ca import (
 )
 from imagegen.identity.pulid.sdxl_processor import PREFIX as SDXL_LAYER_PREFIX
 from imagegen.identity.pulid.sdxl_processor import PulidSDXLHandle, attach_pulid_sdxl
-from imagegen.pipelines.assets import PICKLE_SUFFIXES, atomic_write, file_sha256
+from imagegen.pipelines.assets import PICKLE_SUFFIXES, file_sha256
 
 log = logging.getLogger(__name__)
 

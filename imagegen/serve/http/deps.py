@@ -23,6 +23,15 @@ def ingress_of(request: Request) -> Any:
     return request.app.state.ingress
 
 
+async def replica(request: Request) -> Any:
+    """``ingress_of`` as a route dependency.
+
+    Dependencies here are ``async``: FastAPI runs a plain ``def`` dependency in a worker thread,
+    a hop per request that buys nothing.
+    """
+    return request.app.state.ingress
+
+
 def key_of(request: Request, needed: str | None) -> ApiKey:
     """The caller's key (the edge authenticated it), if it has scope ``needed`` (None: any scope)."""
     key: ApiKey | None = request.scope.get("imagegen.key")
@@ -37,7 +46,7 @@ def key_of(request: Request, needed: str | None) -> ApiKey:
 def scoped(needed: str | None) -> Callable[[Request], ApiKey]:
     """A dependency giving the caller's key, refused (403) without scope ``needed``."""
 
-    def dependency(request: Request) -> ApiKey:
+    async def dependency(request: Request) -> ApiKey:
         return key_of(request, needed)
 
     return dependency

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from imagegen.serve.errors import ApiError
-from imagegen.serve.http.deps import AUTH, ingress_of, key_of, request_id, scoped
+from imagegen.serve.http.deps import AUTH, ingress_of, key_of, replica, request_id, scoped
 from imagegen.serve.schemas import JobList, JobOut, RenderBody
 from imagegen.serve.store import TERMINAL, ApiKey, Job
 
@@ -41,7 +41,7 @@ async def create_job(
     response: Response,
     body: RenderBody,
     key: ApiKey = Depends(scoped("render")),
-    ingress: Any = Depends(ingress_of),
+    ingress: Any = Depends(replica),
 ) -> JobOut:
     """Queue a render; returns the job id at once. Follow it with GET /v1/jobs/{id} or its events."""
     job = await ingress.service.submit_job(body, key.id, request_id(request))
@@ -55,7 +55,7 @@ async def create_job(
 async def list_jobs(
     limit: int = Query(50, ge=1, le=500),
     key: ApiKey = Depends(scoped("render")),
-    ingress: Any = Depends(ingress_of),
+    ingress: Any = Depends(replica),
 ) -> JobList:
     """This key's most recent jobs (every job for an admin key)."""
     service = ingress.service

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from imagegen.serve.errors import ApiError
-from imagegen.serve.http.deps import AUTH, ingress_of, request_id, scoped
+from imagegen.serve.http.deps import AUTH, replica, request_id, scoped
 from imagegen.serve.schemas import RenderBody, RenderOut
 from imagegen.serve.store import ApiKey
 
@@ -31,7 +31,7 @@ async def render(
     body: RenderBody,
     format: str | None = Query(None, pattern="^(json|png)$", description="`png`: the single image as image/png"),
     key: ApiKey = Depends(scoped("render")),
-    ingress: Any = Depends(ingress_of),
+    ingress: Any = Depends(replica),
 ) -> Any:
     """Render synchronously: JSON with base64 PNGs, or the PNG itself for a single image."""
     want_png = format == "png" or (format is None and _prefers_png(request.headers.get("accept", "")))
