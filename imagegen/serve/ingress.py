@@ -20,12 +20,13 @@ from ray import serve
 
 from imagegen.identity.registry import Registry
 from imagegen.serve.auth import KeyVerifier
+from imagegen.serve.characters import CharacterService
 from imagegen.serve.config import INGRESS_NAME, IngressConfig
 from imagegen.serve.dispatch import ServeRenderers
 from imagegen.serve.errors import ApiError
 from imagegen.serve.jobs import JobRunner
 from imagegen.serve.metrics import Metrics
-from imagegen.serve.service import CharacterService, RenderService, SyncRenders
+from imagegen.serve.service import RenderService, SyncRenders
 from imagegen.serve.store import ApiKey, ServeStore
 from imagegen.settings import get_settings
 
