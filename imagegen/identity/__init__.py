@@ -1,1 +1,2 @@
-"""Who a character is: the registry, its blob store, reference sets, safeguards and conditioning."""
+"""Who a character is: the registry stores, reference sets, safeguards, the identity methods (PuLID,
+IP-Adapter) and the provider that gives a renderer each character's conditioning."""
