@@ -14,12 +14,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from imagegen.pipelines.presets import Preset
+from imagegen.pipelines.presets import Preset
 
 #: a character's conditioning tensors (CPU tensors; the conditioner moves what it needs)
 Tensors = dict[str, torch.Tensor]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from imagegen import provenance
+from imagegen.faces import backend_family
 from imagegen.identity.methods import resolve_method
 from imagegen.identity.registry import Registry
 from imagegen.pipelines.presets import get_preset
@@ -125,8 +126,6 @@ class RenderService:
         config: Callable[[], IngressConfig],
         gate_backend: str,
     ):
-        from imagegen.faces import backend_family
-
         self.renderers = renderers
         self.presets = list(presets)
         self.registry = registry
@@ -370,9 +369,9 @@ class RenderService:
             preset=job.preset,
             attempts=job.attempts,
             progress=job.progress or {},
-            created_at=_iso(job.created_at) or "",
-            started_at=_iso(job.started_at),
-            finished_at=_iso(job.finished_at),
+            created_at=iso(job.created_at) or "",
+            started_at=iso(job.started_at),
+            finished_at=iso(job.finished_at),
             error={"code": job.error_code, "message": job.error_message, "field": None} if job.error_code else None,
             result=result,
             links={"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"},
@@ -392,7 +391,8 @@ class RenderService:
         return await self.db(self.store.create_job, plan.job_id, plan.key_id, plan.preset, stored, plan.num_images)
 
 
-def _iso(value: Any) -> str | None:
+def iso(value: Any) -> str | None:
+    """A timestamp as the API shows it (ISO 8601), None as None."""
     return value.isoformat() if value is not None else None
 
 

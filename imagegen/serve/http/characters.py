@@ -11,6 +11,7 @@ from imagegen.ids import validate_character_id
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, ingress_of, scoped
 from imagegen.serve.schemas import CharacterList, CharacterSummary, DeleteOut, RegistrationOut
+from imagegen.serve.service import iso
 
 router = APIRouter(tags=["characters"], dependencies=AUTH)
 
@@ -25,8 +26,8 @@ def summary(character: Any) -> CharacterSummary:
         provenance=character.provenance.model_dump(mode="json"),
         age_check=character.age_check,
         centroid_backends=sorted(character.centroids),
-        created_at=character.created_at.isoformat() if character.created_at else None,
-        updated_at=character.updated_at.isoformat() if character.updated_at else None,
+        created_at=iso(character.created_at),
+        updated_at=iso(character.updated_at),
     )
 
 

@@ -29,7 +29,7 @@ async def replica(request: Request) -> Any:
     Dependencies here are ``async``: FastAPI runs a plain ``def`` dependency in a worker thread,
     a hop per request that buys nothing.
     """
-    return request.app.state.ingress
+    return ingress_of(request)
 
 
 def key_of(request: Request, needed: str | None) -> ApiKey:

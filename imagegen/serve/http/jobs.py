@@ -15,6 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, ingress_of, key_of, replica, request_id, scoped
 from imagegen.serve.schemas import JobList, JobOut, RenderBody
+from imagegen.serve.service import iso
 from imagegen.serve.store import TERMINAL, ApiKey, Job
 
 router = APIRouter(tags=["jobs"], dependencies=AUTH)
@@ -115,8 +116,7 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
             events = await service.db(service.store.events, job_id, last)
             for event in events:
                 last = event.id
-                at = event.created_at.isoformat() if event.created_at is not None else None
-                payload = {"job_id": job_id, **event.data, "at": at}
+                payload = {"job_id": job_id, **event.data, "at": iso(event.created_at)}
                 yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(payload)}\n\n"
                 if event.type in SSE_TERMINAL:
                     return
