@@ -1,4 +1,4 @@
-"""The character id rule, shared by every layer.
+"""The character-id and tenant-id rules, shared by every layer.
 
 A render request names its character by id at the edge (HTTP, CLI) and the pipelines check the
 slug without knowing anything else about characters; the registry stores characters under the
@@ -33,5 +33,26 @@ def validate_character_id(value: object) -> str:
         raise InvalidCharacterIdError(
             f"{shown(value)} is not a valid character id: use 1 to 64 characters, lowercase letters "
             "a-z, digits, '-' and '_', starting with a letter or a digit (for example 'mia' or 'mia_v2')"
+        )
+    return value
+
+
+#: the tenant of rows written before tenancy existed, and of keys created without ``--tenant``
+DEFAULT_TENANT = "default"
+
+
+class InvalidTenantIdError(ImagegenError):
+    """A tenant id that is not a slug."""
+
+    code = "invalid_tenant"
+    field = "tenant"
+
+
+def validate_tenant_id(value: object) -> str:
+    """Return ``value`` if it is a valid tenant id (the character-id slug rule), else raise."""
+    if not isinstance(value, str) or not SLUG_RE.fullmatch(value):
+        raise InvalidTenantIdError(
+            f"{shown(value)} is not a valid tenant id: use 1 to 64 characters, lowercase letters a-z, "
+            "digits, '-' and '_', starting with a letter or a digit (for example 'acme')"
         )
     return value
