@@ -1,9 +1,15 @@
 """Registering and approving characters: ingestion, analysis, safeguards and the registry, in order.
 
 This is the one place that strings the identity parts together, so the CLI and the HTTP API do
-exactly the same thing. Everything that can refuse (ids, images, provenance, the protected
+exactly the same thing, and archive import (``identity/archive.py``) registers through
+``register_character`` too. Everything that can refuse (ids, images, provenance, the protected
 gallery, the age gate) runs *before* the registry is touched: a refused registration changes
-nothing.
+nothing. Images are checked from their raw bytes and headers before any is decoded
+(``identity/ingest.py``: per-image and per-request pixel limits, duplicates by hash), so an upload
+that is cheap to send cannot be expensive to refuse.
+
+Every registration and approval records whether the reference report passed
+(``Character.report_passed``): ``render --allow-draft`` renders only drafts whose report passed.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 
 from imagegen.errors import ImagegenError
 from imagegen.faces import FaceAnalyzer, FaceResult, get_analyzer
-from imagegen.identity.ingest import IngestedImage, ingest_image
+from imagegen.identity.ingest import MAX_REQUEST_PIXELS, IngestedImage, ingest_images
 from imagegen.identity.models import (
     Card,
     Character,
@@ -29,6 +35,7 @@ from imagegen.identity.models import (
 from imagegen.identity.references import ReferenceReport, analyze_set, contact_sheet, set_centroid
 from imagegen.identity.registry import Registry
 from imagegen.identity.safeguards import AgeCheck, check_age, check_protected, find_age_estimator
+from imagegen.ids import DEFAULT_TENANT, validate_tenant_id
 from imagegen.settings import Settings, get_settings
 
 MAX_REFERENCES = 32
@@ -60,12 +67,19 @@ class Registration:
         return {"report": report_path, "contact_sheet": sheet_path}
 
 
-def ingest_all(files: list[tuple[str, bytes]]) -> list[IngestedImage]:
+def ingest_all(
+    files: list[tuple[str, bytes]], *, max_request_pixels: int | None = MAX_REQUEST_PIXELS
+) -> list[IngestedImage]:
+    """Every reference of one request through ingestion (limits and duplicates before any decode).
+
+    ``max_request_pixels=None`` skips the per-request pixel budget: for references that are
+    stored already (they passed ingestion once, and may predate the budget).
+    """
     if not files:
-        raise ImagegenError("a character needs at least one reference image", field="images")
+        raise ImagegenError("a character needs at least one reference image", field="references")
     if len(files) > MAX_REFERENCES:
-        raise ImagegenError(f"{len(files)} references is more than the {MAX_REFERENCES} allowed", field="images")
-    return [ingest_image(data, name) for name, data in files]
+        raise ImagegenError(f"{len(files)} references is more than the {MAX_REFERENCES} allowed", field="references")
+    return ingest_images(files, max_request_pixels=max_request_pixels)
 
 
 def analyze_and_check(
@@ -103,14 +117,16 @@ def register_character(
     card: Card | dict | None = None,
     analyzer: FaceAnalyzer | None = None,
     settings: Settings | None = None,
+    tenant: str = DEFAULT_TENANT,
 ) -> Registration:
-    """Validate, analyse, check and store a new character (as ``draft``); all or nothing."""
+    """Validate, analyse, check and store a new character (as ``draft``, owned by ``tenant``); all or nothing."""
     settings = settings or get_settings()
     character = Character(
         id=validate_character_id(character_id),
         name=name,
         card=card or Card(),
         provenance=provenance,
+        tenant=validate_tenant_id(tenant),
     )
     if registry.characters.exists(character.id):  # fail before the (slow) analysis
         raise DuplicateCharacterError(
@@ -122,6 +138,7 @@ def register_character(
     stored = character.model_copy(
         update={
             "age_check": age.status,
+            "report_passed": report.passed,
             "centroids": {} if centroid is None else {report.backend: centroid.tolist()},
         }
     )
@@ -150,7 +167,7 @@ def recheck_character(
         (ref.filename or ref.digest[:12], registry.characters.reference_bytes(character.id, ref.digest))
         for ref in character.references
     ]
-    images = ingest_all(files)
+    images = ingest_all(files, max_request_pixels=None)
     results, report, age = analyze_and_check(registry, images, analyzer or get_analyzer(), settings)
     return Registration(character, report, age, images, results)
 
@@ -161,9 +178,14 @@ def approve_character(
     analyzer: FaceAnalyzer | None = None,
     settings: Settings | None = None,
 ) -> Registration:
-    """Approve a character whose references pass the report and the safeguards."""
+    """Approve a character whose references pass the report and the safeguards.
+
+    The fresh report's verdict is recorded either way (``report_passed``), so a draft whose
+    report no longer passes is not rendered with ``--allow-draft`` either.
+    """
     settings = settings or get_settings()
     check = recheck_character(registry, character_id, analyzer, settings)
+    registry.characters.set_report_passed(character_id, check.report.passed)
     if not check.report.passed:
         raise ApprovalError(
             f"'{character_id}' cannot be approved: its reference report fails: " + "; ".join(check.report.reasons)

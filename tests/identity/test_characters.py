@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
+from imagegen import samples
 from imagegen.errors import ImagegenError
 from imagegen.identity.characters import ApprovalError, approve_character, register_character
-from imagegen.identity.ingest import InvalidImageError
-from imagegen.identity.models import DuplicateCharacterError, InvalidCharacterIdError, ProvenanceError
+from imagegen.identity.ingest import ImageTooLargeError, InvalidImageError, UploadTooLargeError
+from imagegen.identity.models import (
+    DuplicateCharacterError,
+    InvalidCharacterIdError,
+    InvalidReferenceError,
+    ProvenanceError,
+)
 from imagegen.identity.registry import Registry
 from imagegen.identity.safeguards import AgeGateError, ProtectedIdentityMatchError, protect_from_images
+from imagegen.ids import DEFAULT_TENANT, InvalidTenantIdError
 from imagegen.settings import get_settings
 from imagegen.standins.faces import write_genderage_model
-from tests.photos import astronaut_set, hopper_set, no_face
+from tests.identity.test_ingest import bomb_png
+from tests.photos import astronaut_set, encode, hopper_set, no_face
 
 SYNTHETIC = {"kind": "synthetic", "creator": "artist@example.com"}
 
@@ -164,3 +173,60 @@ def test_approval_rechecks_the_protected_gallery(registry, dlib):
     with pytest.raises(ProtectedIdentityMatchError):
         approve_character(registry, "mia", dlib)
     assert registry.characters.get("mia").status == "draft"
+
+
+def test_tenant_and_report_verdict_are_stored(registry, dlib):
+    register_character(
+        registry,
+        character_id="owned",
+        name="O",
+        provenance=SYNTHETIC,
+        files=list(astronaut_set(3)),
+        analyzer=dlib,
+        tenant="acme",
+    )
+    stored = registry.characters.get("owned")
+    assert (stored.tenant, stored.report_passed) == ("acme", True)
+    assert register(registry, dlib).character.tenant == DEFAULT_TENANT
+    register(registry, dlib, "mixed", files=[*astronaut_set(3), no_face()])
+    assert registry.characters.get("mixed").report_passed is False
+    with pytest.raises(ApprovalError):
+        approve_character(registry, "mixed", dlib)
+    assert registry.characters.get("mixed").report_passed is False
+    assert approve_character(registry, "owned", dlib).character.report_passed is True
+    before = registry.dump()
+    with pytest.raises(InvalidTenantIdError):
+        register_character(
+            registry,
+            character_id="nobody",
+            name="N",
+            provenance=SYNTHETIC,
+            files=list(astronaut_set(2)),
+            analyzer=dlib,
+            tenant="../acme",
+        )
+    assert registry.dump() == before
+
+
+def test_hostile_uploads_are_refused_before_decoding_and_change_nothing(registry, dlib):
+    """The issue's case (eight blank 6000x6000 PNGs) and a 144-Mpixel header, through registration."""
+    blank = encode(Image.new("RGB", (6000, 6000), "white"))
+    register(registry, dlib, "existing")
+    before = registry.dump()
+    with pytest.raises(InvalidReferenceError, match="same bytes") as info:
+        register(registry, dlib, "blanks", files=[(f"blank-{i}.png", blank) for i in range(8)])
+    assert info.value.code == "invalid_reference"
+    with pytest.raises(ImageTooLargeError) as info:
+        register(registry, dlib, "huge", files=[*astronaut_set(2), ("huge.png", bomb_png(12000, 12000))])
+    assert info.value.code == "image_too_large"
+    with pytest.raises(UploadTooLargeError):
+        register(registry, dlib, "many", files=[(f"big-{i}.png", bomb_png(6000, 6000 - i)) for i in range(8)])
+    assert registry.dump() == before
+
+
+def test_large_references_are_stored_shrunk_with_their_faces_found(registry, dlib):
+    big = samples.astronaut().resize((3072, 3072), Image.Resampling.BICUBIC)
+    registration = register(registry, dlib, files=[("big.png", encode(big)), *astronaut_set(3)[1:]])
+    stored = registry.characters.get("mia").references[0]
+    assert (stored.width, stored.height) == (1536, 1536) and "dlib" in stored.faces
+    assert registration.report.images[0].face_found and registration.report.passed
