@@ -19,6 +19,7 @@ from rich.table import Table
 from imagegen.errors import ImagegenError, InvalidRequestError
 from imagegen.eval.cli import eval_app
 from imagegen.identity.cli import characters_app, protect_app
+from imagegen.migrations.cli import db_app
 from imagegen.serve.cli import keys_app, provenance_app, serve_command
 from imagegen.terminal import console, ensure_writable_dir, err_console, progress_bar
 
@@ -37,6 +38,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(provenance_app, name="provenance")
 app.command("serve")(serve_command)
 app.add_typer(eval_app, name="eval")
+app.add_typer(db_app, name="db")
 
 
 def build_request(**fields):

@@ -43,7 +43,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def create_database_engine(
-    url: URL, *, echo: bool = False, synchronous: str = "FULL", secure_delete: bool = False
+    url: URL,
+    *,
+    echo: bool = False,
+    synchronous: str = "FULL",
+    secure_delete: bool = False,
+    foreign_keys: bool = True,
 ) -> Engine:
     """An engine for ``url``; for SQLite: the file's folder created, WAL and the pragmas on every connection.
 
@@ -52,6 +57,9 @@ def create_database_engine(
     writers); reads use a plain deferred ``BEGIN`` and never block writers in WAL mode.
     ``synchronous`` trades durability of the last OS-buffered transactions for speed (never
     corruption); ``secure_delete`` overwrites deleted rows instead of leaving them in free pages.
+    ``foreign_keys=False`` is for schema migrations only: SQLite cannot switch the pragma inside a
+    transaction, and a migration that rebuilds a parent table must not cascade its ``DROP`` to the
+    children's rows (the migration checks the keys itself before it commits).
     Raises ``ImportError`` / ``NoSuchModuleError`` when the URL's driver is not installed.
     """
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "echo": echo}
@@ -68,7 +76,12 @@ def create_database_engine(
     engine = create_engine(url, **kwargs)
     if not is_sqlite:
         return engine
-    pragmas = ["foreign_keys=ON", "journal_mode=WAL", f"synchronous={synchronous}", "busy_timeout=30000"]
+    pragmas = [
+        f"foreign_keys={'ON' if foreign_keys else 'OFF'}",
+        "journal_mode=WAL",
+        f"synchronous={synchronous}",
+        "busy_timeout=30000",
+    ]
     if secure_delete:
         pragmas.append("secure_delete=ON")
 

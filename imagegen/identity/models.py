@@ -34,9 +34,10 @@ from pydantic import (
 
 from imagegen.blobstore import validate_digest
 from imagegen.errors import ImagegenError
+from imagegen.ids import DEFAULT_TENANT, validate_character_id, validate_tenant_id
 from imagegen.ids import InvalidCharacterIdError as InvalidCharacterIdError  # re-exported: the registry raises it
+from imagegen.ids import InvalidTenantIdError as InvalidTenantIdError  # re-exported: the registry raises it
 from imagegen.ids import shown as _shown
-from imagegen.ids import validate_character_id
 
 #: backend, method and version names: short, no path separators
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -474,12 +475,15 @@ class Character(_Model):
     """A registered (or to-be-registered) character.
 
     ``version``, ``created_at``, ``updated_at`` and ``references`` are filled by the registry;
-    ``register`` ignores the values given for the first three.
+    ``register`` ignores the values given for the first three. ``tenant`` owns the character: a
+    key of another tenant neither sees nor renders it (the service enforces that; ``admin`` keys
+    span tenants).
     """
 
     _what = "character"
 
     id: str
+    tenant: str = DEFAULT_TENANT
     name: str = Field(min_length=1, max_length=200)
     card: Card = Field(default_factory=Card)
     provenance: Provenance
@@ -489,6 +493,9 @@ class Character(_Model):
     updated_at: datetime | None = None
     #: apparent-age gate result, filled by the safeguards module
     age_check: AgeCheck = "unverified"
+    #: whether the last reference report passed (None: never recorded); a draft is previewed
+    #: (``--allow-draft``) only when it did
+    report_passed: bool | None = Field(default=None, strict=True)
     references: list[Reference] = Field(default_factory=list)
     #: identity centroid per face backend (mean of the references' embeddings, computed elsewhere)
     centroids: dict[str, list[float]] = Field(default_factory=dict)
@@ -511,6 +518,11 @@ class Character(_Model):
     @classmethod
     def _id(cls, value: Any) -> str:
         return validate_character_id(value)
+
+    @field_validator("tenant", mode="before")
+    @classmethod
+    def _tenant(cls, value: Any) -> str:
+        return validate_tenant_id(value)
 
     @field_validator("name", mode="before")
     @classmethod

@@ -4,8 +4,14 @@ A key reads ``igk_<id>_<secret>``: ``id`` (12 hex characters) finds the row, ``s
 characters, 256 random bits) is never stored, only its SHA-256 (a fast hash is the right tool for
 a high-entropy secret: there is nothing to brute-force). Comparison is constant-time.
 
-Scopes: ``render`` (renders and jobs), ``characters:write`` (register, approve, delete),
-``admin`` (everything, metrics included). Reading characters needs any valid key.
+Every key belongs to one tenant (``--tenant``, default ``default``): it sees, renders and
+changes only that tenant's characters, jobs and audit rows.
+
+Scopes: ``render`` (renders and jobs); ``characters:write`` (register, edit and delete its own
+tenant's characters, but not approve them: whoever uploads a face must not be the one who clears
+it for rendering); ``characters:approve`` (approve its own tenant's characters); ``admin``
+(everything, across tenants, metrics included). Reading characters needs any valid key. Keys
+created before ``characters:approve`` existed keep exactly the scopes they had.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import time
 from collections.abc import Iterable, Sequence
 
 from imagegen.errors import ImagegenError
+from imagegen.ids import DEFAULT_TENANT, validate_tenant_id
 from imagegen.serve.store import ApiKey, ServeStore
 
-SCOPES = ("render", "characters:write", "admin")
+SCOPES = ("render", "characters:write", "characters:approve", "admin")
 PREFIX = "igk"
 KEY_RE = re.compile(r"^igk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 
@@ -50,15 +57,16 @@ def check_scopes(scopes: Iterable[str]) -> list[str]:
     return chosen
 
 
-def create_key(store: ServeStore, name: str, scopes: Sequence[str]) -> tuple[ApiKey, str]:
-    """A new key: its stored record and the plaintext (shown once, never stored)."""
+def create_key(store: ServeStore, name: str, scopes: Sequence[str], tenant: str = DEFAULT_TENANT) -> tuple[ApiKey, str]:
+    """A new key of ``tenant``: its stored record and the plaintext (shown once, never stored)."""
     name = (name or "").strip()
     if not name or len(name) > 200:
         raise ImagegenError("a key needs a name of 1 to 200 characters (who or what uses it)", field="name")
     chosen = check_scopes(scopes)
+    tenant = validate_tenant_id(tenant)
     key_id = secrets.token_hex(6)
     plaintext = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
-    record = store.add_key(key_id, name, hash_secret(plaintext), chosen)
+    record = store.add_key(key_id, name, hash_secret(plaintext), chosen, tenant)
     return record, plaintext
 
 

@@ -33,34 +33,46 @@ def _store():
 def keys_create(
     name: str = typer.Option(..., help="Who or what uses the key (a service, a team)."),
     scope: list[str] = typer.Option(
-        ["render"], "--scope", "-s", help="render | characters:write | admin (repeat for several)."
+        ["render"],
+        "--scope",
+        "-s",
+        help="render | characters:write | characters:approve | admin (repeat for several).",
+    ),
+    tenant: str = typer.Option(
+        "default", help="The tenant the key belongs to: it sees and renders only that tenant's characters."
     ),
 ) -> None:
     """Create a key and print it ONCE (only its SHA-256 is stored)."""
-    from imagegen.serve.auth import create_key
+    from imagegen.ids import validate_tenant_id
+    from imagegen.serve.auth import check_scopes, create_key
 
+    validate_tenant_id(tenant)  # refused before the database is opened
+    check_scopes(scope)
     with _store() as store:
-        record, plaintext = create_key(store, name, scope)
-    console.print(f"key id {record.id}  scopes {', '.join(record.scopes)}  name {escape(record.name)}")
+        record, plaintext = create_key(store, name, scope, tenant=tenant)
+    console.print(
+        f"key id {record.id}  tenant {record.tenant}  scopes {', '.join(record.scopes)}  name {escape(record.name)}"
+    )
     console.print("store it now, it is not shown again:")
     print(plaintext)
 
 
 @keys_app.command("list")
 def keys_list(as_json: bool = typer.Option(False, "--json", help="JSON instead of a table.")) -> None:
-    """Every key: id, name, scopes, created, last used, revoked (never the secret)."""
+    """Every key: id, tenant, name, scopes, created, last used, revoked (never the secret)."""
     with _store() as store:
         keys = store.list_keys()
     if as_json:
         print(json.dumps([k.public() for k in keys], indent=2))
         return
     table = Table(title="API keys")
-    for column in ("id", "name", "scopes", "created", "last used", "revoked"):
+    for column in ("id", "tenant", "name", "scopes", "created", "last used", "revoked"):
         table.add_column(column)
     for key in keys:
         data = key.public()
         table.add_row(
             key.id,
+            key.tenant,
             escape(key.name),
             ", ".join(key.scopes),
             data["created_at"][:19],
@@ -97,6 +109,15 @@ def provenance_check(
     print(json.dumps(report, indent=2, default=str))
 
 
+def _check_database() -> None:
+    """Before Ray starts: the home's database is created at head or refused in one line (old schema)."""
+    from imagegen.identity.registry import Registry
+    from imagegen.serve.store import ServeStore
+
+    with ServeStore.open(), Registry.open():
+        pass
+
+
 def serve_command(
     config: Path = typer.Option(None, help="Serve config (default: configs/serve.yaml)."),
     host: str = typer.Option(None, help="Listen address (overrides http_options.host)."),
@@ -108,6 +129,7 @@ def serve_command(
     """Start the HTTP service (Ray Serve, configs/serve.yaml) and run until Ctrl-C."""
     from imagegen.serve.launcher import start_service
 
+    _check_database()
     stop = {"now": False}
 
     def _stop(*_: object) -> None:

@@ -6,15 +6,24 @@ the registry never touches them. Job images are stored by digest in a content-ad
 store of their own (``IMAGEGEN_HOME/serve/results``), never the registry's (its ``gc`` would
 delete them).
 
-Tables::
+Tables (at the head revision of ``imagegen.migrations``; a change here needs a revision there)::
 
-    api_keys          id PK, name, secret_sha256, scopes JSON, created_at, revoked_at, last_used_at
-    serve_jobs        id PK, key_id, preset, status, request JSON, attempts, owner, heartbeat_at,
-                      progress JSON, result JSON, error_code, error_message, created_at,
-                      started_at, finished_at
+    api_keys          id PK, tenant, name, secret_sha256, scopes JSON, created_at, revoked_at, last_used_at
+    serve_jobs        id PK, tenant, key_id, character (indexed), preset, status, request JSON, attempts,
+                      owner, heartbeat_at, progress JSON, result JSON, error_code, error_message,
+                      created_at, started_at, finished_at
     serve_job_events  id PK (autoincrement, the SSE event id), job_id FK, type, data JSON, created_at
-    render_audit      image_id PK, request_id, job_id, key_id, preset, character, character_version,
-                      method, prompt_sha256, seed, watermark_tag, created_at
+    render_audit      image_id PK, request_id, job_id, key_id, tenant, preset, character, character_version,
+                      method, prompt_sha256, seed, watermark_tag, created_at, redacted_at
+
+Deleting a character removes what the service kept of it (``purge_character``): the jobs that
+rendered it (rows, events, result PNGs) go; its audit rows stay but lose the character's id and
+version (``redacted_at`` says when), so a watermark look-up still answers "an image this service
+made, of a since-deleted character". The audit trail never held the prompt, only its SHA-256.
+SQLite runs with ``secure_delete`` and the WAL is checkpointed after a purge, so freed pages do
+not keep the bytes; on PostgreSQL deleted tuples stay in the table files until ``VACUUM`` reclaims
+them (autovacuum does it in time; run ``VACUUM`` on ``serve_jobs`` and ``serve_job_events`` when a
+deletion must take effect on disk at once).
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from imagegen.blobstore import BlobStore
 from imagegen.db import SessionScopes, UTCDateTime, create_database_engine, utcnow
+from imagegen.ids import DEFAULT_TENANT, validate_tenant_id
+from imagegen.migrations import prepare, read_state, where_of
 from imagegen.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,8 @@ class ApiKeyRow(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: the tenant whose characters the key sees (keys created before tenancy: the default tenant)
+    tenant: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_TENANT)
     name: Mapped[str] = mapped_column(String(200))
     secret_sha256: Mapped[str] = mapped_column(String(64))
     scopes: Mapped[list[Any]]
@@ -72,7 +85,10 @@ class JobRow(Base):
     __tablename__ = "serve_jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_TENANT)
     key_id: Mapped[str] = mapped_column(String(32), index=True)
+    #: the character the job renders (None: no character), so deleting a character finds its jobs
+    character: Mapped[str | None] = mapped_column(String(64), index=True)
     preset: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), index=True)
     request: Mapped[dict[str, Any]]
@@ -102,9 +118,10 @@ class AuditRow(Base):
     __tablename__ = "render_audit"
 
     image_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    request_id: Mapped[str] = mapped_column(String(128), index=True)
     job_id: Mapped[str | None] = mapped_column(String(32))
     key_id: Mapped[str] = mapped_column(String(32))
+    tenant: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_TENANT)
     preset: Mapped[str] = mapped_column(String(64))
     character: Mapped[str | None] = mapped_column(String(64))
     character_version: Mapped[int | None] = mapped_column(Integer)
@@ -113,12 +130,16 @@ class AuditRow(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     watermark_tag: Mapped[int | None] = mapped_column(BigInteger, index=True)
     created_at: Mapped[datetime]
+    #: when the character was deleted and ``character`` / ``character_version`` cleared
+    redacted_at: Mapped[datetime | None]
 
 
 @dataclass
 class Job:
     id: str
     key_id: str
+    tenant: str
+    character: str | None
     preset: str
     status: str
     request: dict[str, Any]
@@ -137,6 +158,8 @@ class Job:
         return cls(
             id=row.id,
             key_id=row.key_id,
+            tenant=row.tenant,
+            character=row.character,
             preset=row.preset,
             status=row.status,
             request=dict(row.request),
@@ -170,6 +193,7 @@ class ApiKey:
     revoked_at: datetime | None
     last_used_at: datetime | None
     secret_sha256: str = ""
+    tenant: str = DEFAULT_TENANT
 
     @property
     def active(self) -> bool:
@@ -179,6 +203,7 @@ class ApiKey:
         return {
             "id": self.id,
             "name": self.name,
+            "tenant": self.tenant,
             "scopes": self.scopes,
             "created_at": self.created_at.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
@@ -195,6 +220,7 @@ def _key_from_row(row: ApiKeyRow) -> ApiKey:
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
         secret_sha256=row.secret_sha256,
+        tenant=row.tenant,
     )
 
 
@@ -209,8 +235,23 @@ class ServeStore(SessionScopes):
         self.url = make_url(url)
         self.results = BlobStore(results_root)
         self.engine = self._create_engine()
-        Base.metadata.create_all(self.engine.execution_options(sqlite_begin="IMMEDIATE"))
+        try:
+            # a fresh database is created at head; an older or newer one is refused (SchemaError)
+            prepare(self.engine, Base.metadata, self.where)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._open_sessions()
+
+    @property
+    def where(self) -> str:
+        """The database URL with its password hidden: for operator messages only, never HTTP errors."""
+        return where_of(self.url)
+
+    @property
+    def schema_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return read_state(conn).revision
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> ServeStore:
@@ -219,18 +260,23 @@ class ServeStore(SessionScopes):
         return cls(settings.registry_url, settings.home / "serve" / "results")
 
     def _create_engine(self) -> Engine:
-        # jobs and audit rows: a crash may lose the OS's last buffered transactions, never corrupt the file
-        return create_database_engine(self.url, synchronous="NORMAL")
+        # jobs and audit rows: a crash may lose the OS's last buffered transactions, never corrupt the
+        # file; deleted rows (a purged character's prompts) are overwritten, not left in free pages
+        return create_database_engine(self.url, synchronous="NORMAL", secure_delete=True)
 
     def ping(self) -> None:
         with self._read() as s:
             s.execute(select(func.count()).select_from(ApiKeyRow)).scalar_one()
 
     # -- API keys ------------------------------------------------------------------------------
-    def add_key(self, key_id: str, name: str, secret_sha256: str, scopes: Sequence[str]) -> ApiKey:
+    def add_key(
+        self, key_id: str, name: str, secret_sha256: str, scopes: Sequence[str], tenant: str = DEFAULT_TENANT
+    ) -> ApiKey:
+        tenant = validate_tenant_id(tenant)
         with self._write() as s:
             row = ApiKeyRow(
                 id=key_id,
+                tenant=tenant,
                 name=name,
                 secret_sha256=secret_sha256,
                 scopes=list(scopes),
@@ -265,12 +311,26 @@ class ServeStore(SessionScopes):
             s.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=utcnow()))
 
     # -- jobs ----------------------------------------------------------------------------------
-    def create_job(self, job_id: str, key_id: str, preset: str, request: dict[str, Any], total: int) -> Job:
+    def create_job(
+        self,
+        job_id: str,
+        key_id: str,
+        preset: str,
+        request: dict[str, Any],
+        total: int,
+        *,
+        tenant: str,
+        character: str | None,
+    ) -> Job:
+        """Store a queued job of ``key_id`` (owned by ``tenant``) rendering ``character`` (or none)."""
+        tenant = validate_tenant_id(tenant)
         now = utcnow()
         with self._write() as s:
             row = JobRow(
                 id=job_id,
+                tenant=tenant,
                 key_id=key_id,
+                character=character,
                 preset=preset,
                 status="queued",
                 request=request,
@@ -466,22 +526,88 @@ class ServeStore(SessionScopes):
             if ids:
                 s.execute(delete(JobEventRow).where(JobEventRow.job_id.in_(ids)))
                 s.execute(delete(JobRow).where(JobRow.id.in_(ids)))
-        if digests:
-            with self._read() as s:
-                still = {
-                    img.get("digest")
-                    for (result,) in s.execute(select(JobRow.result).where(JobRow.result.is_not(None)))
-                    for img in (result or {}).get("images", [])
-                }
-            for digest in digests - still:
-                if self.results.exists(digest):
-                    self.results.delete(digest)
+        self._delete_unreferenced_results(digests)
         return len(ids)
+
+    def _delete_unreferenced_results(self, digests: set[str]) -> int:
+        """Delete the result blobs among ``digests`` that no remaining job names; returns how many."""
+        if not digests:
+            return 0
+        with self._read() as s:
+            still = {
+                img.get("digest")
+                for (result,) in s.execute(select(JobRow.result).where(JobRow.result.is_not(None)))
+                for img in (result or {}).get("images", [])
+            }
+        removed = 0
+        for digest in digests - still:
+            if self.results.exists(digest):
+                self.results.delete(digest)
+                removed += 1
+        return removed
+
+    # -- deleting a character ------------------------------------------------------------------
+    def purge_character(self, character_id: str) -> dict[str, int]:
+        """Remove what the service kept of a deleted character; returns the counts.
+
+        Deletes every job that rendered it (rows and events, whatever their status: a running
+        one fails its ``finish_job`` and its result is dropped) and those jobs' result PNGs unless
+        another remaining job names the same bytes; redacts its audit rows (the character's id
+        and version cleared, ``redacted_at`` set; the watermark tag, prompt hash, seed, preset,
+        method, key, tenant and times stay: the retention policy). Then checkpoints the WAL
+        (SQLite), so the deleted prompts are in neither the database file nor its log.
+        """
+        with self._write() as s:
+            rows = s.scalars(select(JobRow).where(JobRow.character == character_id)).all()
+            digests = {img["digest"] for r in rows for img in (r.result or {}).get("images", []) if img.get("digest")}
+            ids = [r.id for r in rows]
+            events = 0
+            if ids:
+                events = s.execute(delete(JobEventRow).where(JobEventRow.job_id.in_(ids))).rowcount
+                s.execute(delete(JobRow).where(JobRow.id.in_(ids)))
+            audits = s.execute(
+                update(AuditRow)
+                .where(AuditRow.character == character_id)
+                .values(character=None, character_version=None, redacted_at=utcnow())
+            ).rowcount
+        results = self._delete_unreferenced_results(digests)
+        self.checkpoint()
+        log.info(
+            "purged character %s: %d jobs, %d result images, %d audit rows redacted",
+            character_id,
+            len(ids),
+            results,
+            audits,
+        )
+        return {"jobs": len(ids), "events": events, "results": results, "audit_redacted": audits}
+
+    def checkpoint(self) -> None:
+        """SQLite: copy the WAL into the database and truncate it, so deleted rows leave no trace there.
+
+        Best effort: a reader in another process can keep the WAL busy; ``secure_delete`` has
+        already zeroed the freed pages and the next checkpoint finishes the job.
+        """
+        if self.url.get_backend_name() != "sqlite":
+            return
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                cursor.close()
+        except Exception as exc:  # noqa: BLE001 - best effort, never fails a completed purge
+            log.debug("WAL checkpoint after a purge failed: %s", exc)
+        finally:
+            raw.close()
 
     # -- audit ---------------------------------------------------------------------------------
     def add_audit(self, records: Sequence[dict[str, Any]]) -> None:
+        """One audit row per delivered image; each record names its ``tenant`` (the key's)."""
         if not records:
             return
+        for record in records:
+            validate_tenant_id(record.get("tenant"))
         with self._write() as s:
             for record in records:
                 s.add(AuditRow(**record, created_at=utcnow()))
@@ -503,6 +629,7 @@ def _audit_dict(row: AuditRow) -> dict[str, Any]:
         "request_id": row.request_id,
         "job_id": row.job_id,
         "key_id": row.key_id,
+        "tenant": row.tenant,
         "preset": row.preset,
         "character": row.character,
         "character_version": row.character_version,
@@ -511,6 +638,7 @@ def _audit_dict(row: AuditRow) -> dict[str, Any]:
         "seed": row.seed,
         "watermark_tag": row.watermark_tag,
         "created_at": row.created_at.isoformat(),
+        "redacted_at": row.redacted_at.isoformat() if row.redacted_at else None,
     }
 
 

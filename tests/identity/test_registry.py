@@ -20,6 +20,7 @@ from imagegen.identity.models import (
     InvalidCharacterError,
     InvalidCharacterIdError,
     InvalidReferenceError,
+    InvalidTenantIdError,
     ProvenanceError,
     ReferenceInput,
     RegistryError,
@@ -27,7 +28,8 @@ from imagegen.identity.models import (
     UnknownCharacterError,
     UnknownProtectedIdentityError,
 )
-from imagegen.identity.registry import SCHEMA_VERSION, Registry
+from imagegen.identity.registry import Registry
+from imagegen.migrations import SchemaTooNewError, head
 from imagegen.settings import get_settings
 
 from ._helpers import embedding, fake_face, make_character, make_refs, png_bytes
@@ -50,27 +52,26 @@ def test_open_creates_the_database_in_home_with_wal_and_foreign_keys(isolated_ho
     with registry.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
-    assert registry.schema_version == SCHEMA_VERSION
+    assert registry.schema_revision == head()
     dump = registry.dump()
     assert set(dump["tables"]) == {
-        "schema_version",
         "characters",
+        "character_tombstones",
         "reference_images",
         "face_analyses",
         "identity_centroids",
         "conditioning_cache",
         "protected_identities",
     }
-    assert [r["version"] for r in dump["tables"]["schema_version"]] == [SCHEMA_VERSION]
-    # opening again keeps one schema_version row and the data
+    # opening again keeps the revision and the data
     with Registry.open() as again:
-        assert again.dump() == dump
+        assert again.dump() == dump and again.schema_revision == head()
 
 
 def test_a_newer_schema_is_refused(isolated_home: Path) -> None:
     with Registry.open() as registry, registry.engine.begin() as conn:
-        conn.execute(text("INSERT INTO schema_version (version, applied_at) VALUES (99, '2030-01-01')"))
-    with pytest.raises(RegistryError, match="schema version 99.*upgrade imagegen"):
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_later'"))
+    with pytest.raises(SchemaTooNewError, match="schema 0099_later, newer than this imagegen.*upgrade imagegen"):
         Registry.open()
 
 
@@ -199,6 +200,8 @@ def test_unknown_character_errors_leave_the_registry_unchanged(registry: Registr
         with pytest.raises(UnknownCharacterError, match="no character 'noa'") as info:
             call()
         assert info.value.code == "unknown_character"
+        # HTTP clients see this message: it never says where the database is
+        assert "sqlite" not in str(info.value) and str(registry.url.database) not in str(info.value)
     assert registry.dump() == before
 
 
@@ -375,6 +378,8 @@ def test_delete_purges_every_byte_except_shared_blobs(isolated_home: Path, regis
         assert not registry.blobs.exists(digest)
         assert not any(digest in f for f in registry.blobs.files())
     dump = registry.dump()
+    # the one trace kept: the id's tombstone (id, last version, time), so versions never restart
+    assert [(t["id"], t["last_version"]) for t in dump["tables"].pop("character_tombstones")] == [("mia", 1)]
     text_dump = json.dumps(dump["tables"])
     assert '"mia"' not in text_dump and marker not in text_dump
     assert not registry.characters.exists("mia")
@@ -454,3 +459,54 @@ def test_concurrent_registrations_from_threads(registry: Registry) -> None:
     assert [c.id for c in characters] == sorted(f"char-{k}" for k in range(8))
     assert all(c.version == 2 and len(c.references) == 3 for c in characters)
     assert registry.verify() == []
+
+
+def test_characters_belong_to_a_tenant(registry: Registry) -> None:
+    mia = registry.characters.register(make_character("mia"), make_refs(1))
+    noa = registry.characters.register(make_character("noa", tenant="acme"), make_refs(1, start=5))
+    ada = registry.characters.register(make_character("ada", tenant="acme", status="approved"), make_refs(1, start=9))
+    assert (mia.tenant, noa.tenant) == ("default", "acme")
+    assert registry.characters.get("noa").tenant == "acme"
+    assert [c.id for c in registry.characters.all()] == ["ada", "mia", "noa"]  # None: every tenant
+    assert registry.characters.all(tenant="acme") == [ada, noa]
+    assert registry.characters.all(tenant="acme", status="draft") == [noa]
+    assert registry.characters.ids(tenant="default") == ["mia"] and registry.characters.ids(tenant="nobody") == []
+    before = registry.dump()
+    for bad in ("Acme", "../x", ""):
+        with pytest.raises(InvalidTenantIdError, match="not a valid tenant id") as info:
+            registry.characters.register(make_character("eve", tenant=bad), make_refs(1, start=20))
+        assert info.value.field == "tenant"
+        with pytest.raises(InvalidTenantIdError):
+            registry.characters.all(tenant=bad)
+    assert registry.dump() == before
+
+
+def test_report_passed_is_stored_and_changed_without_a_version_bump(registry: Registry) -> None:
+    stored = registry.characters.register(make_character("mia", report_passed=True), make_refs(1))
+    assert (stored.report_passed, stored.version) == (True, 1)
+    assert registry.characters.register(make_character("noa"), make_refs(1, start=3)).report_passed is None
+    failed = registry.characters.set_report_passed("mia", False)
+    assert (failed.report_passed, failed.version) == (False, 1) and failed.updated_at > stored.updated_at
+    assert registry.characters.get("mia").report_passed is False
+    before = registry.dump()
+    with pytest.raises(InvalidCharacterError, match="True or False"):
+        registry.characters.set_report_passed("mia", "yes")  # type: ignore[arg-type]
+    with pytest.raises(UnknownCharacterError):
+        registry.characters.set_report_passed("eve", True)
+    with pytest.raises(InvalidCharacterError, match="report_passed"):
+        registry.characters.register(make_character("eve", report_passed="yes"), make_refs(1, start=7))
+    assert registry.dump() == before
+
+
+def test_versions_never_restart_for_a_reused_id(registry: Registry) -> None:
+    registry.characters.register(make_character("mia"), make_refs(1))
+    registry.characters.approve("mia")
+    assert registry.characters.update_card("mia", name="Mia Two").version == 3
+    registry.characters.delete("mia")
+    again = registry.characters.register(make_character("mia"), make_refs(1, start=40))
+    assert again.version == 4 and again.status == "draft"
+    assert registry.characters.approve("mia").version == 5
+    registry.characters.delete("mia")
+    assert registry.characters.register(make_character("mia"), make_refs(1, start=41)).version == 6
+    # another id is not affected
+    assert registry.characters.register(make_character("noa"), make_refs(1, start=42)).version == 1

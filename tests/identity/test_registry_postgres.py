@@ -19,6 +19,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from imagegen.identity.models import DuplicateCharacterError, StaleConditioningError, UnknownCharacterError
 from imagegen.identity.registry import Registry
 from imagegen.identity.registry.schema import Base
+from imagegen.migrations import head
 
 from ._helpers import embedding, make_character, make_refs
 
@@ -49,10 +50,11 @@ def pg_registry(tmp_path: Path) -> Registry:
 
 def test_registry_on_another_database(pg_registry: Registry) -> None:
     reg = pg_registry
-    assert reg.schema_version == 1
+    assert reg.schema_revision == head()
     stored = reg.characters.register(
-        make_character("mia", centroids={"dlib": embedding(1)}), make_refs(3, backends=("dlib", "x"))
+        make_character("mia", tenant="acme", centroids={"dlib": embedding(1)}), make_refs(3, backends=("dlib", "x"))
     )
+    assert reg.characters.all(tenant="acme") == [stored] and reg.characters.ids(tenant="default") == []
     assert reg.characters.get("mia") == stored and stored.created_at.tzinfo is not None
     with pytest.raises(DuplicateCharacterError):
         reg.characters.register(make_character("mia"), make_refs(1, start=9))
@@ -87,6 +89,9 @@ def test_registry_on_another_database(pg_registry: Registry) -> None:
     assert report.references == 2 and report.blobs_removed == 2
     with pytest.raises(UnknownCharacterError):
         reg.characters.get("mia")
-    assert "mia" not in str(reg.dump()["tables"])
+    tables = reg.dump()["tables"]
+    assert [(t["id"], t["last_version"]) for t in tables.pop("character_tombstones")] == [("mia", 3)]
+    assert "mia" not in str(tables)
+    assert reg.characters.register(make_character("mia"), make_refs(1, start=60)).version == 4
     assert reg.verify() == []
     assert reg.gc(grace_s=0).blobs_removed == 0

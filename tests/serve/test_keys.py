@@ -1,9 +1,11 @@
-"""API keys: hashed storage, verification, revocation, scopes and the `imagegen keys` commands."""
+"""API keys: hashed storage, verification, revocation, scopes, tenants and the `imagegen keys` commands."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -39,6 +41,10 @@ def test_keys_are_stored_hashed_and_verified(store, isolated_home):
 def test_scopes_and_refusals(store):
     assert allows(["admin"], "render") and allows(["render"], None)
     assert not allows(["render"], "characters:write")
+    # registering a face does not clear it for rendering: approval is its own scope
+    assert not allows(["characters:write"], "characters:approve")
+    assert allows(["characters:approve"], "characters:approve") and allows(["admin"], "characters:approve")
+    assert create_key(store, "approver", ["characters:approve"])[0].scopes == ["characters:approve"]
     with pytest.raises(ImagegenError, match="unknown scope"):
         create_key(store, "x", ["root"])
     with pytest.raises(ImagegenError, match="at least one scope"):
@@ -58,8 +64,39 @@ def test_keys_cli(isolated_home):
     listed = runner.invoke(app, ["keys", "list", "--json"])
     keys = json.loads(listed.output)
     assert [k["id"] for k in keys] == [key_id] and keys[0]["scopes"] == ["admin", "render"]
+    assert keys[0]["tenant"] == "default"
     assert plaintext not in listed.output
     assert runner.invoke(app, ["keys", "list"]).exit_code == 0
     revoked = runner.invoke(app, ["keys", "revoke", key_id])
     assert revoked.exit_code == 0 and "revoked" in revoked.output
     assert json.loads(runner.invoke(app, ["keys", "list", "--json"]).output)[0]["revoked_at"]
+
+
+def test_keys_belong_to_a_tenant(isolated_home):
+    runner = CliRunner()
+    created = runner.invoke(app, ["keys", "create", "--name", "acme-bot", "--tenant", "acme", "-s", "characters:write"])
+    assert created.exit_code == 0, created.output
+    assert "tenant acme" in created.output
+    listed = json.loads(runner.invoke(app, ["keys", "list", "--json"]).output)
+    assert [(k["tenant"], k["scopes"]) for k in listed] == [("acme", ["characters:write"])]
+    assert "acme" in runner.invoke(app, ["keys", "list"]).output
+    with ServeStore.open() as store:
+        record = store.get_key(listed[0]["id"])
+        assert record.tenant == "acme"
+        verified = KeyVerifier(store, ttl_s=0).verify(re.search(r"igk_\S+", created.output).group(0))
+        assert verified.tenant == "acme"
+
+
+def test_a_bad_tenant_is_refused_in_one_line_and_creates_nothing(isolated_home):
+    proc = subprocess.run(
+        [sys.executable, "-m", "imagegen.cli", "keys", "create", "--name", "x", "--tenant", "Acme Corp"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error (tenant): 'Acme Corp' is not a valid tenant id: use 1 to 64 characters, lowercase letters a-z, "
+        "digits, '-' and '_', starting with a letter or a digit (for example 'acme')"
+    ]
+    assert not (isolated_home / "registry.db").exists()

@@ -1,7 +1,8 @@
 """The service store (keys, durable jobs, audit) on SQLite and, when one is configured, PostgreSQL.
 
 PostgreSQL runs when ``IMAGEGEN_TEST_DATABASE_URL`` names a database this test may wipe (`.ci/run`
-starts one); on it, concurrent claims must not hand one job to two ingress replicas.
+starts one); on it, concurrent claims must not hand one job to two ingress replicas. Purging a
+deleted character's jobs and audit rows runs on both; on SQLite the file's raw bytes are checked.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from imagegen.errors import ImagegenError
 from imagegen.serve.auth import KeyVerifier, create_key, revoke_key
 from imagegen.serve.store import Base, ServeStore
 
@@ -36,13 +38,31 @@ def store(request, tmp_path: Path):
     opened.close()
 
 
-def _queue(store: ServeStore, count: int) -> list[str]:
+def _queue(store: ServeStore, count: int, character: str | None = None, tenant: str = "default") -> list[str]:
     ids = []
     for i in range(count):
         job_id = uuid.uuid4().hex
-        store.create_job(job_id, "key-1", "tiny-flux", {"prompt": f"p{i}"}, total=1)
+        store.create_job(job_id, "key-1", "tiny-flux", {"prompt": f"p{i}"}, total=1, tenant=tenant, character=character)
         ids.append(job_id)
     return ids
+
+
+def _audit(image_id: str, job_id: str | None, character: str | None, tag: int, **extra) -> dict:
+    return {
+        "image_id": image_id,
+        "request_id": "r",
+        "job_id": job_id,
+        "key_id": "key-1",
+        "tenant": "default",
+        "preset": "tiny-flux",
+        "character": character,
+        "character_version": None if character is None else 3,
+        "method": None if character is None else "pulid-flux",
+        "prompt_sha256": "0" * 64,
+        "seed": 1,
+        "watermark_tag": tag,
+        **extra,
+    }
 
 
 def test_keys_verify_and_revoke(store: ServeStore):
@@ -64,24 +84,81 @@ def test_job_lifecycle_events_and_audit(store: ServeStore):
     assert not store.finish_job(job_id, "ingress-b", {"images": []})  # not its owner, already done
     assert [e.type for e in store.events(job_id)] == ["queued", "started", "progress", "done"]
     assert store.get_job(job_id).status == "done" and store.job_counts() == {"done": 1}
+    long_request_id = "eval-" + "x" * 120  # offline evaluation ids are longer than a uuid
+    store.add_audit([_audit("ab" * 16, job_id, None, 0xABABABAB, request_id=long_request_id)])
+    audit = store.audit_for_image("ab" * 16)
+    assert (audit["seed"], audit["tenant"], audit["request_id"]) == (1, "default", long_request_id)
+    assert len(store.audit_by_tag(0xABABABAB)) == 1
+    with pytest.raises(ImagegenError, match="tenant"):
+        store.add_audit([_audit("cd" * 16, job_id, None, 1, tenant="Not A Tenant")])
+    assert store.audit_for_image("cd" * 16) is None
+
+
+def test_jobs_and_keys_carry_their_tenant(store: ServeStore):
+    record, _ = create_key(store, "acme-bot", ["render"], tenant="acme")
+    assert (record.tenant, store.get_key(record.id).tenant) == ("acme", "acme")
+    assert create_key(store, "default-bot", ["render"])[0].tenant == "default"
+    [job_id] = _queue(store, 1, character="mia", tenant="acme")
+    job = store.get_job(job_id)
+    assert (job.tenant, job.character) == ("acme", "mia")
+    with pytest.raises(ImagegenError, match="not a valid tenant id"):
+        store.create_job(uuid.uuid4().hex, "key-1", "tiny-flux", {}, 1, tenant="../acme", character=None)
+    with pytest.raises(ImagegenError, match="not a valid tenant id"):
+        create_key(store, "bad", ["render"], tenant="ACME")
+    assert len(store.list_keys()) == 2 and len(store.list_jobs(None)) == 1
+
+
+def test_purging_a_character_removes_its_jobs_and_redacts_its_audit(store: ServeStore, tmp_path: Path):
+    prompt = "zqxprompt-a-secret-scene-of-the-deleted-face"
+    doomed = _queue(store, 2, character="zqxchar")
+    [other] = _queue(store, 1, character="noa")
+    [plain] = _queue(store, 1)
+    # the first doomed job's PNG, one PNG shared with noa's job (same bytes), noa's own PNG
+    own, shared, kept = (store.results.put(f"png-{name}".encode()) for name in ("own", "shared", "kept"))
+    results = {doomed[0]: [own, shared], doomed[1]: [], other: [shared, kept], plain: []}
+    for job in store.claim_jobs("ingress-a", limit=4, max_attempts=2):
+        said = prompt if job.id in doomed else "another prompt"
+        store.job_progress(job.id, "ingress-a", {"step": 1, "prompt": said}, {"images_done": 0})
+        if job.id != doomed[1]:  # the second doomed job is still running when the character goes
+            images = [{"index": i, "digest": d} for i, d in enumerate(results[job.id])]
+            assert store.finish_job(job.id, "ingress-a", {"images": images, "prompt": said})
     store.add_audit(
         [
-            {
-                "image_id": "ab" * 16,
-                "request_id": "r",
-                "job_id": job_id,
-                "key_id": "key-1",
-                "preset": "tiny-flux",
-                "character": None,
-                "character_version": None,
-                "method": None,
-                "prompt_sha256": "0" * 64,
-                "seed": 1,
-                "watermark_tag": 0xABABABAB,
-            }
+            _audit("a1" * 16, doomed[0], "zqxchar", 0xA1A1A1A1),
+            _audit("a2" * 16, None, "zqxchar", 0xA2A2A2A2),
+            _audit("b1" * 16, other, "noa", 0xB1B1B1B1),
         ]
     )
-    assert store.audit_for_image("ab" * 16)["seed"] == 1 and len(store.audit_by_tag(0xABABABAB)) == 1
+
+    counts = store.purge_character("zqxchar")
+
+    assert counts == {"jobs": 2, "events": 7, "results": 1, "audit_redacted": 2}
+    assert [store.get_job(j) for j in doomed] == [None, None] and store.events(doomed[0]) == []
+    assert not store.finish_job(doomed[1], "ingress-a", {"images": []})  # the running one's result is dropped
+    assert not store.results.exists(own) and store.results.exists(shared) and store.results.exists(kept)
+    assert store.get_job(other).status == "done" and store.get_job(plain).status == "done"
+    redacted = store.audit_by_tag(0xA1A1A1A1)
+    assert len(redacted) == 1
+    row = redacted[0]
+    assert (row["character"], row["character_version"], row["image_id"], row["job_id"]) == (
+        None,
+        None,
+        "a1" * 16,
+        doomed[0],
+    )
+    assert row["redacted_at"] and (row["prompt_sha256"], row["seed"], row["method"]) == ("0" * 64, 1, "pulid-flux")
+    assert (
+        store.audit_for_image("b1" * 16)["character"] == "noa"
+        and store.audit_for_image("b1" * 16)["redacted_at"] is None
+    )
+    assert store.purge_character("zqxchar") == {"jobs": 0, "events": 0, "results": 0, "audit_redacted": 0}
+    if store.url.get_backend_name() == "sqlite":
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1  # freed pages are zeroed
+        # not in the database file, its write-ahead log, or SQLite's free pages
+        for path in tmp_path.glob("serve.db*"):
+            raw = path.read_bytes()
+            assert prompt.encode() not in raw and b"zqxchar" not in raw, path
 
 
 def test_a_stale_job_is_retried_once_then_failed(store: ServeStore):

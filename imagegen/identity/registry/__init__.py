@@ -1,7 +1,7 @@
 """The character registry: one database, one blob store, and a store per kind of data.
 
 ``Registry.open()`` opens the registry of this process's settings; its stores share one
-``RegistryDatabase`` (engine, schema version, blob store, transactions):
+``RegistryDatabase`` (engine, schema revision check, blob store, transactions):
 
 - ``registry.characters`` (``CharacterStore``): characters, reference images, face analyses and
   identity centroids; register, change, delete.
@@ -10,8 +10,9 @@
 
 The registry itself keeps what spans the stores: ``gc()``, ``verify()``, ``dump()``, ``close()``.
 
-Modules: ``schema`` (the ORM rows, ``SCHEMA_VERSION``), ``database`` (``RegistryDatabase``),
-``characters``, ``conditioning``, ``gallery``.
+Modules: ``schema`` (the ORM rows), ``database`` (``RegistryDatabase``), ``characters``,
+``conditioning``, ``gallery``. The schema's revisions live in ``imagegen.migrations``: opening a
+fresh database creates it at head, an older one is refused until ``imagegen db upgrade`` ran.
 """
 
 from __future__ import annotations
@@ -43,11 +44,10 @@ from imagegen.identity.registry.characters import CharacterStore, DeleteReport
 from imagegen.identity.registry.conditioning import ConditioningEntry, ConditioningStore
 from imagegen.identity.registry.database import RegistryDatabase
 from imagegen.identity.registry.gallery import ProtectedGallery
-from imagegen.identity.registry.schema import SCHEMA_VERSION, Base
+from imagegen.identity.registry.schema import Base
 from imagegen.settings import Settings, get_settings
 
 __all__ = [
-    "SCHEMA_VERSION",
     "CharacterStore",
     "ConditioningEntry",
     "ConditioningStore",
@@ -118,8 +118,9 @@ class Registry:
         return self.db.engine
 
     @property
-    def schema_version(self) -> int:
-        return self.db.schema_version
+    def schema_revision(self) -> str | None:
+        """The database's schema revision (``imagegen.migrations.head()``)."""
+        return self.db.schema_revision
 
     # -- maintenance across the stores -----------------------------------------------------------
     def referenced_digests(self) -> set[str]:

@@ -6,6 +6,10 @@ blobs, which are harmless (content addressed) and removed by ``Registry.gc()``.
 
 A character's cached conditioning is derived from its references: changing the references or
 deleting the character removes it in the same transaction (the conditioning store only caches).
+
+Versions never restart: deleting a character leaves a tombstone (its id and last version), and
+registering the id again continues after it. Caches keyed by (id, version) — the renderers' —
+therefore never hand out a deleted face for a new character that re-uses the id.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from imagegen.identity.registry.schema import (
     ConditioningRow,
     FaceAnalysisRow,
     ReferenceRow,
+    TombstoneRow,
 )
+from imagegen.ids import validate_tenant_id
 
 __all__ = ["CharacterStore", "DeleteReport"]
 
@@ -101,17 +107,22 @@ class CharacterStore:
         with self.db.read() as s:
             return s.get(CharacterRow, character_id) is not None
 
-    def ids(self) -> list[str]:
-        """Every registered character id, sorted."""
+    def ids(self, *, tenant: str | None = None) -> list[str]:
+        """Every registered character id (of ``tenant``; None: of every tenant), sorted."""
+        query = select(CharacterRow.id).order_by(CharacterRow.id)
+        if tenant is not None:
+            query = query.where(CharacterRow.tenant == validate_tenant_id(tenant))
         with self.db.read() as s:
-            return list(s.scalars(select(CharacterRow.id).order_by(CharacterRow.id)))
+            return list(s.scalars(query))
 
-    def all(self, *, status: str | None = None) -> list[Character]:
-        """Every character (optionally only those with ``status``), sorted by id."""
+    def all(self, *, status: str | None = None, tenant: str | None = None) -> list[Character]:
+        """Every character (optionally only those with ``status`` / of ``tenant``), sorted by id."""
         query = select(CharacterRow).options(*self._load_options()).order_by(CharacterRow.id)
         if status is not None:
             _check_status(status)
             query = query.where(CharacterRow.status == status)
+        if tenant is not None:
+            query = query.where(CharacterRow.tenant == validate_tenant_id(tenant))
         with self.db.read() as s:
             return [_character_from_row(row) for row in s.scalars(query)]
 
@@ -147,8 +158,9 @@ class CharacterStore:
     ) -> Character:
         """Register a new character with its reference images; returns it as stored.
 
-        The character is stored with ``version=1`` and fresh timestamps; its ``status``,
-        ``age_check`` and ``centroids`` are stored as given. All blobs are written first, then
+        The character is stored with ``version=1`` (or, for an id deleted before, the version after
+        the deleted one's last) and fresh timestamps; its ``tenant``, ``status``, ``age_check``,
+        ``report_passed`` and ``centroids`` are stored as given. All blobs are written first, then
         every row in one transaction: the registry holds the whole character or nothing.
         The ``_after_*`` / ``_before_commit`` hooks exist for crash tests.
         """
@@ -174,7 +186,8 @@ class CharacterStore:
         now = _utcnow()
         try:
             with self.db.write() as s:
-                s.add(_character_row(char, now))
+                tombstone = s.get(TombstoneRow, char.id)
+                s.add(_character_row(char, now, version=1 if tombstone is None else tombstone.last_version + 1))
                 s.flush()  # the character row first: its id is the foreign key of the rest
                 _add_reference_rows(s, char.id, refs, start=0)
                 for backend, embedding in char.centroids.items():
@@ -214,6 +227,21 @@ class CharacterStore:
     def approve(self, character_id: str) -> Character:
         """``set_status(character_id, 'approved')`` (run the safeguards first)."""
         return self.set_status(character_id, "approved")
+
+    def set_report_passed(self, character_id: str, passed: bool) -> Character:
+        """Store whether the character's last reference report passed (no version bump: the
+        references, and so the rendered face, did not change)."""
+        validate_character_id(character_id)
+        if not isinstance(passed, bool):
+            raise InvalidCharacterError(
+                f"report_passed must be True or False, got {type(passed).__name__}", field="report_passed"
+            )
+        with self.db.write() as s:
+            row = self.db.lock_character(s, character_id)
+            if row.report_passed is not passed:
+                row.report_passed = passed
+                row.updated_at = _utcnow()
+        return self.get(character_id)
 
     def set_age_check(self, character_id: str, age_check: str) -> Character:
         """Store the apparent-age gate's result (``passed`` | ``unverified`` | ``failed``)."""
@@ -346,13 +374,18 @@ class CharacterStore:
     def delete(self, character_id: str) -> DeleteReport:
         """Remove every byte of a character: rows, reference images, embeddings, cached tensors.
 
-        One transaction deletes the character's rows, its cached conditioning included. Blobs that
+        One transaction deletes the character's rows, its cached conditioning included, and
+        leaves a tombstone (the id, its last version, the time): the only trace kept, so that a
+        character registered later under the same id starts at a higher version. Blobs that
         another character still references are kept (and counted as shared). If the process dies
         after the rows are gone but before the files are, ``Registry.gc()`` removes them.
+        The rows' bytes go too: ``secure_delete`` zeroes the freed pages and the WAL is
+        checkpointed (SQLite).
         """
         validate_character_id(character_id)
         with self.db.write() as s:
-            self.db.lock_character(s, character_id)
+            row = self.db.lock_character(s, character_id)
+            _write_tombstone(s, character_id, row.version)
             ref_ids = list(s.scalars(select(ReferenceRow.id).where(ReferenceRow.character_id == character_id)))
             candidates = set(
                 s.scalars(select(ReferenceRow.blob_digest).where(ReferenceRow.character_id == character_id))
@@ -385,6 +418,15 @@ class CharacterStore:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _write_tombstone(s: Session, character_id: str, version: int) -> None:
+    tombstone = s.get(TombstoneRow, character_id)
+    if tombstone is None:
+        s.add(TombstoneRow(id=character_id, last_version=version, deleted_at=_utcnow()))
+    else:
+        tombstone.last_version = max(tombstone.last_version, version)
+        tombstone.deleted_at = _utcnow()
+
+
 def _drop_derived(s: Session, character_id: str) -> set[str]:
     """Delete the cached conditioning and centroids of a character; returns the cache's blobs."""
     digests = set(s.scalars(select(ConditioningRow.blob_digest).where(ConditioningRow.character_id == character_id)))
@@ -427,9 +469,10 @@ def _coerce_references(references: Sequence[ReferenceInput | Mapping[str, Any]])
     return refs
 
 
-def _character_row(char: Character, now: datetime) -> CharacterRow:
+def _character_row(char: Character, now: datetime, *, version: int) -> CharacterRow:
     return CharacterRow(
         id=char.id,
+        tenant=char.tenant,
         name=char.name,
         card=char.card.model_dump(mode="json"),
         provenance_kind=char.provenance.kind,
@@ -438,7 +481,8 @@ def _character_row(char: Character, now: datetime) -> CharacterRow:
         provenance_evidence=char.provenance.evidence,
         status=char.status,
         age_check=char.age_check,
-        version=1,
+        report_passed=char.report_passed,
+        version=version,
         created_at=now,
         updated_at=now,
     )
@@ -482,6 +526,7 @@ def _character_from_row(row: CharacterRow) -> Character:
     return Character.model_validate(
         {
             "id": row.id,
+            "tenant": row.tenant,
             "name": row.name,
             "card": row.card,
             "provenance": {
@@ -495,6 +540,7 @@ def _character_from_row(row: CharacterRow) -> Character:
             "created_at": row.created_at,
             "updated_at": row.updated_at,
             "age_check": row.age_check,
+            "report_passed": row.report_passed,
             "references": [
                 Reference(
                     digest=ref.blob_digest,

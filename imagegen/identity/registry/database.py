@@ -1,4 +1,4 @@
-"""The registry's database: one engine, the schema version, the blob store, and transactions.
+"""The registry's database: one engine, the schema revision check, the blob store, and transactions.
 
 Every store of the registry (characters, cached conditioning, the protected gallery) shares one
 ``RegistryDatabase``: one engine, one blob store. It also owns the rule every store follows for
@@ -7,6 +7,8 @@ bytes: a blob is kept while a row (a reference image or a cached conditioning) n
 Rows live in a SQL database through the SQLAlchemy 2 ORM (SQLite at ``IMAGEGEN_HOME/registry.db``
 by default, in WAL mode with foreign keys on; any SQLAlchemy URL through ``IMAGEGEN_DATABASE_URL``,
 PostgreSQL included). Bytes (images, safetensors files) live in the content-addressed ``BlobStore``.
+The schema is versioned by ``imagegen.migrations`` (Alembic): opening creates a fresh database at
+head and refuses an older one (``imagegen db upgrade``).
 """
 
 from __future__ import annotations
@@ -15,25 +17,17 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session
 
 from imagegen.blobstore import BlobStore
 from imagegen.db import SessionScopes, create_database_engine
-from imagegen.db import utcnow as _utcnow
 from imagegen.identity.models import RegistryError, UnknownCharacterError
-from imagegen.identity.registry.schema import (
-    SCHEMA_VERSION,
-    Base,
-    CharacterRow,
-    ConditioningRow,
-    ReferenceRow,
-    SchemaVersionRow,
-)
+from imagegen.identity.registry.schema import Base, CharacterRow, ConditioningRow, ReferenceRow
+from imagegen.migrations import prepare, read_state, where_of
 
 __all__ = ["RegistryDatabase"]
 
@@ -63,8 +57,9 @@ class RegistryDatabase(SessionScopes):
 
     @property
     def where(self) -> str:
-        """The database URL with its password hidden (for messages)."""
-        return self.url.render_as_string(hide_password=True)
+        """The database URL with its password hidden: for operator messages (startup, CLI), never
+        for errors a request can trigger (an HTTP client must not learn where the database is)."""
+        return where_of(self.url)
 
     # -- engine and schema -----------------------------------------------------------------------
     def _create_engine(self, *, echo: bool) -> Engine:
@@ -79,27 +74,14 @@ class RegistryDatabase(SessionScopes):
             ) from None
 
     def _create_schema(self) -> None:
-        writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
-        with writer.begin() as conn:
-            Base.metadata.create_all(conn)
-            current = conn.execute(select(func.max(SchemaVersionRow.version))).scalar()
-            if current is None:
-                conn.execute(SchemaVersionRow.__table__.insert().values(version=SCHEMA_VERSION, applied_at=_utcnow()))
-            elif current > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"the registry at {self.where} has schema version {current}, newer than this "
-                    f"imagegen understands ({SCHEMA_VERSION}); upgrade imagegen to open it"
-                )
-            elif current < SCHEMA_VERSION:  # pragma: no cover - no migration exists yet
-                self._migrate(conn, current)
-
-    def _migrate(self, conn: Any, current: int) -> None:  # pragma: no cover - version 1 is the first
-        raise RegistryError(f"no migration from registry schema {current} to {SCHEMA_VERSION}")
+        """A fresh database is created at head; an older or newer schema is refused (``SchemaError``)."""
+        prepare(self.engine, Base.metadata, self.where)
 
     @property
-    def schema_version(self) -> int:
-        with self.read() as s:
-            return int(s.execute(select(func.max(SchemaVersionRow.version))).scalar_one())
+    def schema_revision(self) -> str | None:
+        """The database's Alembic revision (``imagegen.migrations.head()`` once opened)."""
+        with self.engine.connect() as conn:
+            return read_state(conn).revision
 
     # -- transactions ----------------------------------------------------------------------------
     @contextmanager
@@ -122,8 +104,9 @@ class RegistryDatabase(SessionScopes):
         return row
 
     def unknown_character(self, character_id: str) -> UnknownCharacterError:
+        # no database path: HTTP clients see this message
         return UnknownCharacterError(
-            f"no character {character_id!r} in the registry at {self.where}; check the id "
+            f"no character {character_id!r} in the registry; check the id "
             "(registry.characters.all() shows the registered characters) or register the character first"
         )
 

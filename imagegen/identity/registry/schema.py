@@ -1,10 +1,11 @@
-"""The registry's tables, as SQLAlchemy 2 ORM rows (schema version 1).
+"""The registry's tables, as SQLAlchemy 2 ORM rows (at the head revision of ``imagegen.migrations``).
 
 ::
 
-    schema_version       version PK, applied_at
-    characters           id PK, name, card JSON, provenance_kind/creator/date/evidence, status,
-                         age_check, version, created_at, updated_at
+    characters           id PK, tenant (indexed), name, card JSON, provenance_kind/creator/date/evidence,
+                         status, age_check, report_passed, version, created_at, updated_at
+    character_tombstones id PK, last_version, deleted_at: deleted ids, so a re-used id never
+                         starts its versions again
     reference_images     id PK, character_id FK, position, blob_digest, mime_type, width, height,
                          size, filename; unique (character_id, position), (character_id, blob_digest)
     face_analyses        (reference_id FK, backend) PK, bbox, landmarks, det_score, embedding,
@@ -16,7 +17,8 @@
 
 Rows name bytes (reference images, cached tensors) by blob digest; the bytes live in the blob store.
 The queries on these rows use no SQLite-only SQL, so any SQLAlchemy database (PostgreSQL included)
-holds them.
+holds them. A change here needs a revision in ``imagegen/migrations/versions`` that makes the same
+change (``tests/test_migrations.py`` compares the two).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Date, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Date, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from imagegen.db import UTCDateTime
+from imagegen.ids import DEFAULT_TENANT
 
 __all__ = [
-    "SCHEMA_VERSION",
     "Base",
     "CentroidRow",
     "CharacterRow",
@@ -38,28 +40,20 @@ __all__ = [
     "FaceAnalysisRow",
     "ProtectedIdentityRow",
     "ReferenceRow",
-    "SchemaVersionRow",
+    "TombstoneRow",
 ]
-
-#: version of the schema this code writes; bump it with a migration in ``RegistryDatabase``
-SCHEMA_VERSION = 1
 
 
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, date: Date, dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class SchemaVersionRow(Base):
-    __tablename__ = "schema_version"
-
-    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    applied_at: Mapped[datetime]
-
-
 class CharacterRow(Base):
     __tablename__ = "characters"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: the owning tenant (rows written before tenancy: the default tenant, also the server default)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, server_default=DEFAULT_TENANT)
     name: Mapped[str] = mapped_column(String(200))
     card: Mapped[dict[str, Any]]
     provenance_kind: Mapped[str] = mapped_column(String(16))
@@ -68,12 +62,24 @@ class CharacterRow(Base):
     provenance_evidence: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     age_check: Mapped[str] = mapped_column(String(16))
+    #: whether the last reference report passed (None: never recorded)
+    report_passed: Mapped[bool | None] = mapped_column(Boolean)
     version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
     references: Mapped[list[ReferenceRow]] = relationship(order_by="ReferenceRow.position", viewonly=True)
     centroids: Mapped[list[CentroidRow]] = relationship(viewonly=True)
+
+
+class TombstoneRow(Base):
+    """A deleted character id and its last version: registering the id again continues after it."""
+
+    __tablename__ = "character_tombstones"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+    deleted_at: Mapped[datetime]
 
 
 class ReferenceRow(Base):
