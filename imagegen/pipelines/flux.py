@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from imagegen.pipelines.cancel import empty, take
 from imagegen.pipelines.types import RenderRequest
 
 Embeds = dict[str, torch.Tensor]
@@ -49,3 +50,33 @@ def call(pipe, embeds: Embeds, first: RenderRequest, generators: list[torch.Gene
     if first.true_cfg_scale > 1:
         kwargs["true_cfg_scale"] = first.true_cfg_scale
     return pipe(**kwargs).images
+
+
+#: the transformer's per-row inputs (``txt_ids`` / ``img_ids`` are per token, shared by every row)
+ROW_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+#: inputs that may be passed as long as they carry nothing (anything else: the call is not sliced)
+SHARED_INPUTS = ("txt_ids", "img_ids", "return_dict", "controlnet_blocks_repeat")
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The module called once per step (twice with true CFG) with the batch's rows."""
+    return pipe.transformer
+
+
+def denoiser_rows(args: tuple, kwargs: dict) -> int:
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return int(hidden.shape[0])
+
+
+def select_rows(args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple, dict] | None:
+    """The transformer's inputs for the rows in ``index``; None when some input may be per row unseen
+    (identity or IP-Adapter tensors in ``joint_attention_kwargs``, ControlNet residuals)."""
+    if args:
+        return None
+    for name, value in kwargs.items():
+        if name in ROW_INPUTS or name in SHARED_INPUTS:
+            continue
+        if not empty(value):
+            return None
+    rows = denoiser_rows(args, kwargs)
+    return args, {k: take(v, index, rows) if k in ROW_INPUTS else v for k, v in kwargs.items()}

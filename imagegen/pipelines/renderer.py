@@ -23,6 +23,7 @@ from PIL import Image
 
 from imagegen.errors import BadOutputError, InvalidRequestError
 from imagegen.pipelines import flux, sdxl
+from imagegen.pipelines.cancel import CallCancelled, Cancelled, CancelWatch, denoise_active_rows
 from imagegen.pipelines.conditioning import BatchConditioning, Conditioner, IdentityProvider, IdentitySample, Tensors
 from imagegen.pipelines.loading import load_pipeline, pick_device, pick_dtype
 from imagegen.pipelines.presets import Preset, get_preset
@@ -38,6 +39,8 @@ BLACK_THRESHOLD = 2 / 255
 
 #: progress callback: (step done, total steps)
 Progress = Callable[[int, int], None]
+#: ``RenderResult.problem`` of a request cancelled by its caller: no image, nothing post-processed
+CANCELLED = "cancelled"
 
 
 class PromptCache:
@@ -114,6 +117,9 @@ class Renderer:
         self._attached: str | None = None
         self._batch_ids = itertools.count(1)
         self._instance = uuid.uuid4().hex[:8]
+        #: requests cancelled inside a pipeline call, and calls stopped because all theirs were
+        self.cancelled_rows = 0
+        self.stopped_calls = 0
         log.info("loaded preset %s on %s/%s in %.2fs", self.preset.name, self.device, self.dtype, self.load_seconds)
 
     def prepare(self, request: RenderRequest) -> RenderRequest:
@@ -135,15 +141,17 @@ class Renderer:
         requests: Sequence[RenderRequest],
         progress: Progress | None = None,
         strict: bool = False,
+        cancelled: Sequence[Cancelled | None] | None = None,
     ) -> list[RenderResult]:
         """Prepare and render every request; results come back in request order (see ``render_prepared``)."""
-        return self.render_prepared([self.prepare(r) for r in requests], progress, strict)
+        return self.render_prepared([self.prepare(r) for r in requests], progress, strict, cancelled)
 
     def render_prepared(
         self,
         prepared: Sequence[RenderRequest],
         progress: Progress | None = None,
         strict: bool = False,
+        cancelled: Sequence[Cancelled | None] | None = None,
     ) -> list[RenderResult]:
         """Render requests ``prepare`` returned; results come back in request order.
 
@@ -152,7 +160,14 @@ class Renderer:
         first call, so an unknown or unrenderable character refuses the whole list before
         anything renders. With ``strict`` a NaN or black image raises ``BadOutputError``;
         otherwise it is reported on its result.
+
+        ``cancelled`` (one flag per request, None for a request without one) is read after every
+        denoising step: a cancelled request leaves its batch at the next step and comes back with
+        ``problem == CANCELLED`` and no image (see ``imagegen.pipelines.cancel``); a pipeline call
+        whose requests are all cancelled stops at once, and one cancelled before it starts never runs.
         """
+        if cancelled is not None and len(cancelled) != len(prepared):
+            raise ValueError(f"{len(cancelled)} cancellation flags for {len(prepared)} requests")
         groups = self._pipeline_calls(prepared)
         tensors = self._identity_tensors(prepared, groups)
         total_steps = sum(prepared[idx[0]].steps for idx in groups.values())
@@ -160,12 +175,13 @@ class Renderer:
         results: list[RenderResult | None] = [None] * len(prepared)
         for (_, method), indices in groups.items():
             batch = [prepared[i] for i in indices]
-            rendered = self._render_batch(batch, method, tensors, progress, done_steps, total_steps)
+            flags = [cancelled[i] for i in indices] if cancelled is not None else None
+            rendered = self._render_batch(batch, method, tensors, progress, done_steps, total_steps, flags)
             for i, result in zip(indices, rendered, strict=True):
                 results[i] = result
             done_steps += batch[0].steps
         final = [r for r in results if r is not None]
-        bad = [r for r in final if not r.ok]
+        bad = [r for r in final if not r.ok and r.problem != CANCELLED]
         if bad:
             log.warning("%d of %d images unusable: %s", len(bad), len(final), [(r.seed, r.problem) for r in bad])
             if strict:
@@ -259,23 +275,34 @@ class Renderer:
         progress: Progress | None,
         done_before: int,
         total: int,
+        flags: Sequence[Cancelled | None] | None = None,
     ) -> list[RenderResult]:
         started = time.perf_counter()
+        watch = CancelWatch(flags, len(batch))
+        encoded = started
+        pixels = None
         with self._lock, torch.inference_mode():
-            per_sample = [self._encode(r) for r in batch]
-            embeds = {key: torch.cat([e[key] for e in per_sample]) for key in per_sample[0]}
-            generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
-            with self._identity(batch, method_name, tensors) as identity:
-                encoded = time.perf_counter()
+            if not watch.poll(0):  # cancelled while it waited for the pipeline: never starts
+                per_sample = [self._encode(r) for r in batch]
+                embeds = {key: torch.cat([e[key] for e in per_sample]) for key in per_sample[0]}
+                generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+                with self._identity(batch, method_name, tensors) as identity, self._active_rows(watch, method_name):
+                    encoded = time.perf_counter()
 
-                def on_step(pipe, step: int, timestep, kwargs):
-                    if identity.on_step_end is not None:
-                        kwargs = identity.on_step_end(pipe, step, timestep, kwargs)
-                    if progress is not None:
-                        progress(done_before + step + 1, total)
-                    return kwargs
+                    def on_step(pipe, step: int, timestep, kwargs):
+                        if identity.on_step_end is not None:
+                            kwargs = identity.on_step_end(pipe, step, timestep, kwargs)
+                        if progress is not None:
+                            progress(done_before + step + 1, total)
+                        if watch.poll(step + 1):
+                            raise CallCancelled
+                        return kwargs
 
-                pixels = self.family.call(self.pipe, embeds, batch[0], generators, on_step, **identity.kwargs)
+                    try:
+                        pixels = self.family.call(self.pipe, embeds, batch[0], generators, on_step, **identity.kwargs)
+                    except CallCancelled:
+                        pixels = None
+                watch.poll(batch[0].steps)  # a row cancelled during the decode is dropped too
         finished = time.perf_counter()
         timings = {
             "batch_size": float(len(batch)),
@@ -288,8 +315,36 @@ class Renderer:
             "size": len(batch),
             "characters": len({r.character for r in batch if r.character}),
         }
+        left = [i for i in range(len(batch)) if watch.cancelled(i)]
+        if left:
+            self.cancelled_rows += len(left)
+            self.stopped_calls += pixels is None
+            log.info(
+                "batch %s: %d of %d requests cancelled (after steps %s of %d)%s",
+                info["id"],
+                len(left),
+                len(batch),
+                [watch.left_at[i] for i in left],
+                batch[0].steps,
+                "; call stopped" if pixels is None else "",
+            )
         results = []
-        for request, image in zip(batch, pixels, strict=True):
+        for row, request in enumerate(batch):
+            if watch.cancelled(row):
+                results.append(
+                    RenderResult(
+                        request=request,
+                        preset=self.preset.name,
+                        image=None,
+                        problem=CANCELLED,
+                        timings=dict(timings),
+                        versions=library_versions(),
+                        batch={**info, "steps_run": watch.left_at[row]},
+                    )
+                )
+                continue
+            assert pixels is not None  # the call stops early only when every row is cancelled
+            image = pixels[row]
             problem = image_problem(image)
             results.append(
                 RenderResult(
@@ -303,3 +358,15 @@ class Renderer:
                 )
             )
         return results
+
+    def _active_rows(self, watch: CancelWatch, method_name: str | None):
+        """Run the denoiser on the rows still in (a no-op context without flags or with identity).
+
+        Identity conditioning keeps per-row state of its own (tokens, weights, start steps) sized
+        to the whole batch, so a batch with a method keeps every row to the end of the call and
+        drops the cancelled ones before post-processing.
+        """
+        if not watch.watching or method_name is not None or watch.size < 2:
+            return nullcontext()
+        family = self.family
+        return denoise_active_rows(family.denoiser(self.pipe), watch, family.denoiser_rows, family.select_rows)

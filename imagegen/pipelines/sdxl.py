@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from imagegen.pipelines.cancel import empty, take
 from imagegen.pipelines.types import RenderRequest
 
 Embeds = dict[str, torch.Tensor]
@@ -47,3 +48,41 @@ def call(pipe, embeds: Embeds, first: RenderRequest, generators: list[torch.Gene
         **embeds,
         **extra,
     ).images
+
+
+#: the UNet's per-row keyword inputs (the sample and timestep come positionally)
+ROW_INPUTS = ("encoder_hidden_states", "timestep_cond")
+#: the per-row entries of ``added_cond_kwargs`` (SDXL micro-conditioning)
+ROW_ADDED = ("text_embeds", "time_ids")
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The module called once per step with the batch's rows (``2B`` with CFG: negatives first)."""
+    return pipe.unet
+
+
+def denoiser_rows(args: tuple, kwargs: dict) -> int:
+    sample = args[0] if args else kwargs["sample"]
+    return int(sample.shape[0])
+
+
+def select_rows(args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple, dict] | None:
+    """The UNet's inputs for the rows in ``index``; None when some input may be per row unseen
+    (identity or IP-Adapter tensors in ``cross_attention_kwargs`` or ``added_cond_kwargs``, masks,
+    ControlNet residuals)."""
+    if len(args) != 2:
+        return None
+    added = kwargs.get("added_cond_kwargs") or {}
+    if set(added) - set(ROW_ADDED):
+        return None
+    for name, value in kwargs.items():
+        if name in ROW_INPUTS or name in ("added_cond_kwargs", "return_dict"):
+            continue
+        if not empty(value):
+            return None
+    rows = denoiser_rows(args, kwargs)
+    sample, timestep = args
+    selected = {k: take(v, index, rows) if k in ROW_INPUTS else v for k, v in kwargs.items()}
+    if "added_cond_kwargs" in kwargs and kwargs["added_cond_kwargs"] is not None:
+        selected["added_cond_kwargs"] = {k: take(v, index, rows) for k, v in added.items()}
+    return (take(sample, index, rows), take(timestep, index, rows)), selected
