@@ -10,10 +10,19 @@ Layout of an archive::
 Cached conditioning tensors are not exported: they depend on method weights and are recomputed
 where the character is imported.
 
-``import_character`` reads and checks everything (member names, manifest schema, every checksum,
-every image) before it writes anything, then registers the character atomically. It refuses
-members with absolute paths, ``..``, backslashes, links or unexpected names, and an id that is
-already registered.
+An archive is untrusted input, like an upload. ``import_character`` reads and checks the whole
+archive (member names, member count, sizes from the zip directory and again while inflating, the
+manifest schema, every checksum) before it writes anything, then registers the character through
+``identity.characters.register_character``: the same path as an upload, so each reference is
+re-ingested (pixel limits from its header, shrunk, re-encoded with every metadata chunk
+stripped), its faces are analysed again by this deployment's analyser (the archive's face
+analyses and centroids are not trusted: a forged embedding could dodge the protected gallery),
+and the protected-identity and age checks run. It refuses members with absolute paths, ``..``,
+backslashes, links or unexpected names, and an id that is already registered.
+
+An imported character is a ``draft`` owned by the tenant the importer names. With
+``keep_status`` an archive's ``approved`` character is approved here too, through
+``approve_character``, and only when this deployment's report passes; otherwise it stays a draft.
 """
 
 from __future__ import annotations
@@ -27,23 +36,34 @@ import zipfile
 import zlib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imagegen.blobstore import sha256_hex, validate_digest
 from imagegen.errors import ImagegenError
-from imagegen.identity.models import Character, ReferenceInput, RegistryError
+from imagegen.identity.characters import MAX_REFERENCES, Registration, approve_character, register_character
+from imagegen.identity.ingest import MAX_BYTES
+from imagegen.identity.models import Character, RegistryError
 from imagegen.identity.registry import Registry
+from imagegen.ids import DEFAULT_TENANT
+
+if TYPE_CHECKING:
+    from imagegen.faces import FaceAnalyzer
+    from imagegen.settings import Settings
 
 ARCHIVE_FORMAT = "imagegen-character"
 ARCHIVE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 BLOB_DIR = "blobs"
-MAX_MANIFEST_BYTES = 64 << 20
-MAX_MEMBER_BYTES = 512 << 20
-MAX_TOTAL_BYTES = 4 << 30
-MAX_MEMBERS = 10_000
+#: the manifest: card, provenance and face analyses (embeddings as JSON) of up to MAX_REFERENCES images
+MAX_MANIFEST_BYTES = 16 << 20
+#: one reference image: what an upload may be
+MAX_MEMBER_BYTES = MAX_BYTES
+#: everything unpacked, all members together
+MAX_TOTAL_BYTES = 256 << 20
+#: the manifest and one member per reference
+MAX_MEMBERS = MAX_REFERENCES + 1
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _FILE_ATTR = (stat.S_IFREG | 0o644) << 16
 
@@ -159,6 +179,7 @@ def _check_member_name(name: str) -> None:
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """The member's bytes, never more than ``limit`` of them inflated (whatever the directory said)."""
     try:
         with zf.open(info) as fh:
             data = fh.read(limit + 1)
@@ -168,14 +189,54 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
             "was modified after export, export the character again"
         ) from None
     if len(data) > limit:
-        raise ArchiveError(f"the archive member {info.filename!r} is larger than {limit} bytes; refused")
+        raise ArchiveError(f"the archive member {info.filename!r} inflates to more than {limit:,} bytes; refused")
     return data
 
 
-def read_archive(path: str | os.PathLike[str]) -> tuple[Character, list[ReferenceInput]]:
-    """Read and check an archive completely; returns the character and its reference inputs.
+def _member_limit(name: str) -> int:
+    return MAX_MANIFEST_BYTES if name == MANIFEST_NAME else MAX_MEMBER_BYTES
 
-    Nothing is written. Raises ``ArchiveError`` for anything wrong with the archive.
+
+def _check_directory(path: Path, infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """Names, types, count and sizes from the zip directory, before a single member is inflated."""
+    if len(infos) > MAX_MEMBERS:
+        raise ArchiveError(
+            f"{path} has {len(infos)} members, more than {MAX_MEMBERS} (a manifest and at most "
+            f"{MAX_REFERENCES} references); refused"
+        )
+    by_name: dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in infos:
+        _check_member_name(info.filename)
+        file_type = stat.S_IFMT(info.external_attr >> 16)  # 0 when the writer set no type
+        if info.is_dir() or (file_type and file_type != stat.S_IFREG):
+            raise ArchiveError(f"the archive member {info.filename!r} is not a regular file; refused")
+        if info.filename in by_name:
+            raise ArchiveError(f"the archive member {info.filename!r} appears twice; refused")
+        limit = _member_limit(info.filename)
+        if info.file_size > limit:
+            raise ArchiveError(
+                f"the archive member {info.filename!r} would unpack to {info.file_size:,} bytes (says the zip "
+                f"directory), over the {limit:,}-byte limit; refused before unpacking"
+            )
+        total += info.file_size
+        by_name[info.filename] = info
+    if total > MAX_TOTAL_BYTES:
+        raise ArchiveError(
+            f"{path} would unpack to {total:,} bytes (says the zip directory), over the {MAX_TOTAL_BYTES:,}-byte "
+            "limit; refused before unpacking"
+        )
+    if MANIFEST_NAME not in by_name:
+        raise ArchiveError(f"{path} has no {MANIFEST_NAME}; it is not a character archive")
+    return by_name
+
+
+def read_archive(path: str | os.PathLike[str]) -> tuple[Character, list[tuple[str, bytes]]]:
+    """Read and check an archive completely; returns the character and its references' files.
+
+    The files are ``(filename, bytes)`` as an upload would give them, in the character's
+    reference order, each verified against its checksum; nothing is decoded and nothing is
+    written. Raises ``ArchiveError`` for anything wrong with the archive.
     """
     path = Path(path)
     if not path.is_file():
@@ -185,28 +246,9 @@ def read_archive(path: str | os.PathLike[str]) -> tuple[Character, list[Referenc
     except (zipfile.BadZipFile, OSError) as exc:
         raise ArchiveError(f"{path} is not a readable zip archive ({exc}); export the character again") from None
     with zf:
-        infos = zf.infolist()
-        if len(infos) > MAX_MEMBERS:
-            raise ArchiveError(f"{path} has {len(infos)} members, more than {MAX_MEMBERS}; refused")
-        by_name: dict[str, zipfile.ZipInfo] = {}
-        total = 0
-        for info in infos:
-            _check_member_name(info.filename)
-            file_type = stat.S_IFMT(info.external_attr >> 16)  # 0 when the writer set no type
-            if info.is_dir() or (file_type and file_type != stat.S_IFREG):
-                raise ArchiveError(f"the archive member {info.filename!r} is not a regular file; refused")
-            if info.filename in by_name:
-                raise ArchiveError(f"the archive member {info.filename!r} appears twice; refused")
-            if info.file_size > MAX_MEMBER_BYTES:
-                raise ArchiveError(f"the archive member {info.filename!r} is too large; refused")
-            total += info.file_size
-            by_name[info.filename] = info
-        if total > MAX_TOTAL_BYTES:
-            raise ArchiveError(f"{path} unpacks to more than {MAX_TOTAL_BYTES} bytes; refused")
-        if MANIFEST_NAME not in by_name:
-            raise ArchiveError(f"{path} has no {MANIFEST_NAME}; it is not a character archive")
-
-        manifest = _parse_manifest(_read_member(zf, by_name[MANIFEST_NAME], MAX_MANIFEST_BYTES))
+        by_name = _check_directory(path, zf.infolist())
+        raw_manifest = _read_member(zf, by_name[MANIFEST_NAME], MAX_MANIFEST_BYTES)
+        manifest = _parse_manifest(raw_manifest)
         listed = set(manifest.files)
         present = set(by_name) - {MANIFEST_NAME}
         if present - listed:
@@ -233,10 +275,14 @@ def read_archive(path: str | os.PathLike[str]) -> tuple[Character, list[Referenc
             )
 
         contents: dict[str, bytes] = {}
+        unpacked = len(raw_manifest)
         for name, entry in sorted(manifest.files.items()):
             if entry.sha256 != needed[name]:
                 raise ArchiveError(f"{MANIFEST_NAME}: the checksum listed for {name!r} is not its digest")
-            data = _read_member(zf, by_name[name], entry.size)
+            data = _read_member(zf, by_name[name], min(entry.size, MAX_MEMBER_BYTES))
+            unpacked += len(data)
+            if unpacked > MAX_TOTAL_BYTES:  # the directory may lie; what was inflated does not
+                raise ArchiveError(f"{path} unpacks to more than {MAX_TOTAL_BYTES:,} bytes; refused")
             if len(data) != entry.size or sha256_hex(data) != entry.sha256:
                 raise ArchiveError(
                     f"checksum mismatch for {name!r}: the archive was damaged or modified after "
@@ -244,21 +290,8 @@ def read_archive(path: str | os.PathLike[str]) -> tuple[Character, list[Referenc
                 )
             contents[name] = data
 
-    references: list[ReferenceInput] = []
-    for ref in character.references:
-        try:
-            item = ReferenceInput(
-                data=contents[_blob_member(ref.digest)],
-                filename=ref.filename,
-                mime_type=ref.mime_type,
-                width=ref.width,
-                height=ref.height,
-                faces=ref.faces,
-            )
-        except ImagegenError as exc:
-            raise ArchiveError(f"reference {ref.digest} in the archive is invalid: {exc}") from None
-        references.append(item)
-    return character, references
+    files = [(ref.filename or ref.digest[:12], contents[_blob_member(ref.digest)]) for ref in character.references]
+    return character, files
 
 
 def _parse_manifest(raw: bytes) -> Manifest:
@@ -282,16 +315,36 @@ def _parse_manifest(raw: bytes) -> Manifest:
         raise ArchiveError(f"{MANIFEST_NAME} does not follow the archive schema: {details}") from None
 
 
-def import_character(registry: Registry, path: str | os.PathLike[str], *, keep_status: bool = False) -> Character:
-    """Import a character archive into ``registry``; returns the character as stored.
+def import_character(
+    registry: Registry,
+    path: str | os.PathLike[str],
+    *,
+    keep_status: bool = False,
+    tenant: str = DEFAULT_TENANT,
+    analyzer: FaceAnalyzer | None = None,
+    settings: Settings | None = None,
+) -> Registration:
+    """Import a character archive into ``registry`` as ``tenant``'s; returns the registration.
 
-    Everything is checked before anything is written; the registration itself is atomic.
-    The imported character starts at version 1 and, unless ``keep_status``, as a ``draft`` with
-    ``age_check='unverified'`` so the safeguards of this deployment run again before approval.
-    Raises ``DuplicateCharacterError`` when the id is already registered.
+    The archive is checked completely, then the character is registered by
+    ``register_character`` exactly as an upload would be (re-ingested references, fresh face
+    analyses and centroid, protected-identity and age checks; all or nothing), starting at
+    version 1 as a ``draft``. With ``keep_status`` an archive's ``approved`` character is then
+    approved by ``approve_character`` when this deployment's reference report passes; it stays
+    a draft when it does not. Raises ``DuplicateCharacterError`` when the id is already registered.
     """
-    character, references = read_archive(path)
-    fields = character.model_dump(exclude={"references", "version", "created_at", "updated_at"})
-    if not keep_status:
-        fields.update(status="draft", age_check="unverified")
-    return registry.characters.register(fields, references)
+    character, files = read_archive(path)
+    registration = register_character(
+        registry,
+        character_id=character.id,
+        name=character.name,
+        provenance=character.provenance,
+        card=character.card,
+        files=files,
+        analyzer=analyzer,
+        settings=settings,
+        tenant=tenant,
+    )
+    if keep_status and character.status == "approved" and registration.report.passed:
+        registration = approve_character(registry, character.id, analyzer, settings)
+    return registration

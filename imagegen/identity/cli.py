@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from imagegen.errors import ImagegenError
+from imagegen.ids import DEFAULT_TENANT, validate_tenant_id
 
 characters_app = typer.Typer(help="Register, inspect, approve, export and delete characters.", no_args_is_help=True)
 protect_app = typer.Typer(
@@ -91,6 +92,7 @@ def add(
     made_on: str = typer.Option(None, "--date", help="Provenance date, YYYY-MM-DD (default: today)."),
     card: Path = typer.Option(None, help="YAML card: look, personality, style_notes."),
     out: Path = typer.Option(Path("out/characters"), help="Where the report and contact sheet go."),
+    tenant: str = typer.Option(DEFAULT_TENANT, help="The tenant that owns the character."),
 ) -> None:
     """Register a character from reference images; prints the report and writes the contact sheet."""
     from imagegen.identity.characters import register_character
@@ -108,6 +110,7 @@ def add(
         },
         card=_read_card(card),
         files=_read_files(images),
+        tenant=tenant,
     )
     print_report(registration)
     for label, path in registration.write_artifacts(out).items():
@@ -205,12 +208,24 @@ def export(character_id: str = typer.Argument(..., metavar="ID"), file: Path = t
 
 
 @characters_app.command("import")
-def import_(file: Path = typer.Argument(..., help="An archive written by `characters export`.")) -> None:
-    """Import an archive (checked completely before anything is written); it arrives as a draft."""
+def import_(
+    file: Path = typer.Argument(..., help="An archive written by `characters export`."),
+    tenant: str = typer.Option(DEFAULT_TENANT, help="The tenant that owns the imported character."),
+    keep_status: bool = typer.Option(
+        False, help="Approve an archive's approved character here too, when this deployment's report passes."
+    ),
+) -> None:
+    """Import an archive: checked completely, then registered like an upload (re-ingested, re-analysed,
+    protected-identity and age checks); it arrives as a draft."""
     from imagegen.identity.archive import import_character
 
-    character = import_character(_registry(), file)
-    console.print(f"imported '{character.id}' with {len(character.references)} references as {character.status}")
+    registration = import_character(_registry(), file, keep_status=keep_status, tenant=validate_tenant_id(tenant))
+    print_report(registration)
+    character = registration.character
+    console.print(
+        f"imported '{character.id}' with {len(character.references)} references as {character.status} "
+        f"(tenant {character.tenant})"
+    )
 
 
 @protect_app.command("add")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.identity.test_ingest import bomb_png
 from tests.photos import astronaut_set, hopper_set
 from tests.test_cli import run_cli
 
@@ -60,8 +61,11 @@ def test_character_lifecycle(photos, env, tmp_path):
     deleted = run_cli("characters", "delete", "mia", env=env)
     assert deleted.returncode == 0 and "4 references" in deleted.stdout and "bytes removed" in deleted.stdout
     assert "mia" not in run_cli("characters", "list", env=env).stdout
-    imported = run_cli("characters", "import", str(archive), env=env)
-    assert imported.returncode == 0 and "as draft" in imported.stdout
+    imported = run_cli("characters", "import", str(archive), "--tenant", "acme", env=env)
+    assert imported.returncode == 0, imported.stderr
+    # import registers like an upload: the report is printed and the character arrives as a draft
+    assert "verdict: pass" in imported.stdout and "as draft (tenant acme)" in imported.stdout
+    assert json.loads(run_cli("characters", "show", "mia", env=env).stdout)["tenant"] == "acme"
 
 
 def test_protect_then_registration_is_refused(photos, env):
@@ -90,10 +94,17 @@ def test_protect_then_registration_is_refused(photos, env):
         (["characters", "show", "ghost"], "no character 'ghost'"),
         (["characters", "approve", "ghost"], "no character 'ghost'"),
         (["characters", "import", "/nonexistent.zip"], "not a file"),
+        (["characters", "import", "ARCHIVE", "--tenant", "Acme!"], "not a valid tenant id"),
+        (["characters", "add", "x", "--name", "x", "--images", "HUGE", "--provenance", "synthetic"], "over the limit"),
     ],
 )
-def test_errors_are_one_line(photos, env, args, message):
-    args = [str(photos / "hopper.png") if a == "IMG" else a for a in args]
+def test_errors_are_one_line(photos, env, tmp_path, args, message):
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(bomb_png(12000, 12000))
+    archive = tmp_path / "any.zip"
+    archive.write_bytes(b"PK")
+    paths = {"IMG": str(photos / "hopper.png"), "HUGE": str(huge), "ARCHIVE": str(archive)}
+    args = [paths.get(a, a) for a in args]
     proc = run_cli(*args, env=env)
     assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
