@@ -10,7 +10,9 @@ and encoded as PNG **once**; only the PNG bytes and plain data cross the process
 ``render`` renders a batch and raises on the first bad request (what a suite wants);
 ``render_isolated`` renders a batch coming from *different* callers: each request is validated
 on its own, a bad one becomes a :class:`RenderError` for that caller only, and a batch whose
-pipeline call fails is split so one request cannot fail the others.
+pipeline call fails is split so one request cannot fail the others. A caller that goes away sets
+its request's cancellation flag: the request leaves its pipeline call at the next denoising step
+and ends as a :class:`RenderCancelled`, never scored, watermarked or encoded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +31,8 @@ import torch
 from imagegen import provenance
 from imagegen.errors import ImagegenError
 from imagegen.identity.provider import identity_renderer
-from imagegen.pipelines.renderer import Progress
+from imagegen.pipelines.cancel import Cancelled
+from imagegen.pipelines.renderer import CANCELLED, Progress
 from imagegen.pipelines.types import RenderRequest, RenderResult
 from imagegen.serve.gate import GateScorer
 
@@ -101,6 +105,16 @@ class RenderError:
         return cls(code="render_failed", message=f"{type(exc).__name__}: {exc}")
 
 
+@dataclass
+class RenderCancelled(RenderError):
+    """A request its caller cancelled: it left its pipeline call after ``steps_run`` of ``steps`` steps."""
+
+    code: str = "cancelled"
+    message: str = "the render was cancelled by its caller"
+    steps_run: int = 0
+    steps: int = 0
+
+
 def as_call(item: RenderCall | RenderRequest) -> RenderCall:
     """A bare ``RenderRequest`` (scripts, suites) as a call with default provenance."""
     return item if isinstance(item, RenderCall) else RenderCall(request=item)
@@ -119,6 +133,11 @@ class RendererActor:
         self.rendered = 0
         self.batches = 0
         self.failed = 0
+        self.cancelled = 0
+        #: the last few cancellations (request id, seed, steps run of steps), for health checks and tests
+        self.recent_cancels: deque[dict[str, Any]] = deque(maxlen=16)
+        #: the pipeline call in progress: (request ids in it, step done, steps), None between calls
+        self._rendering: tuple[list[str], int, int] | None = None
         self._gates: dict[str, GateScorer] = {}
         log.info("renderer actor for %s ready in %.2fs (pid %d)", preset, self.ready_seconds, os.getpid())
 
@@ -136,6 +155,7 @@ class RendererActor:
         items: Sequence[RenderCall | RenderRequest],
         progress: GroupProgress | None = None,
         on_result: Callable[[int, RenderedImage | RenderError], None] | None = None,
+        cancelled: Sequence[Cancelled | None] | None = None,
     ) -> list[RenderedImage | RenderError]:
         """Render calls from independent callers; one bad request never fails the others.
 
@@ -144,19 +164,40 @@ class RendererActor:
         identity is per sample) and each group is rendered together. ``progress`` gets each
         group's step progress with the indices of its requests; ``on_result`` gets every outcome
         as soon as it is known (results of a group arrive together).
+
+        ``cancelled`` holds one flag per item (None: cannot be cancelled), read between
+        denoising steps: a cancelled request ends as a :class:`RenderCancelled` (see the module
+        docstring); a group whose requests are all cancelled stops and frees the renderer.
         """
         calls = [as_call(i) for i in items]
+        flags = list(cancelled) if cancelled is not None else [None] * len(calls)
+        if len(flags) != len(calls):
+            raise ValueError(f"{len(flags)} cancellation flags for {len(calls)} calls")
         outcomes: list[RenderedImage | RenderError | None] = [None] * len(calls)
 
         def settle(index: int, outcome: RenderedImage | RenderError) -> None:
             outcomes[index] = outcome
-            if isinstance(outcome, RenderError):
+            if isinstance(outcome, RenderCancelled):
+                self.cancelled += 1
+                self.recent_cancels.append(
+                    {
+                        "request_id": calls[index].request_id,
+                        "seed": calls[index].request.seed,
+                        "steps_run": outcome.steps_run,
+                        "steps": outcome.steps,
+                    }
+                )
+            elif isinstance(outcome, RenderError):
                 self.failed += 1
             if on_result is not None:
                 on_result(index, outcome)
 
         prepared: dict[int, RenderRequest] = {}
         for index, call in enumerate(calls):
+            flag = flags[index]
+            if flag is not None and flag():
+                settle(index, RenderCancelled(steps=call.request.steps or 0))
+                continue
             try:
                 prepared[index] = self.renderer.prepare(call.request)
             except Exception as exc:  # noqa: BLE001 - every failure becomes this caller's error
@@ -165,7 +206,7 @@ class RendererActor:
         for index, request in prepared.items():
             groups.setdefault(request.batch_key(), []).append(index)
         for indices in groups.values():
-            self._render_group(indices, calls, prepared, progress, settle)
+            self._render_group(indices, calls, prepared, progress, settle, flags)
         return [o for o in outcomes if o is not None]
 
     def _render_group(
@@ -175,13 +216,19 @@ class RendererActor:
         prepared: dict[int, RenderRequest],
         progress: GroupProgress | None,
         settle: Callable[[int, RenderedImage | RenderError], None],
+        flags: Sequence[Cancelled | None],
     ) -> None:
+        request_ids = [calls[i].request_id for i in indices]
+
         def step(done: int, total: int) -> None:
+            self._rendering = (request_ids, done, total)
             if progress is not None:
                 progress(indices, done, total)
 
         try:
-            results = self.renderer.render_prepared([prepared[i] for i in indices], progress=step)
+            results = self.renderer.render_prepared(
+                [prepared[i] for i in indices], progress=step, cancelled=[flags[i] for i in indices]
+            )
         except Exception as exc:  # noqa: BLE001 - isolate: retry the members one by one
             if len(indices) == 1:
                 log.warning("render failed: %s", exc)
@@ -189,10 +236,16 @@ class RendererActor:
                 return
             log.warning("a batch of %d failed (%s); rendering its members one by one", len(indices), exc)
             for index in indices:
-                self._render_group([index], calls, prepared, progress, settle)
+                self._render_group([index], calls, prepared, progress, settle, flags)
             return
-        self._count(results)
+        finally:
+            self._rendering = None
+        self._count([r for r in results if r.problem != CANCELLED])
         for index, result in zip(indices, results, strict=True):
+            if result.problem == CANCELLED:  # its caller is gone: no score, watermark or PNG
+                steps = result.request.steps or 0
+                settle(index, RenderCancelled(steps_run=result.batch.get("steps_run", 0), steps=steps))
+                continue
             try:
                 settle(index, self.finish(calls[index], result))
             except Exception as exc:  # noqa: BLE001 - a face-scoring or encoding failure is this caller's
@@ -233,7 +286,8 @@ class RendererActor:
         return self._gates[backend]
 
     def health(self) -> dict[str, Any]:
-        """What a health check needs: alive, which preset, where, how busy it has been."""
+        """What a health check needs: alive, which preset, where, how busy it is and has been."""
+        rendering = self._rendering
         return {
             "ok": True,
             "preset": self.renderer.preset.name,
@@ -244,6 +298,12 @@ class RendererActor:
             "rendered": self.rendered,
             "batches": self.batches,
             "failed": self.failed,
+            "cancelled": self.cancelled,
+            "stopped_calls": self.renderer.stopped_calls,
+            "recent_cancels": list(self.recent_cancels),
+            "rendering": None
+            if rendering is None
+            else {"request_ids": list(rendering[0]), "step": rendering[1], "steps": rendering[2]},
         }
 
 

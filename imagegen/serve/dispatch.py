@@ -4,6 +4,11 @@
 then the image) and owns what only Ray knows about: a replica that died or became unreachable
 is retried (``Dispatch.retries``), a full queue (``BackPressureError``) is either answered with
 503 at once or waited out with jitter (``Dispatch.wait_on_backpressure``).
+
+A render whose caller goes away (the HTTP client disconnected, the job was deleted: either way
+the task awaiting ``render`` is cancelled) cancels its handle call explicitly, so the renderer
+replica sees the cancellation and drops the request between denoising steps
+(``imagegen.serve.renderer_deployment``); ``imagegen_renders_cancelled_total`` counts them.
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ class ServeRenderers:
         while True:
             attempt += 1
             gauge.inc()
+            stream = handle.options(stream=True).render.remote(call)
             try:
-                async for event in handle.options(stream=True).render.remote(call):
+                async for event in stream:
                     if isinstance(event, StepProgress):
                         if progress is not None:
                             progress(event.done, event.total)
@@ -58,6 +64,11 @@ class ServeRenderers:
                     elif isinstance(event, RenderError):
                         raise ApiError.from_code(event.code, event.message, event.field)
                 raise RendererDied(f"the {preset} renderer ended the stream without a result")
+            except asyncio.CancelledError:
+                stream.cancel()  # best effort; the replica then stops this request at its next step
+                self.metrics.renders_cancelled.labels(preset).inc()
+                log.info("render %s on %s cancelled by its caller", call.request_id, preset)
+                raise
             except BackPressureError as exc:
                 self.metrics.rejected.labels("renderer_queue_full").inc()
                 retry_after = self.config().retry_after_s

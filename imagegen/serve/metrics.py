@@ -79,6 +79,12 @@ class Metrics:
             ["preset"],
             registry=r,
         )
+        self.renders_cancelled = Counter(
+            "imagegen_renders_cancelled",
+            "Render calls cancelled by their caller (client gone, job deleted); the renderer drops them between steps.",
+            ["preset"],
+            registry=r,
+        )
         self._seen_batches: OrderedDict[str, None] = OrderedDict()
 
     def observe_batch(self, preset: str, batch: dict) -> None:

@@ -9,15 +9,25 @@ call when their shapes match, and one bad request fails only itself.
 
 The pipeline runs in a worker thread, so the replica keeps answering health checks while it
 renders.
+
+Cancellation: when a caller goes away (its HTTP client disconnected, its job was deleted, or it
+cancelled the handle call), Serve cancels this replica's ``render`` for it: ``CancelledError`` is
+raised inside the generator. ``@serve.batch`` drops a cancelled request only while it still
+waits for a batch; once the batch runs it would render it to the end. So every call carries a
+``threading.Event`` that ``render`` sets when it is cancelled, and the pipeline thread reads it
+between denoising steps (``RendererActor.render_isolated``): the request leaves its pipeline
+call at the next step, a call whose requests are all gone stops, and the replica takes the next
+batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -40,6 +50,14 @@ class StepProgress:
 
 #: what ``RendererDeployment.render`` streams to its caller
 RenderEvent = StepProgress | RenderedImage | RenderError
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """One call inside this replica, with the flag its caller's cancellation sets."""
+
+    call: RenderCall
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @serve.deployment(max_ongoing_requests=16)
@@ -70,13 +88,24 @@ class RendererDeployment:
 
         ``None`` items are fillers of the batch stream (another caller's event): they are dropped
         here, so a batch of B sends each caller its own few events instead of B x events messages.
+        Cancelled (``CancelledError`` or the stream closed early): the call's flag is set, and its
+        render stops at the next denoising step.
         """
-        async for event in self._render_batch(item):
-            if event is not None:
-                yield event
+        pending = _Pending(item)
+        finished = False
+        try:
+            async for event in self._render_batch(pending):
+                if event is not None:
+                    yield event
+            finished = True
+        finally:
+            if not finished:
+                pending.cancelled.set()
+                log.info("render %s cancelled by its caller", item.request_id)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _render_batch(self, items: list[RenderCall]) -> AsyncIterator[list[Any]]:
+    async def _render_batch(self, pending: list[_Pending]) -> AsyncIterator[list[Any]]:
+        items = [p.call for p in pending]
         count = len(items)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -92,7 +121,7 @@ class RendererDeployment:
 
         def work() -> None:
             try:
-                self.actor.render_isolated(items, progress, on_result)
+                self.actor.render_isolated(items, progress, on_result, [p.cancelled.is_set for p in pending])
             except BaseException as exc:  # noqa: BLE001 - reported to every caller still waiting
                 put((_END, [], exc, None))
             else:
@@ -103,7 +132,9 @@ class RendererDeployment:
         while True:
             kind, indices, payload, extra = await queue.get()
             if kind == "progress":
-                wanted = [i for i in indices if not stopped[i] and items[i].progress]
+                wanted = [
+                    i for i in indices if not stopped[i] and items[i].progress and not pending[i].cancelled.is_set()
+                ]
                 if wanted:
                     out: list[Any] = [None] * count
                     for i in wanted:

@@ -122,3 +122,44 @@ def test_flux_true_cfg_rows_leave_both_passes(flux_renderer):
     assert calls == [2, 2, 1, 1, 1, 1], calls  # the positive and the negative pass of each step
     assert dropped.problem == CANCELLED and kept.ok
     assert np.abs(pixels(alone) - pixels(kept)).max() <= 2
+
+
+@pytest.fixture(scope="module")
+def identity_registry(tmp_path_factory):
+    from imagegen.identity.characters import approve_character, register_character
+    from imagegen.identity.registry import Registry
+    from imagegen.settings import Settings
+    from tests.photos import astronaut_set
+
+    with Registry.open(Settings(home=tmp_path_factory.mktemp("cancel-home"))) as registry:
+        provenance = {"kind": "synthetic", "creator": "tests"}
+        register_character(
+            registry, character_id="mia", name="mia", provenance=provenance, files=list(astronaut_set(2))
+        )
+        approve_character(registry, "mia")
+        yield registry
+
+
+@pytest.mark.parametrize("preset", ["tiny-flux", "tiny-sdxl"])
+def test_identity_batches_keep_every_row_and_drop_the_cancelled_after(preset, identity_registry):
+    """Identity state is sized to the whole batch: rows stay to the end, cancelled ones get no image;
+    a call stopped mid-way leaves the conditioner clean for the next render."""
+    from imagegen.identity.provider import identity_renderer
+
+    renderer = identity_renderer(preset, identity_registry)
+    keep = RenderRequest(prompt="a cafe at night", seed=1, steps=4, character="mia")
+    drop = keep.model_copy(update={"seed": 2})
+    [alone] = renderer.render([keep])
+    flag = threading.Event()
+    with rows_seen(denoiser(renderer)) as calls:
+        kept, dropped = renderer.render([keep, drop], progress=lambda d, t: flag.set(), cancelled=[None, flag.is_set])
+    assert len(set(calls)) == 1 and len(calls) in (4, 8), calls  # every step on every row
+    assert dropped.problem == CANCELLED and dropped.image is None and dropped.batch["steps_run"] == 1
+    assert np.abs(pixels(alone) - pixels(kept)).max() <= 2
+
+    stop = threading.Event()
+    with rows_seen(denoiser(renderer)) as calls:
+        [stopped] = renderer.render([keep], progress=lambda d, t: stop.set(), cancelled=[stop.is_set])
+    assert stopped.problem == CANCELLED and len(calls) == 1
+    [again] = renderer.render([keep])
+    assert np.array_equal(pixels(alone), pixels(again))
