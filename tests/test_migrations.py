@@ -156,6 +156,9 @@ def test_a_database_written_before_migrations_is_refused_then_upgraded(legacy_ho
     refused = run_cli("keys", "list")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [f"error: {expected}"]
+    # the service refuses before it starts anything (no Ray, no port)
+    serve = run_cli("serve", "--num-cpus", "1", "--port", "1")
+    assert serve.returncode == 2 and serve.stderr.strip().splitlines() == [f"error: {expected}"]
     assert dump_sql(db) == before  # refusing changed nothing
 
     current = run_cli("db", "current")

@@ -607,7 +607,9 @@ class ServeStore(SessionScopes):
         if not records:
             return
         for record in records:
-            validate_tenant_id(record.get("tenant"))
+            if "tenant" not in record:
+                raise ValueError("every audit record names its tenant (the tenant of the key that rendered it)")
+            validate_tenant_id(record["tenant"])
         with self._write() as s:
             for record in records:
                 s.add(AuditRow(**record, created_at=utcnow()))

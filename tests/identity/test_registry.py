@@ -12,7 +12,7 @@ import pytest
 import torch
 from sqlalchemy import text
 
-from imagegen.blobstore import CorruptBlobError, InvalidDigestError
+from imagegen.blobstore import BlobNotFoundError, CorruptBlobError, InvalidDigestError
 from imagegen.errors import ImagegenError
 from imagegen.identity.models import (
     Character,
@@ -412,8 +412,13 @@ def test_corrupted_reference_is_reported(registry: Registry) -> None:
     stored = registry.characters.register(make_character("mia"), make_refs(2))
     digest = stored.references[0].digest
     registry.blobs.path(digest).write_bytes(b"bit rot")
-    with pytest.raises(CorruptBlobError, match="corrupt"):
+    with pytest.raises(CorruptBlobError, match="corrupt") as info:
         registry.characters.reference_bytes("mia", digest)
+    assert str(registry.blobs.root) not in str(info.value)  # HTTP clients see it: no paths
+    registry.blobs.path(digest).unlink()
+    with pytest.raises(BlobNotFoundError, match="missing") as info:
+        registry.characters.reference_bytes("mia", digest)
+    assert str(registry.blobs.root) not in str(info.value)
     problems = registry.verify()
     assert len(problems) == 1 and digest in problems[0]
 

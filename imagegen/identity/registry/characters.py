@@ -24,7 +24,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from imagegen.blobstore import sha256_hex, validate_digest
+from imagegen.blobstore import BlobNotFoundError, CorruptBlobError, sha256_hex, validate_digest
 from imagegen.db import utcnow as _utcnow
 from imagegen.identity.models import (
     AGE_CHECKS,
@@ -143,7 +143,16 @@ class CharacterStore:
                 f"character {character_id!r} has no reference {digest}; registry.characters.get(id).references "
                 "lists its references"
             )
-        return self.db.blobs.get(digest)
+        try:
+            return self.db.blobs.get(digest)
+        except (BlobNotFoundError, CorruptBlobError) as exc:
+            # the path goes to the log, not into the message: HTTP clients see this error
+            logger.error("reference %s of %s is unreadable: %s", digest, character_id, exc)
+            problem = "missing" if isinstance(exc, BlobNotFoundError) else "corrupt"
+            raise type(exc)(
+                f"reference {digest} of character {character_id!r} is {problem} in the blob store; "
+                "an operator restores it from a backup (`Registry.verify()` lists every such blob)"
+            ) from None
 
     # -- registering -----------------------------------------------------------------------------
     def register(
