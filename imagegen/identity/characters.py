@@ -118,8 +118,12 @@ def register_character(
     analyzer: FaceAnalyzer | None = None,
     settings: Settings | None = None,
     tenant: str = DEFAULT_TENANT,
+    max_request_pixels: int = MAX_REQUEST_PIXELS,
 ) -> Registration:
-    """Validate, analyse, check and store a new character (as ``draft``, owned by ``tenant``); all or nothing."""
+    """Validate, analyse, check and store a new character (as ``draft``, owned by ``tenant``); all or nothing.
+
+    ``max_request_pixels``: the budget over all references' headers (``ingest.MAX_REQUEST_PIXELS``).
+    """
     settings = settings or get_settings()
     character = Character(
         id=validate_character_id(character_id),
@@ -132,7 +136,7 @@ def register_character(
         raise DuplicateCharacterError(
             f"a character with id {character.id!r} is already registered; pick another id or delete it first"
         )
-    images = ingest_all(files)
+    images = ingest_all(files, max_request_pixels=max_request_pixels)
     results, report, age = analyze_and_check(registry, images, analyzer or get_analyzer(), settings)
     centroid = set_centroid(results, report)
     stored = character.model_copy(

@@ -221,6 +221,16 @@ def test_hostile_uploads_are_refused_before_decoding_and_change_nothing(registry
     assert info.value.code == "image_too_large"
     with pytest.raises(UploadTooLargeError):
         register(registry, dlib, "many", files=[(f"big-{i}.png", bomb_png(6000, 6000 - i)) for i in range(8)])
+    with pytest.raises(UploadTooLargeError, match="over the 500,000-pixel limit"):  # the budget is a parameter
+        register_character(
+            registry,
+            character_id="small-budget",
+            name="S",
+            provenance=SYNTHETIC,
+            files=list(astronaut_set(3)),
+            analyzer=dlib,
+            max_request_pixels=500_000,
+        )
     assert registry.dump() == before
 
 
