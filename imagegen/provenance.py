@@ -17,6 +17,7 @@ whole record as JSON under ``imagegen``) plus text chunks ``ai_generated``,
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from imagegen.images import RECORD_KEY, png_info
+from imagegen.settings import get_settings
 from imagegen.versions import library_versions
 
 WATERMARK_METHOD = "dwtDctSvd"
@@ -115,6 +117,20 @@ def read_watermark(image: Image.Image) -> dict[str, Any]:
     }
 
 
+def without_prompt(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` with the prompt and negative prompt replaced by their SHA-256 (``prompt_sha256``)."""
+    if "prompt" not in metadata and "negative_prompt" not in metadata:
+        return metadata
+    kept = {k: v for k, v in metadata.items() if k not in ("prompt", "negative_prompt")}
+    kept["prompt_sha256"] = prompt_sha256(metadata.get("prompt") or "", metadata.get("negative_prompt") or "")
+    return kept
+
+
+def prompt_sha256(prompt: str, negative_prompt: str = "") -> str:
+    """The hash images and audit rows carry instead of the prompt (NUL-separated, so pairs never collide)."""
+    return hashlib.sha256(f"{prompt}\x00{negative_prompt}".encode()).hexdigest()
+
+
 def stamp(
     image: Image.Image,
     metadata: dict[str, Any],
@@ -123,8 +139,17 @@ def stamp(
     request_id: str,
     character_version: int | None = None,
     extra: dict[str, Any] | None = None,
+    include_prompt: bool | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
-    """Watermark ``image`` and encode it as PNG with its metadata; returns (png bytes, provenance record)."""
+    """Watermark ``image`` and encode it as PNG with its metadata; returns (png bytes, provenance record).
+
+    Images get shared: the PNG carries the request id and the recipe (seed, steps, sizes,
+    character, method) but the prompt only as its SHA-256, unless ``include_prompt`` (default:
+    ``IMAGEGEN_METADATA_INCLUDE_PROMPT``) opts in. The audit trail keeps the same hash.
+    """
+    if include_prompt is None:
+        include_prompt = get_settings().metadata_include_prompt
+    metadata = metadata if include_prompt else without_prompt(metadata)
     marked, watermark = embed_watermark(image, tag_for(image_id))
     record = {
         "ai_generated": True,

@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     min_apparent_age: int = Field(default=25, ge=18)
     #: strict age gate: refuse a character when no age estimator is available
     strict_age_gate: bool = False
+    #: DEVELOPMENT ONLY: render characters whose apparent age was never verified (no estimator
+    #: installed). Off, the service and the CLI refuse them; the demo and the tests turn it on,
+    #: logged at start, shown in /readyz and stamped into every image's provenance metadata.
+    allow_unverified_age: bool = False
+    #: write the raw prompt into image metadata (off: images carry its SHA-256 and the recipe only)
+    metadata_include_prompt: bool = False
+
+    @property
+    def age_policy(self) -> str:
+        """What an image's provenance says about the age gate its character passed."""
+        return "unverified-allowed (development only)" if self.allow_unverified_age else "verified-only"
 
     @property
     def model_cache(self) -> Path:

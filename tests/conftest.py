@@ -2,7 +2,8 @@
 
 The tiny model repos are built once per test session into a shared model cache (building them
 is deterministic, so sharing changes nothing but time); everything else a test writes
-(registry, blobs, outputs) goes to its own temporary directory.
+(registry, blobs, outputs) goes to its own temporary directory. The session allows characters
+whose apparent age is unverified (the development setting the demo uses too).
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from imagegen.settings import get_settings
 @pytest.fixture(scope="session", autouse=True)
 def _session_home(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("imagegen-home")
-    saved = {k: os.environ.get(k) for k in ("IMAGEGEN_HOME", "IMAGEGEN_MODEL_CACHE_DIR")}
+    saved = {
+        k: os.environ.get(k) for k in ("IMAGEGEN_HOME", "IMAGEGEN_MODEL_CACHE_DIR", "IMAGEGEN_ALLOW_UNVERIFIED_AGE")
+    }
     os.environ["IMAGEGEN_HOME"] = str(home)
     os.environ["IMAGEGEN_MODEL_CACHE_DIR"] = str(home / "models")
+    # development only, like the demo: no age estimator can be installed on these machines, so the
+    # test characters are `age_check: unverified` (tests of the strict policy turn it off)
+    os.environ["IMAGEGEN_ALLOW_UNVERIFIED_AGE"] = "1"
     get_settings.cache_clear()
     yield home
     for key, value in saved.items():

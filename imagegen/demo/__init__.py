@@ -10,10 +10,15 @@
    ``metrics.json`` and ``junit.xml`` under ``out/eval-smoke``.
 
 The demo sits on top: it uses identity, serve and eval; nothing else in the package imports it.
+
+No apparent-age estimator can be installed offline, so the demo character is ``age_check:
+unverified``; the demo turns on the development-only ``IMAGEGEN_ALLOW_UNVERIFIED_AGE`` (and says
+so) — a real deployment installs an estimator and leaves it off.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from rich.progress import Progress
 
 from imagegen import samples
 from imagegen.demo.local import DEMO_SAMPLE, run_local_demo
+from imagegen.settings import get_settings
 
 __all__ = ["run_demo"]
 
@@ -34,12 +40,24 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Render the demo grid into ``out``, then the service and eval parts; returns what was written, by label."""
+    allow_unverified_age(log)
     written = run_local_demo(out, progress_factory)
     if service:
         written.update(run_service_part(out, log))
     if evaluation:
         written.update(run_eval_part(out, progress_factory))
     return written
+
+
+def allow_unverified_age(log: Callable[[str], None]) -> None:
+    """Turn on the development-only age policy for this process and the service it starts (env var)."""
+    if not get_settings().allow_unverified_age:
+        os.environ["IMAGEGEN_ALLOW_UNVERIFIED_AGE"] = "1"
+        get_settings.cache_clear()
+    log(
+        "development only: IMAGEGEN_ALLOW_UNVERIFIED_AGE=1 (no age estimator offline); "
+        "images say so in their provenance metadata"
+    )
 
 
 def run_service_part(out: Path, log: Callable[[str], None]) -> dict[str, Path]:

@@ -5,12 +5,20 @@ what the pipelines must not know: which characters exist, which may be rendered 
 drafts for an artist's preview), and where their tensors are cached. A render reads each of its
 characters from the registry once (so a deleted or re-registered character is seen at once) and
 keeps the tensors themselves in a small in-memory LRU keyed by the character's registration (id,
-creation time, version) and the method's weights: nothing deleted or replaced renders from memory.
+creation time, version — versions never restart for a re-used id) and the method's weights:
+nothing deleted or replaced renders from memory, and a sweep drops the tensors of characters that
+were deleted or changed (``forget_stale``) so their bytes do not linger either.
+
+``refusal`` is the one render policy, shared with the service's edge check: approved (or a
+draft whose reference report passed, for an artist's preview), and an apparent age that was
+verified unless the deployment allows unverified characters (development only).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +32,44 @@ from imagegen.settings import Settings, get_settings
 
 #: characters whose identity tensors one provider keeps in memory
 IDENTITY_LRU_SIZE = 64
+#: how often the in-memory tensors are checked against the registry (deleted or changed characters)
+SWEEP_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a character may not be rendered: an error code and a message that says what to do."""
+
+    code: str
+    message: str
+
+
+def refusal(character: Character, *, allow_draft: bool, allow_unverified_age: bool) -> Refusal | None:
+    """Why ``character`` may not be rendered under this policy, or None when it may."""
+    cid = character.id
+    if character.status != "approved":
+        if not allow_draft:
+            return Refusal(
+                "character_not_renderable",
+                f"character '{cid}' is a draft; approve it first (`imagegen characters approve {cid}` "
+                f"or POST /v1/characters/{cid}/approve)",
+            )
+        if character.report_passed is not True:
+            return Refusal(
+                "character_not_renderable",
+                f"draft '{cid}' has no passing reference report; fix its references "
+                f"(`imagegen characters check {cid}`) before previewing it",
+            )
+    if character.age_check == "failed":
+        return Refusal("age_check_failed", f"character '{cid}' failed the apparent-age gate; it never renders")
+    if character.age_check != "passed" and not allow_unverified_age:
+        return Refusal(
+            "age_unverified",
+            f"character '{cid}' has an unverified apparent age; install an age estimator and re-check it "
+            "(`imagegen characters approve` re-runs the gate), or set IMAGEGEN_ALLOW_UNVERIFIED_AGE=1 "
+            "on a development deployment",
+        )
+    return None
 
 
 class RegistryIdentity:
@@ -37,6 +83,7 @@ class RegistryIdentity:
         self._cache: ConditioningCache | None = None
         #: (character id, created at, version, method, weights hash) -> tensors: the hot path reads no blobs
         self._lru: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._swept_at = time.monotonic()
 
     @property
     def registry(self) -> Registry:
@@ -59,19 +106,43 @@ class RegistryIdentity:
 
     def renderable(self, character_id: str) -> Character:
         """The character, if this provider's policy lets it be rendered."""
-        character = self.registry.characters.get(character_id)
-        if character.status != "approved" and not self.allow_draft:
-            raise CharacterNotRenderableError(
-                f"character '{character_id}' is a draft; approve it first "
-                f"(`imagegen characters approve {character_id}`)"
-            )
+        try:
+            character = self.registry.characters.get(character_id)
+        except Exception:
+            self._drop(character_id)
+            raise
+        refused = refusal(
+            character, allow_draft=self.allow_draft, allow_unverified_age=self.settings.allow_unverified_age
+        )
+        if refused is not None:
+            raise CharacterNotRenderableError(refused.message)
         return character
+
+    def _drop(self, character_id: str, keep: tuple | None = None) -> None:
+        """Forget every cached registration of ``character_id`` but ``keep`` (id, created at, version)."""
+        for key in [k for k in self._lru if k[0] == character_id and k[:3] != keep]:
+            del self._lru[key]
+
+    def forget_stale(self) -> int:
+        """Drop the tensors of characters deleted or changed since they were cached; returns how many."""
+        self._swept_at = time.monotonic()
+        cached = {key[:3] for key in self._lru}
+        if not cached:
+            return 0
+        current = {c.id: (c.id, c.created_at, c.version) for c in self.registry.characters.all()}
+        stale = [key for key in self._lru if current.get(key[0]) != key[:3]]
+        for key in stale:
+            del self._lru[key]
+        return len(stale)
 
     def tensors_for(self, character: str, conditioner: IdentityMethod) -> dict[str, torch.Tensor]:
         """Cached conditioning of a character: memory, then the registry, computed only on a miss."""
+        if time.monotonic() - self._swept_at > SWEEP_EVERY_S:
+            self.forget_stale()
         found = self.renderable(character)
-        # created_at tells registrations apart: an id deleted and registered again restarts at version 1
-        key = (found.id, found.created_at, found.version, conditioner.name, conditioner.weights_hash)
+        registration = (found.id, found.created_at, found.version)
+        self._drop(found.id, keep=registration)
+        key = (*registration, conditioner.name, conditioner.weights_hash)
         if key not in self._lru:
             self._lru[key] = self.conditioning_cache.get(found, conditioner)
             while len(self._lru) > IDENTITY_LRU_SIZE:

@@ -1,8 +1,8 @@
 """One JSON error shape for every failure: ``{"error": {"code", "message", "field"}}``.
 
 ``ImagegenError`` subclasses carry ``code`` and ``field``; ``status_for`` maps a code to the HTTP
-status (unknown things 404, conflicts 409, invalid input 422, the rest 400; capacity problems 429
-/ 503 with ``Retry-After``).
+status (unknown things 404, conflicts 409, too large 413, invalid input 422, the rest 400;
+capacity problems 429 / 503 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ NOT_FOUND = {
     "unknown_key",
     "not_found",
 }
-CONFLICT = {"duplicate_character", "approval_refused", "character_not_renderable", "job_finished"}
+CONFLICT = {
+    "duplicate_character",
+    "approval_refused",
+    "character_not_renderable",
+    "age_unverified",
+    "age_check_failed",
+    "job_finished",
+}
+TOO_LARGE = {"image_too_large", "upload_too_large"}
 UNPROCESSABLE_PREFIXES = ("invalid_",)
 UNPROCESSABLE = {
     "validation_error",
@@ -42,6 +50,8 @@ def status_for(code: str) -> int:
         return 404
     if code in CONFLICT:
         return 409
+    if code in TOO_LARGE:
+        return 413
     if code in UNPROCESSABLE or code.startswith(UNPROCESSABLE_PREFIXES):
         return 422
     if code in UNAVAILABLE:

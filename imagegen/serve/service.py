@@ -2,9 +2,10 @@
 
 One ``RenderService`` per ingress replica serves the synchronous route and the job runner alike:
 
-- ``plan`` validates a ``RenderBody`` once (preset served here, limits, the character approved,
-  its gate centroid) and resolves it into one typed ``RenderRequest`` (seed drawn, defaults
-  filled) plus the gate's settings;
+- ``plan`` validates a ``RenderBody`` once for its caller (preset served here, limits, the
+  character visible to the caller's tenant and renderable under the age policy, its gate
+  centroid) and resolves it into one typed ``RenderRequest`` (seed drawn, defaults filled) plus
+  the gate's settings;
 - ``execute`` renders every image concurrently (they batch with each other and with other
   requests in the renderer deployment), each through the consistency gate: a ``RenderCall`` per
   attempt goes to the preset's renderer replica, which renders, scores the face, watermarks,
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 from imagegen import provenance
 from imagegen.faces import backend_family
 from imagegen.identity.methods import resolve_method
+from imagegen.identity.provider import refusal
 from imagegen.identity.registry import Registry
 from imagegen.pipelines.presets import get_preset
 from imagegen.pipelines.types import MAX_SEED, RenderRequest
@@ -41,7 +43,9 @@ from imagegen.serve.errors import ApiError, too_busy
 from imagegen.serve.jobs import RendererDied
 from imagegen.serve.metrics import Metrics
 from imagegen.serve.schemas import GateAttempt, GateReport, ImageOut, JobOut, RenderBody, RenderOut
-from imagegen.serve.store import Job, ServeStore, prompt_sha256
+from imagegen.serve.store import Job, ServeStore
+from imagegen.serve.tenancy import Caller, character_for
+from imagegen.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class Plan:
     """A validated render: what to render (one resolved ``RenderRequest``), for whom, with which gate."""
 
     request_id: str
-    key_id: str
+    caller: Caller
     job_id: str | None
     preset: str
     base: RenderRequest
@@ -64,6 +68,12 @@ class Plan:
     gate_min: float | None
     max_attempts: int
     body: RenderBody
+    #: the deployment's age policy, stamped into every image (``Settings.age_policy``)
+    age_policy: str
+
+    @property
+    def key_id(self) -> str:
+        return self.caller.key_id
 
     def seed_for(self, index: int, attempt: int) -> int:
         assert self.base.seed is not None
@@ -75,7 +85,7 @@ class Plan:
             request=self.base.model_copy(update={"seed": self.seed_for(index, attempt)}),
             request_id=self.request_id,
             character_version=self.character_version,
-            extra={"preset": self.preset, "job_id": self.job_id, "key_id": self.key_id},
+            extra={"preset": self.preset, "job_id": self.job_id, "age_policy": self.age_policy},
             gate=self.gate,
             progress=progress,
         )
@@ -125,6 +135,7 @@ class RenderService:
         metrics: Metrics,
         config: Callable[[], IngressConfig],
         gate_backend: str,
+        settings: Settings | None = None,
     ):
         self.renderers = renderers
         self.presets = list(presets)
@@ -134,6 +145,7 @@ class RenderService:
         self.config = config
         self.gate_backend = gate_backend
         self.gate_family = backend_family(gate_backend)
+        self.settings = settings or get_settings()
         self.db_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="db")
 
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -141,8 +153,8 @@ class RenderService:
         return await asyncio.get_running_loop().run_in_executor(self.db_pool, fn, *args)
 
     # -- plan ------------------------------------------------------------------------------------
-    async def plan(self, body: RenderBody, key_id: str, request_id: str, job_id: str | None = None) -> Plan:
-        """Validate ``body`` for this service and resolve it into one typed request (raises ``ApiError``)."""
+    async def plan(self, body: RenderBody, caller: Caller, request_id: str, job_id: str | None = None) -> Plan:
+        """Validate ``body`` for ``caller`` and resolve it into one typed request (raises ``ApiError``)."""
         cfg = self.config()
         if body.preset not in self.presets:
             raise ApiError(
@@ -179,15 +191,12 @@ class RenderService:
         base.check_against(preset)
         character_version, gate = None, None
         if body.character is not None:
-            character = await self.db(self.registry.characters.get, body.character)
-            if character.status != "approved":
-                raise ApiError(
-                    409,
-                    "character_not_renderable",
-                    f"character {character.id!r} is {character.status}; approve it first "
-                    f"(POST /v1/characters/{character.id}/approve)",
-                    "character",
-                )
+            character = await self.db(character_for, self.registry, body.character, caller)
+            refused = refusal(
+                character, allow_draft=False, allow_unverified_age=self.settings.allow_unverified_age
+            )
+            if refused is not None:
+                raise ApiError(409, refused.code, refused.message, "character")
             character_version = character.version
             if gate_min is not None:
                 centroid = character.centroids.get(self.gate_family)
@@ -202,7 +211,7 @@ class RenderService:
                 gate = GateTarget(self.gate_backend, tuple(float(v) for v in centroid))
         return Plan(
             request_id=request_id,
-            key_id=key_id,
+            caller=caller,
             job_id=job_id,
             preset=body.preset,
             base=base,
@@ -212,6 +221,7 @@ class RenderService:
             gate_min=gate_min,
             max_attempts=max_attempts,
             body=body.model_copy(update={"seed": seed}),
+            age_policy=self.settings.age_policy,
         )
 
     # -- execute ---------------------------------------------------------------------------------
@@ -310,11 +320,12 @@ class RenderService:
             "request_id": plan.request_id,
             "job_id": plan.job_id,
             "key_id": plan.key_id,
+            "tenant": plan.caller.tenant,
             "preset": plan.preset,
             "character": metadata.get("character"),
             "character_version": plan.character_version,
             "method": metadata.get("method"),
-            "prompt_sha256": prompt_sha256(metadata.get("prompt") or "", metadata.get("negative_prompt") or ""),
+            "prompt_sha256": provenance.prompt_sha256(plan.base.prompt, plan.base.negative_prompt or ""),
             "seed": image.seed,
             "watermark_tag": provenance.tag_for(image.image_id),
         }
@@ -323,7 +334,10 @@ class RenderService:
     async def run_job(self, job: Job, emit: Callable[[dict], None]) -> dict:
         """The job runner's executor: plan the stored body again, render, store the PNGs, return the result."""
         body = RenderBody.model_validate(job.request["body"])
-        plan = await self.plan(body, job.key_id, job.request["request_id"], job_id=job.id)
+        key = await self.db(self.store.get_key, job.key_id)
+        if key is None or not key.active:
+            raise ApiError(403, "key_revoked", "the API key that submitted this job was revoked; it did not run")
+        plan = await self.plan(body, Caller.of(key), job.request["request_id"], job_id=job.id)
         done_images: set[int] = set()
         loop = asyncio.get_running_loop()
         last_emit = [0.0]
@@ -377,10 +391,10 @@ class RenderService:
             links={"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"},
         )
 
-    async def submit_job(self, body: RenderBody, key_id: str, request_id: str) -> Job:
+    async def submit_job(self, body: RenderBody, caller: Caller, request_id: str) -> Job:
         """Plan a job and store it ``queued`` (429 when the queue is full); the runner picks it up."""
         cfg = self.config()
-        plan = await self.plan(body, key_id, request_id, job_id=uuid.uuid4().hex)
+        plan = await self.plan(body, caller, request_id, job_id=uuid.uuid4().hex)
         assert plan.job_id is not None
         if await self.db(self.store.count_active_jobs) >= cfg.max_queued_jobs:
             self.metrics.rejected.labels("job_queue_full").inc()
@@ -388,7 +402,17 @@ class RenderService:
                 "job_queue_full", f"{cfg.max_queued_jobs} jobs are queued or running; retry later", cfg.retry_after_s
             )
         stored = {"body": plan.body.model_dump(mode="json"), "request_id": plan.request_id}
-        return await self.db(self.store.create_job, plan.job_id, plan.key_id, plan.preset, stored, plan.num_images)
+        return await self.db(
+            lambda: self.store.create_job(
+                plan.job_id,
+                plan.key_id,
+                plan.preset,
+                stored,
+                plan.num_images,
+                tenant=caller.tenant,
+                character=plan.base.character,
+            )
+        )
 
 
 def iso(value: Any) -> str | None:
@@ -415,9 +439,9 @@ class SyncRenders:
         self.service = service
         self.inflight = 0
 
-    async def render(self, body: RenderBody, key_id: str, request_id: str) -> Rendered:
+    async def render(self, body: RenderBody, caller: Caller, request_id: str) -> Rendered:
         service, cfg = self.service, self.service.config()
-        plan = await service.plan(body, key_id, request_id)
+        plan = await service.plan(body, caller, request_id)
         if self.inflight >= cfg.max_inflight_renders:
             service.metrics.rejected.labels("ingress_busy").inc()
             raise too_busy(

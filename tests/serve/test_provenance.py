@@ -101,6 +101,7 @@ def test_provenance_check_cli(tmp_path, isolated_home):
                     "request_id": "req-cli",
                     "job_id": None,
                     "key_id": "k1",
+                    "tenant": "default",
                     "preset": "tiny-flux",
                     "character": "mia",
                     "character_version": 1,

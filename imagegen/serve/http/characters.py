@@ -1,4 +1,8 @@
-"""``/v1/characters``: register (multipart), list, read, approve and delete characters."""
+"""``/v1/characters``: register (multipart), list, read, approve and delete characters.
+
+Every route acts for the caller's tenant (``CharacterService`` decides what it sees);
+registering and deleting need ``characters:write``, approving needs ``characters:approve``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, ingress_of, scoped
 from imagegen.serve.schemas import CharacterList, CharacterSummary, DeleteOut, RegistrationOut
 from imagegen.serve.service import iso
+from imagegen.serve.store import ApiKey
+from imagegen.serve.tenancy import Caller
 
 router = APIRouter(tags=["characters"], dependencies=AUTH)
 
@@ -19,6 +25,7 @@ router = APIRouter(tags=["characters"], dependencies=AUTH)
 def summary(character: Any) -> CharacterSummary:
     return CharacterSummary(
         id=character.id,
+        tenant=character.tenant,
         name=character.name,
         status=character.status,
         version=character.version,
@@ -53,10 +60,10 @@ def _json_field(raw: str, field: str) -> Any:
     "/v1/characters",
     status_code=201,
     response_model=RegistrationOut,
-    dependencies=[Depends(scoped("characters:write"))],
 )
 async def create_character(
     request: Request,
+    key: ApiKey = Depends(scoped("characters:write")),
     id: str = Form(..., max_length=64, description="Slug: a-z, 0-9, '-' and '_'."),
     name: str = Form(..., min_length=1, max_length=200),
     provenance_json: str = Form(
@@ -64,6 +71,7 @@ async def create_character(
     ),
     card_json: str | None = Form(None, alias="card", max_length=100_000, description="JSON card (optional)."),
     references: list[UploadFile] = File(..., description="Reference images (PNG, JPEG, WebP)."),
+    tenant: str | None = Form(None, max_length=64, description="Owning tenant (admin keys only)."),
 ) -> RegistrationOut:
     """Register a character (as `draft`) from reference images; returns its reference report."""
     from imagegen.identity.characters import MAX_REFERENCES
@@ -74,23 +82,27 @@ async def create_character(
     if len(references) > MAX_REFERENCES:
         raise ApiError(422, "invalid_reference", f"at most {MAX_REFERENCES} references", "references")
     files = [(upload.filename or f"reference-{i}", await upload.read()) for i, upload in enumerate(references)]
-    registration = await ingress_of(request).characters.register(id, name, provenance_data, files, card)
+    registration = await ingress_of(request).characters.register(
+        Caller.of(key), id, name, provenance_data, files, card, tenant
+    )
     return registration_out(registration)
 
 
-@router.get("/v1/characters", response_model=CharacterList, dependencies=[Depends(scoped(None))])
+@router.get("/v1/characters", response_model=CharacterList)
 async def list_characters(
-    request: Request, status: str | None = Query(None, pattern="^(draft|approved)$")
+    request: Request,
+    status: str | None = Query(None, pattern="^(draft|approved)$"),
+    key: ApiKey = Depends(scoped(None)),
 ) -> CharacterList:
-    """Every registered character (summaries), optionally only `draft` or `approved` ones."""
-    characters = await ingress_of(request).characters.all(status)
+    """The characters of the key's tenant (every tenant's for admin), optionally only `draft` or `approved`."""
+    characters = await ingress_of(request).characters.all(Caller.of(key), status)
     return CharacterList(characters=[summary(c) for c in characters])
 
 
-@router.get("/v1/characters/{character_id}", dependencies=[Depends(scoped(None))])
-async def get_character(request: Request, character_id: str) -> dict[str, Any]:
-    """One character: card, provenance, references and face analyses (no embeddings)."""
-    character = await ingress_of(request).characters.get(validate_character_id(character_id))
+@router.get("/v1/characters/{character_id}")
+async def get_character(request: Request, character_id: str, key: ApiKey = Depends(scoped(None))) -> dict[str, Any]:
+    """One character of the key's tenant: card, provenance, references and face analyses (no embeddings)."""
+    character = await ingress_of(request).characters.get(Caller.of(key), validate_character_id(character_id))
     data = character.model_dump(mode="json")
     for ref in data["references"]:
         for face in ref["faces"].values():
@@ -102,18 +114,19 @@ async def get_character(request: Request, character_id: str) -> dict[str, Any]:
 @router.post(
     "/v1/characters/{character_id}/approve",
     response_model=RegistrationOut,
-    dependencies=[Depends(scoped("characters:write"))],
 )
-async def approve_character(request: Request, character_id: str) -> RegistrationOut:
+async def approve_character(
+    request: Request, character_id: str, key: ApiKey = Depends(scoped("characters:approve"))
+) -> RegistrationOut:
     """Approve a character: re-runs the reference report and every safeguard first."""
-    registration = await ingress_of(request).characters.approve(validate_character_id(character_id))
+    registration = await ingress_of(request).characters.approve(Caller.of(key), validate_character_id(character_id))
     return registration_out(registration)
 
 
-@router.delete(
-    "/v1/characters/{character_id}", response_model=DeleteOut, dependencies=[Depends(scoped("characters:write"))]
-)
-async def delete_character(request: Request, character_id: str) -> DeleteOut:
-    """Delete a character and every byte of it; says how much went."""
-    report = await ingress_of(request).characters.delete(validate_character_id(character_id))
-    return DeleteOut(deleted=report)
+@router.delete("/v1/characters/{character_id}", response_model=DeleteOut)
+async def delete_character(
+    request: Request, character_id: str, key: ApiKey = Depends(scoped("characters:write"))
+) -> DeleteOut:
+    """Delete a character and every byte of it (its renders and jobs included); says how much went."""
+    report, renders = await ingress_of(request).characters.delete(Caller.of(key), validate_character_id(character_id))
+    return DeleteOut(deleted=report, renders=renders)
