@@ -146,7 +146,9 @@ def render(
     identity_weight: float = typer.Option(1.0, help="Identity strength (0 = none)."),
     identity_start_step: int = typer.Option(0, help="Apply identity from this denoising step on."),
     method: str | None = typer.Option(None, help="Identity method (default: the preset's, see models.yaml)."),
-    allow_draft: bool = typer.Option(False, help="Render a character that is not approved yet (preview)."),
+    allow_draft: bool = typer.Option(
+        False, help="Preview a draft character whose reference report passed (never one that failed)."
+    ),
 ) -> None:
     """Render images and write them as PNGs carrying prompt, seed, preset, character and versions."""
     from imagegen.pipelines.presets import get_preset

@@ -129,8 +129,8 @@ class RegistryIdentity:
         cached = {key[:3] for key in self._lru}
         if not cached:
             return 0
-        current = {c.id: (c.id, c.created_at, c.version) for c in self.registry.characters.all()}
-        stale = [key for key in self._lru if current.get(key[0]) != key[:3]]
+        current = self.registry.characters.registrations(key[0] for key in cached)
+        stale = [key for key in self._lru if (key[0], *current.get(key[0], ())) != key[:3]]
         for key in stale:
             del self._lru[key]
         return len(stale)

@@ -115,6 +115,20 @@ class CharacterStore:
         with self.db.read() as s:
             return list(s.scalars(query))
 
+    def registrations(self, character_ids: Iterable[str]) -> dict[str, tuple[datetime, int]]:
+        """(created at, version) of each of ``character_ids`` that exists: one light query.
+
+        What a cache keyed by registration checks to drop tensors of deleted or changed characters.
+        """
+        wanted = sorted({validate_character_id(c) for c in character_ids})
+        if not wanted:
+            return {}
+        query = select(CharacterRow.id, CharacterRow.created_at, CharacterRow.version).where(
+            CharacterRow.id.in_(wanted)
+        )
+        with self.db.read() as s:
+            return {cid: (created, version) for cid, created, version in s.execute(query)}
+
     def all(self, *, status: str | None = None, tenant: str | None = None) -> list[Character]:
         """Every character (optionally only those with ``status`` / of ``tenant``), sorted by id."""
         query = select(CharacterRow).options(*self._load_options()).order_by(CharacterRow.id)
