@@ -17,6 +17,7 @@ and ends as a :class:`RenderCancelled`, never scored, watermarked or encoded.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -115,6 +116,12 @@ class RenderCancelled(RenderError):
     steps: int = 0
 
 
+def request_tag(request_id: str) -> str:
+    """How health reports name a request: a digest of its id (health is unauthenticated; the id is
+    the caller's, who can compute the tag, and nobody else learns it)."""
+    return hashlib.sha256(request_id.encode()).hexdigest()[:16]
+
+
 def as_call(item: RenderCall | RenderRequest) -> RenderCall:
     """A bare ``RenderRequest`` (scripts, suites) as a call with default provenance."""
     return item if isinstance(item, RenderCall) else RenderCall(request=item)
@@ -134,9 +141,9 @@ class RendererActor:
         self.batches = 0
         self.failed = 0
         self.cancelled = 0
-        #: the last few cancellations (request id, seed, steps run of steps), for health checks and tests
+        #: the last few cancellations (request tag, steps run of steps), for health checks and tests
         self.recent_cancels: deque[dict[str, Any]] = deque(maxlen=16)
-        #: the pipeline call in progress: (request ids in it, step done, steps), None between calls
+        #: the pipeline call in progress: (request tags in it, step done, steps), None between calls
         self._rendering: tuple[list[str], int, int] | None = None
         self._gates: dict[str, GateScorer] = {}
         log.info("renderer actor for %s ready in %.2fs (pid %d)", preset, self.ready_seconds, os.getpid())
@@ -181,8 +188,7 @@ class RendererActor:
                 self.cancelled += 1
                 self.recent_cancels.append(
                     {
-                        "request_id": calls[index].request_id,
-                        "seed": calls[index].request.seed,
+                        "request": request_tag(calls[index].request_id),
                         "steps_run": outcome.steps_run,
                         "steps": outcome.steps,
                     }
@@ -218,10 +224,10 @@ class RendererActor:
         settle: Callable[[int, RenderedImage | RenderError], None],
         flags: Sequence[Cancelled | None],
     ) -> None:
-        request_ids = [calls[i].request_id for i in indices]
+        tags = [request_tag(calls[i].request_id) for i in indices]
 
         def step(done: int, total: int) -> None:
-            self._rendering = (request_ids, done, total)
+            self._rendering = (tags, done, total)
             if progress is not None:
                 progress(indices, done, total)
 
@@ -303,7 +309,7 @@ class RendererActor:
             "recent_cancels": list(self.recent_cancels),
             "rendering": None
             if rendering is None
-            else {"request_ids": list(rendering[0]), "step": rendering[1], "steps": rendering[2]},
+            else {"requests": list(rendering[0]), "step": rendering[1], "steps": rendering[2]},
         }
 
 

@@ -15,6 +15,9 @@ import time
 import uuid
 from urllib.parse import urlparse
 
+import httpx
+
+from imagegen.serve.actors import request_tag
 from tests.serve.conftest import wait_ready
 
 STEPS = 50  # the tiny presets' max_steps: a render long enough to be caught in the middle
@@ -36,8 +39,9 @@ def wait_for(what: str, check, timeout_s: float = 120.0, poll_s: float = 0.1):
 
 
 def cancel_record(url: str, preset: str, request_id: str) -> dict | None:
+    """The renderer's record of ``request_id``'s cancellation (health names requests by tag)."""
     records = renderer_health(url, preset)["recent_cancels"]
-    return next((r for r in records if r["request_id"] == request_id), None)
+    return next((r for r in records if r["request"] == request_tag(request_id)), None)
 
 
 def cancelled_total(metrics: str, preset: str) -> float:
@@ -45,10 +49,18 @@ def cancelled_total(metrics: str, preset: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_a_deleted_job_stops_its_render_and_frees_the_renderer(service, renderer_client, admin):
+def test_a_deleted_job_stops_its_render_and_frees_the_renderer(service, keys, renderer_client, admin):
     preset = "tiny-flux"
     before = cancelled_total(admin.metrics(), preset)
-    job = renderer_client.submit_job(preset=preset, prompt="cancel me", seed=8101, steps=STEPS, width=128, height=128)
+    request_id = f"deleted-{uuid.uuid4().hex[:12]}"
+    submitted = httpx.post(
+        f"{service.url}/v1/jobs",
+        json={"preset": preset, "prompt": "cancel me", "seed": 8101, "steps": STEPS, "width": 128, "height": 128},
+        headers={"Authorization": f"Bearer {keys.render}", "X-Request-Id": request_id},
+        timeout=60,
+    )
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
     steps_seen: list[int] = []
     kinds: list[str] = []
     for event in renderer_client.events(job["job_id"]):
@@ -63,11 +75,9 @@ def test_a_deleted_job_stops_its_render_and_frees_the_renderer(service, renderer
     assert final["status"] == "cancelled" and final["result"] is None
 
     # the renderer dropped the request between steps: its pipeline call stopped early
-    def record() -> dict | None:
-        records = renderer_health(service.url, preset)["recent_cancels"]
-        return next((r for r in records if r["seed"] == 8101), None)
-
-    found = wait_for("the renderer to report the cancelled render", record)
+    found = wait_for(
+        "the renderer to report the cancelled render", lambda: cancel_record(service.url, preset, request_id)
+    )
     assert found["steps"] == STEPS and found["steps_run"] < STEPS, found
     # and it is free: the next render on it completes
     after = renderer_client.render(preset=preset, prompt="after the cancel", seed=8102, steps=2)
@@ -93,7 +103,7 @@ def test_an_abandoned_sync_render_stops_between_steps(service, keys, admin):
 
         def rendering() -> dict | None:
             now = renderer_health(service.url, preset)["rendering"]
-            return now if now is not None and request_id in now["request_ids"] and now["step"] >= 1 else None
+            return now if now is not None and request_tag(request_id) in now["requests"] and now["step"] >= 1 else None
 
         started = wait_for("the render to start on the renderer", rendering)
         assert started["steps"] == STEPS
@@ -104,4 +114,4 @@ def test_an_abandoned_sync_render_stops_between_steps(service, keys, admin):
     assert found["steps"] == STEPS and started["step"] <= found["steps_run"] < STEPS, (started, found)
     assert cancelled_total(admin.metrics(), preset) >= before + 1
     health = renderer_health(service.url, preset)
-    assert health["rendering"] is None or request_id not in health["rendering"]["request_ids"]
+    assert health["rendering"] is None or request_tag(request_id) not in health["rendering"]["requests"]
