@@ -138,6 +138,8 @@ class JobRunner:
             await writer.flush()
             if not await self.db(self.store.finish_job, job.id, self.owner, result):
                 log.info("job %s finished but was cancelled or taken over meanwhile; result dropped", job.id)
+                # a purged (deleted character) or cancelled job must leave no PNG behind
+                await self.db(self.store.discard_result, result)
         except asyncio.CancelledError:
             await writer.flush()
             if self.stopping:  # shutting down: give the job back without spending an attempt

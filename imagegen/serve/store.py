@@ -529,6 +529,12 @@ class ServeStore(SessionScopes):
         self._delete_unreferenced_results(digests)
         return len(ids)
 
+    def discard_result(self, result: dict[str, Any]) -> int:
+        """Delete the PNGs a job stored for a result that was dropped (the job was cancelled or purged)."""
+        return self._delete_unreferenced_results(
+            {img["digest"] for img in result.get("images", []) if img.get("digest")}
+        )
+
     def _delete_unreferenced_results(self, digests: set[str]) -> int:
         """Delete the result blobs among ``digests`` that no remaining job names; returns how many."""
         if not digests:
