@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.pipelines.types import MAX_PROMPT_CHARS
 from imagegen.settings import PROJECT_ROOT
@@ -20,11 +20,39 @@ from imagegen.settings import PROJECT_ROOT
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve.yaml"
 APP_NAME = "imagegen"
 INGRESS_NAME = "Ingress"
+#: the ingress deployment's ``max_ongoing_requests`` when serve.yaml does not set it
+INGRESS_MAX_ONGOING_REQUESTS = 100
 
 
 def renderer_deployment_name(preset: str) -> str:
     """The Serve deployment name of ``preset``'s renderer (what serve.yaml's ``deployments`` refer to)."""
     return f"renderer-{preset}"
+
+
+class KeyLimits(BaseModel):
+    """The limits one key works under (``IngressConfig.limits_for``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rate_per_s: float
+    burst: int
+    renders: int
+    jobs: int
+    streams: int
+    stream_lifetime_s: float
+
+
+class KeyOverride(BaseModel):
+    """``key_overrides`` entry: the per-key limits of the keys with one name (unset fields: the defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_rate_per_s: float | None = Field(default=None, gt=0)
+    key_burst: int | None = Field(default=None, ge=1)
+    max_renders_per_key: int | None = Field(default=None, ge=1)
+    max_jobs_per_key: int | None = Field(default=None, ge=1)
+    max_streams_per_key: int | None = Field(default=None, ge=1)
+    stream_lifetime_s: float | None = Field(default=None, gt=0)
 
 
 class IngressConfig(BaseModel):
@@ -66,6 +94,73 @@ class IngressConfig(BaseModel):
     public_docs: bool = False
     #: SSE keep-alive comment interval
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+
+    # -- per-key limits (imagegen/serve/limits.py); ``key_overrides`` changes them for named keys --
+    #: requests per second one key may send, sustained (token bucket); beyond: 429 + Retry-After
+    key_rate_per_s: float = Field(default=20.0, gt=0)
+    #: requests one key may send at once above the sustained rate (the bucket's size)
+    key_burst: int = Field(default=100, ge=1)
+    #: synchronous renders one key has in progress on one ingress replica
+    max_renders_per_key: int = Field(default=8, ge=1)
+    #: jobs one key has queued or running (all replicas, counted in the database)
+    max_jobs_per_key: int = Field(default=64, ge=1)
+    #: open /v1/jobs/{id}/events streams of one key on one ingress replica
+    max_streams_per_key: int = Field(default=8, ge=1)
+    #: open event streams on one ingress replica, all keys together
+    max_streams: int = Field(default=48, ge=1)
+    #: an event stream is closed after this long with a `reconnect` event (resume with Last-Event-ID)
+    stream_lifetime_s: float = Field(default=900.0, gt=0)
+    #: requests kept free for health and cheap routes: max_streams + max_inflight_renders + this
+    #: must not exceed the ingress deployment's max_ongoing_requests (checked at start)
+    reserved_requests: int = Field(default=20, ge=1)
+    #: per-key limits for keys of these names (`imagegen keys create NAME`); unset fields keep the above
+    key_overrides: dict[str, KeyOverride] = Field(default_factory=dict)
+    #: deepest nesting of a JSON body (or JSON form field); deeper: 422 before it is parsed
+    max_json_depth: int = Field(default=32, ge=2, le=256)
+
+    @model_validator(mode="after")
+    def _streams_per_key_within_total(self) -> IngressConfig:
+        if self.max_streams_per_key > self.max_streams:
+            raise ValueError(
+                f"max_streams_per_key ({self.max_streams_per_key}) is above max_streams ({self.max_streams})"
+            )
+        return self
+
+    def limits_for(self, key_name: str) -> KeyLimits:
+        """The per-key limits of a key called ``key_name`` (the defaults, with its override applied)."""
+        limits = KeyLimits(
+            rate_per_s=self.key_rate_per_s,
+            burst=self.key_burst,
+            renders=self.max_renders_per_key,
+            jobs=self.max_jobs_per_key,
+            streams=self.max_streams_per_key,
+            stream_lifetime_s=self.stream_lifetime_s,
+        )
+        override = self.key_overrides.get(key_name)
+        if override is None:
+            return limits
+        names = {
+            "key_rate_per_s": "rate_per_s",
+            "key_burst": "burst",
+            "max_renders_per_key": "renders",
+            "max_jobs_per_key": "jobs",
+            "max_streams_per_key": "streams",
+            "stream_lifetime_s": "stream_lifetime_s",
+        }
+        changed = {names[name]: value for name, value in override.model_dump(exclude_none=True).items()}
+        return limits.model_copy(update=changed)
+
+    def capacity_problem(self, max_ongoing_requests: int) -> str | None:
+        """One line naming the settings when streams, renders and the reserve do not fit the ingress; else None."""
+        needed = self.max_streams + self.max_inflight_renders + self.reserved_requests
+        if needed <= max_ongoing_requests:
+            return None
+        return (
+            f"ingress limits do not fit: max_streams ({self.max_streams}) + max_inflight_renders "
+            f"({self.max_inflight_renders}) + reserved_requests ({self.reserved_requests}) = {needed} is above the "
+            f"Ingress deployment's max_ongoing_requests ({max_ongoing_requests}); lower them or raise "
+            "max_ongoing_requests in the Serve config"
+        )
 
 
 class RendererConfig(BaseModel):

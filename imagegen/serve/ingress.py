@@ -3,7 +3,9 @@
 It is composed with one renderer deployment per preset through ``DeploymentHandle``s
 (``imagegen.serve.app``). The replica owns: its config (``user_config``, reloadable), metrics,
 the serve store (keys, jobs, audit), the registry, the key verifier, the render service (with
-the synchronous-render policy), the character service and the job runner. The FastAPI app is
+the synchronous-render policy), the per-key limits, the character service and the job runner.
+A config whose stream and render limits do not fit the deployment's ``max_ongoing_requests`` fails
+the deploy (``reconfigure``), so ``serve run`` refuses it as ``imagegen serve`` does. The FastAPI app is
 built per replica by ``__serve_build_asgi_app__`` with this object on ``app.state.ingress``;
 the routes themselves live in ``imagegen.serve.http``.
 """
@@ -18,13 +20,15 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
+from imagegen.errors import ConfigError
 from imagegen.identity.registry import Registry
 from imagegen.serve.auth import KeyVerifier
 from imagegen.serve.characters import CharacterService
-from imagegen.serve.config import INGRESS_NAME, IngressConfig
+from imagegen.serve.config import INGRESS_MAX_ONGOING_REQUESTS, INGRESS_NAME, IngressConfig
 from imagegen.serve.dispatch import ServeRenderers
 from imagegen.serve.errors import ApiError
 from imagegen.serve.jobs import JobRunner
+from imagegen.serve.limits import KeyLimiter
 from imagegen.serve.metrics import Metrics
 from imagegen.serve.service import RenderService, SyncRenders
 from imagegen.serve.store import ApiKey, ServeStore
@@ -33,17 +37,21 @@ from imagegen.settings import get_settings
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(name=INGRESS_NAME, max_ongoing_requests=100)
+@serve.deployment(name=INGRESS_NAME, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
 @serve.ingress()
 class Ingress:
     """The ingress replica's state: config, metrics, stores, services and the job runner."""
 
     def __init__(self, renderers: dict, presets: list[str]):
         self.cfg = IngressConfig()
+        problem = self.cfg.capacity_problem(_max_ongoing_requests())  # reconfigure checks a user_config
+        if problem is not None:
+            raise ConfigError(problem)
         self.metrics = Metrics()
         self.store = ServeStore.open()
         self.registry = Registry.open()
         self.verifier = KeyVerifier(self.store, ttl_s=self.cfg.auth_cache_s)
+        self.limits = KeyLimiter(lambda: self.cfg)
         self.service = RenderService(
             ServeRenderers(renderers, self.metrics, lambda: self.cfg),
             presets,
@@ -54,8 +62,11 @@ class Ingress:
             gate_backend=get_settings().face_backend,
         )
         self.sync = SyncRenders(self.service)
-        self.characters = CharacterService(self.registry, self.service.db)
-        self.job_signal = asyncio.Condition()
+        self.characters = CharacterService(self.registry, self.store, self.service.db)
+        #: set (and replaced by a fresh one) when a job of this replica has a new event; streams wait on it.
+        #: An Event, not a Condition: no lock to contend for, so 100+ streams cancelled at once (clients
+        #: gone) cannot leave a lock held and every other stream of the replica stuck behind it
+        self.job_signal = asyncio.Event()
         self.runner = JobRunner(
             self.store, self.service.run_job, lambda: self.cfg, self.service.db_pool, self.notify_job
         )
@@ -67,7 +78,11 @@ class Ingress:
         return build_api(self)
 
     def reconfigure(self, user_config: dict | None) -> None:
-        self.cfg = IngressConfig.model_validate(user_config or {})
+        cfg = IngressConfig.model_validate(user_config or {})
+        problem = cfg.capacity_problem(_max_ongoing_requests())
+        if problem is not None:
+            raise ConfigError(problem)
+        self.cfg = cfg
         self.verifier.ttl_s = self.cfg.auth_cache_s
 
     def __del__(self) -> None:
@@ -94,14 +109,16 @@ class Ingress:
         return key
 
     def notify_job(self, job_id: str) -> None:
-        """Wake the SSE streams of this replica (a job of theirs may have a new event)."""
+        """Wake the SSE streams of this replica (a job of theirs may have a new event).
 
-        async def notify() -> None:
-            async with self.job_signal:
-                self.job_signal.notify_all()
-
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(notify())
+        Only on the replica's event loop (elsewhere a no-op: the streams look every 0.25 s anyway).
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        signal, self.job_signal = self.job_signal, asyncio.Event()
+        signal.set()
 
     async def metrics_text(self) -> bytes:
         """The Prometheus text of this replica, job counts refreshed from the database."""
@@ -110,3 +127,11 @@ class Ingress:
             self.metrics.jobs.labels(status).set(counts.get(status, 0))
         self.metrics.inflight.set(self.sync.inflight)
         return self.metrics.render()
+
+
+def _max_ongoing_requests() -> int:
+    """This replica's deployment ``max_ongoing_requests`` (the decorator's default outside a replica)."""
+    try:
+        return serve.get_replica_context()._deployment_config.max_ongoing_requests
+    except Exception:  # noqa: BLE001 - not in a Serve replica (a test building the app by hand)
+        return INGRESS_MAX_ONGOING_REQUESTS

@@ -2,12 +2,19 @@
 bench and the demo use.
 
 ``start_service`` starts a local Ray (``include_dashboard=False``: neither the dashboard nor its
-job-submission API is started, so neither can be reached; Ray's internal ports keep Ray's token
-authentication, on by default since Ray 2.5x) or connects to ``address``, then deploys
+job-submission API is started, so neither can be reached) or connects to ``address``, then deploys
 the config exactly as ``serve run configs/serve.yaml`` does (the same controller call) and waits
 until the application is running. Overrides (host, port, presets, ingress limits, per-renderer
 options) are applied to the config dict before it is validated as Ray Serve's
-``ServeDeploySchema``.
+``ServeDeploySchema``; the ingress limits are checked against the ingress deployment's
+``max_ongoing_requests`` before Ray starts (``check_ingress``).
+
+Ray's internal ports (GCS, raylets, object transfer) run code for whoever can reach them, so every
+cluster this starts or joins uses Ray's token authentication (Ray >= 2.52), set explicitly rather
+than left to Ray's default of the day: ``RAY_AUTH_MODE=token`` and a 256-bit token in
+``$IMAGEGEN_HOME/ray/auth_token`` (0600), unless the deployer gives one with ``RAY_AUTH_TOKEN`` or
+``RAY_AUTH_TOKEN_PATH``. Another node joins with the same token: ``RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN_PATH=<a copy of that file> ray start --address=<head>:6379``.
 """
 
 from __future__ import annotations
@@ -16,13 +23,25 @@ import copy
 import logging
 import math
 import os
+import secrets
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from imagegen.errors import ConfigError
-from imagegen.serve.config import APP_NAME, INGRESS_NAME, load_config, renderer_deployment_name
+from imagegen.serve.config import (
+    APP_NAME,
+    INGRESS_MAX_ONGOING_REQUESTS,
+    INGRESS_NAME,
+    IngressConfig,
+    load_config,
+    renderer_deployment_name,
+)
+from imagegen.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +169,13 @@ def start_service(
     from ray.serve.schema import ServeDeploySchema
 
     data = prepare_config(config, **overrides)
+    check_ingress(data)
     schema = ServeDeploySchema.model_validate(data)
     app = next(a for a in schema.applications if a.name == APP_NAME)
     _prepare_files(list((app.args or {}).get("presets") or ["tiny-flux", "tiny-sdxl"]))
     started_ray = False
     if not ray.is_initialized():
+        enable_ray_token_auth(joining=address is not None)
         kwargs: dict[str, Any] = {
             "address": address or "local",
             "namespace": "serve",
@@ -185,6 +206,98 @@ def start_service(
     http = schema.http_options
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
     return Service(url=f"http://{host}:{http.port}", config=data, started_ray=started_ray)
+
+
+def check_ingress(data: dict[str, Any]) -> IngressConfig:
+    """The ingress ``user_config`` of a prepared config, validated; ``ConfigError`` (one line) when it is
+    invalid or its streams + renders + reserve do not fit the ingress deployment's ``max_ongoing_requests``."""
+    app = next((a for a in data.get("applications") or [] if a.get("name") == APP_NAME), {})
+    entry = next((d for d in app.get("deployments") or [] if d.get("name") == INGRESS_NAME), {})
+    try:
+        cfg = IngressConfig.model_validate(entry.get("user_config") or {})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise ConfigError(f"{INGRESS_NAME} user_config: {where}: {first['msg']}") from None
+    problem = cfg.capacity_problem(int(entry.get("max_ongoing_requests", INGRESS_MAX_ONGOING_REQUESTS)))
+    if problem is not None:
+        raise ConfigError(problem)
+    return cfg
+
+
+def ray_token_path() -> Path:
+    """Where ``start_service`` keeps the Ray cluster token it generates: ``$IMAGEGEN_HOME/ray/auth_token``."""
+    return get_settings().home / "ray" / "auth_token"
+
+
+def _write_token(path: Path) -> None:
+    """A new 256-bit token at ``path``, readable by its owner only (created 0600, never widened)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.info("generated a Ray cluster token in %s", path)
+
+
+def _checked_token(path: Path) -> Path:
+    """``path`` if it holds a token; group/other permissions are removed (a token is a password)."""
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the Ray token file {path}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"the Ray token file {path} is empty")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("Ray token file %s was readable by others; setting it to 0600", path)
+        path.chmod(0o600)
+    return path
+
+
+def enable_ray_token_auth(joining: bool) -> str:
+    """Turn Ray's token authentication on for the cluster this process starts (or joins); returns the
+    token's source for the log.
+
+    Sets ``RAY_AUTH_MODE=token`` before ``ray.init`` (Ray's processes inherit this environment) and
+    refreshes Ray's cached config in this process. The token: ``RAY_AUTH_TOKEN`` or
+    ``RAY_AUTH_TOKEN_PATH`` when the deployer set one; else ``ray_token_path()`` (generated for a new
+    cluster; to join, that file or Ray's own ``~/.ray/auth_token`` must hold the cluster's token).
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.strip().lower() != "token":
+        raise ConfigError(
+            f"RAY_AUTH_MODE={mode!r}: imagegen serve runs Ray only with token authentication; "
+            "unset RAY_AUTH_MODE or set it to 'token'"
+        )
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        source = "RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        source = str(_checked_token(Path(os.environ["RAY_AUTH_TOKEN_PATH"])))
+    else:
+        path = ray_token_path()
+        ray_default = Path.home() / ".ray" / "auth_token"
+        if path.exists():
+            source = str(_checked_token(path))
+        elif not joining:
+            _write_token(path)
+            source = str(path)
+        elif ray_default.exists():
+            source = str(_checked_token(ray_default))
+            path = ray_default
+        else:
+            raise ConfigError(
+                f"joining a Ray cluster needs its token: put it in {path} or set RAY_AUTH_TOKEN_PATH "
+                "to a file holding it (the head's $IMAGEGEN_HOME/ray/auth_token)"
+            )
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")  # Ray caches its config at import: make this process see token mode too
+    log.info("Ray token authentication on (token: %s)", source)
+    return source
 
 
 def cpus_requested(data: dict[str, Any]) -> float:

@@ -16,9 +16,12 @@ class RenderBody(RenderRequest):
     Image *i* uses seed ``seed + i``; attempt *a* of the gate for image *i* uses
     ``seed + i + a * num_images`` (the "next seed" that no other image of the request uses).
     A missing seed is drawn once per request and reported.
+
+    Strict: numbers and booleans must be JSON numbers and booleans (``"2"`` or ``true`` for an
+    integer is a 422, not 2 or 1); an integer is still a valid float (``"guidance": 3``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     preset: str = Field(default="tiny-flux", min_length=1, max_length=64, description="Model preset.")
     num_images: int = Field(default=1, ge=1, description="Images to render (the server caps it).")
@@ -100,6 +103,8 @@ class JobList(BaseModel):
 
 class CharacterSummary(BaseModel):
     id: str
+    #: the tenant that owns the character (a key sees only its own tenant's; admin sees all)
+    tenant: str
     name: str
     status: Literal["draft", "approved"]
     version: int
@@ -126,3 +131,6 @@ class RegistrationOut(BaseModel):
 class DeleteOut(BaseModel):
     #: what deleting a character removed (blobs another character still uses are kept and counted)
     deleted: DeleteReport
+    #: what went from the service's own records: jobs (rows and events), their result images,
+    #: audit rows redacted to the watermark tag, hashes, times and key id
+    renders: dict[str, int] = {}

@@ -33,6 +33,15 @@ TEST_INGRESS = {
     "auth_cache_s": 0,
     "max_body_bytes": 256 * 1024,
     "max_upload_bytes": 16 * 1024 * 1024,
+    # test_resilience bursts 30 renders from one key to reach the global limit, not the per-key one
+    "max_renders_per_key": 32,
+    # low per-key limits for the keys test_limits.py creates (by key name); every other key: the defaults
+    "key_overrides": {
+        "limits-rate": {"key_rate_per_s": 0.01, "key_burst": 3},
+        "limits-jobs": {"max_jobs_per_key": 2},
+        "limits-renders": {"max_renders_per_key": 1},
+        "limits-lifetime": {"stream_lifetime_s": 1},
+    },
 }
 TEST_RENDERER = {"max_queued_requests": 6, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 1}}
 

@@ -37,12 +37,14 @@ def _render_once(url: str) -> None:
     assert response.headers["content-type"] == "image/png" and response.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _serve(command: list[str], port: int, stop_signal: int) -> tuple[subprocess.Popen, str]:
+def _serve(
+    command: list[str], port: int, stop_signal: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start ``command``, render once through it when it is ready, stop it with ``stop_signal``; its output."""
     proc = subprocess.Popen(
         command,
         cwd=ROOT,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        env={**(os.environ if env is None else env), "RAY_USAGE_STATS_ENABLED": "0"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -82,6 +84,25 @@ def test_serve_run_deploys_the_shipped_config(isolated_home, tmp_path):
 def test_imagegen_serve_runs_until_sigterm(isolated_home):
     port = free_port()
     command = [sys.executable, "-m", "imagegen.cli", "serve", "--port", str(port), "--preset", "tiny-flux"]
-    proc, out = _serve(command, port, signal.SIGTERM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # as a deployer starts it
+    proc, out = _serve(command, port, signal.SIGTERM, env)
     assert proc.returncode == 0, out[-3000:]
     assert f"imagegen serving on http://127.0.0.1:{port}" in out and "stopped" in out
+    # the cluster it started ran with Ray's token auth, its token private to the home's owner
+    token = isolated_home / "ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+
+
+def test_imagegen_serve_refuses_limits_that_do_not_fit_the_ingress(isolated_home, tmp_path):
+    """Streams + renders + reserve above max_ongoing_requests: one line naming the settings, before Ray starts."""
+    config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
+    ingress["user_config"]["max_streams"] = 90
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "imagegen.cli", "serve", "--config", str(path), "--port", str(free_port())]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "max_streams (90) + max_inflight_renders (32) + reserved_requests (20)" in result.stderr
+    assert "max_ongoing_requests (100)" in result.stderr and "Traceback" not in result.stderr
+    assert not (isolated_home / "ray").exists()  # refused before any Ray started

@@ -7,12 +7,15 @@ import pytest
 from tests.serve.conftest import assert_error_shape
 
 RENDER = "/v1/renders"
+EVENTS = "/v1/jobs/" + "e" * 32 + "/events"
 J = "application/json"
 
 
 def corpus() -> list[tuple[str, str, str, dict, tuple[int, ...]]]:
     """(label, method, path, httpx kwargs, allowed statuses)."""
     big_prompt = "a " * 1500  # 3000 characters > 2000
+    deep = b"[" * 5000 + b"]" * 5000
+    j = {"content-type": J}
     cases = [
         ("malformed json", "POST", RENDER, {"content": b'{"prompt": "x",', "headers": {"content-type": J}}, (422,)),
         ("json not an object", "POST", RENDER, {"json": ["prompt", "x"]}, (422,)),
@@ -92,8 +95,63 @@ def corpus() -> list[tuple[str, str, str, dict, tuple[int, ...]]]:
             {"content": b"--xx\r\nnot a part\r\n", "headers": {"content-type": "multipart/form-data; boundary=xx"}},
             (400, 422),
         ),
+        # numbers are strict: a string or a boolean is not an integer
+        ("seed as string", "POST", RENDER, {"json": {"prompt": "x", "seed": "2"}}, (422,)),
+        ("seed as true", "POST", RENDER, {"json": {"prompt": "x", "seed": True}}, (422,)),
+        ("num_images as string", "POST", RENDER, {"json": {"prompt": "x", "num_images": "2"}}, (422,)),
+        ("num_images as float", "POST", RENDER, {"json": {"prompt": "x", "num_images": 2.0}}, (422,)),
+        ("width as string", "POST", RENDER, {"json": {"prompt": "x", "width": "64"}}, (422,)),
+        ("steps as true", "POST", RENDER, {"json": {"prompt": "x", "steps": True}}, (422,)),
+        ("guidance as true", "POST", RENDER, {"json": {"prompt": "x", "guidance": True}}, (422,)),
+        (
+            "identity_start_step as string",
+            "POST",
+            RENDER,
+            {"json": {"prompt": "x", "identity_start_step": "0"}},
+            (422,),
+        ),
+        ("job seed as string", "POST", "/v1/jobs", {"json": {"prompt": "x", "seed": "2"}}, (422,)),
+        # JSON nested thousands deep (the parser recursed into a 500) and integers past Python's 4,300 digits
+        (
+            "deep json field",
+            "POST",
+            RENDER,
+            {"content": b'{"prompt": "x", "seed": ' + deep + b"}", "headers": j},
+            (422,),
+        ),
+        ("deep json body", "POST", RENDER, {"content": b"[" * 100_000 + b"]" * 100_000, "headers": j}, (422,)),
+        ("deep json job", "POST", "/v1/jobs", {"content": b'{"prompt": ' + deep + b"}", "headers": j}, (422,)),
+        (
+            "json deeper than 32",
+            "POST",
+            RENDER,
+            {"content": b'{"prompt": "x", "seed": ' + b"[" * 33 + b"]" * 33 + b"}", "headers": j},
+            (422,),
+        ),
+        (
+            "huge integer",
+            "POST",
+            RENDER,
+            {"content": b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "headers": j},
+            (400, 422),
+        ),
+        ("deep provenance", "POST", "/v1/characters", multipart(provenance="[" * 3000 + "]" * 3000), (422,)),
+        ("deep card", "POST", "/v1/characters", multipart(card="[" * 20_000 + "]" * 20_000), (422,)),
+        # Last-Event-ID: a Unicode digit ("\xb2" is "²" in the latin-1 HTTP headers are read as), past
+        # Python's int limit, past SQL's 64-bit integers, negative
+        ("last-event-id unicode digit", "GET", EVENTS, {"headers": {"Last-Event-ID": b"\xb2"}}, (400,)),
+        ("last-event-id 5000 digits", "GET", EVENTS, {"headers": {"Last-Event-ID": "9" * 5000}}, (400,)),
+        ("last-event-id 2**70", "GET", EVENTS, {"headers": {"Last-Event-ID": str(2**70)}}, (400,)),
+        ("last-event-id negative", "GET", EVENTS, {"headers": {"Last-Event-ID": "-1"}}, (400,)),
+        ("last-event-id words", "GET", EVENTS, {"headers": {"Last-Event-ID": "latest"}}, (400,)),
     ]
     return cases
+
+
+def multipart(**fields: str) -> dict:
+    """A character registration with valid fields but ``fields`` (the references are not looked at first)."""
+    data = {"id": "hostile-json", "name": "Hostile", "provenance": '{"kind": "original", "creator": "t"}', **fields}
+    return {"data": data, "files": {"references": ("a.png", b"not looked at", "image/png")}}
 
 
 CASES = corpus()
@@ -121,6 +179,13 @@ def test_field_is_named(http, keys):
     ):
         error = assert_error_shape(http.post(RENDER, json=body, headers=headers))
         assert error["field"] == field, (body, error)
+
+
+def test_an_integer_is_still_a_number(http, keys):
+    """Strict numbers refuse strings and booleans, not a JSON integer where a float goes."""
+    body = {"prompt": "x", "seed": 1, "guidance": 3, "identity_weight": 1}
+    response = http.post(RENDER, json=body, headers={"Authorization": f"Bearer {keys.render}"})
+    assert response.status_code == 200, response.text[:300]
 
 
 def test_still_healthy_after_the_corpus(http, keys, renderer_client):

@@ -1,8 +1,10 @@
-"""What every HTTP request passes before a route: request id, body limit, API key, metrics, errors.
+"""What every HTTP request passes before a route: request id, body limit, API key, rate, metrics, errors.
 
 ``EdgeMiddleware`` is pure ASGI (streams pass through): request id, body-size limit (413 before
-the body is parsed), API-key check (401 before the body is parsed; health routes are exempt) and
-metrics. The error handlers answer every failure in one JSON shape.
+the body is parsed), API-key check (401 before the body is parsed; health routes are exempt), the
+key's request rate (429 + Retry-After, ``serve/limits.py``), the nesting depth of JSON bodies
+(422 while the body arrives, before anything parses it: deep JSON made the parser recurse into a
+500) and metrics. The error handlers answer every failure in one JSON shape.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from imagegen.errors import ImagegenError
 from imagegen.serve.config import IngressConfig
 from imagegen.serve.errors import ApiError, error_body, too_busy, validation_error
+from imagegen.serve.http.jsonlimits import DepthScanner, JsonTooDeep
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,19 @@ STATUS_CODES = {
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"the request body is larger than the {limit:,}-byte limit of this route")
+
+
+class JsonBodyTooDeep(HTTPException):
+    """Raised from the body stream, so FastAPI's body reading passes it on (an HTTPException) unparsed."""
+
+    def __init__(self, max_depth: int):
+        super().__init__(422, f"the JSON body is nested deeper than {max_depth} levels")
+
+
+def is_json(content_type: str) -> bool:
+    """Whether FastAPI would parse a body of this content type as JSON (none given counts)."""
+    media = content_type.split(";")[0].strip().lower()
+    return media in ("", "application/json") or (media.startswith("application/") and media.endswith("+json"))
 
 
 def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
@@ -103,19 +119,27 @@ class EdgeMiddleware:
                     await reply(ApiError(503, "not_ready", "the service is starting", headers={"Retry-After": "2"}))
                     return
                 try:
-                    scope["imagegen.key"] = await ingress.authenticate(headers)
+                    scope["imagegen.key"] = key = await ingress.authenticate(headers)
+                    ingress.limits.admit(key)
                 except ApiError as exc:
                     await reply(exc)
                     return
             received = 0
+            scanner = DepthScanner(cfg.max_json_depth) if is_json(headers.get("content-type", "")) else None
 
             async def receive_wrapper() -> dict:
                 nonlocal received
                 message = await receive()
                 if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
+                    chunk = message.get("body", b"")
+                    received += len(chunk)
                     if received > limit:
                         raise BodyTooLarge(limit)
+                    if scanner is not None:
+                        try:
+                            scanner.feed(chunk)
+                        except JsonTooDeep:
+                            raise JsonBodyTooDeep(scanner.max_depth) from None
                 return message
 
             try:
@@ -123,6 +147,9 @@ class EdgeMiddleware:
             except BodyTooLarge as exc:
                 if not status_holder["started"]:
                     await reply(ApiError(413, "payload_too_large", exc.detail))
+            except JsonBodyTooDeep as exc:
+                if not status_holder["started"]:
+                    await reply(ApiError(422, "json_too_deep", exc.detail))
         finally:
             if ingress is not None:
                 route = scope.get("route")
@@ -157,6 +184,10 @@ def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(ValidationError)
     async def _pydantic_error(request: Request, exc: ValidationError) -> JSONResponse:
         return error_response(validation_error(exc.errors(include_url=False)), request_id_of(request))
+
+    @api.exception_handler(JsonBodyTooDeep)
+    async def _json_too_deep(request: Request, exc: JsonBodyTooDeep) -> JSONResponse:
+        return error_response(ApiError(422, "json_too_deep", str(exc.detail)), request_id_of(request))
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

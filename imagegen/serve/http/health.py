@@ -1,8 +1,15 @@
-"""Health, metrics and API docs: ``/healthz``, ``/readyz``, ``/metrics``, ``/openapi.json``, ``/docs``."""
+"""Health, metrics and API docs: ``/healthz``, ``/readyz``, ``/metrics``, ``/openapi.json``, ``/docs``.
+
+Health routes need no key and are answered even when the ingress is busy: the per-key and total
+limits keep ``reserved_requests`` of its slots free (``serve/limits.py``). ``/healthz`` touches
+nothing; ``/readyz`` probes the database and every renderer, at most once per ``READY_CACHE_S``
+(concurrent callers share one probe), so a flood of readiness checks costs the renderers nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -14,6 +21,49 @@ from imagegen.serve.errors import error_body
 from imagegen.serve.http.deps import AUTH, ingress_of, key_of, scoped
 
 router = APIRouter(tags=["health"])
+#: a readiness answer is reused this long
+READY_CACHE_S = 1.0
+
+
+class Readiness:
+    """The last readiness probe of this replica and the one in progress (shared by concurrent callers)."""
+
+    def __init__(self) -> None:
+        self.at = float("-inf")
+        self.result: tuple[bool, dict[str, Any]] | None = None
+        self.task: asyncio.Future | None = None
+
+    async def check(self, service: Any) -> tuple[bool, dict[str, Any]]:
+        if self.result is not None and time.monotonic() - self.at < READY_CACHE_S:
+            return self.result
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._probe(service))
+        return await asyncio.shield(self.task)  # a caller that goes away does not cancel the others' probe
+
+    async def _probe(self, service: Any) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {}
+        ready = True
+        try:
+            await asyncio.wait_for(service.db(service.store.ping), 5)
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["database"] = f"error: {type(exc).__name__}"
+            ready = False
+
+        async def probe(preset: str) -> tuple[str, Any]:
+            try:
+                return preset, await asyncio.wait_for(service.renderers.health(preset), 5)
+            except Exception as exc:  # noqa: BLE001
+                return preset, f"error: {type(exc).__name__}"
+
+        results = await asyncio.gather(*(probe(p) for p in service.presets))
+        checks["renderers"] = dict(results)
+        ready = ready and all(isinstance(v, dict) for _, v in results)
+        self.result, self.at = (ready, checks), time.monotonic()
+        return self.result
+
+
+readiness = Readiness()
 
 
 @router.get("/healthz")
@@ -24,26 +74,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database answers and every renderer deployment has a live replica."""
-    service = ingress_of(request).service
-    checks: dict[str, Any] = {}
-    ready = True
-    try:
-        await asyncio.wait_for(service.db(service.store.ping), 5)
-        checks["database"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["database"] = f"error: {type(exc).__name__}"
-        ready = False
-
-    async def probe(preset: str) -> tuple[str, Any]:
-        try:
-            return preset, await asyncio.wait_for(service.renderers.health(preset), 5)
-        except Exception as exc:  # noqa: BLE001
-            return preset, f"error: {type(exc).__name__}"
-
-    results = await asyncio.gather(*(probe(p) for p in service.presets))
-    checks["renderers"] = dict(results)
-    ready = ready and all(isinstance(v, dict) for _, v in results)
+    """Readiness: the database answers and every renderer deployment has a live replica (cached for a second)."""
+    ready, checks = await readiness.check(ingress_of(request).service)
     if ready:
         return JSONResponse({"status": "ready", "checks": checks})
     body = error_body("not_ready", "a dependency of the service is not ready")

@@ -1,4 +1,10 @@
-"""``/v1/jobs``: queue a render, follow it (JSON or server-sent events), fetch its images, cancel it."""
+"""``/v1/jobs``: queue a render, follow it (JSON or server-sent events), fetch its images, cancel it.
+
+An event stream holds one of the ingress replica's ``max_ongoing_requests`` slots for as long as it
+is open, so streams are capped per key and in total (``serve/limits.py``: 429 past a cap) and each
+ends after ``stream_lifetime_s`` with a ``reconnect`` event: the client resumes with
+``Last-Event-ID`` and nothing is lost.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,52 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, ingress_of, key_of, replica, request_id, scoped
+from imagegen.serve.limits import StreamLease, count_active_jobs_of
 from imagegen.serve.schemas import JobList, JobOut, RenderBody
 from imagegen.serve.service import iso
 from imagegen.serve.store import TERMINAL, ApiKey, Job
+from imagegen.serve.tenancy import Caller
 
 router = APIRouter(tags=["jobs"], dependencies=AUTH)
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 SSE_TERMINAL = set(TERMINAL)
+#: event ids are SQL integers (64-bit); ASCII digits only (str.isdigit() also takes "²")
+LAST_EVENT_ID_RE = re.compile(r"^[0-9]{1,19}$")
+MAX_EVENT_ID = 2**63 - 1
+
+
+def last_event_id(header: str | None) -> int:
+    """The ``Last-Event-ID`` header as an event id (absent or empty: 0); 400 ``invalid_last_event_id`` otherwise."""
+    value = (header or "").strip()
+    if not value:
+        return 0
+    if not LAST_EVENT_ID_RE.match(value) or int(value) > MAX_EVENT_ID:
+        shown = value if len(value) <= 24 else value[:24] + "..."
+        raise ApiError(
+            400,
+            "invalid_last_event_id",
+            f"Last-Event-ID must be the id of an event of this stream (0 to {MAX_EVENT_ID}), not {shown!r}",
+            "Last-Event-ID",
+        )
+    return int(value)
+
+
+class LeasedStreamingResponse(StreamingResponse):
+    """A streaming response that gives its stream slot back however it ends (done, lifetime, client gone)."""
+
+    def __init__(self, *args: Any, lease: StreamLease, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lease = lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.lease.release()
 
 
 async def _own_job(request: Request, job_id: str) -> Job:
@@ -45,7 +87,9 @@ async def create_job(
     ingress: Any = Depends(replica),
 ) -> JobOut:
     """Queue a render; returns the job id at once. Follow it with GET /v1/jobs/{id} or its events."""
-    job = await ingress.service.submit_job(body, key.id, request_id(request))
+    active = await ingress.service.db(count_active_jobs_of, ingress.service.store, key.id)
+    ingress.limits.check_jobs(key, active)
+    job = await ingress.service.submit_job(body, Caller.of(key), request_id(request))
     ingress.runner.wake()
     out = ingress.service.job_out(job)
     response.headers["Location"] = out.links["self"]
@@ -101,17 +145,21 @@ async def cancel_job(request: Request, job_id: str) -> JobOut:
 async def job_events(request: Request, job_id: str) -> StreamingResponse:
     """Server-sent events: `queued`, `started`, `progress`, `retry`, then `done`, `failed` or `cancelled`.
 
-    Each event's `id` is resumable with `Last-Event-ID`; `data` is JSON.
+    Each event's `id` is resumable with `Last-Event-ID`; `data` is JSON. A stream open longer than
+    the server's stream lifetime ends with a `reconnect` event (no id): reconnect with the last id seen.
+    Open streams are capped per key and per server (429 `too_many_streams`).
     """
+    last = last_event_id(request.headers.get("last-event-id"))
     job = await _own_job(request, job_id)
     ingress = ingress_of(request)
     service = ingress.service
-    last_header = request.headers.get("last-event-id", "0")
-    last = int(last_header) if last_header.isdigit() else 0
+    key = key_of(request, "render")
+    lifetime = ingress.cfg.limits_for(key.name).stream_lifetime_s
+    lease = ingress.limits.open_stream(key)
 
     async def stream():
         nonlocal last
-        keepalive = time.monotonic()
+        keepalive = opened = time.monotonic()
         while True:
             events = await service.db(service.store.events, job_id, last)
             for event in events:
@@ -124,15 +172,20 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
                 current = await service.db(service.store.get_job, job_id)
                 if current is None or current.status in SSE_TERMINAL:
                     return
-            if time.monotonic() - keepalive > ingress.cfg.sse_keepalive_s:
-                keepalive = time.monotonic()
+            now = time.monotonic()
+            if now - opened >= lifetime:
+                payload = {"job_id": job_id, "reason": "stream_lifetime", "last_event_id": last}
+                yield f"retry: 1000\nevent: reconnect\ndata: {json.dumps(payload)}\n\n"
+                return
+            if now - keepalive > ingress.cfg.sse_keepalive_s:
+                keepalive = now
                 yield ": keep-alive\n\n"
-            async with ingress.job_signal:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ingress.job_signal.wait(), timeout=0.25)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ingress.job_signal.wait(), timeout=0.25)
 
-    return StreamingResponse(
+    return LeasedStreamingResponse(
         stream(),
+        lease=lease,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Status": job.status},
     )

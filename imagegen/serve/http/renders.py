@@ -12,6 +12,7 @@ from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, replica, request_id, scoped
 from imagegen.serve.schemas import RenderBody, RenderOut
 from imagegen.serve.store import ApiKey
+from imagegen.serve.tenancy import Caller
 
 router = APIRouter(tags=["renders"], dependencies=AUTH)
 
@@ -37,7 +38,8 @@ async def render(
     want_png = format == "png" or (format is None and _prefers_png(request.headers.get("accept", "")))
     if want_png and body.num_images != 1:
         raise ApiError(406, "not_acceptable", "image/png returns one image: ask for num_images=1 or JSON", "format")
-    rendered = await ingress.sync.render(body, key.id, request_id(request))
+    with ingress.limits.render_slot(key):  # this key's renders in progress (429 too_many_renders)
+        rendered = await ingress.sync.render(body, Caller.of(key), request_id(request))
     if want_png:
         image, png = rendered.out.images[0], rendered.pngs[0]
         if png is None:

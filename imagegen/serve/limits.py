@@ -1,0 +1,173 @@
+"""Per-key limits of one ingress replica: request rate, renders in progress, open event streams, jobs.
+
+Ray Serve bounds the ingress as a whole (``max_ongoing_requests``); without limits per key, one
+key holding many long requests (105 open event streams) took every slot and ``/healthz`` and the
+other keys timed out. So each key gets, on top of the global limits that exist:
+
+- a request rate: a token bucket (``key_rate_per_s`` sustained, ``key_burst`` at once); beyond it
+  429 ``rate_limited`` with a ``Retry-After`` computed from the bucket (when the next token comes);
+- a number of synchronous renders in progress (``max_renders_per_key``): 429 ``too_many_renders``;
+- a number of open event streams (``max_streams_per_key``), and all keys together ``max_streams``:
+  429 ``too_many_streams``;
+- a number of jobs queued or running (``max_jobs_per_key``): 429 ``too_many_jobs``.
+
+Rates, renders and streams are counted in memory, per ingress replica (with N replicas a key gets
+up to N times as much; the proxy spreads a key's requests over them). Jobs outlive requests and run
+on any replica, so they are counted in the database (``count_active_jobs_of``), like the global
+``max_queued_jobs``. Limits are looked up per request (``IngressConfig.limits_for``), so a reloaded
+config applies at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from imagegen.serve.config import IngressConfig
+from imagegen.serve.errors import ApiError, too_busy
+from imagegen.serve.store import ACTIVE, ApiKey, JobRow, ServeStore
+
+
+@dataclass
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate_per_s``; each request takes one."""
+
+    tokens: float
+    updated: float
+
+    def take(self, now: float, rate_per_s: float, burst: int) -> float:
+        """Take a token: 0.0 when there was one, else the seconds until there will be one (none taken)."""
+        self.tokens = min(float(burst), self.tokens + max(0.0, now - self.updated) * rate_per_s)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / rate_per_s
+
+
+class StreamLease:
+    """One open event stream's slot; ``release`` (idempotent) gives it back."""
+
+    def __init__(self, limiter: KeyLimiter, key_id: str):
+        self._limiter = limiter
+        self.key_id = key_id
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._limiter._stream_closed(self.key_id)
+
+
+class KeyLimiter:
+    """The per-key counters of one ingress replica (``Ingress.limits``); ``config`` gives the current limits."""
+
+    def __init__(self, config: Callable[[], IngressConfig], clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.clock = clock
+        self.buckets: dict[str, TokenBucket] = {}
+        self.renders: dict[str, int] = {}
+        self.streams: dict[str, int] = {}
+
+    @property
+    def streams_open(self) -> int:
+        return sum(self.streams.values())
+
+    # -- rate ---------------------------------------------------------------------------------
+    def admit(self, key: ApiKey) -> None:
+        """Count one request of ``key``; 429 ``rate_limited`` (Retry-After: when a token is back) beyond its rate."""
+        limits = self.config().limits_for(key.name)
+        now = self.clock()
+        bucket = self.buckets.get(key.id)
+        if bucket is None:
+            bucket = self.buckets[key.id] = TokenBucket(tokens=float(limits.burst), updated=now)
+        wait = bucket.take(now, limits.rate_per_s, limits.burst)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"this key sent more than {limits.burst} requests at once or {limits.rate_per_s:g} per second "
+                f"sustained; retry in {retry} s",
+                None,
+                {"Retry-After": str(retry)},
+            )
+
+    # -- renders ------------------------------------------------------------------------------
+    @contextmanager
+    def render_slot(self, key: ApiKey) -> Iterator[None]:
+        """Hold one of ``key``'s synchronous-render slots for the block; 429 ``too_many_renders`` when none is free."""
+        cfg = self.config()
+        limit = cfg.limits_for(key.name).renders
+        held = self.renders.get(key.id, 0)
+        if held >= limit:
+            raise too_busy(
+                "too_many_renders",
+                f"this key has {held} renders in progress on this replica (limit {limit}); retry when one ends",
+                cfg.retry_after_s,
+            )
+        self.renders[key.id] = held + 1
+        try:
+            yield
+        finally:
+            left = self.renders[key.id] - 1
+            if left:
+                self.renders[key.id] = left
+            else:
+                del self.renders[key.id]
+
+    # -- event streams ------------------------------------------------------------------------
+    def open_stream(self, key: ApiKey) -> StreamLease:
+        """A slot for one event stream of ``key``; 429 ``too_many_streams`` past the key's cap or the total."""
+        cfg = self.config()
+        limit = cfg.limits_for(key.name).streams
+        held = self.streams.get(key.id, 0)
+        if held >= limit:
+            raise too_busy(
+                "too_many_streams",
+                f"this key has {held} event streams open on this replica (limit {limit}); close one, "
+                "or poll GET /v1/jobs/{id}",
+                cfg.retry_after_s,
+            )
+        total = self.streams_open
+        if total >= cfg.max_streams:
+            raise too_busy(
+                "too_many_streams",
+                f"{total} event streams are open on this replica (limit {cfg.max_streams}); "
+                "retry later or poll GET /v1/jobs/{id}",
+                cfg.retry_after_s,
+            )
+        self.streams[key.id] = held + 1
+        return StreamLease(self, key.id)
+
+    def _stream_closed(self, key_id: str) -> None:
+        left = self.streams.get(key_id, 0) - 1
+        if left > 0:
+            self.streams[key_id] = left
+        else:
+            self.streams.pop(key_id, None)
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def check_jobs(self, key: ApiKey, active: int) -> None:
+        """429 ``too_many_jobs`` when ``key`` already has ``active`` jobs queued or running at its limit."""
+        cfg = self.config()
+        limit = cfg.limits_for(key.name).jobs
+        if active >= limit:
+            raise too_busy(
+                "too_many_jobs",
+                f"this key has {active} jobs queued or running (limit {limit}); retry when one ends",
+                cfg.retry_after_s,
+            )
+
+
+def count_active_jobs_of(store: ServeStore, key_id: str) -> int:
+    """Jobs of ``key_id`` queued or running, on every replica (blocking: run it with ``service.db``)."""
+    query = select(func.count()).where(JobRow.key_id == key_id, JobRow.status.in_(ACTIVE))
+    with Session(store.engine) as session:
+        return int(session.execute(query).scalar_one())
