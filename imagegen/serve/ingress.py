@@ -51,7 +51,7 @@ class Ingress:
         self.store = ServeStore.open()
         self.registry = Registry.open()
         self.verifier = KeyVerifier(self.store, ttl_s=self.cfg.auth_cache_s)
-        self.limits = KeyLimiter(lambda: self.cfg)
+        self.limits = KeyLimiter(lambda: self.cfg, on_refused=lambda code: self.metrics.rejected.labels(code).inc())
         self.service = RenderService(
             ServeRenderers(renderers, self.metrics, lambda: self.cfg),
             presets,

@@ -68,9 +68,16 @@ class StreamLease:
 class KeyLimiter:
     """The per-key counters of one ingress replica (``Ingress.limits``); ``config`` gives the current limits."""
 
-    def __init__(self, config: Callable[[], IngressConfig], clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: Callable[[], IngressConfig],
+        clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[str], None] | None = None,
+    ):
         self.config = config
         self.clock = clock
+        #: told the code of every refusal (the ingress counts them in ``imagegen_rejected{reason}``)
+        self.on_refused = on_refused or (lambda code: None)
         self.buckets: dict[str, TokenBucket] = {}
         self.renders: dict[str, int] = {}
         self.streams: dict[str, int] = {}
@@ -90,13 +97,15 @@ class KeyLimiter:
         wait = bucket.take(now, limits.rate_per_s, limits.burst)
         if wait > 0:
             retry = max(1, math.ceil(wait))
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"this key sent more than {limits.burst} requests at once or {limits.rate_per_s:g} per second "
-                f"sustained; retry in {retry} s",
-                None,
-                {"Retry-After": str(retry)},
+            raise self._refused(
+                ApiError(
+                    429,
+                    "rate_limited",
+                    f"this key sent more than {limits.burst} requests at once or {limits.rate_per_s:g} per second "
+                    f"sustained; retry in {retry} s",
+                    None,
+                    {"Retry-After": str(retry)},
+                )
             )
 
     # -- renders ------------------------------------------------------------------------------
@@ -107,10 +116,12 @@ class KeyLimiter:
         limit = cfg.limits_for(key.name).renders
         held = self.renders.get(key.id, 0)
         if held >= limit:
-            raise too_busy(
-                "too_many_renders",
-                f"this key has {held} renders in progress on this replica (limit {limit}); retry when one ends",
-                cfg.retry_after_s,
+            raise self._refused(
+                too_busy(
+                    "too_many_renders",
+                    f"this key has {held} renders in progress on this replica (limit {limit}); retry when one ends",
+                    cfg.retry_after_s,
+                )
             )
         self.renders[key.id] = held + 1
         try:
@@ -129,19 +140,23 @@ class KeyLimiter:
         limit = cfg.limits_for(key.name).streams
         held = self.streams.get(key.id, 0)
         if held >= limit:
-            raise too_busy(
-                "too_many_streams",
-                f"this key has {held} event streams open on this replica (limit {limit}); close one, "
-                "or poll GET /v1/jobs/{id}",
-                cfg.retry_after_s,
+            raise self._refused(
+                too_busy(
+                    "too_many_streams",
+                    f"this key has {held} event streams open on this replica (limit {limit}); close one, "
+                    "or poll GET /v1/jobs/{id}",
+                    cfg.retry_after_s,
+                )
             )
         total = self.streams_open
         if total >= cfg.max_streams:
-            raise too_busy(
-                "too_many_streams",
-                f"{total} event streams are open on this replica (limit {cfg.max_streams}); "
-                "retry later or poll GET /v1/jobs/{id}",
-                cfg.retry_after_s,
+            raise self._refused(
+                too_busy(
+                    "too_many_streams",
+                    f"{total} event streams are open on this replica (limit {cfg.max_streams}); "
+                    "retry later or poll GET /v1/jobs/{id}",
+                    cfg.retry_after_s,
+                )
             )
         self.streams[key.id] = held + 1
         return StreamLease(self, key.id)
@@ -159,11 +174,17 @@ class KeyLimiter:
         cfg = self.config()
         limit = cfg.limits_for(key.name).jobs
         if active >= limit:
-            raise too_busy(
-                "too_many_jobs",
-                f"this key has {active} jobs queued or running (limit {limit}); retry when one ends",
-                cfg.retry_after_s,
+            raise self._refused(
+                too_busy(
+                    "too_many_jobs",
+                    f"this key has {active} jobs queued or running (limit {limit}); retry when one ends",
+                    cfg.retry_after_s,
+                )
             )
+
+    def _refused(self, error: ApiError) -> ApiError:
+        self.on_refused(error.code)
+        return error
 
 
 def count_active_jobs_of(store: ServeStore, key_id: str) -> int:

@@ -75,7 +75,8 @@ def test_retry_after_is_computed_from_the_rate():
 
 def test_stream_caps_per_key_and_in_total_and_leases_give_back():
     cfg = IngressConfig(max_streams_per_key=2, max_streams=3)
-    limiter = KeyLimiter(lambda: cfg)
+    refusals: list[str] = []
+    limiter = KeyLimiter(lambda: cfg, on_refused=refusals.append)
     a, b = _key("a", "ka"), _key("b", "kb")
     leases = [limiter.open_stream(a), limiter.open_stream(a)]
     with pytest.raises(ApiError) as per_key:
@@ -92,6 +93,7 @@ def test_stream_caps_per_key_and_in_total_and_leases_give_back():
     for lease in leases:
         lease.release()
     assert limiter.streams == {} and limiter.streams_open == 0
+    assert refusals == ["too_many_streams", "too_many_streams"]  # what the ingress counts in its metrics
 
 
 def test_render_slots_per_key():
@@ -204,6 +206,8 @@ def test_150_streams_of_one_key_starve_nobody(service, keys, http):
     assert seen["health"] == 200
     assert seen["render"].status_code == 200, seen["render"].text[:300]
     assert seen["reopened"] == 200
+    metrics = http.get("/metrics", headers=_bearer(keys.admin)).text
+    assert 'imagegen_rejected_total{reason="too_many_streams"}' in metrics
 
 
 def test_rate_limit_429_with_a_computed_retry_after(service, http):
