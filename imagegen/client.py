@@ -229,18 +229,32 @@ class Client:
         return self._request("GET", f"/v1/jobs/{job_id}/images/{index}").content
 
     def events(self, job_id: str, last_event_id: int | None = None) -> Iterator[Event]:
-        """The job's server-sent events until it ends (done, failed or cancelled)."""
-        headers = {"Accept": "text/event-stream"}
-        if last_event_id is not None:
-            headers["Last-Event-ID"] = str(last_event_id)
-        try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for(response)
-                yield from parse_sse(response.iter_lines())
-        except httpx.TransportError as exc:
-            raise ApiClientError(0, "transport_error", f"{type(exc).__name__}: {exc}") from exc
+        """The job's server-sent events until it ends (done, failed or cancelled).
+
+        A stream the server closes after its lifetime ends with a ``reconnect`` event: this
+        reconnects with ``Last-Event-ID`` (the last id seen), so no event is lost or repeated.
+        """
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_event_id is not None:
+                headers["Last-Event-ID"] = str(last_event_id)
+            reconnect = False
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        _raise_for(response)
+                    for event in parse_sse(response.iter_lines()):
+                        if event.type == "reconnect":
+                            reconnect = True
+                            break
+                        if event.id is not None:
+                            last_event_id = event.id
+                        yield event
+            except httpx.TransportError as exc:
+                raise ApiClientError(0, "transport_error", f"{type(exc).__name__}: {exc}") from exc
+            if not reconnect:
+                return
 
     def wait_job(self, job_id: str, timeout_s: float = 300.0, poll_s: float = 0.2) -> dict[str, Any]:
         """Poll until the job ends; returns it with its images inline."""

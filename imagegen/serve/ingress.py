@@ -71,6 +71,11 @@ class Ingress:
             self.store, self.service.run_job, lambda: self.cfg, self.service.db_pool, self.notify_job
         )
         self.runner.start()
+        if self.service.settings.allow_unverified_age:
+            log.warning(
+                "DEVELOPMENT ONLY: IMAGEGEN_ALLOW_UNVERIFIED_AGE is on: characters whose apparent age was "
+                "never verified render (every image's provenance says so); install an age estimator instead"
+            )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from imagegen.serve.http.app import build_api

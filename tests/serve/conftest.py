@@ -86,7 +86,7 @@ def keys(service) -> Keys:
         return Keys(
             admin=create_key(store, "tests-admin", ["admin"])[1],
             render=create_key(store, "tests-render", ["render"])[1],
-            writer=create_key(store, "tests-writer", ["characters:write"])[1],
+            writer=create_key(store, "tests-writer", ["characters:write", "characters:approve"])[1],
             other_render=create_key(store, "tests-render-2", ["render"])[1],
         )
 

@@ -141,9 +141,9 @@ def test_streams_and_renders_must_fit_the_ingress():
 
 
 # -- against the service --------------------------------------------------------------------------------
-def _new_key(name: str) -> str:
+def _new_key(name: str, tenant: str = "default") -> str:
     with ServeStore.open() as store:
-        return create_key(store, name, ["render"])[1]
+        return create_key(store, name, ["render"], tenant=tenant)[1]
 
 
 def _bearer(key: str) -> dict[str, str]:
@@ -156,8 +156,8 @@ def _cancel(http: httpx.Client, key: str, job_id: str) -> None:
 
 
 def test_150_streams_of_one_key_starve_nobody(service, keys, http):
-    """One key opens 150 event streams: it gets its cap, 429 past it; /healthz and another key's render go on."""
-    key = _new_key("limits-streams")
+    """One key opens 150 event streams: it gets its cap, 429 past it; /healthz and another tenant's render go on."""
+    key = _new_key("limits-streams", tenant="streams-tenant")  # keys.other_render is of the default tenant
     job = http.post("/v1/jobs", json={**LONG_JOB, "num_images": 8}, headers=_bearer(key)).json()
     url = f"{service.url}/v1/jobs/{job['job_id']}/events"
     seen: dict[str, object] = {}
@@ -208,6 +208,21 @@ def test_150_streams_of_one_key_starve_nobody(service, keys, http):
     assert seen["reopened"] == 200
     metrics = http.get("/metrics", headers=_bearer(keys.admin)).text
     assert 'imagegen_rejected_total{reason="too_many_streams"}' in metrics
+
+
+def test_the_client_follows_reconnects_without_losing_or_repeating_events(service):
+    from imagegen.client import Client
+
+    key = _new_key("limits-lifetime")  # TEST_INGRESS: streams end after 1 s
+    with Client(service.url, key) as client:
+        job = client.submit_job(preset="tiny-sdxl", prompt="followed", seed=9, steps=30, width=128, height=128)
+        events = list(client.events(job["job_id"]))
+    ids = [e.id for e in events if e.id is not None]
+    assert ids == sorted(set(ids)), ids  # no event twice, none out of order
+    assert events[-1].type == "done", [e.type for e in events]
+    assert "reconnect" not in {e.type for e in events}  # the client handles those itself
+    steps = [e.data["step"] for e in events if e.type == "progress"]
+    assert steps and steps == sorted(steps), steps
 
 
 def test_rate_limit_429_with_a_computed_retry_after(service, http):

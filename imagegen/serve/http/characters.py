@@ -6,7 +6,6 @@ registering and deleting need ``characters:write``, approving needs ``characters
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -14,6 +13,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from imagegen.ids import validate_character_id
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, ingress_of, scoped
+from imagegen.serve.http.jsonlimits import parse_json_limited
 from imagegen.serve.schemas import CharacterList, CharacterSummary, DeleteOut, RegistrationOut
 from imagegen.serve.service import iso
 from imagegen.serve.store import ApiKey
@@ -46,11 +46,9 @@ def registration_out(registration: Any) -> RegistrationOut:
     )
 
 
-def _json_field(raw: str, field: str) -> Any:
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise ApiError(422, "validation_error", f"{field} must be JSON: {exc}", field) from None
+def _json_field(request: Request, raw: str, field: str) -> Any:
+    """A JSON object form field, parsed with the edge's depth limit (deep nesting is a 422, not a crash)."""
+    value = parse_json_limited(raw, max_depth=ingress_of(request).cfg.max_json_depth, field=field)
     if not isinstance(value, dict):
         raise ApiError(422, "validation_error", f"{field} must be a JSON object", field)
     return value
@@ -77,8 +75,8 @@ async def create_character(
     from imagegen.identity.characters import MAX_REFERENCES
 
     validate_character_id(id)
-    provenance_data = _json_field(provenance_json, "provenance")
-    card = _json_field(card_json, "card") if card_json else None
+    provenance_data = _json_field(request, provenance_json, "provenance")
+    card = _json_field(request, card_json, "card") if card_json else None
     if len(references) > MAX_REFERENCES:
         raise ApiError(422, "invalid_reference", f"at most {MAX_REFERENCES} references", "references")
     files = [(upload.filename or f"reference-{i}", await upload.read()) for i, upload in enumerate(references)]

@@ -75,9 +75,10 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: the database answers and every renderer deployment has a live replica (cached for a second)."""
-    ready, checks = await readiness.check(ingress_of(request).service)
+    service = ingress_of(request).service
+    ready, checks = await readiness.check(service)
     if ready:
-        return JSONResponse({"status": "ready", "checks": checks})
+        return JSONResponse({"status": "ready", "age_policy": service.settings.age_policy, "checks": checks})
     body = error_body("not_ready", "a dependency of the service is not ready")
     return JSONResponse({**body, "checks": checks}, status_code=503, headers={"Retry-After": "2"})
 
