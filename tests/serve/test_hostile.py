@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
 import pytest
+from PIL import Image
 
 from tests.serve.conftest import assert_error_shape
 
@@ -15,6 +20,7 @@ def corpus() -> list[tuple[str, str, str, dict, tuple[int, ...]]]:
     """(label, method, path, httpx kwargs, allowed statuses)."""
     big_prompt = "a " * 1500  # 3000 characters > 2000
     deep = b"[" * 5000 + b"]" * 5000
+    blank = blank_png(6000, 6000)  # a few tens of KB on the wire, 36 Mpixel once decoded
     j = {"content-type": J}
     cases = [
         ("malformed json", "POST", RENDER, {"content": b'{"prompt": "x",', "headers": {"content-type": J}}, (422,)),
@@ -144,8 +150,41 @@ def corpus() -> list[tuple[str, str, str, dict, tuple[int, ...]]]:
         ("last-event-id 2**70", "GET", EVENTS, {"headers": {"Last-Event-ID": str(2**70)}}, (400,)),
         ("last-event-id negative", "GET", EVENTS, {"headers": {"Last-Event-ID": "-1"}}, (400,)),
         ("last-event-id words", "GET", EVENTS, {"headers": {"Last-Event-ID": "latest"}}, (400,)),
+        # small uploads that would be huge once decoded: refused from bytes and headers, before any decode
+        ("eight blank 6000x6000 pngs", "POST", "/v1/characters", uploads([blank] * 8), (422,)),
+        ("144-mpixel header", "POST", "/v1/characters", uploads([png_header(12_000, 12_000)]), (413,)),
+        (
+            "288 mpixel in eight headers",
+            "POST",
+            "/v1/characters",
+            uploads([png_header(6000, 6000 - i) for i in range(8)]),
+            (413,),
+        ),
     ]
     return cases
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height`` with a tiny body (decoding it would fail or explode)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def blank_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 255).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def uploads(files: list[bytes]) -> dict:
+    """A valid character registration but for its reference files."""
+    data = {"id": "hostile-upload", "name": "Hostile", "provenance": '{"kind": "synthetic", "creator": "t"}'}
+    return {"data": data, "files": [("references", (f"r{i}.png", f, "image/png")) for i, f in enumerate(files)]}
 
 
 def multipart(**fields: str) -> dict:
