@@ -15,7 +15,18 @@ from PIL import Image, PngImagePlugin
 
 from imagegen.files import atomic_write
 
-HEADLINE_FIELDS = ("prompt", "negative_prompt", "seed", "preset", "width", "height", "steps", "guidance")
+#: written as their own PNG text chunks too (``prompt_sha256`` stands in for the prompt in shared images)
+HEADLINE_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "prompt_sha256",
+    "seed",
+    "preset",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+)
 RECORD_KEY = "imagegen"
 
 

@@ -191,3 +191,17 @@ def test_render_with_a_character_through_the_cli(tmp_path):
         env=env,
     )
     assert wrong.returncode == 2 and "supported: pulid-flux-v0.9.1" in wrong.stderr
+    # the demo character's apparent age is unverified (no estimator offline): only the development
+    # setting the demo and the tests use lets it render
+    strict = run_cli(
+        "render",
+        "--prompt",
+        "x",
+        "--character",
+        "demo-astronaut",
+        "--out",
+        str(out),
+        env={**env, "IMAGEGEN_ALLOW_UNVERIFIED_AGE": "0"},
+    )
+    assert strict.returncode == 2 and "unverified apparent age" in strict.stderr, strict.stderr
+    assert "Traceback" not in strict.stderr and len(strict.stderr.strip().splitlines()) == 1, strict.stderr

@@ -14,6 +14,7 @@ from imagegen.provenance import (
     IPTC_AI_GENERATED,
     check_image,
     embed_watermark,
+    prompt_sha256,
     read_watermark,
     stamp,
     tag_for,
@@ -73,7 +74,12 @@ def test_stamp_writes_the_metadata_and_check_reads_both_back(tmp_path):
     assert text["ai_generated"] == "true" and text["DigitalSourceType"] == IPTC_AI_GENERATED
     assert text["character"] == "mia" and text["character_version"] == "3"
     assert text["request_id"] == "req-42" and text["image_id"] == IMAGE_ID
-    assert text["prompt"] == "a portrait" and text["seed"] == "7" and text["method"] == "pulid-flux"
+    # the recipe, not the prompt: images get shared (its hash is what the audit trail keeps too)
+    assert "prompt" not in text and text["seed"] == "7" and text["method"] == "pulid-flux"
+    assert text["prompt_sha256"] == prompt_sha256("a portrait", METADATA.get("negative_prompt") or "")
+    assert "a portrait" not in str(text)
+    opted_in = Image.open(io.BytesIO(stamp(photo, METADATA, image_id=IMAGE_ID, request_id="r", include_prompt=True)[0]))
+    assert opted_in.text["prompt"] == "a portrait"
     assert json.loads(text["imagegen"])["provenance"]["image_id"] == IMAGE_ID
     report = check_image(png)
     assert report["watermark"]["found"] and report["watermark_matches_metadata"] is True
