@@ -7,6 +7,7 @@ same aware UTC datetimes whatever the backend stores.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -101,6 +102,27 @@ def create_database_engine(
         conn.exec_driver_sql(f"BEGIN {'IMMEDIATE' if mode == 'IMMEDIATE' else 'DEFERRED'}")
 
     return engine
+
+
+def checkpoint_wal(engine: Engine) -> None:
+    """SQLite: copy the WAL into the database and truncate it, so deleted rows leave no trace there.
+
+    Best effort (a no-op on other databases): a reader in another process can keep the WAL busy;
+    ``secure_delete`` has already zeroed the freed pages and the next checkpoint finishes the job.
+    """
+    if engine.url.get_backend_name() != "sqlite":
+        return
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        try:
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            cursor.close()
+    except Exception as exc:  # noqa: BLE001 - best effort, never fails a completed delete
+        logging.getLogger(__name__).debug("WAL checkpoint after a delete failed: %s", exc)
+    finally:
+        raw.close()
 
 
 class SessionScopes:

@@ -52,7 +52,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from imagegen.blobstore import BlobStore
-from imagegen.db import SessionScopes, UTCDateTime, create_database_engine, utcnow
+from imagegen.db import SessionScopes, UTCDateTime, checkpoint_wal, create_database_engine, utcnow
 from imagegen.ids import DEFAULT_TENANT, validate_tenant_id
 from imagegen.migrations import prepare, read_state, where_of
 from imagegen.settings import Settings, get_settings
@@ -588,24 +588,8 @@ class ServeStore(SessionScopes):
         return {"jobs": len(ids), "events": events, "results": results, "audit_redacted": audits}
 
     def checkpoint(self) -> None:
-        """SQLite: copy the WAL into the database and truncate it, so deleted rows leave no trace there.
-
-        Best effort: a reader in another process can keep the WAL busy; ``secure_delete`` has
-        already zeroed the freed pages and the next checkpoint finishes the job.
-        """
-        if self.url.get_backend_name() != "sqlite":
-            return
-        raw = self.engine.raw_connection()
-        try:
-            cursor = raw.cursor()
-            try:
-                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                cursor.close()
-        except Exception as exc:  # noqa: BLE001 - best effort, never fails a completed purge
-            log.debug("WAL checkpoint after a purge failed: %s", exc)
-        finally:
-            raw.close()
+        """SQLite: fold the WAL into the database file and truncate it (``imagegen.db.checkpoint_wal``)."""
+        checkpoint_wal(self.engine)
 
     # -- audit ---------------------------------------------------------------------------------
     def add_audit(self, records: Sequence[dict[str, Any]]) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session
 
 from imagegen.blobstore import BlobStore
-from imagegen.db import SessionScopes, create_database_engine
+from imagegen.db import SessionScopes, checkpoint_wal, create_database_engine
 from imagegen.identity.models import RegistryError, UnknownCharacterError
 from imagegen.identity.registry.schema import Base, CharacterRow, ConditioningRow, ReferenceRow
 from imagegen.migrations import prepare, read_state, where_of
@@ -142,21 +142,5 @@ class RegistryDatabase(SessionScopes):
                 self.blobs.put(data)
 
     def checkpoint(self) -> None:
-        """SQLite: copy the WAL into the database and truncate it, so deleted rows leave no trace.
-
-        Best effort: a reader in another process can keep the WAL busy; the next checkpoint
-        then finishes the job (``secure_delete`` already zeroed the freed pages).
-        """
-        if self.url.get_backend_name() != "sqlite":
-            return
-        raw = self.engine.raw_connection()
-        try:
-            cursor = raw.cursor()
-            try:
-                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                cursor.close()
-        except Exception as exc:  # noqa: BLE001 - best effort, never fails a completed delete
-            logger.debug("WAL checkpoint after delete failed: %s", exc)
-        finally:
-            raw.close()
+        """SQLite: fold the WAL into the database file and truncate it (``imagegen.db.checkpoint_wal``)."""
+        checkpoint_wal(self.engine)
