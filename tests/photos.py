@@ -7,6 +7,8 @@ coffee cup the image without a face.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from functools import cache
 
 from PIL import Image
@@ -48,3 +50,14 @@ def hopper_set(count: int = 2) -> tuple[tuple[str, bytes], ...]:
 @cache
 def no_face() -> tuple[str, bytes]:
     return ("coffee.png", encode(samples.no_face_image()))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming a huge image, with a tiny compressed body."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")

@@ -31,8 +31,7 @@ from imagegen.identity.models import DuplicateCharacterError, ReferenceInput
 from imagegen.identity.registry import Registry
 from imagegen.identity.safeguards import ProtectedIdentityMatchError, protect_from_images
 from imagegen.ids import InvalidTenantIdError
-from tests.identity.test_ingest import bomb_png
-from tests.photos import astronaut_set, encode, hopper_set, no_face
+from tests.photos import astronaut_set, bomb_png, encode, hopper_set, no_face
 
 from ._helpers import fake_face, make_character
 

@@ -20,8 +20,7 @@ from imagegen.identity.safeguards import AgeGateError, ProtectedIdentityMatchErr
 from imagegen.ids import DEFAULT_TENANT, InvalidTenantIdError
 from imagegen.settings import get_settings
 from imagegen.standins.faces import write_genderage_model
-from tests.identity.test_ingest import bomb_png
-from tests.photos import astronaut_set, encode, hopper_set, no_face
+from tests.photos import astronaut_set, bomb_png, encode, hopper_set, no_face
 
 SYNTHETIC = {"kind": "synthetic", "creator": "artist@example.com"}
 

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from tests.identity.test_ingest import bomb_png
-from tests.photos import astronaut_set, hopper_set
+from tests.photos import astronaut_set, bomb_png, hopper_set
 from tests.test_cli import run_cli
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import pytest
 from PIL import Image
@@ -18,7 +16,7 @@ from imagegen.identity.ingest import (
     ingest_images,
 )
 from imagegen.identity.models import InvalidReferenceError
-from tests.photos import encode
+from tests.photos import bomb_png, encode
 
 
 def image(size=(200, 160), colour=(200, 100, 50)) -> Image.Image:
@@ -42,17 +40,6 @@ def test_exif_orientation_is_applied_and_metadata_stripped():
     reopened = Image.open(io.BytesIO(result.png_bytes))
     assert not reopened.getexif() and b"SecretCameraMaker" not in result.png_bytes
     assert not reopened.info.get("exif")
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming a huge image, with a tiny compressed body."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(

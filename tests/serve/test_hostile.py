@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
+from tests.photos import bomb_png
 from tests.serve.conftest import assert_error_shape
 
 RENDER = "/v1/renders"
@@ -152,27 +151,16 @@ def corpus() -> list[tuple[str, str, str, dict, tuple[int, ...]]]:
         ("last-event-id words", "GET", EVENTS, {"headers": {"Last-Event-ID": "latest"}}, (400,)),
         # small uploads that would be huge once decoded: refused from bytes and headers, before any decode
         ("eight blank 6000x6000 pngs", "POST", "/v1/characters", uploads([blank] * 8), (422,)),
-        ("144-mpixel header", "POST", "/v1/characters", uploads([png_header(12_000, 12_000)]), (413,)),
+        ("144-mpixel header", "POST", "/v1/characters", uploads([bomb_png(12_000, 12_000)]), (413,)),
         (
             "288 mpixel in eight headers",
             "POST",
             "/v1/characters",
-            uploads([png_header(6000, 6000 - i) for i in range(8)]),
+            uploads([bomb_png(6000, 6000 - i) for i in range(8)]),
             (413,),
         ),
     ]
     return cases
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A valid PNG header claiming ``width`` x ``height`` with a tiny body (decoding it would fail or explode)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def blank_png(width: int, height: int) -> bytes:
