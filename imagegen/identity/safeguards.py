@@ -31,6 +31,9 @@ from imagegen.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
+logger = logging.getLogger(__name__)
+
+
 class SafeguardError(ImagegenError):
     """Registration refused by a safeguard."""
 
@@ -88,14 +91,42 @@ def check_protected(registry, results: list[FaceResult], filenames: list[str], b
 
 
 def protect_from_images(registry, label: str, images, analyzer: FaceAnalyzer, note: str = "") -> list[int]:
-    """Add a protected identity from photos: only the embeddings are kept, the images are not."""
-    ids = []
+    """Add a protected identity from photos: only the embeddings are kept, the images are not.
+
+    Characters registered *before* the face was protected are checked at once: every character
+    (any tenant, approved or draft) with a reference face that matches goes back to ``draft``
+    with a failed report, so neither the service nor a preview renders it again
+    (``suspend_matching_characters``).
+    """
+    ids, embeddings = [], []
     for image in images:
         face = analyzer.largest(image.image).face
         if face is None:
             raise SafeguardError(f"{image.filename}: no face found; a protected identity needs a clear face photo")
         ids.append(registry.gallery.add(label, analyzer.name, face.embedding, note=note).id)
+        embeddings.append(face.embedding)
+    suspended = suspend_matching_characters(registry, analyzer.name, embeddings)
+    if suspended:
+        logger.warning("protected '%s': suspended matching characters %s (back to draft)", label, suspended)
     return ids
+
+
+def suspend_matching_characters(registry, backend: str, embeddings: list) -> list[str]:
+    """Characters with a stored reference face matching any of ``embeddings`` by ``backend``: set to
+    draft with a failed report (their stored analyses, so no image is decoded). Returns their ids."""
+    if not embeddings:
+        return []
+    metric = metric_for(backend)
+    vectors = [np.asarray(e, dtype=np.float32) for e in embeddings]
+    suspended = []
+    for character in registry.characters.all():
+        stored = [ref.faces[backend].embedding for ref in character.references if backend in ref.faces]
+        scores = [max(similarities(np.asarray(e, np.float32), vectors, metric.backend)) for e in stored]
+        if any(score >= metric.threshold for score in scores):
+            registry.characters.set_status(character.id, "draft")
+            registry.characters.set_report_passed(character.id, False)
+            suspended.append(character.id)
+    return suspended
 
 
 # --------------------------------------------------------------------------- apparent age

@@ -174,6 +174,22 @@ def test_approval_rechecks_the_protected_gallery(registry, dlib):
     assert registry.characters.get("mia").status == "draft"
 
 
+def test_protecting_a_face_suspends_characters_that_already_use_it(registry, dlib):
+    """A face protected after approval: its character goes back to draft with a failed report, and
+    neither the service policy nor a preview (--allow-draft) renders it; other characters are untouched."""
+    from imagegen.identity.characters import ingest_all
+    from imagegen.identity.provider import refusal
+
+    register(registry, dlib)  # mia: the astronaut
+    approve_character(registry, "mia", dlib)
+    register(registry, dlib, "other", files=list(hopper_set(2)))
+    protect_from_images(registry, "the astronaut", ingest_all([astronaut_set(1)[0]]), dlib)
+    mia, other = registry.characters.get("mia"), registry.characters.get("other")
+    assert (mia.status, mia.report_passed) == ("draft", False)
+    assert refusal(mia, allow_draft=True, allow_unverified_age=True) is not None
+    assert other.report_passed is not False
+
+
 def test_tenant_and_report_verdict_are_stored(registry, dlib):
     register_character(
         registry,
