@@ -12,6 +12,11 @@ blocking host→device copy, and a Python branch on a device tensor (``bool(t.an
 - its tables go to a device once per ``(device, dtype)`` (on first use, then cached: one copy per pipeline call),
   and a step takes ``table[phase]``, a view: no copy, no kernel, no sync;
 - every "skip this work?" decision is made from the host-side values (:attr:`Phase.rows`), never from a tensor.
+
+A sample whose caller goes away leaves its batch between two steps (``imagegen.pipelines.cancel``): the denoiser
+then runs on the remaining rows only, and :meth:`StepGatedState.select_rows` narrows the state to them, so the
+hooks see the same rows as the model. That rebuilds the gates and drops the device copies, a few small copies once
+per departure, never per layer or step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
+
+
+def pick(tensor: torch.Tensor | None, positions: Sequence[int]) -> torch.Tensor | None:
+    """The rows ``positions`` of a per-sample tensor (first dimension), on its own device; None stays None."""
+    if tensor is None:
+        return None
+    return tensor.index_select(0, torch.tensor(list(positions), dtype=torch.long, device=tensor.device))
 
 
 def per_sample(value, batch: int, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -76,6 +88,9 @@ class RowGate:
         starts = [int(s) for s in starts]
         if len(values) != len(starts):
             raise ValueError(f"{len(values)} values for {len(starts)} start steps")
+        #: the ungated value and the start step of every row, as given
+        self.values = tuple(values)
+        self.starts = tuple(starts)
         #: distinct start steps; phase p: the rows whose start step is <= thresholds[p - 1] are on (phase 0: none)
         self.thresholds = sorted(set(starts))
         gated = [
@@ -91,6 +106,10 @@ class RowGate:
             ).reshape(len(gated), width),
         }
         self._on_device: dict[tuple, torch.Tensor] = {}
+
+    def select(self, rows: Sequence[int]) -> RowGate:
+        """The gate of the rows ``rows`` only (in that order): what a model call on those rows needs."""
+        return RowGate([self.values[r] for r in rows], [self.starts[r] for r in rows])
 
     def at(self, step: int) -> Phase:
         """The phase of denoising step ``step`` (a Python int: no tensor is read)."""
@@ -157,6 +176,40 @@ class StepGatedState:
         """Which rows of a model call on ``count`` rows take identity at the current step, with their values (host
         values and views of the device tables; see :class:`Phase`)."""
         return self.gate_for(count).at(self.step)
+
+    def select_rows(self, active: Sequence[int]) -> None:
+        """Keep only the samples ``active`` (indices into the batch this state was built for, in order): the others
+        left the batch, and the model calls from now on are on the rows of ``active`` (``A`` or ``2A`` for CFG).
+
+        The step is kept; the gates, per-sample values and tokens are narrowed and the device copies dropped (made
+        again on first use). Called between denoising steps, once per change of the active rows.
+        """
+        kept = self.__dict__.get("_kept") or list(range(self.batch_size))
+        unknown = [row for row in active if row not in kept]
+        if unknown or not active or len(set(active)) != len(active):
+            raise ValueError(
+                f"cannot narrow a {self.label} state holding samples {kept} to {list(active)}: "
+                "the rows must be distinct samples it still holds, at least one"
+            )
+        positions = [kept.index(row) for row in active]
+        if positions == list(range(self.batch_size)):
+            return
+        self._select(positions)
+        self._kept = list(active)
+
+    def _select(self, positions: list[int]) -> None:
+        """Narrow to the samples at ``positions`` of the current batch; subclasses narrow their own per-sample
+        inputs, then call this."""
+        before = self.batch_size
+        self.batch_size = len(positions)
+        self.start_step = self.start_step[positions]
+        gates = self.__dict__.get("gates")
+        if gates:
+            self.gates = {
+                self.batch_size: gates[before].select(positions),
+                2 * self.batch_size: gates[2 * before].select(positions + [before + p for p in positions]),
+            }
+        self.__dict__.pop("_cache", None)
 
     def cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``make()`` the first time ``key`` is asked for in this state, the same tensor afterwards."""

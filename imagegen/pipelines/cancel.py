@@ -10,8 +10,13 @@ step (the pipeline's ``callback_on_step_end``). Then:
 - some rows cancelled: :func:`denoise_active_rows` hooks the denoiser (FLUX transformer, SDXL
   UNet) so it runs on the remaining rows only and scatters its output back to the full batch
   (zeros for the rows that left: the scheduler steps them as no-ops and their pixels are dropped).
-  The family module says which inputs are per row (``select_rows``); a call it cannot slice
-  soundly (identity conditioning in the attention layers, which is per row too) keeps every row.
+  The family module says which inputs are per row (``select_rows``, IP-Adapter image embeddings
+  included: :func:`take_images`); a call it cannot slice soundly keeps every row.
+- identity conditioning keeps per-row state of its own inside the denoiser (id tokens, weights,
+  start steps: ``imagegen.identity.steps``). It leaves with the rows: the first denoiser call
+  sliced to a new set of rows first narrows the conditioning to them (``narrow``, the batch's
+  ``BatchConditioning.select_rows``), so both always see the same rows. Conditioning that cannot
+  narrow keeps its batch whole (``BatchConditioning.rows_can_leave``).
 
 Rows that keep going compute what they computed in the full batch: each row's denoising depends
 only on its own inputs, so leaving a batch is like landing in a smaller one (equal up to float
@@ -34,6 +39,8 @@ Cancelled = Callable[[], bool]
 SelectRows = Callable[[tuple, dict[str, Any], torch.Tensor], tuple[tuple, dict[str, Any]] | None]
 #: ``denoiser_rows(args, kwargs)`` of a family: how many rows one denoiser call has
 DenoiserRows = Callable[[tuple, dict[str, Any]], int]
+#: ``narrow(active)``: the identity conditioning keeps only the samples ``active`` (indices into the batch)
+Narrow = Callable[[list[int]], None]
 
 
 class CallCancelled(Exception):
@@ -99,13 +106,21 @@ class CancelWatch:
 
 @contextmanager
 def denoise_active_rows(
-    denoiser: torch.nn.Module, watch: CancelWatch, rows_of: DenoiserRows, select: SelectRows
+    denoiser: torch.nn.Module,
+    watch: CancelWatch,
+    rows_of: DenoiserRows,
+    select: SelectRows,
+    narrow: Narrow | None = None,
 ) -> Iterator[None]:
     """Inside the block, ``denoiser`` runs on ``watch.active`` rows only and returns a full-batch output.
 
-    While every row is in, the hooks do nothing but one length comparison per denoiser call.
+    ``narrow(active)`` is called before the first call sliced to a new set of rows (the identity
+    conditioning's ``select_rows``). The slicing hook runs before any other pre-hook of ``denoiser``
+    (PuLID-FLUX reads the call's rows in one), so they all see the sliced call. While every row is
+    in, the hooks do nothing but one length comparison per denoiser call.
     """
     pending: list[tuple[int, torch.Tensor] | None] = [None]
+    narrowed: list[list[int] | None] = [None]
 
     def before(module, args, kwargs):
         pending[0] = None
@@ -113,11 +128,17 @@ def denoise_active_rows(
             return None
         rows = rows_of(args, kwargs)
         index = watch.index_for(rows, _device_of(args, kwargs))
-        if index is None:
-            return None
-        selected = select(args, kwargs, index)
+        selected = None if index is None else select(args, kwargs, index)
         if selected is None:
+            if narrowed[0] is not None:  # the conditioning holds fewer rows than this call would run
+                raise RuntimeError(
+                    f"a denoiser call on {rows} rows cannot be sliced to the {len(watch.active)} rows still in, "
+                    "but the identity conditioning already left the others"
+                )
             return None
+        if narrow is not None and narrowed[0] != watch.active:
+            narrow(list(watch.active))
+            narrowed[0] = list(watch.active)
         pending[0] = (rows, index)
         return selected
 
@@ -132,7 +153,7 @@ def denoise_active_rows(
         return (full, *output[1:])
 
     handles = [
-        denoiser.register_forward_pre_hook(before, with_kwargs=True),
+        denoiser.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
         denoiser.register_forward_hook(after, with_kwargs=True),
     ]
     try:
@@ -147,6 +168,25 @@ def take(value: Any, index: torch.Tensor, rows: int) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows:
         return value.index_select(0, index)
     return value
+
+
+def take_images(value: Any, index: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """Per-sample IP-Adapter image embeddings for the rows in ``index``; None when ``value`` is not laid out so.
+
+    imagegen hands a batch of ``B`` samples to the pipeline as ``B`` images, which the pipeline repeats
+    for every row of the denoiser call: ``[rows, B, ...]`` with ``rows`` = ``B``, or ``2B`` for a CFG
+    batch ``[negative, positive]``; row ``r`` reads image ``r mod B``
+    (``imagegen.identity.ipadapter.adapter.PerSampleProjection``). The rows in ``index`` (the active
+    samples, in both halves for CFG) keep their own rows and only the active samples' images, so row
+    ``r`` of the sliced call still reads its own sample's image.
+    """
+    if not isinstance(value, torch.Tensor) or value.ndim < 2 or value.shape[0] != rows:
+        return None
+    images = int(value.shape[1])
+    if rows not in (images, 2 * images):
+        return None
+    samples = index[: index.numel() * images // rows]  # the active samples: ``index`` minus its CFG half
+    return value.index_select(0, index).index_select(1, samples)
 
 
 def _device_of(args: tuple, kwargs: dict[str, Any]) -> torch.device:

@@ -11,7 +11,7 @@ diffusers keeps its pipelines ignorant of where embeddings come from the same wa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -41,6 +41,15 @@ class BatchConditioning:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: called after every denoising step (``callback_on_step_end`` signature); None when not needed
     on_step_end: Callable | None = None
+    #: ``select_rows(active)``: from the next denoiser call on, only the samples ``active`` (indices into the batch
+    #: as given, in order) are computed; the others were cancelled (``imagegen.pipelines.cancel``). None: the
+    #: conditioning cannot narrow, so a batch it adds anything to keeps every row to the end of the call
+    select_rows: Callable[[Sequence[int]], None] | None = None
+
+    @property
+    def rows_can_leave(self) -> bool:
+        """Cancelled rows may leave the denoiser mid-call: the conditioning narrows with them, or adds nothing."""
+        return self.select_rows is not None or (not self.kwargs and self.on_step_end is None)
 
 
 class Conditioner(ABC):

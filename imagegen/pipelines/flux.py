@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from imagegen.pipelines.cancel import empty, take
+from imagegen.pipelines.cancel import empty, take, take_images
 from imagegen.pipelines.types import RenderRequest
 
 Embeds = dict[str, torch.Tensor]
@@ -56,6 +56,9 @@ def call(pipe, embeds: Embeds, first: RenderRequest, generators: list[torch.Gene
 ROW_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 #: inputs that may be passed as long as they carry nothing (anything else: the call is not sliced)
 SHARED_INPUTS = ("txt_ids", "img_ids", "return_dict", "controlnet_blocks_repeat")
+#: what ``joint_attention_kwargs`` may hold in a sliced call: the IP-Adapter's per-sample image embeddings, and
+#: the projected tokens the transformer left there in the previous call (projected again from the embeddings)
+JOINT_IP = ("ip_adapter_image_embeds", "ip_hidden_states")
 
 
 def denoiser(pipe) -> torch.nn.Module:
@@ -70,13 +73,38 @@ def denoiser_rows(args: tuple, kwargs: dict) -> int:
 
 def select_rows(args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple, dict] | None:
     """The transformer's inputs for the rows in ``index``; None when some input may be per row unseen
-    (identity or IP-Adapter tensors in ``joint_attention_kwargs``, ControlNet residuals)."""
+    (anything in ``joint_attention_kwargs`` but IP-Adapter embeddings laid out per sample, ControlNet residuals).
+
+    PuLID's id tokens are not inputs: the conditioning narrows its own state (``BatchConditioning.select_rows``).
+    """
     if args:
         return None
-    for name, value in kwargs.items():
-        if name in ROW_INPUTS or name in SHARED_INPUTS:
-            continue
-        if not empty(value):
-            return None
     rows = denoiser_rows(args, kwargs)
-    return args, {k: take(v, index, rows) if k in ROW_INPUTS else v for k, v in kwargs.items()}
+    selected = {}
+    for name, value in kwargs.items():
+        if name in ROW_INPUTS:
+            selected[name] = take(value, index, rows)
+        elif name == "joint_attention_kwargs" and not empty(value):
+            joint = _joint_attention(value, index, rows)
+            if joint is None:
+                return None
+            selected[name] = joint
+        elif name in SHARED_INPUTS or empty(value):
+            selected[name] = value
+        else:
+            return None
+    return args, selected
+
+
+def _joint_attention(joint, index: torch.Tensor, rows: int) -> dict | None:
+    """A new ``joint_attention_kwargs`` with the IP-Adapter embeddings of the rows in ``index`` (the pipeline's own
+    dict, which the transformer edits, is left alone); None when it holds anything else."""
+    if not isinstance(joint, dict) or set(joint) - set(JOINT_IP) or "ip_adapter_image_embeds" not in joint:
+        return None
+    embeds = joint["ip_adapter_image_embeds"]
+    if not isinstance(embeds, list | tuple):
+        return None
+    sliced = [take_images(e, index, rows) for e in embeds]
+    if any(e is None for e in sliced):
+        return None
+    return {"ip_adapter_image_embeds": sliced}

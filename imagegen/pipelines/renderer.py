@@ -286,7 +286,7 @@ class Renderer:
                 per_sample = [self._encode(r) for r in batch]
                 embeds = {key: torch.cat([e[key] for e in per_sample]) for key in per_sample[0]}
                 generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
-                with self._identity(batch, method_name, tensors) as identity, self._active_rows(watch, method_name):
+                with self._identity(batch, method_name, tensors) as identity, self._active_rows(watch, identity):
                     encoded = time.perf_counter()
 
                     def on_step(pipe, step: int, timestep, kwargs):
@@ -359,14 +359,17 @@ class Renderer:
             )
         return results
 
-    def _active_rows(self, watch: CancelWatch, method_name: str | None):
-        """Run the denoiser on the rows still in (a no-op context without flags or with identity).
+    def _active_rows(self, watch: CancelWatch, identity: BatchConditioning):
+        """Run the denoiser on the rows still in (a no-op context without flags).
 
-        Identity conditioning keeps per-row state of its own (tokens, weights, start steps) sized
-        to the whole batch, so a batch with a method keeps every row to the end of the call and
-        drops the cancelled ones before post-processing.
+        Identity conditioning keeps per-row state of its own (tokens, weights, start steps): it
+        leaves with the rows (``identity.select_rows``, called before the first call sliced to
+        new rows). Conditioning that cannot narrow (``rows_can_leave`` false) keeps every row to
+        the end of the call; its cancelled rows are dropped before post-processing.
         """
-        if not watch.watching or method_name is not None or watch.size < 2:
+        if not watch.watching or watch.size < 2 or not identity.rows_can_leave:
             return nullcontext()
         family = self.family
-        return denoise_active_rows(family.denoiser(self.pipe), watch, family.denoiser_rows, family.select_rows)
+        return denoise_active_rows(
+            family.denoiser(self.pipe), watch, family.denoiser_rows, family.select_rows, identity.select_rows
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from imagegen.pipelines.cancel import empty, take
+from imagegen.pipelines.cancel import empty, take, take_images
 from imagegen.pipelines.types import RenderRequest
 
 Embeds = dict[str, torch.Tensor]
@@ -54,6 +54,8 @@ def call(pipe, embeds: Embeds, first: RenderRequest, generators: list[torch.Gene
 ROW_INPUTS = ("encoder_hidden_states", "timestep_cond")
 #: the per-row entries of ``added_cond_kwargs`` (SDXL micro-conditioning)
 ROW_ADDED = ("text_embeds", "time_ids")
+#: the IP-Adapter's per-sample image embeddings in ``added_cond_kwargs`` (a list, one tensor per adapter)
+IMAGE_EMBEDS = "image_embeds"
 
 
 def denoiser(pipe) -> torch.nn.Module:
@@ -68,12 +70,15 @@ def denoiser_rows(args: tuple, kwargs: dict) -> int:
 
 def select_rows(args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple, dict] | None:
     """The UNet's inputs for the rows in ``index``; None when some input may be per row unseen
-    (identity or IP-Adapter tensors in ``cross_attention_kwargs`` or ``added_cond_kwargs``, masks,
-    ControlNet residuals)."""
+    (``cross_attention_kwargs``, ``added_cond_kwargs`` beyond micro-conditioning and IP-Adapter embeddings laid
+    out per sample, masks, ControlNet residuals).
+
+    PuLID's id tokens are not inputs: the conditioning narrows its own state (``BatchConditioning.select_rows``).
+    """
     if len(args) != 2:
         return None
     added = kwargs.get("added_cond_kwargs") or {}
-    if set(added) - set(ROW_ADDED):
+    if set(added) - {*ROW_ADDED, IMAGE_EMBEDS}:
         return None
     for name, value in kwargs.items():
         if name in ROW_INPUTS or name in ("added_cond_kwargs", "return_dict"):
@@ -83,6 +88,14 @@ def select_rows(args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple, 
     rows = denoiser_rows(args, kwargs)
     sample, timestep = args
     selected = {k: take(v, index, rows) if k in ROW_INPUTS else v for k, v in kwargs.items()}
-    if "added_cond_kwargs" in kwargs and kwargs["added_cond_kwargs"] is not None:
-        selected["added_cond_kwargs"] = {k: take(v, index, rows) for k, v in added.items()}
+    if kwargs.get("added_cond_kwargs") is not None:
+        sliced = {k: take(v, index, rows) for k, v in added.items() if k != IMAGE_EMBEDS}
+        if IMAGE_EMBEDS in added:
+            embeds = added[IMAGE_EMBEDS]
+            if not isinstance(embeds, list | tuple):
+                return None
+            sliced[IMAGE_EMBEDS] = [take_images(e, index, rows) for e in embeds]
+            if any(e is None for e in sliced[IMAGE_EMBEDS]):
+                return None
+        selected["added_cond_kwargs"] = sliced
     return (take(sample, index, rows), take(timestep, index, rows)), selected

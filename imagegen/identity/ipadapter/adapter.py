@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
-from imagegen.identity.steps import StepGatedState, per_sample
+from imagegen.identity.steps import StepGatedState, per_sample, pick
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,15 @@ class IPAdapterState(StepGatedState):
         self.layer_inputs = dict(layer_inputs or {})
         # both halves of a CFG batch [negative, positive] take their sample's scale
         self.gates = self.row_gates(self.scale.tolist())
+
+    def _select(self, positions: list[int]) -> None:
+        """Rows left the batch between two steps: scales and layer inputs of the samples at ``positions`` only (the
+        image embeddings come sliced with the model call's inputs, ``imagegen.pipelines.cancel.take_images``)."""
+        self.scale = self.scale[positions]
+        self.layer_inputs = {
+            name: (pick(cond, positions), pick(uncond, positions)) for name, (cond, uncond) in self.layer_inputs.items()
+        }
+        super()._select(positions)
 
     def rows(self, count: int, per_sample_values: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row values for a model call on ``count`` rows: ``B`` samples, or ``2B`` = ``[negative, positive]``."""

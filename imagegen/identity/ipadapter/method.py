@@ -200,7 +200,9 @@ class IPAdapterMethod(IdentityMethod):
                 weights, len(samples), [s.start_step for s in samples], layer_inputs=self._layer_inputs(samples)
             )
             with self.handle.armed(state):
-                yield BatchConditioning(kwargs=self._embeds(samples, cfg), on_step_end=state.callback)
+                yield BatchConditioning(
+                    kwargs=self._embeds(samples, cfg), on_step_end=state.callback, select_rows=state.select_rows
+                )
 
     # shared helpers ------------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from imagegen.identity.pulid.encoder import attention
-from imagegen.identity.steps import Phase, RowGate, StepGatedState, per_sample
+from imagegen.identity.steps import Phase, RowGate, StepGatedState, per_sample, pick
 
 #: attribute set on a transformer while PuLID hooks are attached (refuses a second attach)
 ATTACHED_ATTR = "_imagegen_pulid_flux"
@@ -130,6 +130,15 @@ class PulidFluxState(StepGatedState):
         #: the weights per step phase, on the host and (once per device / dtype) on the device
         self.gate = RowGate(self.weight.tolist(), self.start_step.tolist())
         self.calls = 0
+
+    def _select(self, positions: list[int]) -> None:
+        """Rows left the batch between two steps: tokens, weights and gate of the samples at ``positions`` only
+        (the cond / uncond alternation of true CFG is unchanged: a step's calls come in pairs)."""
+        self.id_tokens = pick(self.id_tokens, positions)
+        self.uncond_id_tokens = pick(self.uncond_id_tokens, positions)
+        self.weight = self.weight[positions]
+        self.gate = self.gate.select(positions)
+        super()._select(positions)
 
     def reset(self) -> None:
         """Back to step 0 (a new render with the same inputs)."""

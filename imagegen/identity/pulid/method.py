@@ -170,7 +170,7 @@ class PulidFluxMethod(PulidMethod):
             start_step=[s.start_step for s in samples],
         )
         with self.handle.use(state):
-            yield BatchConditioning(on_step_end=state.callback)
+            yield BatchConditioning(on_step_end=state.callback, select_rows=state.select_rows)
 
 
 class PulidSDXLMethod(PulidMethod):
@@ -195,4 +195,4 @@ class PulidSDXLMethod(PulidMethod):
             start_step=[s.start_step for s in samples],
         )
         with self.handle.use(state):
-            yield BatchConditioning(on_step_end=state.callback)
+            yield BatchConditioning(on_step_end=state.callback, select_rows=state.select_rows)

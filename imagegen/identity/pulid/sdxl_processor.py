@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagegen.identity.steps import RowGate, StepGatedState, per_sample
+from imagegen.identity.steps import RowGate, StepGatedState, per_sample, pick
 
 PREFIX = "id_adapter_attn_layers."
 ORTHO_MODES = (None, "v1", "v2")
@@ -82,6 +82,14 @@ class PulidSDXLState(StepGatedState):
         # [negative, positive] (negative rows take the negative id tokens, or no identity without them)
         scales = self.scale.tolist()
         self.gates = self.row_gates(scales, scales if uncond_id_tokens is not None else [0.0] * batch)
+
+    def _select(self, positions: list[int]) -> None:
+        """Rows left the batch between two steps: tokens and scales of the samples at ``positions`` only (the
+        gates and the concatenated CFG tokens are narrowed / dropped by the base class)."""
+        self.id_tokens = pick(self.id_tokens, positions)
+        self.uncond_id_tokens = pick(self.uncond_id_tokens, positions)
+        self.scale = self.scale[positions]
+        super()._select(positions)
 
     def for_batch(self, batch: int) -> tuple[torch.Tensor, RowGate]:
         """``(id tokens [batch, N, C], gate of the scales [batch])`` for a UNet call on ``batch`` rows.
