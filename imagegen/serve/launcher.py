@@ -293,9 +293,11 @@ def enable_ray_token_auth(joining: bool) -> str:
             )
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
     os.environ["RAY_AUTH_MODE"] = "token"
-    from ray._raylet import Config
+    from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")  # Ray caches its config at import: make this process see token mode too
+    # ... and the token it loaded (or found missing) for an earlier cluster of this process
+    AuthenticationTokenLoader.instance().reset_cache()
     log.info("Ray token authentication on (token: %s)", source)
     return source
 
