@@ -135,8 +135,19 @@ def serve_command(
     def _stop(*_: object) -> None:
         stop["now"] = True
 
-    service = start_service(config, address=address, num_cpus=num_cpus, host=host, port=port, presets=preset or None)
-    signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs its own
+    def _on_sigterm() -> None:
+        signal.signal(signal.SIGTERM, _stop)
+
+    _on_sigterm()  # a SIGTERM while Ray starts stops the service as soon as it is up
+    service = start_service(
+        config,
+        address=address,
+        num_cpus=num_cpus,
+        host=host,
+        port=port,
+        presets=preset or None,
+        on_ray_started=_on_sigterm,  # again after ray.init, which installs its own (aborting) handler
+    )
     console.print(f"imagegen serving on {service.url}  (docs: {service.url}/docs, health: {service.url}/healthz)")
     try:
         while not stop["now"]:

@@ -26,6 +26,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,15 @@ def start_service(
     object_store_memory: int | None = None,
     timeout_s: float = 300.0,
     log_to_driver: bool = True,
+    on_ray_started: Callable[[], None] | None = None,
     **overrides: Any,
 ) -> Service:
-    """Start Ray (unless one is running or ``address`` is given), deploy the config, wait until it runs."""
+    """Start Ray (unless one is running or ``address`` is given), deploy the config, wait until it runs.
+
+    ``on_ray_started`` runs right after ``ray.init`` and before anything deploys: ``ray.init`` installs its
+    own SIGTERM handler (which aborts the process), so a caller that stops cleanly on SIGTERM installs its
+    handler again there, before the service can be seen ready.
+    """
     import ray
     from ray import serve
     from ray.serve._private import api as serve_private_api
@@ -188,6 +195,8 @@ def start_service(
                 kwargs["object_store_memory"] = object_store_memory
         ray.init(**kwargs)
         started_ray = True
+    if on_ray_started is not None:
+        on_ray_started()
     try:
         # exactly what `serve run configs/serve.yaml` does (ray/serve/scripts.py)
         client = serve_private_api.serve_start(
