@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = None
     #: "auto" picks CUDA when available, else CPU; "cpu" / "cuda" / "cuda:1" force one.
     device: str = "auto"
+    #: optimisation profile of every renderer this process loads (None: each preset's own; see models.yaml)
+    profile: str | None = None
     #: number of prompt embeddings a renderer keeps (bounded LRU)
     prompt_cache_size: int = Field(default=256, ge=0)
     #: allow downloads from the model hub for real presets

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from imagegen.pipelines.presets import Preset
+from imagegen.pipelines.profiles import Profile, ProfileError
 
 #: a character's conditioning tensors (CPU tensors; the conditioner moves what it needs)
 Tensors = dict[str, torch.Tensor]
@@ -64,6 +65,26 @@ class Conditioner(ABC):
     @abstractmethod
     def weights_hash(self) -> str:
         """Identifies the weights in use (tensors computed with other weights do not fit)."""
+
+    #: step caches (``StepCacheOptions.kind``) this method was shown to honour: a skipped step neither drops nor
+    #: repeats its identity contribution (tests/pipelines/test_profiles.py checks each one claimed)
+    step_caches: ClassVar[frozenset[str]] = frozenset()
+
+    def check_profile(self, profile: Profile) -> None:
+        """Refuse (``ProfileError``) an optimisation profile under which this method cannot keep identity exact.
+
+        Compile, quantisation of the denoiser, attention backends, memory format and offload leave the identity
+        modules as they are; a step cache skips computation the identity hooks may sit in, so only the caches a
+        method lists in ``step_caches`` are accepted.
+        """
+        cache = profile.step_cache
+        if cache is not None and cache.kind not in self.step_caches:
+            honoured = ", ".join(sorted(self.step_caches)) or "none"
+            raise ProfileError(
+                f"identity method '{self.name}' cannot keep its identity contribution under the {cache.kind} step "
+                f"cache of profile '{profile.name}' (step caches it honours: {honoured}); choose a profile without "
+                "it for this method, e.g. 'fast'"
+            )
 
     @abstractmethod
     def attach(self, pipe) -> None:

@@ -11,11 +11,13 @@ weights.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
 from imagegen.errors import ModelNotAvailableError, UnsafeCheckpointError
 from imagegen.pipelines.presets import Preset
+from imagegen.pipelines.profiles import AppliedProfile, Profile, apply_profile, check_profile, profile_for
 from imagegen.pipelines.tiny import ensure_tiny_repo
 from imagegen.settings import Settings, get_settings
 
@@ -43,9 +45,29 @@ def pipeline_class(family: str):
     return {"flux": FluxPipeline, "sdxl": StableDiffusionXLPipeline}[family]
 
 
-def load_pipeline(preset: Preset, device: torch.device, dtype: torch.dtype, settings: Settings | None = None):
-    """The preset's pipeline, loaded through ``from_pretrained`` and moved to ``device``."""
+def load_pipeline(
+    preset: Preset,
+    device: torch.device,
+    dtype: torch.dtype,
+    settings: Settings | None = None,
+    profile: Profile | None = None,
+):
+    """The preset's pipeline on ``device``, optimised by ``profile`` (default: the preset's)."""
+    return load_optimised_pipeline(preset, device, dtype, settings, profile)[0]
+
+
+def load_optimised_pipeline(
+    preset: Preset,
+    device: torch.device,
+    dtype: torch.dtype,
+    settings: Settings | None = None,
+    profile: Profile | None = None,
+) -> tuple[Any, AppliedProfile]:
+    """The preset's pipeline, loaded through ``from_pretrained``, optimised by ``profile`` (default: the preset's)
+    and moved to ``device``; with what the profile applied."""
     settings = settings or get_settings()
+    profile = profile or profile_for(preset, settings=settings)
+    check_profile(profile, preset.family, device)  # before minutes of loading
     _quiet_library_progress_bars()
     cls = pipeline_class(preset.family)
     kwargs: dict = {"dtype": dtype, "use_safetensors": not preset.allow_pickle}
@@ -65,9 +87,9 @@ def load_pipeline(preset: Preset, device: torch.device, dtype: torch.dtype, sett
 
             kwargs["vae"] = _from_pretrained(AutoencoderKL, preset.vae, preset, dict(kwargs, variant=None))
     pipe = _from_pretrained(cls, source, preset, kwargs)
-    pipe.to(device)
+    applied = apply_profile(pipe, profile, preset.family, device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, applied
 
 
 def _quiet_library_progress_bars() -> None:

@@ -67,6 +67,11 @@ class Preset(BaseModel):
     store: Literal["hub", "tiny"] = "hub"
     #: width and height must be multiples of this (VAE factor x 2x2 packing / UNet downsampling)
     size_multiple: int = Field(default=16, ge=1)
+    #: the optimisation profile (``profiles:`` of models.yaml) this preset renders with unless a deployment,
+    #: ``IMAGEGEN_PROFILE`` or ``--profile`` chooses another
+    profile: str = "quality"
+    #: per profile name, options that replace the profile's own for this preset (e.g. a MagCache calibration)
+    profile_overrides: dict[str, dict] = Field(default_factory=dict)
 
     @property
     def default_method(self) -> str | None:

@@ -25,8 +25,9 @@ from imagegen.errors import BadOutputError, InvalidRequestError
 from imagegen.pipelines import flux, sdxl
 from imagegen.pipelines.cancel import CallCancelled, Cancelled, CancelWatch, denoise_active_rows
 from imagegen.pipelines.conditioning import BatchConditioning, Conditioner, IdentityProvider, IdentitySample, Tensors
-from imagegen.pipelines.loading import load_pipeline, pick_device, pick_dtype
+from imagegen.pipelines.loading import load_optimised_pipeline, pick_device, pick_dtype
 from imagegen.pipelines.presets import Preset, get_preset
+from imagegen.pipelines.profiles import Profile, profile_for, reset_step_cache
 from imagegen.pipelines.types import RenderRequest, RenderResult
 from imagegen.settings import Settings, get_settings
 from imagegen.versions import library_versions
@@ -100,14 +101,19 @@ class Renderer:
         settings: Settings | None = None,
         device: str | None = None,
         identity: IdentityProvider | None = None,
+        profile: str | Profile | None = None,
     ):
         self.settings = settings or get_settings()
         self.preset = preset if isinstance(preset, Preset) else get_preset(preset)
         self.family = FAMILIES[self.preset.family]
         self.device = torch.device(device) if device else pick_device(self.settings)
         self.dtype = pick_dtype(self.preset, self.device)
+        #: the optimisation profile (``imagegen.pipelines.profiles``): None is the preset's own / IMAGEGEN_PROFILE
+        self.profile = profile if isinstance(profile, Profile) else profile_for(self.preset, profile, self.settings)
         started = time.perf_counter()
-        self.pipe = load_pipeline(self.preset, self.device, self.dtype, self.settings)
+        self.pipe, self.applied_profile = load_optimised_pipeline(
+            self.preset, self.device, self.dtype, self.settings, self.profile
+        )
         self.load_seconds = time.perf_counter() - started
         self.prompt_cache = PromptCache(self.settings.prompt_cache_size)
         # a diffusers pipeline holds per-call state (scheduler timesteps): one call at a time
@@ -120,7 +126,14 @@ class Renderer:
         #: requests cancelled inside a pipeline call, and calls stopped because all theirs were
         self.cancelled_rows = 0
         self.stopped_calls = 0
-        log.info("loaded preset %s on %s/%s in %.2fs", self.preset.name, self.device, self.dtype, self.load_seconds)
+        log.info(
+            "loaded preset %s on %s/%s, profile %s, in %.2fs",
+            self.preset.name,
+            self.device,
+            self.dtype,
+            self.profile.name,
+            self.load_seconds,
+        )
 
     def prepare(self, request: RenderRequest) -> RenderRequest:
         """Validate a request against this preset and fill its defaults (seed and method included)."""
@@ -225,7 +238,9 @@ class Renderer:
         if name not in self._conditioners:
             if self.identity is None:
                 raise InvalidRequestError(f"this renderer has no identity provider for method '{name}'", field="method")
-            self._conditioners[name] = self.identity.load(name, self.preset, self.device, self.dtype)
+            conditioner = self.identity.load(name, self.preset, self.device, self.dtype)
+            conditioner.check_profile(self.profile)  # a method the profile would break refuses before any render
+            self._conditioners[name] = conditioner
         return self._conditioners[name]
 
     def identity_method(self, name: str) -> Conditioner:
@@ -298,6 +313,7 @@ class Renderer:
                             raise CallCancelled
                         return kwargs
 
+                    reset_step_cache(self.pipe, self.preset.family)  # a stopped call leaves its cache behind
                     try:
                         pixels = self.family.call(self.pipe, embeds, batch[0], generators, on_step, **identity.kwargs)
                     except CallCancelled:
@@ -362,12 +378,15 @@ class Renderer:
     def _active_rows(self, watch: CancelWatch, identity: BatchConditioning):
         """Run the denoiser on the rows still in (a no-op context without flags).
 
+        A step cache keeps per-batch state (residuals of every row), so under one nobody leaves mid-call.
         Identity conditioning keeps per-row state of its own (tokens, weights, start steps): it
         leaves with the rows (``identity.select_rows``, called before the first call sliced to
         new rows). Conditioning that cannot narrow (``rows_can_leave`` false) keeps every row to
         the end of the call; its cancelled rows are dropped before post-processing.
         """
         if not watch.watching or watch.size < 2 or not identity.rows_can_leave:
+            return nullcontext()
+        if self.profile.step_cache is not None:  # its state holds every row of the batch: rows stay to the end
             return nullcontext()
         family = self.family
         return denoise_active_rows(

@@ -1,0 +1,370 @@
+"""Optimisation profiles: how a loaded pipeline is made faster (or smaller) without changing what it renders.
+
+A profile is plain data in ``configs/models.yaml`` (``profiles:``), chosen per preset (``profile:``), per
+deployment (the renderer's ``profile`` in ``configs/serve.yaml``), through ``IMAGEGEN_PROFILE`` or on the CLI
+(``--profile``). Each option maps to the well-kept tool of the field, applied once after loading:
+
+- ``compile``: diffusers' regional compilation (``compile_repeated_blocks``: the transformer blocks are compiled
+  once and the compiled code reused by every repeated block; a full-model compile costs minutes);
+- ``quantize``: torchao weight quantisation of the denoiser only (text encoders, VAE and identity modules keep
+  the preset's precision); fp8 needs an NVIDIA GPU of compute capability 8.9 or newer, so a profile names a
+  ``quantize_fallback`` for other hardware (or loading fails in one line);
+- ``step_cache``: diffusers' ``enable_cache`` (First-Block, TaylorSeer, MagCache) on transformers that support it;
+- ``attention_backend``: diffusers' attention dispatcher (``set_attention_backend``);
+- ``channels_last`` and ``fuse_qkv``: memory format and fused projections of a UNet's convolutions and attentions;
+- ``offload``: diffusers' model / sequential CPU offload for small GPUs (nothing to do where the model already
+  lives in CPU memory); ``vae_tiling`` / ``vae_slicing``: decode big images, or big batches, in pieces.
+
+Unknown names or options, and combinations the hardware or the model cannot run, are a :class:`ProfileError` at
+load, never a crash mid-render. What was applied, and what did not apply on this device and why, is kept on the
+:class:`AppliedProfile` (``/readyz`` shows it). Identity conditioners check a profile against their own needs when
+they are loaded (``Conditioner.check_profile``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imagegen.errors import ConfigError
+from imagegen.pipelines.presets import Preset, read_yaml_config
+from imagegen.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+Quantisation = Literal["none", "int8-weight-only", "int8-dynamic", "fp8-weight-only", "fp8-dynamic"]
+#: the smallest CUDA compute capability with fp8 tensor cores (Ada Lovelace, Hopper and newer)
+FP8_CAPABILITY = (8, 9)
+#: the profile a preset renders with when nothing chooses another
+DEFAULT_PROFILE = "quality"
+
+
+class ProfileError(ConfigError):
+    """A profile that does not exist, or that this model or device cannot run."""
+
+
+class CompileOptions(BaseModel):
+    """``torch.compile`` of the denoiser's repeated blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: torch.compile mode; ``max-autotune-no-cudagraphs`` tunes kernels without CUDA graphs (which would pin
+    #: every batch shape); None is inductor's default
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    #: refuse graph breaks inside a block (a break per step would undo the point of compiling)
+    fullgraph: bool = True
+    #: symbolic shapes from the start (None: torch marks a dimension dynamic the second time it changes, so a
+    #: new batch size costs one recompile, then none)
+    dynamic: bool | None = None
+
+
+class StepCacheOptions(BaseModel):
+    """A diffusers step cache: later steps reuse (parts of) earlier steps' transformer outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["first-block", "taylorseer", "magcache"]
+    #: the cache config's own fields (``FirstBlockCacheConfig(threshold=...)`` ...), checked when it is built
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProfileOptions(BaseModel):
+    """The options of a profile (one family section may override any of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    compile: CompileOptions | None = None
+    quantize: Quantisation = "none"
+    #: used instead of ``quantize`` where the hardware lacks it (fp8 off Ada/Hopper); None: such hardware is refused
+    quantize_fallback: Quantisation | None = None
+    step_cache: StepCacheOptions | None = None
+    attention_backend: str | None = None
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    offload: Literal["none", "model", "sequential"] = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+
+
+class Profile(ProfileOptions):
+    """One named profile of configs/models.yaml, resolved for one preset (family section and overrides merged)."""
+
+    name: str
+    description: str = ""
+
+    @property
+    def is_eager(self) -> bool:
+        """Renders exactly what a freshly loaded pipeline renders (the reference numerics)."""
+        return self == Profile(name=self.name, description=self.description)
+
+
+class _ProfileEntry(ProfileOptions):
+    """A profile as written in configs/models.yaml: options, plus sections per family that override them."""
+
+    description: str = ""
+    flux: dict[str, Any] = Field(default_factory=dict)
+    sdxl: dict[str, Any] = Field(default_factory=dict)
+
+
+@lru_cache(maxsize=8)
+def _load_profiles(path: Path) -> dict[str, dict[str, Any]]:
+    raw = read_yaml_config(path, "presets", "model presets file", "IMAGEGEN_MODELS_CONFIG")
+    entries = raw.get("profiles") or {}
+    if not isinstance(entries, dict):
+        raise ProfileError(f"{path}: 'profiles' must be a mapping of profile names to options")
+    profiles: dict[str, dict[str, Any]] = {}
+    for name, body in entries.items():
+        try:
+            _ProfileEntry(**(body or {}))
+        except (ValidationError, TypeError) as exc:
+            raise ProfileError(f"{path}: profile '{name}' is invalid: {_first_error(exc)}") from exc
+        profiles[name] = dict(body or {})
+    if DEFAULT_PROFILE not in profiles:
+        profiles[DEFAULT_PROFILE] = {"description": "eager, the reference numerics"}
+    return profiles
+
+
+def all_profiles(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """Every profile of the configured models.yaml, by name, as written (before a preset's overrides)."""
+    return dict(_load_profiles((settings or get_settings()).models_config.resolve()))
+
+
+def profile_for(preset: Preset, name: str | None = None, settings: Settings | None = None) -> Profile:
+    """The profile ``name`` (None: ``IMAGEGEN_PROFILE``, else the preset's own) as it applies to ``preset``:
+    the profile's options, then its section for the preset's family, then the preset's ``profile_overrides``."""
+    settings = settings or get_settings()
+    chosen = name or settings.profile or preset.profile
+    profiles = all_profiles(settings)
+    if chosen not in profiles:
+        raise ProfileError(f"unknown profile '{chosen}'; known profiles: {', '.join(sorted(profiles))}")
+    body = {k: v for k, v in profiles[chosen].items() if k not in ("flux", "sdxl")}
+    body.update(profiles[chosen].get(preset.family) or {})
+    body.update(preset.profile_overrides.get(chosen) or {})
+    try:
+        return Profile(name=chosen, **body)
+    except (ValidationError, TypeError) as exc:
+        raise ProfileError(f"profile '{chosen}' for preset '{preset.name}' is invalid: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else err["msg"]
+    return str(exc)
+
+
+@dataclass
+class AppliedProfile:
+    """What a profile did to one loaded pipeline: the options applied, and those that had nothing to do here."""
+
+    profile: Profile
+    #: the quantisation actually used (the fallback where the hardware lacks the first choice)
+    quantize: Quantisation = "none"
+    applied: list[str] = field(default_factory=list)
+    #: option -> why it did not apply on this device (e.g. offload where the model already lives in CPU memory)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    @property
+    def step_cache(self) -> StepCacheOptions | None:
+        return self.profile.step_cache
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "quantize": self.quantize,
+            "applied": list(self.applied),
+            "skipped": dict(self.skipped),
+        }
+
+
+def check_profile(profile: Profile, family: str, device: torch.device) -> Quantisation:
+    """Refuse what this family or device cannot run (one line naming the option); the quantisation to use."""
+    quantize = profile.quantize
+    if quantize.startswith("fp8") and not has_fp8(device):
+        if profile.quantize_fallback is None:
+            raise ProfileError(
+                f"profile '{profile.name}' quantises to {quantize}, which needs an NVIDIA GPU of compute capability "
+                f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer (Ada, Hopper); this device is {_describe(device)}. "
+                "Give the profile a quantize_fallback (e.g. int8-weight-only) or choose another profile."
+            )
+        quantize = profile.quantize_fallback
+        if quantize.startswith("fp8"):
+            raise ProfileError(f"profile '{profile.name}': quantize_fallback {quantize} needs fp8 hardware too")
+    if quantize != "none":
+        _require_torchao(profile.name)
+    if profile.step_cache is not None and family != "flux":
+        raise ProfileError(
+            f"profile '{profile.name}' uses a step cache ({profile.step_cache.kind}), which diffusers offers for "
+            f"transformer denoisers only; {family}'s UNet has none: drop step_cache for {family} "
+            f"(a '{family}:' section of the profile) or choose another profile"
+        )
+    if profile.fuse_qkv and family != "sdxl":
+        raise ProfileError(
+            f"profile '{profile.name}': fuse_qkv is for SDXL's UNet; on {family} it would replace the attention "
+            "processors identity adapters attach to. Move it into the profile's 'sdxl:' section."
+        )
+    if profile.attention_backend is not None:
+        _check_attention_backend(profile, device)
+    if profile.step_cache is not None:
+        step_cache_config(profile)
+        if profile.compile is not None and profile.compile.fullgraph:
+            raise ProfileError(
+                f"profile '{profile.name}': a step cache decides on the host at every step whether to skip the "
+                "blocks (one sync in the first block), which a fullgraph compile refuses; set compile.fullgraph: false "
+                "with step_cache"
+            )
+    if profile.offload == "sequential" and profile.compile is not None:
+        raise ProfileError(
+            f"profile '{profile.name}': sequential offload moves every weight at every call, which compiled blocks "
+            "cannot follow; use offload: model with compile, or drop compile"
+        )
+    return quantize
+
+
+def has_fp8(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return device.type
+
+
+def _require_torchao(profile: str) -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError as exc:
+        raise ProfileError(
+            f"profile '{profile}' quantises with torchao, which is not installed: pip install torchao"
+        ) from exc
+
+
+def _check_attention_backend(profile: Profile, device: torch.device) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = {b.value for b in AttentionBackendName}
+    if profile.attention_backend not in known:
+        raise ProfileError(
+            f"profile '{profile.name}': unknown attention_backend '{profile.attention_backend}'; "
+            f"diffusers knows: {', '.join(sorted(known))}"
+        )
+    if device.type != "cuda" and not profile.attention_backend.startswith(("native", "_native_math")):
+        raise ProfileError(
+            f"profile '{profile.name}': attention_backend '{profile.attention_backend}' needs a GPU; "
+            f"this device is {device.type} (use 'native')"
+        )
+
+
+def apply_profile(pipe, profile: Profile, family: str, device: torch.device) -> AppliedProfile:
+    """Apply ``profile`` to a pipeline loaded on the CPU; moves it to ``device`` (or sets up offload to it).
+
+    Order matters: memory format and fused projections change modules before quantisation swaps their weights,
+    quantisation precedes compilation (so the compiled code sees the quantised kernels), and the step cache's
+    hooks go on last (outside the compiled blocks, so its per-step decision does not break their graphs).
+    """
+    quantize = check_profile(profile, family, device)
+    result = AppliedProfile(profile=profile, quantize=quantize)
+    denoiser = pipe.transformer if family == "flux" else pipe.unet
+    if profile.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        result.applied.append("channels_last")
+    if profile.fuse_qkv:
+        denoiser.fuse_qkv_projections()
+        result.applied.append("fuse_qkv")
+    _place(pipe, profile, device, result)
+    if quantize != "none":
+        _quantise(denoiser, quantize)
+        result.applied.append(f"quantize:{quantize}")
+    if profile.attention_backend is not None:
+        denoiser.set_attention_backend(profile.attention_backend)
+        result.applied.append(f"attention:{profile.attention_backend}")
+    if profile.vae_tiling:
+        pipe.vae.enable_tiling()
+        result.applied.append("vae_tiling")
+    if profile.vae_slicing:
+        pipe.vae.enable_slicing()
+        result.applied.append("vae_slicing")
+    if profile.compile is not None:
+        options = profile.compile
+        denoiser.compile_repeated_blocks(fullgraph=options.fullgraph, dynamic=options.dynamic, mode=options.mode)
+        result.applied.append("compile")
+    if profile.step_cache is not None:
+        denoiser.enable_cache(step_cache_config(profile))
+        result.applied.append(f"step_cache:{profile.step_cache.kind}")
+    if result.skipped:
+        log.info("profile %s: not applied here: %s", profile.name, result.skipped)
+    return result
+
+
+def _place(pipe, profile: Profile, device: torch.device, result: AppliedProfile) -> None:
+    if profile.offload == "none":
+        pipe.to(device)
+    elif device.type == "cpu":
+        pipe.to(device)
+        result.skipped["offload"] = "the model already lives in CPU memory"
+    elif profile.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+        result.applied.append("offload:model")
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+        result.applied.append("offload:sequential")
+
+
+def _quantise(module: torch.nn.Module, quantize: Quantisation) -> None:
+    from torchao import quantization as q
+
+    config = {
+        "int8-weight-only": q.Int8WeightOnlyConfig,
+        "int8-dynamic": q.Int8DynamicActivationInt8WeightConfig,
+        "fp8-weight-only": q.Float8WeightOnlyConfig,
+        "fp8-dynamic": q.Float8DynamicActivationFloat8WeightConfig,
+    }[quantize]()
+    q.quantize_(module, config)
+
+
+def step_cache_config(profile: Profile):
+    """The diffusers cache config of ``profile``'s step cache (its options checked by diffusers' own class)."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    assert profile.step_cache is not None
+    cls = {"first-block": FirstBlockCacheConfig, "taylorseer": TaylorSeerCacheConfig, "magcache": MagCacheConfig}[
+        profile.step_cache.kind
+    ]
+    try:
+        return cls(**profile.step_cache.options)
+    except TypeError as exc:
+        raise ProfileError(f"profile '{profile.name}': step_cache options invalid for {cls.__name__}: {exc}") from exc
+
+
+def reset_step_cache(pipe, family: str) -> None:
+    """Forget the step cache's state: a pipeline call starts from nothing (diffusers resets it only when a call
+    ends normally; a call stopped by cancellation or an error would leave the next one another batch's residuals)."""
+    denoiser = pipe.transformer if family == "flux" else pipe.unet
+    if getattr(denoiser, "_cache_config", None) is not None:
+        denoiser._reset_stateful_cache()
+
+
+def compile_counters() -> dict[str, int]:
+    """Process-wide torch.compile counters: frames compiled, recompilations and graph breaks so far."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames_compiled": int(counters["frames"]["ok"]),
+        "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+    }
