@@ -123,7 +123,9 @@ def test_a_step_cache_call_stopped_midway_leaves_nothing_to_the_next(renders):
     renderer = Renderer("tiny-flux", device="cpu", profile="fastest")
     flag = threading.Event()
     results = renderer.render(
-        [OTHERS[0], OTHERS[1]], cancelled=[flag.is_set, flag.is_set], progress=lambda done, total: flag.set() if done == 2 else None
+        [OTHERS[0], OTHERS[1]],
+        cancelled=[flag.is_set, flag.is_set],
+        progress=lambda done, total: flag.set() if done == 2 else None,
     )
     assert [r.problem for r in results] == ["cancelled", "cancelled"]
     [after] = renderer.render([TARGET])
