@@ -35,6 +35,7 @@ from imagegen.identity.provider import identity_renderer
 from imagegen.pipelines.cancel import Cancelled
 from imagegen.pipelines.renderer import CANCELLED, Progress
 from imagegen.pipelines.types import RenderRequest, RenderResult
+from imagegen.pipelines.warmup import WarmupReport, profile_name, warm_up
 from imagegen.serve.gate import GateScorer
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,20 @@ def as_call(item: RenderCall | RenderRequest) -> RenderCall:
 
 
 class RendererActor:
-    """Hosts one preset's ``Renderer``: load and warm up once, then render and finish batches on demand."""
+    """Hosts one preset's ``Renderer``: load and warm up once, then render and finish batches on demand.
+
+    ``warmup``: one plain render at the preset's default size before the constructor returns (what
+    an offline pool needs). The Serve replica passes False and calls :meth:`warm` with the sizes of
+    its ``user_config`` instead, so the warm-up covers the shapes it will serve.
+    """
 
     def __init__(self, preset: str, warmup: bool = True, device: str | None = None):
         started = time.perf_counter()
         self.renderer = identity_renderer(preset, device=device)
+        #: what warm-up did (None: not warmed up)
+        self.warmup: WarmupReport | None = None
         if warmup:
-            d = self.renderer.preset.defaults
-            self.renderer.render([RenderRequest(prompt="warm-up", seed=0, width=d.width, height=d.height, steps=1)])
+            self.warm(batch_sizes=[1], steps=1, identity=False)
         self.ready_seconds = time.perf_counter() - started
         self.rendered = 0
         self.batches = 0
@@ -147,6 +154,18 @@ class RendererActor:
         self._rendering: tuple[list[str], int, int] | None = None
         self._gates: dict[str, GateScorer] = {}
         log.info("renderer actor for %s ready in %.2fs (pid %d)", preset, self.ready_seconds, os.getpid())
+
+    def warm(
+        self,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        batch_sizes: Sequence[int] = (1,),
+        *,
+        steps: int = 2,
+        identity: bool = True,
+    ) -> WarmupReport:
+        """Warm the renderer up (``imagegen.pipelines.warmup.warm_up``) and keep the report for health checks."""
+        self.warmup = warm_up(self.renderer, sizes, batch_sizes, steps=steps, identity=identity)
+        return self.warmup
 
     def render(
         self, items: Sequence[RenderCall | RenderRequest], progress: Progress | None = None
@@ -163,6 +182,8 @@ class RendererActor:
         progress: GroupProgress | None = None,
         on_result: Callable[[int, RenderedImage | RenderError], None] | None = None,
         cancelled: Sequence[Cancelled | None] | None = None,
+        timings: Sequence[dict[str, float]] | None = None,
+        batch_info: dict[str, Any] | None = None,
     ) -> list[RenderedImage | RenderError]:
         """Render calls from independent callers; one bad request never fails the others.
 
@@ -175,11 +196,18 @@ class RendererActor:
         ``cancelled`` holds one flag per item (None: cannot be cancelled), read between
         denoising steps: a cancelled request ends as a :class:`RenderCancelled` (see the module
         docstring); a group whose requests are all cancelled stops and frees the renderer.
+
+        ``timings`` (one dict per item) are added to each image's timings, and ``batch_info`` to
+        every image's ``batch``, before the image is stamped: the Serve replica records there how
+        long each request queued and how long its batch was held open for company.
         """
         calls = [as_call(i) for i in items]
         flags = list(cancelled) if cancelled is not None else [None] * len(calls)
         if len(flags) != len(calls):
             raise ValueError(f"{len(flags)} cancellation flags for {len(calls)} calls")
+        extra = _Extra(list(timings) if timings is not None else [{} for _ in calls], dict(batch_info or {}))
+        if len(extra.timings) != len(calls):
+            raise ValueError(f"{len(extra.timings)} timing records for {len(calls)} calls")
         outcomes: list[RenderedImage | RenderError | None] = [None] * len(calls)
 
         def settle(index: int, outcome: RenderedImage | RenderError) -> None:
@@ -212,7 +240,7 @@ class RendererActor:
         for index, request in prepared.items():
             groups.setdefault(request.batch_key(), []).append(index)
         for indices in groups.values():
-            self._render_group(indices, calls, prepared, progress, settle, flags)
+            self._render_group(indices, calls, prepared, progress, settle, flags, extra)
         return [o for o in outcomes if o is not None]
 
     def _render_group(
@@ -223,6 +251,7 @@ class RendererActor:
         progress: GroupProgress | None,
         settle: Callable[[int, RenderedImage | RenderError], None],
         flags: Sequence[Cancelled | None],
+        extra: _Extra,
     ) -> None:
         tags = [request_tag(calls[i].request_id) for i in indices]
 
@@ -242,7 +271,7 @@ class RendererActor:
                 return
             log.warning("a batch of %d failed (%s); rendering its members one by one", len(indices), exc)
             for index in indices:
-                self._render_group([index], calls, prepared, progress, settle, flags)
+                self._render_group([index], calls, prepared, progress, settle, flags, extra)
             return
         finally:
             self._rendering = None
@@ -252,6 +281,8 @@ class RendererActor:
                 steps = result.request.steps or 0
                 settle(index, RenderCancelled(steps_run=result.batch.get("steps_run", 0), steps=steps))
                 continue
+            result.timings.update(extra.timings[index])
+            result.batch.update(extra.batch)
             try:
                 settle(index, self.finish(calls[index], result))
             except Exception as exc:  # noqa: BLE001 - a face-scoring or encoding failure is this caller's
@@ -294,9 +325,14 @@ class RendererActor:
     def health(self) -> dict[str, Any]:
         """What a health check needs: alive, which preset, where, how busy it is and has been."""
         rendering = self._rendering
+        applied = getattr(self.renderer, "applied_profile", None)
         return {
             "ok": True,
             "preset": self.renderer.preset.name,
+            "profile": profile_name(self.renderer),
+            "profile_applied": applied.summary() if hasattr(applied, "summary") else None,
+            "warm": self.warmup is not None,
+            "warmup": None if self.warmup is None else self.warmup.summary(),
             "device": str(self.renderer.device),
             "torch_threads": torch.get_num_threads(),
             "pid": os.getpid(),
@@ -311,6 +347,14 @@ class RendererActor:
             if rendering is None
             else {"requests": list(rendering[0]), "step": rendering[1], "steps": rendering[2]},
         }
+
+
+@dataclass(frozen=True)
+class _Extra:
+    """What ``render_isolated``'s caller adds to each image: per-item timings and shared batch info."""
+
+    timings: list[dict[str, float]]
+    batch: dict[str, Any]
 
 
 def remote_renderer_class(num_gpus: float = 0, num_cpus: float = 1, **options: Any):

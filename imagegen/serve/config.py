@@ -164,13 +164,55 @@ class IngressConfig(BaseModel):
 
 
 class RendererConfig(BaseModel):
-    """A renderer deployment's ``user_config``: how ``@serve.batch`` collects requests."""
+    """A renderer deployment's ``user_config``: how its replicas batch requests and what they warm up.
+
+    Batching (``imagegen.serve.renderer_deployment.AdaptiveBatcher``): a request that reaches an
+    idle replica with nothing else queued renders at once; requests that arrive while a batch
+    renders form the next batch. With ``adaptive_batch_wait`` the replica holds a batch open
+    (at most ``batch_wait_timeout_s`` after the renderer became free) only when it expects more
+    requests: the callers of the previous batch that have nothing queued are likely to send again
+    (closed-loop clients, gate retries), so it waits until as many requests as it expects are in,
+    the batch is full, or the bound passes. That expectation is trusted for ``adaptive_window_s``
+    after the previous batch ended; after a quiet spell a lone request never waits. Without
+    ``adaptive_batch_wait`` every batch waits up to ``batch_wait_timeout_s`` after its first
+    request arrived unless it fills up (``@serve.batch``'s fixed rule; benchmarks compare the two).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(default=4, ge=1, le=64)
-    #: how long the first request of a batch waits for company (bounded wait)
+    #: the longest a batch is held open for more requests (adaptive: counted from when the renderer is free)
     batch_wait_timeout_s: float = Field(default=0.05, ge=0, le=10)
+    #: hold a batch open only when more requests are expected (False: always, like ``@serve.batch``)
+    adaptive_batch_wait: bool = True
+    #: how long after a batch ends its callers count as expected back (the evidence of load)
+    adaptive_window_s: float = Field(default=1.0, ge=0, le=60)
+    #: sizes (width, height) each replica renders once at start, before it takes traffic (None: the
+    #: preset's default size); a size requests use but warm-up did not see pays its compile on first use
+    warmup_sizes: list[tuple[int, int]] | None = None
+    #: batch sizes warmed at every size (None: 1 and max_batch_size); shapes a compiled profile recompiles for
+    warmup_batch_sizes: list[int] | None = None
+    #: denoising steps of each warm-up render (2: the first step and a later one take every code path)
+    warmup_steps: int = Field(default=2, ge=1, le=8)
+    #: warm-up also loads the preset's identity methods (and renders with their example tensors, if any)
+    warmup_identity: bool = True
+
+    @model_validator(mode="after")
+    def _warmup_batches_fit(self) -> RendererConfig:
+        for size in self.warmup_batch_sizes or []:
+            if not 1 <= size <= self.max_batch_size:
+                raise ValueError(
+                    f"warmup_batch_sizes holds {size}: each must be between 1 and max_batch_size "
+                    f"({self.max_batch_size})"
+                )
+        for width, height in self.warmup_sizes or []:
+            if width < 1 or height < 1:
+                raise ValueError(f"warmup_sizes holds [{width}, {height}]: widths and heights are positive pixels")
+        return self
+
+    def warmup_batches(self) -> list[int]:
+        """The batch sizes warm-up renders (deduplicated, ascending)."""
+        return sorted(set(self.warmup_batch_sizes or [1, self.max_batch_size]))
 
 
 class AppArgs(BaseModel):
@@ -179,7 +221,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     presets: list[str] = Field(default_factory=lambda: ["tiny-flux", "tiny-sdxl"], min_length=1)
-    #: warm each renderer up with a one-step render before it takes traffic
+    #: warm each renderer replica up (``RendererConfig.warmup_*``) before it takes traffic; False: ready at
+    #: once, cold (development only: the first requests of each shape pay the warm-up)
     warmup: bool = True
     #: device for the renderers (None: IMAGEGEN_DEVICE / auto)
     device: str | None = None

@@ -2,30 +2,45 @@
 
 Callers (the render service) stream from ``render``: one ``RenderCall`` in, events out:
 ``StepProgress`` (when asked for), then exactly one ``RenderedImage`` or ``RenderError``.
-``@serve.batch`` gathers the requests that arrive within ``batch_wait_timeout_s`` (up to
-``max_batch_size``, both from the deployment's ``user_config``) into one
-``RendererActor.render_isolated`` call: requests of *different* characters share a pipeline
-call when their shapes match, and one bad request fails only itself.
+
+Batching (:class:`AdaptiveBatcher`, settings in the deployment's ``user_config``, see
+``RendererConfig``): calls wait in the replica's own queue and one consumer loop hands them to
+``RendererActor.render_isolated`` in batches of up to ``max_batch_size``. Requests of *different*
+characters share a pipeline call when their shapes match, and one bad request fails only itself.
+Why not ``@serve.batch``: it holds *every* batch open for ``batch_wait_timeout_s`` after its first
+request unless the batch fills, so a request at low load always paid the full wait (50 ms of a
+~70 ms floor, measured). Here a request that reaches an idle replica with nothing expected renders
+at once; requests that arrive while a batch renders form the next batch; and the replica holds a
+batch open, at most ``batch_wait_timeout_s`` after the renderer became free, only when it has
+evidence that more requests are coming (:class:`BatchPolicy`). Each image says how long its
+request queued (``timings.queue_s``) and how long its batch was held open (``timings.batch_wait_s``,
+exactly 0 when it was not held).
 
 The pipeline runs in a worker thread, so the replica keeps answering health checks while it
 renders.
 
 Cancellation: when a caller goes away (its HTTP client disconnected, its job was deleted, or it
 cancelled the handle call), Serve cancels this replica's ``render`` for it: ``CancelledError`` is
-raised inside the generator. ``@serve.batch`` drops a cancelled request only while it still
-waits for a batch; once the batch runs it would render it to the end. So every call carries a
-``threading.Event`` that ``render`` sets when it is cancelled, and the pipeline thread reads it
-between denoising steps (``RendererActor.render_isolated``): the request leaves its pipeline
-call at the next step, a call whose requests are all gone stops, and the replica takes the next
-batch.
+raised inside the generator. The call's ``threading.Event`` is set and the call leaves the queue:
+one cancelled while queued never renders; one already in a batch is dropped by the pipeline thread
+between denoising steps (``RendererActor.render_isolated``), a pipeline call whose requests are
+all gone stops, and the replica takes the next batch.
+
+Warm-up: the replica renders its configured shapes once (``imagegen.pipelines.warmup``) in
+``reconfigure``, which Serve runs before the replica takes traffic, and ``check_health`` fails
+while a warm-up that was asked for has not completed, so a replica is ready only when warm. A later
+``user_config`` with new sizes warms only the new shapes, while the replica keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +51,6 @@ from imagegen.serve.actors import RenderCall, RenderedImage, RendererActor, Rend
 from imagegen.serve.config import RendererConfig
 
 log = logging.getLogger(__name__)
-
-_END = "end"
 
 
 @dataclass(frozen=True)
@@ -52,111 +65,327 @@ class StepProgress:
 RenderEvent = StepProgress | RenderedImage | RenderError
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Pending:
-    """One call inside this replica, with the flag its caller's cancellation sets."""
+    """One call inside this replica: its cancellation flag, its own event queue, when it arrived."""
 
     call: RenderCall
+    arrived: float
     cancelled: threading.Event = field(default_factory=threading.Event)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    #: its image or error was delivered
+    finished: bool = False
+
+
+class BatchPolicy:
+    """How many requests the next batch waits for: the adaptive rule, kept apart from the queue so it reads plainly.
+
+    Evidence of load is the previous batch: when it ended, the requests already queued will be in
+    the next batch, and its callers that have nothing queued (the request id of each call tells)
+    are likely to send again soon: closed-loop clients send their next request on receiving a
+    result, a gated image sends its next attempt. So ``expected = backlog + returning`` callers.
+    That expectation holds for ``adaptive_window_s`` after the batch ended; a request arriving later
+    (a quiet service) expects nobody and renders at once, as does a lone caller whose previous
+    request was alone. A multi-image request whose siblings are still queued does not count itself
+    as returning, so its second batch does not wait for a caller that is busy waiting for it.
+    """
+
+    def __init__(self) -> None:
+        #: calls expected in the next batch, as estimated when the previous batch ended
+        self.expected = 1
+        self.ended_at = -math.inf
+
+    def target(self, queued: int, now: float, config: RendererConfig) -> int:
+        """Requests the batch about to form waits for (never above ``max_batch_size``)."""
+        full = config.max_batch_size
+        if not config.adaptive_batch_wait:
+            return full
+        expected = self.expected if now - self.ended_at <= config.adaptive_window_s else 1
+        return min(full, max(queued, expected))
+
+    def batch_ended(self, batch: list[RenderCall], backlog: list[RenderCall], now: float) -> None:
+        """Record the evidence a finished batch leaves: the backlog, and its callers that will come back."""
+        waiting = {call.request_id for call in backlog}
+        returning = sum(1 for call in batch if call.request_id not in waiting)
+        self.expected = max(1, len(backlog) + returning)
+        self.ended_at = now
+
+
+class AdaptiveBatcher:
+    """The replica's queue of calls and the one consumer loop that renders them in batches.
+
+    ``run_batch(batch, timings, info)`` renders a list of pending calls in the pipeline thread,
+    delivers each call's events (see :meth:`deliver`) and returns the ``time.monotonic()`` at which
+    it delivered the batch's first outcome (no caller of the batch can be back before that); it is
+    awaited, so one batch renders while the next one forms.
+    ``config()`` is read at every batch, so a reconfigure applies to the next one. Times are
+    ``time.monotonic()`` throughout (the pipeline thread reads the same clock).
+    """
+
+    def __init__(self, run_batch: Callable[..., Any], config: Callable[[], RendererConfig]):
+        self.run_batch = run_batch
+        self.config = config
+        self.policy = BatchPolicy()
+        self.queue: deque[_Pending] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        #: counters for health checks: batches formed, batches held open, calls dropped while queued
+        self.batches = 0
+        self.held_batches = 0
+        self.dropped_queued = 0
+        self.last_batch: dict[str, Any] | None = None
+
+    def submit(self, call: RenderCall) -> _Pending:
+        """Queue ``call``; its events arrive on the returned pending's ``events`` queue."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(call, arrived=time.monotonic())
+        self.queue.append(pending)
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        self._arrived.set()
+        if self._task is None or self._task.done():
+            if self._task is not None and not self._task.cancelled() and self._task.exception() is not None:
+                log.error("the batch loop had stopped (%r); restarting it", self._task.exception())
+            self._task = loop.create_task(self._consume(), name="renderer-batches")
+        return pending
+
+    def discard(self, pending: _Pending) -> None:
+        """A cancelled call leaves the queue (if it is still there): it never renders."""
+        pending.cancelled.set()
+        try:
+            self.queue.remove(pending)
+        except ValueError:
+            return
+        self.dropped_queued += 1
+
+    @staticmethod
+    def deliver(pending: _Pending, event: RenderEvent) -> None:
+        """Hand one event to its caller (on the replica's event loop)."""
+        if pending.finished:
+            return
+        if not isinstance(event, StepProgress):
+            pending.finished = True
+        pending.events.put_nowait(event)
+
+    def _drop_cancelled(self) -> None:
+        for pending in [p for p in self.queue if p.cancelled.is_set()]:
+            self.discard(pending)
+
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        assert self._arrived is not None
+        self._arrived.clear()
+        try:
+            if timeout is None:
+                await self._arrived.wait()
+            else:
+                await asyncio.wait_for(self._arrived.wait(), max(0.0, timeout))
+        except TimeoutError:
+            return False
+        return True
+
+    async def _consume(self) -> None:
+        while True:
+            while not self.queue:
+                await self._wait_for_arrival(None)
+            # calls Ray delivered together are queued by the time this task runs again: not a wait
+            await asyncio.sleep(0)
+            batch, held, target = await self._gather()
+            if not batch:
+                continue
+            started = time.monotonic()
+            timings = [{"queue_s": round(started - p.arrived, 6), "batch_wait_s": round(held, 6)} for p in batch]
+            info = {"held_s": round(held, 6), "target": target, "adaptive": self.config().adaptive_batch_wait}
+            self.batches += 1
+            self.held_batches += held > 0
+            self.last_batch = {"size": len(batch), **info}
+            answered = None
+            try:
+                answered = await self.run_batch(batch, timings, info)
+            except Exception as exc:  # noqa: BLE001 - every caller still waiting gets the error; the loop goes on
+                log.error("render batch failed: %r", exc)
+                error = RenderError.from_exception(exc)
+                for pending in batch:
+                    self.deliver(pending, error)
+            for pending in batch:  # a result that never came is an error, never a hang
+                self.deliver(pending, RenderError("render_failed", "the renderer ended the batch without a result"))
+            # the backlog is what was queued before the batch answered its first caller: a caller that
+            # got its result and came back before this line runs is a returning caller, not backlog
+            answered = answered if answered is not None else time.monotonic()
+            backlog = [p.call for p in self.queue if p.arrived < answered]
+            self.policy.batch_ended([p.call for p in batch], backlog, time.monotonic())
+
+    async def _gather(self) -> tuple[list[_Pending], float, int]:
+        """The next batch: (pending calls, seconds it was held open, how many it waited for)."""
+        config = self.config()
+        self._drop_cancelled()
+        if not self.queue:
+            return [], 0.0, 0
+        now = time.monotonic()
+        target = self.policy.target(len(self.queue), now, config)
+        # adaptive: the bound counts from now (the renderer just became free), so requests that queued
+        # behind a long batch are not sent off before the callers of that batch can come back;
+        # fixed: from the first request's arrival, as @serve.batch does
+        deadline = now + config.batch_wait_timeout_s
+        if not config.adaptive_batch_wait:
+            deadline = self.queue[0].arrived + config.batch_wait_timeout_s
+        held = 0.0
+        while len(self.queue) < target and time.monotonic() < deadline:
+            await self._wait_for_arrival(deadline - time.monotonic())
+            self._drop_cancelled()
+            held = time.monotonic() - now
+            if not self.queue:
+                return [], held, target
+        count = min(len(self.queue), config.max_batch_size)
+        return [self.queue.popleft() for _ in range(count)], held, target
+
+    async def close(self) -> None:
+        """Stop the consumer loop (calls still queued are dropped with their callers)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._task = None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "queued": len(self.queue),
+            "batches": self.batches,
+            "held_batches": self.held_batches,
+            "dropped_while_queued": self.dropped_queued,
+            "expected_next": self.policy.expected,
+            "last_batch": self.last_batch,
+        }
 
 
 @serve.deployment(max_ongoing_requests=16)
 class RendererDeployment:
-    """Serve replica of one preset; the batching front of ``RendererActor``."""
+    """Serve replica of one preset: warm-up, the adaptive batcher, and the pipeline thread of ``RendererActor``."""
 
     def __init__(self, preset: str, warmup: bool = True, device: str | None = None):
-        self.actor = RendererActor(preset, warmup=warmup, device=device)
+        self.actor = RendererActor(preset, warmup=False, device=device)
         self.preset = preset
         self.config = RendererConfig()
+        #: warm up before taking traffic (``AppArgs.warmup``; False only for development)
+        self.warmup_enabled = warmup
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"render-{preset}")
+        self.batcher = AdaptiveBatcher(self._render_batch, lambda: self.config)
+        #: (width, height, batch) shapes warmed so far, and every warm-up's report
+        self._warmed: set[tuple[int, int, int]] = set()
+        self.warmups: list[dict[str, Any]] = []
+        self.warmup_seconds = 0.0
+        self._warming = False
+        self._warm_error: str | None = None
 
-    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Apply a ``user_config``: batching from the next batch on; new warm-up shapes rendered before returning."""
         self.config = RendererConfig.model_validate(user_config or {})
-        self._render_batch.set_max_batch_size(self.config.max_batch_size)
-        self._render_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        if self.warmup_enabled:
+            await self._warm_up(self.config)
+
+    @property
+    def warm(self) -> bool:
+        return bool(self.warmups) and self._warm_error is None
+
+    async def _warm_up(self, config: RendererConfig) -> None:
+        """Render the shapes of ``config`` not warmed yet (and load identity methods the first time)."""
+        preset = self.actor.renderer.preset
+        sizes = config.warmup_sizes or [(preset.defaults.width, preset.defaults.height)]
+        batches = config.warmup_batches()
+        missing = [(w, h) for w, h in sizes if any((w, h, b) not in self._warmed for b in batches)]
+        if not missing and self.warmups:
+            return
+        first = not self.warmups
+        self._warming = True
+        try:
+            report = await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                lambda: self.actor.warm(
+                    missing or sizes, batches, steps=config.warmup_steps, identity=first and config.warmup_identity
+                ),
+            )
+        except Exception as exc:
+            self._warm_error = f"{type(exc).__name__}: {exc}"
+            log.error("warm-up of %s failed: %s", self.preset, self._warm_error)
+            raise
+        finally:
+            self._warming = False
+        self._warm_error = None
+        self._warmed.update(report.shapes)
+        self.warmups.append(report.summary())
+        self.warmup_seconds += report.seconds
 
     def health(self) -> dict[str, Any]:
-        return {**self.actor.health(), **self.config.model_dump()}
+        return {
+            **self.actor.health(),
+            **self.config.model_dump(),
+            "warm": self.warm,
+            "warmup_enabled": self.warmup_enabled,
+            "warming": self._warming,
+            "warmup_s": round(self.warmup_seconds, 3),
+            "warmups": self.warmups,
+            "warmup_error": self._warm_error,
+            "ready": self.warm or not self.warmup_enabled,
+            "batching": self.batcher.health(),
+        }
 
-    def check_health(self) -> None:
-        """Serve's periodic health check: the actor is loaded and its worker thread is alive."""
-        if self.actor is None:
-            raise RuntimeError("renderer not loaded")
+    async def check_health(self) -> None:
+        """Serve's health check: the replica is ready only when warm (its first check warms it up when no
+        ``user_config`` did); a periodic check during a later warm-up passes (the old shapes are warm)."""
+        if self._warm_error is not None:
+            raise RuntimeError(f"renderer {self.preset} failed its warm-up: {self._warm_error}")
+        if self.warmup_enabled and not self.warmups and not self._warming:
+            await self._warm_up(self.config)
 
     async def render(self, item: RenderCall) -> AsyncIterator[RenderEvent]:
         """Stream one call's events: progress (when ``item.progress``), then its image or its error.
 
-        ``None`` items are fillers of the batch stream (another caller's event): they are dropped
-        here, so a batch of B sends each caller its own few events instead of B x events messages.
-        Cancelled (``CancelledError`` or the stream closed early): the call's flag is set, and its
-        render stops at the next denoising step.
+        Cancelled (``CancelledError`` or the stream closed early): the call's flag is set and it
+        leaves the queue; if it is already rendering, its render stops at the next denoising step.
         """
-        pending = _Pending(item)
+        pending = self.batcher.submit(item)
         finished = False
         try:
-            async for event in self._render_batch(pending):
-                if event is not None:
-                    yield event
-            finished = True
+            while True:
+                event = await pending.events.get()
+                yield event
+                if not isinstance(event, StepProgress):
+                    finished = True
+                    return
         finally:
             if not finished:
-                pending.cancelled.set()
+                self.batcher.discard(pending)
                 log.info("render %s cancelled by its caller", item.request_id)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _render_batch(self, pending: list[_Pending]) -> AsyncIterator[list[Any]]:
-        items = [p.call for p in pending]
-        count = len(items)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+    async def _render_batch(self, batch: list[_Pending], timings: list[dict[str, float]], info: dict) -> float:
+        """Render ``batch`` in the pipeline thread; each call's events go to its own queue as they happen.
 
-        def put(message: tuple) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, message)
+        Returns the ``time.monotonic()`` at which the first outcome was handed over (see ``AdaptiveBatcher``)."""
+        loop = asyncio.get_running_loop()
+        deliver = self.batcher.deliver
+        answered: list[float] = []
 
         def progress(indices: list[int], done: int, total: int) -> None:
-            put(("progress", indices, done, total))
+            for i in indices:
+                pending = batch[i]
+                if pending.call.progress and not pending.cancelled.is_set():
+                    loop.call_soon_threadsafe(deliver, pending, StepProgress(done, total))
 
         def on_result(index: int, outcome: RenderedImage | RenderError) -> None:
-            put(("result", [index], outcome, None))
+            if not answered:
+                answered.append(time.monotonic())
+            loop.call_soon_threadsafe(deliver, batch[index], outcome)
 
-        def work() -> None:
-            try:
-                self.actor.render_isolated(items, progress, on_result, [p.cancelled.is_set for p in pending])
-            except BaseException as exc:  # noqa: BLE001 - reported to every caller still waiting
-                put((_END, [], exc, None))
-            else:
-                put((_END, [], None, None))
+        def work() -> float:
+            self.actor.render_isolated(
+                [p.call for p in batch],
+                progress,
+                on_result,
+                [p.cancelled.is_set for p in batch],
+                timings=timings,
+                batch_info={"wait": info},
+            )
+            return answered[0] if answered else time.monotonic()
 
-        loop.run_in_executor(self._executor, work)
-        stopped = [False] * count
-        while True:
-            kind, indices, payload, extra = await queue.get()
-            if kind == "progress":
-                wanted = [
-                    i for i in indices if not stopped[i] and items[i].progress and not pending[i].cancelled.is_set()
-                ]
-                if wanted:
-                    out: list[Any] = [None] * count
-                    for i in wanted:
-                        out[i] = StepProgress(payload, extra)
-                    yield out
-            elif kind == "result":
-                index = indices[0]
-                out = [None] * count
-                out[index] = payload
-                yield out
-                out = [None] * count
-                out[index] = StopIteration
-                stopped[index] = True
-                yield out
-            else:  # the worker finished
-                if payload is not None:
-                    log.error("render batch failed: %r", payload)
-                    error = RenderError.from_exception(payload)
-                    out = [None] * count
-                    for i in range(count):
-                        if not stopped[i]:
-                            out[i] = error
-                    yield out
-                yield [StopIteration] * count
-                return
+        return await loop.run_in_executor(self._executor, work)

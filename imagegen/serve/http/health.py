@@ -4,6 +4,9 @@ Health routes need no key and are answered even when the ingress is busy: the pe
 limits keep ``reserved_requests`` of its slots free (``serve/limits.py``). ``/healthz`` touches
 nothing; ``/readyz`` probes the database and every renderer, at most once per ``READY_CACHE_S``
 (concurrent callers share one probe), so a flood of readiness checks costs the renderers nothing.
+A renderer counts as ready only when the replica that answered is warm (``ready`` in its health:
+its warm-up of the configured shapes completed, see ``imagegen.serve.renderer_deployment``); each
+renderer's entry shows ``warm``, ``warmup_s``, its warm-ups and its optimisation ``profile``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Readiness:
 
         results = await asyncio.gather(*(probe(p) for p in service.presets))
         checks["renderers"] = dict(results)
-        ready = ready and all(isinstance(v, dict) for _, v in results)
+        ready = ready and all(isinstance(v, dict) and v.get("ready", True) for _, v in results)
         self.result, self.at = (ready, checks), time.monotonic()
         return self.result
 
@@ -74,7 +77,7 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database answers and every renderer deployment has a live replica (cached for a second)."""
+    """Readiness: the database answers and every renderer deployment has a live, warm replica (cached for a second)."""
     service = ingress_of(request).service
     ready, checks = await readiness.check(service)
     if ready:
