@@ -21,7 +21,14 @@ from imagegen.eval.cli import eval_app
 from imagegen.identity.cli import characters_app, protect_app
 from imagegen.migrations.cli import db_app
 from imagegen.serve.cli import keys_app, provenance_app, serve_command
-from imagegen.terminal import console, ensure_writable_dir, err_console, progress_bar
+from imagegen.terminal import (
+    PROFILE_HELP,
+    check_profile_choice,
+    console,
+    ensure_writable_dir,
+    err_console,
+    progress_bar,
+)
 
 app = typer.Typer(
     name="imagegen",
@@ -101,6 +108,123 @@ def models_show(preset: str = typer.Argument(..., help="Preset name (see `imageg
     console.print(table)
 
 
+@models_app.command("profiles")
+def models_profiles(
+    preset: list[str] = typer.Argument(None, help="Preset name(s) (default: every preset)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of tables."),
+) -> None:
+    """The optimisation profiles of configs/models.yaml as they resolve for each preset, and what applies here."""
+    import json
+
+    from imagegen.pipelines.loading import pick_device
+    from imagegen.pipelines.presets import all_presets, get_preset
+    from imagegen.pipelines.profiles import all_profiles, profile_for
+    from imagegen.settings import get_settings
+
+    settings = get_settings()
+    device = pick_device(settings)
+    chosen = [get_preset(p) for p in preset] if preset else list(all_presets().values())
+    rows = []
+    for entry in chosen:
+        default = profile_for(entry, None, settings).name
+        for name in all_profiles(settings):
+            resolved = profile_for(entry, name, settings)
+            here, methods = describe_profile_here(entry, resolved, device)
+            rows.append(
+                {
+                    "preset": entry.name,
+                    "family": entry.family,
+                    "profile": name,
+                    "default": name == default,
+                    "description": resolved.description,
+                    "options": profile_options(resolved),
+                    "here": here,
+                    "identity": methods,
+                }
+            )
+    if as_json:
+        print(json.dumps({"device": str(device), "imagegen_profile": settings.profile, "profiles": rows}, indent=2))
+        return
+    console.print(
+        f"device here: {escape(str(device))}; IMAGEGEN_PROFILE: {escape(settings.profile or 'unset')} "
+        "(choose with --profile on render / serve / eval run / demo, IMAGEGEN_PROFILE, or a preset's `profile:`)"
+    )
+    for entry in chosen:
+        table = Table(title=f"profiles of {entry.name} ({entry.family})")
+        for column in ("profile", "default", "options", f"on {device.type}", "identity methods"):
+            table.add_column(column)
+        for row in rows:
+            if row["preset"] == entry.name:
+                cells = (row["profile"], "yes" if row["default"] else "", row["options"], row["here"], row["identity"])
+                table.add_row(*(escape(c) for c in cells))
+        console.print(table)
+
+
+def profile_options(profile) -> str:
+    """A profile's options in one line (what differs from eager)."""
+    parts = []
+    if profile.compile is not None:
+        c = profile.compile
+        parts.append(f"compile (regional, fullgraph={c.fullgraph}" + (f", mode={c.mode}" if c.mode else "") + ")")
+    if profile.quantize != "none":
+        fallback = f", else {profile.quantize_fallback}" if profile.quantize_fallback else ""
+        parts.append(f"quantize {profile.quantize}{fallback}")
+    if profile.step_cache is not None:
+        options = ", ".join(f"{k}={v}" for k, v in profile.step_cache.options.items())
+        parts.append(f"step cache {profile.step_cache.kind}" + (f" ({options})" if options else ""))
+    if profile.attention_backend:
+        parts.append(f"attention {profile.attention_backend}")
+    parts += [flag for flag in ("channels_last", "fuse_qkv", "vae_tiling", "vae_slicing") if getattr(profile, flag)]
+    if profile.offload != "none":
+        parts.append(f"offload {profile.offload}")
+    return "; ".join(parts) or "eager (the reference numerics)"
+
+
+def describe_profile_here(preset, profile, device) -> tuple[str, str]:
+    """What ``profile`` does on ``device`` (or why it is refused), and which identity methods of ``preset``
+    refuse it; nothing is loaded."""
+    from imagegen.pipelines.profiles import ProfileError, check_profile
+
+    try:
+        quantize = check_profile(profile, preset.family, device)
+    except ProfileError as exc:
+        return f"refused: {exc}", "-"
+    notes = []
+    if quantize != profile.quantize:
+        notes.append(f"quantize {quantize} ({profile.quantize} needs fp8 hardware)")
+    if profile.offload != "none" and device.type == "cpu":
+        notes.append("offload: nothing to do (the model lives in CPU memory)")
+    here = "; ".join(notes) or "as configured"
+    refusing = []
+    for method, cls in identity_method_classes(preset).items():
+        stub = object.__new__(cls)  # check_profile reads class attributes only: nothing is loaded
+        try:
+            stub.check_profile(profile)
+        except ProfileError:
+            refusing.append(method)
+    if not preset.methods:
+        return here, "-"
+    if not refusing:
+        return here, "all"
+    cache = profile.step_cache.kind if profile.step_cache else "it"
+    return here, f"refused by {', '.join(refusing)} (the {cache} cache)"
+
+
+def identity_method_classes(preset) -> dict:
+    """The implementation class of each identity method of ``preset`` (imported, not instantiated)."""
+    from imagegen.identity.conditioning import IdentityMethod
+    from imagegen.identity.ipadapter import method as ipadapter
+    from imagegen.identity.pulid import method as pulid
+
+    classes = {
+        cls.name: cls
+        for module in (pulid, ipadapter)
+        for cls in vars(module).values()
+        if isinstance(cls, type) and issubclass(cls, IdentityMethod) and isinstance(getattr(cls, "name", None), str)
+    }
+    return {m: classes[m] for m in preset.methods if m in classes}
+
+
 @models_app.command("pull")
 def models_pull(
     preset: str = typer.Argument(..., help="Preset name (see `imagegen models list`)."),
@@ -149,6 +273,7 @@ def render(
     allow_draft: bool = typer.Option(
         False, help="Preview a draft character whose reference report passed (never one that failed)."
     ),
+    profile: str | None = typer.Option(None, "--profile", help=PROFILE_HELP),
 ) -> None:
     """Render images and write them as PNGs carrying prompt, seed, preset, character and versions."""
     from imagegen.pipelines.presets import get_preset
@@ -177,6 +302,14 @@ def render(
     )
     first.check_against(chosen)
     from imagegen.pipelines.assets import preflight
+    from imagegen.pipelines.loading import pick_device
+    from imagegen.settings import get_settings
+
+    settings = get_settings()
+    if profile is not None:
+        settings = settings.model_copy(update={"profile": profile})
+    # an unknown profile, or one this device cannot run (fp8 without a fallback ...), before anything loads
+    check_profile_choice(profile, [chosen.name], device=str(pick_device(settings)))
 
     if character is not None:
         from imagegen.identity.methods import resolve_method
@@ -196,7 +329,7 @@ def render(
     from imagegen.identity.provider import identity_renderer
     from imagegen.images import save_png  # heavy imports only once the arguments are known to be good
 
-    renderer = identity_renderer(chosen, allow_draft=allow_draft)
+    renderer = identity_renderer(chosen, allow_draft=allow_draft, settings=settings)
     written, failed = [], []
     with progress_bar() as bar:
         task = bar.add_task(f"rendering {preset}", total=num)
@@ -224,12 +357,24 @@ def demo(
     out: Path = typer.Option(Path("out"), help="Output directory."),
     service: bool = typer.Option(True, "--service/--no-service", help="Also start the HTTP service and drive it."),
     evaluation: bool = typer.Option(True, "--eval/--no-eval", help="Also run the smoke evaluation suite."),
+    profile: str | None = typer.Option(None, "--profile", help=PROFILE_HELP + " For every part of the demo."),
 ) -> None:
     """Run the main job end to end on the embedded defaults (tiny models, local files)."""
     from imagegen.demo import run_demo
 
+    if profile is not None:
+        from imagegen.demo.local import DEMO_PRESETS
+
+        check_profile_choice(profile, DEMO_PRESETS)  # before anything is written
     out = ensure_writable_dir(out)
-    summary = run_demo(out, progress_factory=progress_bar, service=service, evaluation=evaluation, log=console.print)
+    summary = run_demo(
+        out,
+        progress_factory=progress_bar,
+        service=service,
+        evaluation=evaluation,
+        log=console.print,
+        profile=profile,
+    )
     console.print(f"[bold green]demo finished[/] -> {out.resolve()}")
     for label, path in summary.items():
         console.print(f"  {label}: {path}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from rich.console import Console
@@ -40,3 +41,30 @@ def progress_bar() -> Progress:
         console=err_console,
         transient=False,
     )
+
+
+#: the ``--profile`` option's help, the same on every command that loads a renderer
+PROFILE_HELP = (
+    "Optimisation profile of the renderers (quality, fast, fastest, low-memory ...: `imagegen models profiles`). "
+    "Default: IMAGEGEN_PROFILE, else each preset's own (configs/models.yaml)."
+)
+
+
+def check_profile_choice(profile: str | None, presets: Iterable[str], device: str | None = None) -> None:
+    """Refuse, in one line and before anything loads, a profile that does not exist or that a preset (or, with
+    ``device``, this device) cannot run. ``None`` checks what would be chosen instead (``IMAGEGEN_PROFILE`` or the
+    preset's own)."""
+    from imagegen.pipelines.presets import get_preset
+    from imagegen.pipelines.profiles import ProfileError, check_profile, profile_for
+
+    try:
+        for name in presets:
+            preset = get_preset(name)
+            resolved = profile_for(preset, profile)
+            if device is not None:
+                import torch
+
+                check_profile(resolved, preset.family, torch.device(device))
+    except ProfileError as exc:
+        exc.field = exc.field or "profile"
+        raise

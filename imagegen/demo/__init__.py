@@ -14,6 +14,11 @@ The demo sits on top: it uses identity, serve and eval; nothing else in the pack
 No apparent-age estimator can be installed offline, so the demo character is ``age_check:
 unverified``; the demo turns on the development-only ``IMAGEGEN_ALLOW_UNVERIFIED_AGE`` (and says
 so) — a real deployment installs an estimator and leaves it off.
+
+``profile`` (``imagegen demo --profile``) renders every part with that optimisation profile: it becomes
+this process's ``IMAGEGEN_PROFILE``, which the service's replicas and the suite's actors inherit. A profile
+with a step cache that an identity method does not honour (``fastest`` on FLUX) stops the demo's identity
+renders with that one-line refusal.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from imagegen import samples
-from imagegen.demo.local import DEMO_SAMPLE, run_local_demo
+from imagegen.demo.local import DEMO_PRESETS, DEMO_SAMPLE, run_local_demo
 from imagegen.settings import get_settings
 
 __all__ = ["run_demo"]
@@ -38,8 +43,11 @@ def run_demo(
     service: bool = True,
     evaluation: bool = True,
     log: Callable[[str], None] = print,
+    profile: str | None = None,
 ) -> dict[str, Path]:
     """Render the demo grid into ``out``, then the service and eval parts; returns what was written, by label."""
+    if profile is not None:
+        use_profile(profile, log)
     allow_unverified_age(log)
     written = run_local_demo(out, progress_factory)
     if service:
@@ -47,6 +55,16 @@ def run_demo(
     if evaluation:
         written.update(run_eval_part(out, progress_factory))
     return written
+
+
+def use_profile(profile: str, log: Callable[[str], None]) -> None:
+    """Make ``profile`` this process's IMAGEGEN_PROFILE (the service and the suite's actors inherit it)."""
+    from imagegen.terminal import check_profile_choice
+
+    check_profile_choice(profile, DEMO_PRESETS)
+    os.environ["IMAGEGEN_PROFILE"] = profile
+    get_settings.cache_clear()
+    log(f"optimisation profile: {profile} (IMAGEGEN_PROFILE, for the renders, the service and the eval actors)")
 
 
 def allow_unverified_age(log: Callable[[str], None]) -> None:

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from imagegen.errors import ImagegenError
-from imagegen.terminal import console, ensure_writable_dir, progress_bar
+from imagegen.terminal import PROFILE_HELP, console, ensure_writable_dir, progress_bar
 
 eval_app = typer.Typer(
     help="Consistency evaluation: regression suites, scoring, run comparison, threshold calibration.",
@@ -115,12 +115,14 @@ def run_command(
     score_workers: int = typer.Option(1, help="Face-analysis processes."),
     baseline: Path | None = typer.Option(None, help="Run directory to compare with (overrides the suite's)."),
     ray_address: str | None = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
+    profile: str | None = typer.Option(None, "--profile", help=PROFILE_HELP + " Overrides the suite's `profile`."),
 ) -> None:
     """Render a suite's grid through a Ray actor pool (cached renders are reused), score it, report."""
-    from imagegen.eval.run import run_suite
+    from imagegen.eval.run import run_suite, suite_profiles
     from imagegen.eval.suite import load_suite
 
-    spec, _ = load_suite(suite)  # fail on a bad suite before anything starts
+    spec, _ = load_suite(suite)  # fail on a bad suite (or profile) before anything starts
+    suite_profiles(spec if profile is None else spec.model_copy(update={"profile": profile}))
     out = ensure_writable_dir(out or Path("runs") / spec.name)
     if baseline is not None and not baseline.is_dir():
         raise ImagegenError(f"baseline {baseline} is not a run directory", field="baseline")
@@ -133,6 +135,7 @@ def run_command(
             baseline=baseline,
             ray_address=ray_address,
             progress=update,
+            profile=profile,
         )
     _print_result(result)
     raise typer.Exit(result.exit_code)

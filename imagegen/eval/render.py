@@ -80,8 +80,9 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def start_actors(preset_name: str, count: int, options: dict[str, Any]) -> list[Any]:
-    """``count`` RendererActors for a preset, all loaded and ready.
+def start_actors(preset_name: str, count: int, options: dict[str, Any], profile: str | None = None) -> list[Any]:
+    """``count`` RendererActors for a preset, all loaded and ready, with the optimisation ``profile`` (None: the
+    actors' ``IMAGEGEN_PROFILE``, which they inherit from this process, else the preset's own).
 
     Model files are checked (and a tiny preset's stand-ins built) once here in the driver, before any
     actor starts: actors never race to write them, and never download (``imagegen models pull`` does).
@@ -97,7 +98,7 @@ def start_actors(preset_name: str, count: int, options: dict[str, Any]) -> list[
     actors: list[Any] = []
     try:
         prepare(preset)
-        actors += [remote.remote(preset_name, warmup=False) for _ in range(count)]
+        actors += [remote.remote(preset_name, warmup=False, profile=profile) for _ in range(count)]
         ray.get([a.health.remote() for a in actors])
     except Exception as exc:  # noqa: BLE001 - an actor that died in __init__ arrives wrapped
         for actor in actors:
@@ -121,8 +122,11 @@ def render_cells(
     on_unsupported: str = "fail",
     extra_metadata: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    profile: str | None = None,
 ) -> RenderOutcome:
-    """Render every cell whose PNG is not in ``run_dir`` yet; Ray must be initialised."""
+    """Render every cell whose PNG is not in ``run_dir`` yet; Ray must be initialised.
+
+    ``profile``: the actors' optimisation profile (None: ``IMAGEGEN_PROFILE``, else each preset's own)."""
     import ray
     from ray.util import ActorPool
 
@@ -148,7 +152,7 @@ def render_cells(
             "num_gpus": gpus_per_worker,
             "runtime_env": {"env_vars": imagegen_env()},
         }
-        actors = start_actors(preset, count, options)
+        actors = start_actors(preset, count, options, profile=profile)
         try:
             pool = ActorPool(actors)
             # a batch never mixes identity groups: one refused request must not sink the others

@@ -61,6 +61,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+#: the run facts a report shows in its header
+SHOWN_INFO = ("presets", "profiles", "methods", "rendered", "cached", "skipped", "seconds")
+
+
 def write_run_dir(
     run_dir: Path,
     evaluation: Evaluation,
@@ -109,7 +113,7 @@ def write_run_dir(
         "created": metrics["created_at"],
         "model_version": info.get("model_version", ""),
         "images": str(images_root.resolve()),
-        **{k: v for k, v in info.items() if k in ("presets", "methods", "rendered", "cached", "skipped", "seconds")},
+        **{k: v for k, v in info.items() if k in SHOWN_INFO},
     }
     page = render_html(evaluation, title=title, images_root=images_root, info=shown, skipped=skipped, comparison=cmp)
     paths["report"] = write_text(run_dir / "report.html", page)
@@ -166,6 +170,17 @@ def suite_identities(suite: Suite, analyzer: Any) -> dict[str, CharacterIdentity
     return identities
 
 
+def suite_profiles(suite: Suite) -> dict[str, str]:
+    """The optimisation profile each preset of the suite renders with (a ``ProfileError`` for an unknown one)."""
+    from imagegen.pipelines.presets import get_preset
+    from imagegen.pipelines.profiles import ProfileError, profile_for
+
+    try:
+        return {name: profile_for(get_preset(name), suite.profile).name for name in suite.presets}
+    except ProfileError as exc:
+        raise ConfigError(f"suite {suite.name}: {exc}", field="profile") from None
+
+
 def run_suite(
     suite_ref: str | Path | Suite,
     out: Path,
@@ -175,13 +190,20 @@ def run_suite(
     baseline: Path | None = None,
     ray_address: str | None = None,
     progress: Progress | None = None,
+    profile: str | None = None,
 ) -> RunResult:
-    """Render the suite's grid (only the cells not rendered yet), score it, write the run directory."""
+    """Render the suite's grid (only the cells not rendered yet), score it, write the run directory.
+
+    ``profile``: the renderers' optimisation profile, instead of the suite's ``profile`` (see :mod:`.suite`).
+    """
     started = time.perf_counter()
     if isinstance(suite_ref, Suite):
         suite, suite_path = suite_ref, None
     else:
         suite, suite_path = load_suite(suite_ref)
+    if profile is not None:
+        suite = suite.model_copy(update={"profile": profile})
+    profiles = suite_profiles(suite)  # an unknown profile fails here, before characters or Ray
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     analyzer = get_analyzer(suite.backend)
@@ -209,6 +231,7 @@ def run_suite(
             on_unsupported=suite.on_unsupported,
             extra_metadata={"suite": suite.name},
             progress=progress,
+            profile=suite.profile,
         )
     finally:
         if started_ray:
@@ -275,6 +298,7 @@ def run_suite(
         "model_version": analyzer.model_version,
         "presets": ", ".join(suite.presets),
         "methods": ", ".join(m.name for m in suite.methods),
+        "profiles": ", ".join(f"{p}: {name}" for p, name in profiles.items()),
         "cells": len(cells),
         "rendered": len(outcome.rendered),
         "cached": len(outcome.cached),

@@ -28,13 +28,16 @@ A suite is a fixed grid, rendered and scored the same way every time::
     baseline: runs/nightly-2024-06-01  # optional run to compare with after scoring
     workers: 2                         # renderer actors per preset
     batch_size: 4                      # requests per actor call
+    profile: fast                      # optional optimisation profile of the renderers (configs/models.yaml)
     on_unsupported: fail               # or skip: cells a preset cannot render are reported, not fatal
     bootstrap: {samples: 1000, seed: 0}
 
 Every cell of presets x methods x weights x characters x prompts x seeds is one render. A cell's
 **key** is a hash of everything that determines its pixels (preset and its repo, the resolved
-request, the character's registry version for identity cells, ``cache_salt``): renders are
-stored under it, so a rerun renders only what changed and scores everything again.
+request, the character's registry version for identity cells, ``cache_salt``, and the options of
+the optimisation profile unless it is eager): renders are stored under it, so a rerun renders only
+what changed and scores everything again. The profile is ``--profile`` of ``imagegen eval run``, else
+the suite's ``profile``, else ``IMAGEGEN_PROFILE``, else each preset's own (``quality``: eager).
 """
 
 from __future__ import annotations
@@ -168,6 +171,8 @@ class Suite(_Strict):
     gpus_per_worker: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=4, ge=1, le=64)
     on_unsupported: Literal["fail", "skip"] = "fail"
+    #: optimisation profile of every renderer actor (None: IMAGEGEN_PROFILE, else each preset's own)
+    profile: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+-]{1,64}$")
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
     cache_salt: str = ""
 
@@ -257,8 +262,9 @@ class Cell(BaseModel):
         return f"renders/{self.character}/{name}"
 
 
-def cell_key(preset: Any, request: dict[str, Any], identity_version: str | None, salt: str) -> str:
-    """Content hash of everything that decides a render's pixels."""
+def cell_key(preset: Any, request: dict[str, Any], identity_version: str | None, salt: str, profile: Any = None) -> str:
+    """Content hash of everything that decides a render's pixels (an eager ``profile`` changes nothing: renders
+    made before profiles existed keep their keys)."""
     payload = {
         "preset": preset.name,
         "repo": preset.repo,
@@ -268,6 +274,8 @@ def cell_key(preset: Any, request: dict[str, Any], identity_version: str | None,
         "identity_version": identity_version,
         "salt": salt,
     }
+    if profile is not None and not profile.is_eager:
+        payload["profile"] = profile.model_dump(mode="json", exclude={"name", "description"})
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -279,10 +287,12 @@ def expand(suite: Suite, names: dict[str, str], fingerprints: dict[str, str]) ->
     fingerprint per character id (registry version + reference digests), in identity cells' keys.
     """
     from imagegen.pipelines.presets import get_preset
+    from imagegen.pipelines.profiles import profile_for
 
     cells: list[Cell] = []
     for preset_name in suite.presets:
         preset = get_preset(preset_name)
+        profile = profile_for(preset, suite.profile)
         d = preset.defaults
         width = suite.size.width if suite.size else d.width
         height = suite.size.height if suite.size else d.height
@@ -330,7 +340,7 @@ def expand(suite: Suite, names: dict[str, str], fingerprints: dict[str, str]) ->
                                     seed=seed,
                                     request=request,
                                     tags=tags,
-                                    key=cell_key(preset, request, version, suite.cache_salt),
+                                    key=cell_key(preset, request, version, suite.cache_salt, profile),
                                 )
                             )
     return cells

@@ -37,6 +37,7 @@ from imagegen.pipelines.renderer import CANCELLED, Progress
 from imagegen.pipelines.types import RenderRequest, RenderResult
 from imagegen.pipelines.warmup import WarmupReport, profile_name, warm_up
 from imagegen.serve.gate import GateScorer
+from imagegen.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +135,14 @@ class RendererActor:
     ``warmup``: one plain render at the preset's default size before the constructor returns (what
     an offline pool needs). The Serve replica passes False and calls :meth:`warm` with the sizes of
     its ``user_config`` instead, so the warm-up covers the shapes it will serve.
+
+    ``profile``: the renderer's optimisation profile (None: ``IMAGEGEN_PROFILE``, else the preset's own).
     """
 
-    def __init__(self, preset: str, warmup: bool = True, device: str | None = None):
+    def __init__(self, preset: str, warmup: bool = True, device: str | None = None, profile: str | None = None):
         started = time.perf_counter()
-        self.renderer = identity_renderer(preset, device=device)
+        settings = None if profile is None else get_settings().model_copy(update={"profile": profile})
+        self.renderer = identity_renderer(preset, device=device, settings=settings)
         #: what warm-up did (None: not warmed up)
         self.warmup: WarmupReport | None = None
         if warmup:

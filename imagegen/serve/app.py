@@ -25,7 +25,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         get_preset(preset)  # an unknown preset fails the deploy, not the first request
     renderers = {
         preset: RendererDeployment.options(name=renderer_deployment_name(preset)).bind(
-            preset, warmup=parsed.warmup, device=parsed.device
+            preset, warmup=parsed.warmup, device=parsed.device, profile=parsed.profile_of(preset)
         )
         for preset in parsed.presets
     }

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from imagegen.terminal import PROFILE_HELP
+
 keys_app = typer.Typer(
     help="API keys of the HTTP service (stored hashed in the registry database).", no_args_is_help=True
 )
@@ -125,6 +127,7 @@ def serve_command(
     preset: list[str] = typer.Option(None, "--preset", help="Serve only these presets (repeatable)."),
     address: str = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
     num_cpus: int = typer.Option(None, help="CPUs of the local Ray (default: all)."),
+    profile: str = typer.Option(None, "--profile", help=PROFILE_HELP + " Applies to every renderer deployment."),
 ) -> None:
     """Start the HTTP service (Ray Serve, configs/serve.yaml) and run until Ctrl-C."""
     from imagegen.serve.launcher import start_service
@@ -146,6 +149,7 @@ def serve_command(
         host=host,
         port=port,
         presets=preset or None,
+        profile=profile,
         on_ray_started=_on_sigterm,  # again after ray.init, which installs its own (aborting) handler
     )
     console.print(f"imagegen serving on {service.url}  (docs: {service.url}/docs, health: {service.url}/healthz)")

@@ -226,6 +226,15 @@ class AppArgs(BaseModel):
     warmup: bool = True
     #: device for the renderers (None: IMAGEGEN_DEVICE / auto)
     device: str | None = None
+    #: optimisation profile of every renderer (configs/models.yaml ``profiles``; None: IMAGEGEN_PROFILE, else each
+    #: preset's own); ``imagegen serve --profile`` sets it (and drops ``profiles``)
+    profile: str | None = None
+    #: per preset, a profile instead of ``profile`` (e.g. ``{flux-dev: fastest, sdxl-base: fast}``)
+    profiles: dict[str, str] = Field(default_factory=dict)
+
+    def profile_of(self, preset: str) -> str | None:
+        """The profile a preset's renderers load with (None: IMAGEGEN_PROFILE, else the preset's own)."""
+        return self.profiles.get(preset) or self.profile
 
 
 def load_config(path: Path | str | None = None) -> dict[str, Any]:

@@ -69,13 +69,16 @@ def prepare_config(
     renderer_config: dict[str, Any] | None = None,
     warmup: bool | None = None,
     env_vars: dict[str, str] | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """serve.yaml with overrides applied (a new dict; the file is not touched).
 
     ``ingress`` merges into the ingress ``user_config``; ``ingress_options`` into its deployment
     options; ``renderer_options`` maps a preset to deployment options (``num_replicas``,
     ``max_queued_requests``, ``ray_actor_options`` ...); ``renderer_config`` merges into every
-    renderer's ``user_config``.
+    renderer's ``user_config``. ``profile`` is the optimisation profile of every renderer (the
+    application's ``args.profile``, replacing the file's ``profile`` and ``profiles``); the profile each
+    served preset will load with is checked here (``ProfileError``), before anything starts.
     """
     data = copy.deepcopy(config) if isinstance(config, dict) else load_config(config)
     if host is not None or port is not None:
@@ -114,7 +117,25 @@ def prepare_config(
     if env:
         runtime_env = app.setdefault("runtime_env", {})
         runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+    if profile is not None:
+        args["profile"] = profile
+        args.pop("profiles", None)
+    _check_profiles(args, served, (app.get("runtime_env") or {}).get("env_vars") or {})
     return data
+
+
+def _check_profiles(args: dict[str, Any], presets: list[str], env_vars: dict[str, str]) -> None:
+    """The profile every served preset will load with (``args.profiles`` / ``args.profile``, else the application's
+    IMAGEGEN_PROFILE, else the preset's own) exists and fits the preset: a bad name is one line here, not a replica
+    that dies while deploying."""
+    from imagegen.terminal import check_profile_choice
+
+    chosen = args.get("profiles") or {}
+    if not isinstance(chosen, dict):
+        raise ConfigError("the application's args.profiles maps preset names to profile names")
+    for preset in presets:
+        name = chosen.get(preset) or args.get("profile") or env_vars.get("IMAGEGEN_PROFILE") or None
+        check_profile_choice(name, [preset])
 
 
 @dataclass

@@ -263,8 +263,8 @@ class AdaptiveBatcher:
 class RendererDeployment:
     """Serve replica of one preset: warm-up, the adaptive batcher, and the pipeline thread of ``RendererActor``."""
 
-    def __init__(self, preset: str, warmup: bool = True, device: str | None = None):
-        self.actor = RendererActor(preset, warmup=False, device=device)
+    def __init__(self, preset: str, warmup: bool = True, device: str | None = None, profile: str | None = None):
+        self.actor = RendererActor(preset, warmup=False, device=device, profile=profile)
         self.preset = preset
         self.config = RendererConfig()
         #: warm up before taking traffic (``AppArgs.warmup``; False only for development)
