@@ -1,30 +1,35 @@
 """Load test of the HTTP service, and its per-request overhead against the Ray Serve floor.
 
     python bench/serve_load.py                              # starts configs/serve.yaml locally, tiny-flux
+    python bench/serve_load.py --fixed-wait                 # the renderer without the adaptive batch wait
     python bench/serve_load.py --clients 16 --duration 30 --requests 300
-    python bench/serve_load.py --url http://host:8000 --key igk_...   # an already running service (no floor arm)
+    python bench/serve_load.py --url http://host:8000 --key igk_...   # an already running service (no floor arms)
 
 Measures, in this order (so the phases do not compete for the CPU):
 
 1. **Interleaved, concurrency 1** (``--requests`` rounds, 200 by default). Each round sends, one
-   after the other, the same request (prompt, seed, size, steps) to three arms:
+   after the other and in an order that rotates every round, the same request (prompt, seed,
+   size, steps) to four arms:
 
    * ``floor``: a bare Ray Serve app deployed by this script on the *same* local Ray, as a second
      application (``/floor``, sharing the HTTP proxy): HTTP proxy -> FastAPI ingress deployment ->
      ``DeploymentHandle`` -> a ``@serve.batch`` deployment with the renderer's max batch size and
      ``batch_wait_timeout_s`` (from the service's config), which renders nothing and returns
-     ``--floor-bytes`` (5 KB) of bytes: what Ray Serve alone costs on these hops;
+     ``--floor-bytes`` (5 KB) of bytes: what Ray Serve alone costs on these hops with that wait;
+   * ``floor_nowait``: the same app with ``batch_wait_timeout_s = 0``: the hops alone;
    * ``imagegen``: a sync ``POST /v1/renders`` through the real service (proxy, auth, ingress,
      handle stream, batched renderer deployment, PNG + provenance, audit);
    * ``direct``: the same render on a ``Renderer`` in this process, batch 1, with the replica's torch
      thread count (``--replica-threads``), no character.
 
-   Interleaving makes the three arms share the machine's noise (other processes, CPU frequency),
-   so their differences are fair on a busy machine. imagegen's own per-request work is
-   ``overhead = imagegen_p50 - direct_p50 - floor_p50``; its 95% interval is a bootstrap
-   (``scipy.stats.bootstrap``, BCa, median statistic) of the per-round paired differences
-   ``imagegen - direct - floor``. One JSON line with these figures is printed (and kept in the
-   document under ``interleaved``).
+   Interleaving makes the arms share the machine's noise (other processes, CPU frequency), so
+   their differences are fair on a busy machine. imagegen's own per-request work is
+   ``own_work = imagegen_p50 - direct_p50 - floor_p50`` against the floor that batches like the
+   renderer does at concurrency 1: the fixed-wait floor with ``--fixed-wait``; with the adaptive
+   wait (the default) a lone request is never held (each image's ``timings.batch_wait_s`` says so;
+   the bench reports the largest it saw), so its floor is ``floor_nowait``. ``nowait_gap =
+   imagegen_p50 - direct_p50 - floor_nowait_p50`` is printed either way. The 95% intervals are
+   paired BCa bootstraps over rounds (``scipy.stats.bootstrap``) of those differences of medians.
 2. **The service alone at concurrency 1** for ``--single-duration`` seconds, with every process's
    CPU time read from ``/proc`` before and after: **CPU ms per request** by part (renderer
    replica, ingress, Ray's HTTP proxy, Ray's control plane, this load generator).
@@ -32,10 +37,13 @@ Measures, in this order (so the phases do not compete for the CPU):
    ``--duration`` seconds: throughput, latency p50/p95/p99, errors by status and code, and the
    mean pipeline batch size (from ``/metrics``).
 
-With ``--url`` (a service this script did not start) there is no floor arm and no CPU split.
+With ``--url`` (a service this script did not start) there are no floor arms and no CPU split.
 The machine's load average is recorded around phases 1 and 3 (``load_average``).
 
-Prints a table and, last, one JSON document (also written to ``--json`` when given).
+Prints a table, the JSON document (also written to ``--json`` when given) and, last, one JSON line
+with the headline figures: ``floor_p50_ms``, ``floor_nowait_p50_ms``, ``imagegen_p50_ms``,
+``direct_p50_ms``, ``own_work_ms`` and its interval, ``nowait_gap_ms`` and its interval, and
+``mean_batch_8_clients`` (the mean batch under ``--clients`` clients).
 """
 
 from __future__ import annotations
@@ -129,30 +137,32 @@ def cpu_split(before: dict, after: dict, requests: int) -> dict[str, float]:
 
 
 # -- the floor: a bare Ray Serve app with the service's hops and no work ---------------------------
-def renderer_batching(config: dict[str, Any] | None, preset: str) -> tuple[int, float]:
-    """(max_batch_size, batch_wait_timeout_s) of ``preset``'s renderer in the deployed config."""
-    max_batch_size, wait = 4, 0.05  # RendererConfig's defaults, for a config that leaves them out
+def renderer_batching(config: dict[str, Any] | None, preset: str) -> tuple[int, float, bool]:
+    """(max_batch_size, batch_wait_timeout_s, adaptive_batch_wait) of ``preset``'s renderer in the deployed config."""
+    from imagegen.serve.config import RendererConfig
+
+    user_config: dict[str, Any] = {}
     for app in (config or {}).get("applications") or []:
         for deployment in app.get("deployments") or []:
             if deployment.get("name") == f"renderer-{preset}":
                 user_config = deployment.get("user_config") or {}
-                max_batch_size = int(user_config.get("max_batch_size", max_batch_size))
-                wait = float(user_config.get("batch_wait_timeout_s", wait))
-    return max_batch_size, wait
+    parsed = RendererConfig.model_validate(user_config)  # the defaults for what the config leaves out
+    return parsed.max_batch_size, parsed.batch_wait_timeout_s, parsed.adaptive_batch_wait
 
 
 def deploy_floor(max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int, logging_config: Any) -> None:
     """Deploy the floor app on the running Serve instance (its own route prefix, the same proxy).
 
-    The classes are defined here, inside a function, so Ray pickles them by value: the replicas
-    need nothing from bench/ on their path.
+    Two ``@serve.batch`` deployments behind one FastAPI ingress: ``/render`` waits like the
+    renderer's bound, ``/render-nowait`` does not wait at all. The classes are defined here, inside a
+    function, so Ray pickles them by value: the replicas need nothing from bench/ on their path.
     """
     from fastapi import Body, FastAPI
     from fastapi.responses import Response
     from ray import serve
     from ray.serve.handle import DeploymentHandle
 
-    @serve.deployment(name="FloorBatch", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
+    @serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
     class FloorBatch:
         def __init__(self, max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int):
             self.payload = os.urandom(payload_bytes)
@@ -171,14 +181,22 @@ def deploy_floor(max_batch_size: int, batch_wait_timeout_s: float, payload_bytes
     @serve.deployment(name="FloorIngress", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
     class FloorIngress:
-        def __init__(self, batcher: DeploymentHandle):
-            self.batcher = batcher
+        def __init__(self, waiting: DeploymentHandle, nowait: DeploymentHandle):
+            self.waiting = waiting
+            self.nowait = nowait
 
         @api.post("/render")
         async def render(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
-            return Response(await self.batcher.remote(item), media_type="application/octet-stream")
+            return Response(await self.waiting.remote(item), media_type="application/octet-stream")
 
-    app = FloorIngress.bind(FloorBatch.bind(max_batch_size, batch_wait_timeout_s, payload_bytes))
+        @api.post("/render-nowait")
+        async def render_nowait(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
+            return Response(await self.nowait.remote(item), media_type="application/octet-stream")
+
+    app = FloorIngress.bind(
+        FloorBatch.options(name="FloorBatch").bind(max_batch_size, batch_wait_timeout_s, payload_bytes),
+        FloorBatch.options(name="FloorBatchNoWait").bind(max_batch_size, 0.0, payload_bytes),
+    )
     serve.run(app, name=FLOOR_APP, route_prefix=FLOOR_PREFIX, logging_config=logging_config)
 
 
@@ -194,13 +212,16 @@ def worker_imagegen_file() -> str:
     return ray.get(ray.remote(num_cpus=0)(where).remote())
 
 
-# -- phase 1: floor, imagegen and direct, interleaved ----------------------------------------------
-def post_timed(client: httpx.Client, path: str, payload: dict[str, Any]) -> tuple[float, int, int]:
-    """(seconds, status, response bytes) of one POST."""
+# -- phase 1: floors, imagegen and direct, interleaved ----------------------------------------------
+ARMS = ("floor", "floor_nowait", "imagegen", "direct")
+
+
+def post_timed(client: httpx.Client, path: str, payload: dict[str, Any]) -> tuple[float, httpx.Response]:
+    """(seconds, response) of one POST, its body read."""
     started = time.perf_counter()
     response = client.post(path, json=payload)
-    content = response.content
-    return time.perf_counter() - started, response.status_code, len(content)
+    response.read()
+    return time.perf_counter() - started, response
 
 
 def bootstrap_interval(samples: list[Any], statistic: Any, rng_seed: int = 0) -> list[float] | None:
@@ -236,14 +257,40 @@ def arm_figures(seconds: list[float]) -> dict[str, Any]:
     }
 
 
-def interleaved(client: httpx.Client, renderer: Any, args: argparse.Namespace, floor: bool) -> dict[str, Any]:
-    """``--requests`` rounds of (floor request, imagegen request, direct render), one after the other."""
+def gap(times: dict[str, list[float]], floor_arm: str) -> dict[str, Any]:
+    """``imagegen_p50 - direct_p50 - <floor_arm>_p50`` in ms with its paired bootstrap 95% interval."""
     import numpy as np
 
+    floor_ms, imagegen_ms, direct_ms = (np.asarray(times[a]) * 1000 for a in (floor_arm, "imagegen", "direct"))
+
+    def medians(f, i, d, axis=-1):
+        return np.median(i, axis=axis) - np.median(d, axis=axis) - np.median(f, axis=axis)
+
+    paired = imagegen_ms - direct_ms - floor_ms
+    return {
+        "ms": round(float(np.median(imagegen_ms) - np.median(direct_ms) - np.median(floor_ms)), 2),
+        "ci95_ms": bootstrap_interval([floor_ms, imagegen_ms, direct_ms], medians),
+        # the median of the per-round differences, and its interval (a second view of the same rounds)
+        "paired_median_ms": round(float(np.median(paired)), 2),
+        "paired_median_ci95_ms": bootstrap_interval([paired], np.median),
+    }
+
+
+def interleaved(
+    client: httpx.Client, renderer: Any, args: argparse.Namespace, floor: bool, adaptive: bool
+) -> dict[str, Any]:
+    """``--requests`` rounds of one request per arm, the arms' order rotating every round."""
     from imagegen.pipelines.types import RenderRequest
 
-    times: dict[str, list[float]] = {"floor": [], "imagegen": [], "direct": []}
-    sizes: dict[str, list[int]] = {"floor": [], "imagegen": []}
+    arms = [a for a in ARMS if floor or not a.startswith("floor")]
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    sizes: dict[str, list[int]] = {a: [] for a in arms if a != "direct"}
+    paths = {
+        "floor": f"{FLOOR_PREFIX}/render",
+        "floor_nowait": f"{FLOOR_PREFIX}/render-nowait",
+        "imagegen": "/v1/renders",
+    }
+    held: list[float] = []  # timings.batch_wait_s of imagegen's images: how long the replica held each
     errors: Counter = Counter()
     load_before = load_average()
     started = time.monotonic()
@@ -251,55 +298,56 @@ def interleaved(client: httpx.Client, renderer: Any, args: argparse.Namespace, f
         payload = body(args, r)
         request = RenderRequest(**{k: v for k, v in payload.items() if k != "preset"})
         round_times: dict[str, float] = {}
-        if floor:
-            elapsed, status, size = post_timed(client, f"{FLOOR_PREFIX}/render", payload)
-            if status == 200:
-                round_times["floor"] = elapsed
-                sizes["floor"].append(size)
-            else:
-                errors[f"floor {status}"] += 1
-        elapsed, status, size = post_timed(client, "/v1/renders", payload)
-        if status == 200:
-            round_times["imagegen"] = elapsed
-            sizes["imagegen"].append(size)
-        else:
-            errors[f"imagegen {status}"] += 1
-        t0 = time.perf_counter()
-        renderer.render([request])
-        round_times["direct"] = time.perf_counter() - t0
-        if len(round_times) == (3 if floor else 2):  # only complete rounds count
+        order = arms[r % len(arms) :] + arms[: r % len(arms)]
+        for arm in order:
+            if arm == "direct":
+                t0 = time.perf_counter()
+                renderer.render([request])
+                round_times["direct"] = time.perf_counter() - t0
+                continue
+            elapsed, response = post_timed(client, paths[arm], payload)
+            if response.status_code != 200:
+                errors[f"{arm} {response.status_code}"] += 1
+                continue
+            round_times[arm] = elapsed
+            sizes[arm].append(len(response.content))
+            if arm == "imagegen":
+                held.append(response.json()["images"][0]["metadata"]["timings"].get("batch_wait_s", float("nan")))
+        if len(round_times) == len(arms):  # only complete rounds count
             for arm, value in round_times.items():
                 times[arm].append(value)
     wall = time.monotonic() - started
-    arms = {arm: arm_figures(values) for arm, values in times.items() if floor or arm != "floor"}
+    figures = {arm: arm_figures(values) for arm, values in times.items()}
     summary: dict[str, Any] = {
-        "floor_p50_ms": arms["floor"]["p50_ms"] if floor else None,
-        "imagegen_p50_ms": arms["imagegen"]["p50_ms"],
-        "direct_p50_ms": arms["direct"]["p50_ms"],
-        "overhead_p50_ms": None,
-        "overhead_ci95_ms": None,
-        "overhead_paired_median_ms": None,
-        "overhead_p50_ci95_ms": None,
+        "floor_p50_ms": figures["floor"]["p50_ms"] if floor else None,
+        "floor_nowait_p50_ms": figures["floor_nowait"]["p50_ms"] if floor else None,
+        "imagegen_p50_ms": figures["imagegen"]["p50_ms"],
+        "direct_p50_ms": figures["direct"]["p50_ms"],
+        "adaptive_batch_wait": adaptive,
+        "own_work_floor": None,
+        "own_work_ms": None,
+        "own_work_ci95_ms": None,
+        "nowait_gap_ms": None,
+        "nowait_gap_ci95_ms": None,
+        "imagegen_batch_wait_max_ms": round(max(held) * 1000, 3) if held else None,
         "rounds": len(times["imagegen"]),
     }
+    gaps: dict[str, Any] = {}
     if floor and times["floor"]:
-        floor_ms, imagegen_ms, direct_ms = (np.asarray(times[a]) * 1000 for a in ("floor", "imagegen", "direct"))
-        differences = imagegen_ms - direct_ms - floor_ms
-        summary["overhead_p50_ms"] = round(
-            summary["imagegen_p50_ms"] - summary["direct_p50_ms"] - summary["floor_p50_ms"], 2
+        gaps = {arm: gap(times, arm) for arm in ("floor", "floor_nowait")}
+        # the floor that batches as the renderer does at concurrency 1 (see the module docstring)
+        own = "floor_nowait" if adaptive else "floor"
+        summary.update(
+            own_work_floor=own,
+            own_work_ms=gaps[own]["ms"],
+            own_work_ci95_ms=gaps[own]["ci95_ms"],
+            nowait_gap_ms=gaps["floor_nowait"]["ms"],
+            nowait_gap_ci95_ms=gaps["floor_nowait"]["ci95_ms"],
         )
-        # the brief's interval: median of the per-round paired differences
-        summary["overhead_ci95_ms"] = bootstrap_interval([differences], np.median)
-        summary["overhead_paired_median_ms"] = round(float(np.median(differences)), 2)
-
-        # the same rounds resampled (paired) for the difference of the three medians itself
-        def medians(f, i, d, axis=-1):
-            return np.median(i, axis=axis) - np.median(d, axis=axis) - np.median(f, axis=axis)
-
-        summary["overhead_p50_ci95_ms"] = bootstrap_interval([floor_ms, imagegen_ms, direct_ms], medians)
     return {
         "summary": summary,
-        "arms": arms,
+        "arms": figures,
+        "gaps": gaps,
         "response_bytes_p50": {arm: statistics.median(v) for arm, v in sizes.items() if v},
         "errors": dict(errors),
         "wall_s": round(wall, 1),
@@ -389,6 +437,9 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
     parser.add_argument("--max-batch-size", type=int, default=None, help="override the renderers' max_batch_size")
     parser.add_argument("--batch-wait", type=float, default=None, help="override batch_wait_timeout_s (seconds)")
+    parser.add_argument(
+        "--fixed-wait", action="store_true", help="the renderers without the adaptive wait (adaptive_batch_wait: false)"
+    )
     parser.add_argument("--replica-threads", type=int, default=1, help="torch threads of the direct arm")
     parser.add_argument("--requests", type=int, default=200, help="interleaved rounds (requests per arm)")
     parser.add_argument("--floor-bytes", type=int, default=5120, help="bytes the floor app returns")
@@ -425,6 +476,8 @@ def main() -> None:
             renderer_config["max_batch_size"] = args.max_batch_size
         if args.batch_wait is not None:
             renderer_config["batch_wait_timeout_s"] = args.batch_wait
+        if args.fixed_wait:
+            renderer_config["adaptive_batch_wait"] = False
         if renderer_config:
             overrides["renderer_config"] = renderer_config
         service = start_service(log_to_driver=False, **overrides)
@@ -432,23 +485,26 @@ def main() -> None:
         with ServeStore.open() as store:
             key = create_key(store, "bench-serve-load", ["admin"])[1]
     floor_batching = None
+    adaptive = not args.fixed_wait
     try:
         if service is not None:
             worker_file = worker_imagegen_file()
             console.print(f"Ray workers import imagegen from {worker_file}")
-            floor_batching = renderer_batching(service.config, args.preset)
+            max_batch, wait, adaptive = renderer_batching(service.config, args.preset)
+            floor_batching = (max_batch, wait)
             console.print(
-                f"deploying the floor app at {FLOOR_PREFIX} "
-                f"(max batch {floor_batching[0]}, wait {floor_batching[1]}s) ..."
+                f"deploying the floor app at {FLOOR_PREFIX} (max batch {max_batch}, wait {wait}s and none); "
+                f"the renderer's wait is {'adaptive' if adaptive else 'fixed'} ..."
             )
-            deploy_floor(*floor_batching, args.floor_bytes, service.config.get("logging_config"))
+            deploy_floor(max_batch, wait, args.floor_bytes, service.config.get("logging_config"))
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
             for i in range(3):  # warm-up: prompt cache, connections
                 client.post("/v1/renders", json=body(args, i)).raise_for_status()
                 if service is not None:
                     client.post(f"{FLOOR_PREFIX}/render", json=body(args, i)).raise_for_status()
-            console.print(f"interleaved floor / imagegen / direct, {args.requests} rounds ...")
-            paired = interleaved(client, renderer, args, floor=service is not None)
+                    client.post(f"{FLOOR_PREFIX}/render-nowait", json=body(args, i)).raise_for_status()
+            console.print(f"interleaved floor / floor_nowait / imagegen / direct, {args.requests} rounds ...")
+            paired = interleaved(client, renderer, args, floor=service is not None, adaptive=adaptive)
             console.print(json.dumps(paired["summary"]), soft_wrap=True)
             if service is not None:
                 from ray import serve
@@ -472,6 +528,9 @@ def main() -> None:
     batches = after[1] - before[1]
     loaded["mean_batch_size"] = round((after[0] - before[0]) / batches, 3) if batches else None
     summary = paired["summary"]
+    summary["mean_batch_8_clients" if args.clients == 8 else f"mean_batch_{args.clients}_clients"] = loaded[
+        "mean_batch_size"
+    ]
     direct_s = summary["direct_p50_ms"] / 1000
     overhead = summary["imagegen_p50_ms"] / 1000 - direct_s
     result = {
@@ -489,9 +548,10 @@ def main() -> None:
         if floor_batching is None
         else {
             "max_batch_size": floor_batching[0],
-            "batch_wait_timeout_s": floor_batching[1],
+            "batch_wait_timeout_s": [floor_batching[1], 0.0],
             "bytes": args.floor_bytes,
         },
+        "renderer_adaptive_batch_wait": adaptive,
         "interleaved": paired,
         "direct_renderer": {
             "median_s": direct_s,
@@ -512,7 +572,8 @@ def main() -> None:
 
     for arm, label in (
         ("direct", "direct Renderer (interleaved)"),
-        ("floor", "bare Serve floor (interleaved)"),
+        ("floor", "bare Serve floor, same wait (interleaved)"),
+        ("floor_nowait", "bare Serve floor, no wait (interleaved)"),
         ("imagegen", "HTTP imagegen (interleaved)"),
     ):
         figures = paired["arms"].get(arm)
@@ -542,10 +603,15 @@ def main() -> None:
             str(run.get("mean_batch_size", "-")),
         )
     Console(width=140).print(table)
-    if summary["overhead_p50_ms"] is not None:
+    if summary["own_work_ms"] is not None:
         print(
-            "imagegen's own per-request work (imagegen p50 - direct p50 - floor p50): "
-            f"{summary['overhead_p50_ms']:.1f} ms, 95% CI of the paired median {summary['overhead_ci95_ms']} ms"
+            f"imagegen's own per-request work (imagegen p50 - direct p50 - {summary['own_work_floor']} p50): "
+            f"{summary['own_work_ms']:.1f} ms, 95% CI {summary['own_work_ci95_ms']} ms"
+        )
+        print(
+            "imagegen over a direct call, minus the no-wait floor (imagegen p50 - direct p50 - floor_nowait p50): "
+            f"{summary['nowait_gap_ms']:.1f} ms, 95% CI {summary['nowait_gap_ci95_ms']} ms; "
+            f"largest batch_wait_s of a lone imagegen request: {summary['imagegen_batch_wait_max_ms']} ms"
         )
     print(f"per-request overhead over the direct render (imagegen p50 - direct p50): {ms(overhead)} ms")
     if single.get("cpu_ms_per_request"):
@@ -555,12 +621,12 @@ def main() -> None:
         for part, value in single["cpu_ms_per_request"].items():
             split.add_row(part, f"{value:.1f}")
         Console(width=140).print(split)
-    print(json.dumps(summary))
     document = json.dumps(result, indent=2)
     print(document)
     if args.json:
         with open(args.json, "w") as handle:
             handle.write(document + "\n")
+    print(json.dumps(summary))  # the headline figures, last
 
 
 if __name__ == "__main__":
