@@ -15,6 +15,14 @@ sample, so a batch can mix characters; a sample with scale 0 gets exactly what t
 Under classifier-free guidance diffusers doubles the batch as ``[negative, positive]``; the state supplies the
 negative id tokens (``IDFormer.unconditional``) for the first half, or no identity there when it has none.
 
+What a denoising step needs is worked out before the UNet runs, not in the 70 processors: a forward pre-hook on the
+UNet (:meth:`PulidSDXLHandle.prepare`) picks the step's per-row scales (device tensors, see
+:mod:`imagegen.identity.steps`) and, once per batch, projects the id tokens to every layer's keys and values (the
+zero tokens are zero keys and values: padded, never projected). The processors then read tensors only: no host
+value that changes per batch or per step is read inside them, so ``torch.compile`` of the UNet's blocks traces them
+without a graph break and reuses one graph for every batch composition and step (rows that take no identity at a
+step are masked with ``torch.where``, exactly as the plain processor leaves them).
+
 In the released ``pulid_v1.1.safetensors`` the processors' weights are ``id_adapter_attn_layers.{i}.id_to_k|v``
 where ``i`` counts **all** processors of the UNet in diffusers' ``attn_processors`` order (self-attention ones hold
 no weights).
@@ -39,6 +47,9 @@ DEFAULT_NUM_ZERO = 20
 DEFAULT_ORTHO = "v2"
 #: ortho v2 weighs the parallel part by the attention paid to this many leading id tokens
 ORTHO_V2_TOKENS = 5
+#: width of the indicator "values" through which ortho v2's attention to the leading tokens is read from
+#: ``scaled_dot_product_attention`` (a multiple of 8 keeps the fused GPU kernels eligible)
+_INDICATOR_WIDTH = 8
 
 
 class PulidSDXLState(StepGatedState):
@@ -123,6 +134,66 @@ def _check_mode(num_zero: int, ortho: str | None) -> None:
         raise ValueError(f"num_zero must be >= 0, got {num_zero}")
 
 
+class PulidSDXLCall:
+    """What every PuLID processor of one UNet call reads: the id tokens of the call's rows and the current step's
+    per-row scales, as tensors on the call's device, plus the mode (host constants of the batch).
+
+    Built once per batch and row layout (``B`` rows, or ``2B`` under CFG) by :meth:`PulidSDXLHandle.prepare`;
+    :meth:`at_step` swaps in the scales of a step only when its phase differs from the previous step's (views of
+    the gate's device tables: no copy). The processors never read the state, the step or a Python scale.
+    """
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        gate: RowGate,
+        ortho: str | None,
+        num_zero: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        state: PulidSDXLState | None = None,
+    ):
+        self.state = state
+        #: the processors keep their keys / values of this call across steps (a handle's call, not per-call
+        #: keyword arguments)
+        self.kept = state is not None
+        self.gate = gate
+        self.rows = tokens.shape[0]
+        self.device = device
+        self.dtype = dtype
+        #: ``[R, N, C]`` on the processors' device, in their dtype
+        self.tokens = tokens
+        self.ortho = ortho
+        self.num_zero = num_zero
+        #: ortho v2 reads the attention paid to the leading id tokens as an attention whose values are 1 there
+        self.indicator = None
+        if ortho == "v2":
+            width = tokens.shape[1] + num_zero
+            self.indicator = (torch.arange(width, device=device) < ORTHO_V2_TOKENS).to(dtype)
+            self.indicator = self.indicator[None, None, :, None].expand(1, 1, width, _INDICATOR_WIDTH)
+        #: whether the processors' keys and values for these tokens were projected (``PulidSDXLHandle.prepare``)
+        self.projected = False
+        self.step: int | None = None
+        self.phase = None
+        self.at_step(0 if state is None else state.step)
+
+    def at_step(self, step: int) -> None:
+        self.step = step
+        phase = self.gate.at(step)
+        if phase is self.phase:
+            return
+        self.phase = phase
+        #: some row takes identity at this step (host value: with none, the processors run plainly)
+        self.active = bool(phase.rows)
+        #: every row does (no masking needed)
+        self.every_row = phase.all
+        #: ``[R, 1, 1]`` scales, float32 (the ortho modes' math) and the processors' dtype (the plain mode's)
+        self.scale = phase.values_on(self.device, torch.float32)[:, None, None]
+        self.scale_model = phase.values_on(self.device, self.dtype)[:, None, None]
+        #: ``[R, 1, 1]``: rows that take identity at this step (the others keep the plain output exactly)
+        self.on = self.scale != 0
+
+
 class PulidSDXLAttnProcessor(nn.Module):
     """PuLID v1.1's cross-attention processor for a diffusers ``Attention`` (the text attention computed like
     ``AttnProcessor2_0``, plus the id attention)."""
@@ -131,8 +202,13 @@ class PulidSDXLAttnProcessor(nn.Module):
         super().__init__()
         self.id_to_k = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.id_to_v = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        # a plain attribute, not a submodule: the handle is shared by every processor of a UNet
+        # plain attributes, not submodules or buffers: the handle is shared by every processor of a UNet; the id
+        # keys / values ``[R, N + num_zero, hidden]`` of the current batch are set by ``PulidSDXLHandle.prepare``
         self.__dict__["handle"] = handle
+        self._id_key: torch.Tensor | None = None
+        self._id_value: torch.Tensor | None = None
+        #: the call the keys / values belong to (read outside compiled code only)
+        self._projected_for: PulidSDXLCall | None = None
 
     def __call__(
         self,
@@ -185,9 +261,18 @@ class PulidSDXLAttnProcessor(nn.Module):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        identity = self._identity(batch_size, id_embedding, id_scale, num_zero, ortho)
-        if identity is not None:
-            hidden_states = self._add_identity(attn, query, hidden_states, *identity)
+        if id_embedding is not None:
+            call = self._call_of_kwargs(batch_size, id_embedding, id_scale, num_zero, ortho)
+        elif torch.compiler.is_compiling():
+            # prepared by the UNet's pre-hook, outside the traced blocks (reading the state here would specialise
+            # the graph on the step and the batch)
+            call = None if self.handle is None else self.handle.call
+        else:
+            call = None
+            if self.handle is not None:
+                call = self.handle.prepare(batch_size, hidden_states.device, self.id_to_k.weight.dtype)
+        if call is not None:
+            hidden_states = self._add_identity(attn, query, hidden_states, call)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -197,73 +282,115 @@ class PulidSDXLAttnProcessor(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _identity(self, batch, id_embedding, id_scale, num_zero, ortho):
-        """``(tokens, phase of the scales, num_zero, ortho)`` for this call, or None when no row takes identity.
-
-        The tokens are on this processor's device and dtype. Whether any row takes identity is decided on the
-        host (:class:`~imagegen.identity.steps.Phase`), never by reading a device tensor.
-        """
+    def _call_of_kwargs(self, batch, id_embedding, id_scale, num_zero, ortho) -> PulidSDXLCall | None:
+        """The call of per-call ``id_embedding`` / ``id_scale`` keyword arguments (PuLID's own calling convention;
+        the scales are read on the host, so pass Python numbers), or None when every scale is 0."""
+        scale = per_sample(1.0 if id_scale is None else id_scale, batch, torch.float32, "id_scale")
+        num_zero = 0 if num_zero is None else num_zero
+        _check_mode(num_zero, ortho)
+        if id_embedding.shape[0] != batch:
+            raise ValueError(f"id_embedding has {id_embedding.shape[0]} rows for a batch of {batch}")
+        gate = _fixed_gate(tuple(scale.tolist()))
+        if not gate.at(0).rows:
+            return None
         weight = self.id_to_k.weight
-        if id_embedding is not None:
-            scale = per_sample(1.0 if id_scale is None else id_scale, batch, torch.float32, "id_scale")
-            phase = _fixed_gate(tuple(scale.tolist())).at(0)
-            num_zero = 0 if num_zero is None else num_zero
-            _check_mode(num_zero, ortho)
-            if id_embedding.shape[0] != batch:
-                raise ValueError(f"id_embedding has {id_embedding.shape[0]} rows for a batch of {batch}")
-            if not phase.rows:
-                return None
-            tokens = id_embedding.to(device=weight.device, dtype=weight.dtype)
-        else:
-            state = self.handle.state if self.handle is not None else None
-            if state is None:
-                return None
-            tokens, gate = state.for_batch(batch)
-            phase = gate.at(state.step)
-            if not phase.rows:
-                return None
-            tokens = state.tokens_on(tokens, weight.device, weight.dtype)
-            num_zero, ortho = state.num_zero, state.ortho
-        return tokens, phase, num_zero, ortho
+        tokens = id_embedding.to(device=weight.device, dtype=weight.dtype)
+        return PulidSDXLCall(tokens, gate, ortho, num_zero, weight.device, weight.dtype)
 
-    def _add_identity(self, attn, query, hidden_states, tokens, phase, num_zero, ortho):
-        # the rows that take identity come from the host-side phase; their indices and scales are views of
-        # tensors already on the device (no copy or sync per layer and step)
-        rows = None if phase.all else phase.rows_on(hidden_states.device)
-        q, h = query, hidden_states
-        if rows is not None:
-            tokens = tokens.index_select(0, phase.rows_on(tokens.device))
-            q, h = query.index_select(0, rows), hidden_states.index_select(0, rows)
-        if num_zero:
-            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], num_zero, tokens.shape[-1])], dim=1)
-        batch, heads = q.shape[0], attn.heads
-        head_dim = q.shape[-1]
-        id_key = self.id_to_k(tokens).to(q.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
-        id_value = self.id_to_v(tokens).to(q.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
-        h_id = F.scaled_dot_product_attention(q, id_key, id_value, attn_mask=None, dropout_p=0.0, is_causal=False)
-        h_id = h_id.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
-        # the plain mode scales in the hidden states' dtype, the ortho modes in float32 (as PuLID does)
-        s = phase.values_on(h.device, h.dtype if ortho is None else torch.float32)
-        s = (s if rows is None else s.index_select(0, rows))[:, None, None]
-        if ortho is None:
-            out = h + s * h_id
+    def project(self, call: PulidSDXLCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """The id keys and values ``[R, N + num_zero, hidden]`` of ``call``'s tokens (zero tokens: zero keys and
+        values, as the bias-free projections make them)."""
+        key, value = self.id_to_k(call.tokens), self.id_to_v(call.tokens)
+        if call.num_zero:
+            key, value = F.pad(key, (0, 0, 0, call.num_zero)), F.pad(value, (0, 0, 0, call.num_zero))
+        return key, value
+
+    def keep_projection(self, call: PulidSDXLCall | None) -> None:
+        """Project ``call``'s tokens now and keep the keys and values for its calls (None: forget them)."""
+        if call is None:
+            self._id_key = self._id_value = self._projected_for = None
         else:
-            h32, id32 = h.float(), h_id.float()
-            # per sample and channel, over the tokens; a channel whose text attention output is all zero (the
-            # zeroed empty negative prompt of SDXL's CFG) has no parallel part (upstream divides 0 by 0 there)
-            numerator, denominator = (h32 * id32).sum(dim=-2, keepdim=True), (h32 * h32).sum(dim=-2, keepdim=True)
-            coefficient = torch.where(denominator == 0, torch.zeros_like(numerator), numerator / denominator)
-            projection = coefficient * h32
-            if ortho == "v2":
-                attn_map = (q @ id_key.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
-                attn_mean = attn_map[:, :, :ORTHO_V2_TOKENS].sum(dim=-1, keepdim=True)
-                orthogonal = id32 + (attn_mean - 1) * projection
-            else:
-                orthogonal = id32 - projection
-            out = (h32 + s * orthogonal).to(h.dtype)
-        if rows is None:
-            return out
-        return hidden_states.index_copy(0, rows, out)
+            self._id_key, self._id_value = self.project(call)
+            self._projected_for = call
+
+    def _key_value(self, call: PulidSDXLCall) -> tuple[torch.Tensor, torch.Tensor]:
+        if not call.kept:
+            return self.project(call)
+        if torch.compiler.is_compiling():
+            # kept by the pre-hook when the weights were on the call's device; projected here otherwise (a UNet
+            # whose weights an offload hook moves in only after the pre-hook)
+            if self._id_key is None:
+                return self.project(call)
+            return self._id_key, self._id_value
+        if self._projected_for is not call:
+            self.keep_projection(call)
+        return self._id_key, self._id_value
+
+    def _add_identity(self, attn, query, hidden_states, call: PulidSDXLCall) -> torch.Tensor:
+        batch, heads, _, head_dim = query.shape
+        key, value = self._key_value(call)
+        id_key = key.to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
+        id_value = value.to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
+        h_id = F.scaled_dot_product_attention(query, id_key, id_value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        h_id = h_id.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        h = hidden_states
+        if call.ortho is None:
+            scale = call.scale_model if call.scale_model.dtype == h.dtype else call.scale.to(h.dtype)
+            out = torch.addcmul(h, h_id, scale)  # h + scale * h_id, in the hidden states' dtype (as PuLID does)
+        else:
+            attention = None
+            if call.ortho == "v2":
+                attention = _leading_attention(query, id_key, call.indicator)
+            out = _orthogonal(h, h_id, call.scale, attention)
+        # rows without identity at this step keep the plain output bit for bit (always masked when compiled: the
+        # rows taking identity are a property of the batch, which the graph must not depend on)
+        if torch.compiler.is_compiling() or not call.every_row:
+            out = torch.where(call.on, out, h)
+        return out
+
+
+def _leading_attention(query: torch.Tensor, id_key: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+    """Ortho v2's weight ``[R, L, 1]``: the attention the queries pay to the first :data:`ORTHO_V2_TOKENS` id tokens,
+    summed over them and averaged over the heads, from **unscaled** logits (as PuLID computes it).
+
+    On a GPU it is one ``scaled_dot_product_attention`` (``scale=1``) whose values are 1 on the leading tokens and 0
+    elsewhere: the fused kernels never materialise the ``[R, heads, L, N]`` map. On the CPU, whose attention kernel
+    is slower than a plain matmul + softmax for a few dozen keys, the map is computed explicitly.
+    """
+    if query.device.type == "cpu":
+        weights = (query @ id_key.transpose(-2, -1)).softmax(dim=-1)
+        return weights[..., :ORTHO_V2_TOKENS].sum(dim=-1, keepdim=True).mean(dim=1)
+    return _leading_attention_fused(query, id_key, indicator)
+
+
+def _leading_attention_fused(query: torch.Tensor, id_key: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+    batch, heads, _, _ = query.shape
+    values = indicator.to(query.dtype).expand(batch, heads, -1, -1)
+    out = F.scaled_dot_product_attention(query, id_key, values, dropout_p=0.0, is_causal=False, scale=1.0)
+    return out[..., :1].mean(dim=1)
+
+
+def _orthogonal(h: torch.Tensor, h_id: torch.Tensor, scale: torch.Tensor, attention: torch.Tensor | None):
+    """``h + scale * (h_id - (1 - a) * parallel)`` in float32 (as PuLID computes the ortho modes), back in ``h``'s
+    dtype; ``parallel`` is ``h_id``'s projection on ``h`` per sample and channel over the tokens, ``a`` ortho v2's
+    leading-token attention ``[R, L, 1]`` (v1: ``a = 0``).
+
+    Rearranged as ``h + scale * h_id - scale * (1 - a) * coef * h`` with the per-channel coefficient
+    ``coef = <h, h_id> / <h, h>`` ``[R, 1, C]``: two full-size passes after the reductions (three for v2) instead
+    of five, and no full-size ``projection`` / ``orthogonal`` temporaries.
+    """
+    h32, id32 = h.float(), h_id.float()  # no copies when the model runs in float32
+    numerator = (h32 * id32).sum(dim=-2, keepdim=True)
+    denominator = (h32 * h32).sum(dim=-2, keepdim=True)
+    # a channel whose text attention output is all zero (the zeroed empty negative prompt of SDXL's CFG) has no
+    # parallel part (upstream divides 0 by 0 there)
+    coefficient = (numerator / denominator).masked_fill_(denominator == 0, 0.0)
+    out = torch.addcmul(h32, id32, scale)
+    if attention is None:
+        out.addcmul_(h32, coefficient * scale, value=-1.0)
+    else:
+        out.addcmul_(h32, coefficient * ((attention.float() - 1.0) * scale))
+    return out.to(h.dtype)
 
 
 class PulidSDXLHandle:
@@ -275,24 +402,103 @@ class PulidSDXLHandle:
         self.processors = processors
         self.state: PulidSDXLState | None = None
         self.attached = True
+        #: the prepared call of the current batch and row layout (whatever the step)
+        self._prepared: PulidSDXLCall | None = None
+        #: what the processors of the running UNet call read: ``_prepared`` when a row takes identity at this step
+        self.call: PulidSDXLCall | None = None
+        self._hooks: list = []
 
     def set_state(self, state: PulidSDXLState | None) -> None:
         self.state = state
+        self._forget()
 
     @contextmanager
     def use(self, state: PulidSDXLState | None) -> Iterator[PulidSDXLState | None]:
         """``with handle.use(state): pipe(...)``: the state for the calls inside, cleared afterwards."""
         previous = self.state
-        self.state = state
+        self.set_state(state)
         try:
             yield state
         finally:
-            self.state = previous
+            self.set_state(previous)
+
+    def _forget(self) -> None:
+        """Drop the prepared call and the keys / values the processors kept for it."""
+        if self._prepared is not None:
+            for processor in self.processors.values():
+                processor.keep_projection(None)
+        self._prepared = self.call = None
+
+    def prepare(self, rows: int, device: torch.device, dtype: torch.dtype | None = None) -> PulidSDXLCall | None:
+        """The call of a UNet call on ``rows`` rows at the state's current step: what the processors read, None
+        when no row takes identity at this step (or no state is set).
+
+        Built again only when the batch changed (another state, rows that left it, another layout or device);
+        otherwise only the step's phase is looked up (host values). Building it converts the tokens to ``dtype``
+        (default: the processors') and projects them to every processor's keys and values (when the processors'
+        weights are on ``device``), so the processors do not repeat that at every step.
+        """
+        state = self.state
+        prepared = self._prepared
+        if state is None:
+            if prepared is not None:
+                self._forget()
+            return None
+        fresh = (
+            prepared is None
+            or prepared.state is not state
+            or prepared.rows != rows
+            or prepared.gate is not state.gates.get(rows)
+            or prepared.device != device
+        )
+        if fresh:
+            self._forget()
+            tokens, gate = state.for_batch(rows)
+            dtype = dtype or self._dtype(tokens)
+            tokens = state.tokens_on(tokens, device, dtype)
+            prepared = PulidSDXLCall(tokens, gate, state.ortho, state.num_zero, device, dtype, state)
+            self._prepared = prepared
+        elif prepared.step != state.step:
+            prepared.at_step(state.step)
+        if not prepared.projected and prepared.active:
+            self._project(prepared)
+        self.call = prepared if prepared.active else None
+        return self.call
+
+    def _dtype(self, tokens: torch.Tensor) -> torch.dtype:
+        for processor in self.processors.values():
+            return processor.id_to_k.weight.dtype
+        return tokens.dtype
+
+    def _project(self, call: PulidSDXLCall) -> None:
+        """Every processor's keys and values of ``call``, when their weights are on its device (an offloaded UNet's
+        come in after this pre-hook: its processors project for themselves until they are)."""
+        processors = list(self.processors.values())
+        if not processors or processors[0].id_to_k.weight.device != call.device:
+            return
+        with torch.no_grad():
+            for processor in processors:
+                processor.keep_projection(call)
+        call.projected = True
+
+    @torch.compiler.disable
+    def _before_unet(self, module, args, kwargs):
+        """The UNet's forward pre-hook: :meth:`prepare` for the call about to run (host logic: never traced)."""
+        sample = args[0] if args else kwargs.get("sample")
+        if self.state is None or sample is None:
+            self.call = None
+            return None
+        self.prepare(sample.shape[0], sample.device)
+        return None
 
     def detach(self) -> None:
         """Put back the very processor objects the UNet had before :func:`attach_pulid_sdxl`."""
         if not self.attached:
             return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._forget()
         self.unet.set_attn_processor(dict(self.originals))
         self.attached = False
         self.state = None
@@ -349,5 +555,7 @@ def attach_pulid_sdxl(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], m
         processor.eval().requires_grad_(False)
         handle.processors[name] = processor
     unet.set_attn_processor({name: handle.processors.get(name, proc) for name, proc in originals.items()})
+    # the step's scales and the batch's keys / values are prepared here, outside the blocks torch.compile traces
+    handle._hooks.append(unet.register_forward_pre_hook(handle._before_unet, with_kwargs=True))
     setattr(unet, ATTACHED_ATTR, handle)
     return handle
