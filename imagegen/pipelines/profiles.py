@@ -358,13 +358,122 @@ def reset_step_cache(pipe, family: str) -> None:
         denoiser._reset_stateful_cache()
 
 
+# Step caches seen from the blocks: for identity hooks that sit on a cached transformer's blocks ------------------
+
+#: diffusers' hook names (``diffusers.hooks``) of the step caches that skip the blocks after the first one and add a
+#: cached residual instead: the First-Block cache and MagCache, each with a head-block hook and a hook on every other
+#: block (the tail among them: ``is_tail``); their shared state's ``should_compute`` is the current call's decision
+_RESIDUAL_CACHE_HEAD_HOOKS = ("fbc_leader_block_hook", "mag_cache_leader_block_hook")
+_RESIDUAL_CACHE_HOOKS = (*_RESIDUAL_CACHE_HEAD_HOOKS, "fbc_block_hook", "mag_cache_block_hook")
+
+
+def _cache_hook(block: torch.nn.Module, names: tuple[str, ...]):
+    registry = getattr(block, "_diffusers_hook", None)
+    if registry is None:
+        return None
+    for name in names:
+        hook = registry.get_hook(name)
+        if hook is not None:
+            return hook
+    return None
+
+
+def _cache_state(hook):
+    manager = getattr(hook, "state_manager", None)
+    if manager is None or manager._context is None:  # called outside the pipeline's cache_context
+        return None
+    return manager.get_state()
+
+
+@torch.compiler.disable
+def step_skipped(block: torch.nn.Module) -> bool:
+    """Whether a residual step cache answers the current call of ``block`` from its cache, with an output that already
+    holds what torch forward hooks on ``block`` added on the step the cache was filled at.
+
+    Read by identity hooks on a transformer's blocks (PuLID-FLUX): with diffusers' First-Block cache or MagCache on,
+    a skipped step runs the first (head) block, then returns its output plus the residual of all other blocks cached
+    at the last computed step, and every other block returns its input unchanged. That residual was measured from the
+    head's own output (First-Block) or input (MagCache) to the tail's output *before* the tail's forward hooks ran, so
+    it includes every forward hook's term except the tail's. Hence True for the head and inner blocks on a skipped
+    step (a hook adding its term again would count it twice), False on computed steps, without such a cache (none,
+    or TaylorSeer, which predicts attention outputs inside the blocks and leaves the blocks' hooks to run), and for
+    the tail block (its term is not in the residual; its input on a skipped step is the cached estimate of its output,
+    to which the hook adds its term as on a computed step).
+
+    Reads diffusers' hook registry (``block._diffusers_hook``) and the caches' shared state (``should_compute``), which
+    diffusers' caches keep per cache context ("cond" / "uncond"); checked against diffusers 0.42. Never traced by
+    dynamo (a compiled caller would guard on, and recompile for, every value read here): call it from eager code.
+    """
+    hook = _cache_hook(block, _RESIDUAL_CACHE_HOOKS)
+    if hook is None or getattr(hook, "is_tail", False):
+        return False
+    state = _cache_state(hook)
+    return state is not None and not state.should_compute
+
+
+def compute_step_when_changed(denoiser: torch.nn.Module, key: object) -> None:
+    """Make a residual step cache (First-Block, MagCache) compute every block of the denoiser call about to start when
+    ``key`` is not the one given for the previous call in the same cache context ("cond" / "uncond").
+
+    For conditioners whose contribution changes between two steps in a way the cache cannot see coming: ``key`` is
+    what decides the contribution (the identity's step phase: which samples have reached their start step). A skipped
+    step would otherwise add a residual computed before the change (without the identity of a sample that just
+    started). Called from a forward pre-hook on the denoiser, inside the pipeline's cache context: it drops the state
+    the cache's next decision compares with (First-Block: the head's last residual; MagCache: the last residual), so
+    the cache computes this call and fills its state again from it. No-op without such a cache, and on the first call
+    of a pipeline call (the cache computes it anyway). The key is kept on diffusers' per-context state object, which
+    diffusers drops when the cache is reset (before every pipeline call here).
+    """
+    state = None
+    for _, child in denoiser.named_children():
+        if isinstance(child, torch.nn.ModuleList) and len(child):
+            state = _cache_state(_cache_hook(child[0], _RESIDUAL_CACHE_HEAD_HOOKS))
+            if state is not None:
+                break
+    if state is None or state.__dict__.get("_imagegen_key", _NO_KEY) is key:
+        return
+    state.__dict__["_imagegen_key"] = key
+    if hasattr(state, "head_block_residual"):
+        state.head_block_residual = None
+    if hasattr(state, "previous_residual"):
+        state.previous_residual = None
+
+
+_NO_KEY = object()
+
+
 def compile_counters() -> dict[str, int]:
-    """Process-wide torch.compile counters: frames compiled, recompilations and graph breaks so far."""
+    """Process-wide ``torch.compile`` counters so far: take two readings and subtract.
+
+    - ``frames_compiled``: dynamo compilations (a frame's first compile, and every recompile);
+    - ``recompiles``: compilations of a frame that had been compiled before (a guard failed: new shapes, new Python
+      constants, another object where one was expected);
+    - ``graph_breaks``: graph breaks met while tracing (a break splits a compiled frame; the compiled code then runs
+      the broken-off part eagerly on every call);
+    - ``unique_graphs``: FX graphs handed to the backend;
+    - ``recompile_limit_hits``: frames that hit ``torch._dynamo.config.recompile_limit`` and run eagerly from then on
+      (with ``fullgraph=True`` this raises instead).
+
+    dynamo counts compilations per frame in ``torch._dynamo.convert_frame.FRAME_COMPILE_COUNTER`` and graph breaks in
+    ``torch._dynamo.utils.counters``; its ``counters["frames"]`` group stays empty under ``fullgraph=True``, so it is
+    not used.
+    """
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return dict.fromkeys(
+            ("frames_compiled", "recompiles", "graph_breaks", "unique_graphs", "recompile_limit_hits"), 0
+        )
+    from torch._dynamo.convert_frame import FRAME_COMPILE_COUNTER
     from torch._dynamo.utils import counters
 
+    per_frame = [count for key, count in FRAME_COMPILE_COUNTER.items() if isinstance(key, int)]
+    limit_hits = sum(v for k, v in counters["unimplemented"].items() if "recompile limit" in str(k).lower())
+    limit_hits += sum(v for k, v in counters["graph_break"].items() if "recompile limit" in str(k).lower())
     return {
-        "frames_compiled": int(counters["frames"]["ok"]),
-        "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+        "frames_compiled": int(sum(per_frame)),
+        "recompiles": int(sum(max(count - 1, 0) for count in per_frame)),
         "graph_breaks": int(sum(counters["graph_break"].values())),
         "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "recompile_limit_hits": int(limit_hits),
     }

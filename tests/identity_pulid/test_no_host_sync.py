@@ -21,7 +21,13 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IP
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from imagegen.identity.ipadapter.adapter import IPAdapterState, PerSampleFluxProcessor, PerSampleSDXLProcessor, RowLoRA
+from imagegen.identity.ipadapter.adapter import (
+    CallGate,
+    IPAdapterState,
+    PerSampleFluxProcessor,
+    PerSampleSDXLProcessor,
+    RowLoRA,
+)
 from imagegen.identity.pulid.flux_ca import (
     CrossAttentionConfig,
     PerceiverAttentionCA,
@@ -158,7 +164,7 @@ def test_pulid_sdxl_processors(ortho):
 
 def test_ip_adapter_processors_and_lora():
     state = IPAdapterState([0.7, 1.0], 2, start_step=[0, 2])
-    handle = SimpleNamespace(state=None)
+    handle = SimpleNamespace(state=None, gate=CallGate())
     layers = sdxl_attentions(
         lambda: PerSampleSDXLProcessor(
             AttnProcessor2_0(), IPAdapterAttnProcessor2_0(64, 48, num_tokens=(4,), scale=1.0).to(META), handle
@@ -166,13 +172,14 @@ def test_ip_adapter_processors_and_lora():
     )
     with META:
         for attn in layers:  # FaceID's LoRA on the queries
-            attn.to_q.register_forward_hook(RowLoRA(torch.randn(4, 64), torch.randn(64, 4), handle))
+            attn.to_q.register_forward_hook(RowLoRA(torch.randn(4, 64), torch.randn(64, 4), handle.gate))
         hidden, text, ip_tokens = torch.randn(4, 16, 64), torch.randn(4, 7, 48), torch.randn(4, 4, 48)
     flux = PerSampleFluxProcessor(
         lambda attn, h, c, mask, rope: (h, c), lambda attn, h, c, mask, rope, ip: (h, c, 2 * h), handle
     )
 
     def step():
+        handle.gate.begin(handle.state, 4, META)  # what the model's forward pre-hook does, once per model call
         for attn in layers:
             attn(hidden, encoder_hidden_states=(text, [ip_tokens]))
             flux(attn, hidden, text, ip_hidden_states=[ip_tokens])

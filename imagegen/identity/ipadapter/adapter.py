@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
-from imagegen.identity.steps import StepGatedState, per_sample, pick
+from imagegen.identity.steps import Phase, StepGatedState, per_sample, pick
+from imagegen.pipelines.profiles import compute_step_when_changed
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,53 @@ class IPAdapterState(StepGatedState):
         return self.rows(count, cond, uncond)
 
 
+class CallGate:
+    """Which rows of the model call running take the adapter, as tensors: what the wrapped layers read.
+
+    A forward pre-hook on the model (:meth:`IPAdapterHandle._before_call`, eager: the model itself is not compiled,
+    only its repeated blocks are) works it out once per model call from the armed state's step phase (see
+    :mod:`imagegen.identity.steps`: views of tables already on the device, no host traffic). The layers inside the
+    blocks then read only these attributes of one long-lived object: two booleans and tensors whose shapes depend on
+    the number of rows only, so blocks compiled by ``torch.compile`` are neither recompiled per character, weight or
+    start step nor broken up by the state's Python bookkeeping.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        #: any row of this call takes the adapter (False: the wrapped layers run the original processor only)
+        self.active = False
+        #: every row takes it at scale exactly 1 (eager shortcut: the IP processor's output as it is)
+        self.all_one = False
+        #: ``[R]`` float32 scale per row at this step (0: the row renders as without the adapter)
+        self.scale: torch.Tensor | None = None
+        #: ``[R]`` float32, 1 for the rows that take the adapter at this step, else 0 (FaceID's LoRA)
+        self.on: torch.Tensor | None = None
+        #: indices of the rows that take it, None when all do (eager paths only)
+        self.rows: torch.Tensor | None = None
+
+    def begin(self, state: IPAdapterState | None, count: int, device: torch.device) -> Phase | None:
+        """The gate of a model call on ``count`` rows at ``state``'s current step (cleared without a state); the
+        step phase it was made from."""
+        self.clear()
+        if state is None:
+            return None
+        phase = state.phase(count)  # decided on the host; raises for a row count the state does not fit
+        if phase.rows:
+            self.active = True
+            self.all_one = all(v == 1 for v in phase.values)
+            self.scale = phase.values_on(device, torch.float32)
+            self.on = (self.scale != 0).float()  # on the device: no host traffic
+            self.rows = None if phase.all else phase.rows_on(device)
+            # the row count is the model's batch: dynamo may treat it as symbolic, as it does the batch itself when a
+            # second batch size comes (these tensors, read through hook objects, would otherwise stay static and pin
+            # the batch, so every batch size would recompile)
+            torch._dynamo.maybe_mark_dynamic(self.scale, 0)
+            torch._dynamo.maybe_mark_dynamic(self.on, 0)
+        return phase
+
+
 class IPAdapterHandle:
     """An IP-Adapter attached to one pipeline: arm it per batch with :meth:`armed`, :meth:`detach` at the end."""
 
@@ -112,6 +160,22 @@ class IPAdapterHandle:
         self._pipe_components: dict[str, object] = {}
         self._pipe_config = None
         self._hooks: list = []
+        self._call_hook = None
+        #: the rows of the model call running that take the adapter (set by :meth:`_before_call`)
+        self.gate = CallGate()
+
+    def _before_call(self, module, args, kwargs):
+        """Forward pre-hook on the model: the gate of this call, and a step cache told when the step phase changed."""
+        state = self.state
+        if state is None:
+            self.gate.clear()
+            return None
+        hidden = kwargs.get("hidden_states" if self.family == "flux" else "sample", args[0] if args else None)
+        phase = self.gate.begin(state, hidden.shape[0], hidden.device)
+        # a sample's adapter switching on at this step: a step cache must not answer this call with the residual of a
+        # step computed before (it would lack that sample's identity)
+        compute_step_when_changed(module, phase)
+        return None
 
     # snapshot / restore of everything diffusers' loader changes -------------------------------------------
 
@@ -173,6 +237,7 @@ class IPAdapterHandle:
             yield state
         finally:
             self.state = None
+            self.gate.clear()
             self._restore_model()
             # FLUX's transformer leaves the projected IP tokens in the pipeline's joint_attention_kwargs (the next
             # call resets them): drop them now rather than keep the last batch's tensors alive
@@ -188,7 +253,12 @@ class IPAdapterHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._call_hook is not None:
+            self._call_hook.remove()
+            self._call_hook = None
         self.state = None
+        self.gate.clear()
+        _GATES.pop(id(self.gate), None)
         self.model.set_attn_processor(dict(self._processors))
         self._restore_model()
         if getattr(self.model, ATTACHED_ATTR, None) is self:
@@ -261,21 +331,17 @@ class PerSampleSDXLProcessor(_PerSampleProcessor):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        state = self.handle.state
+        gate = self.handle.gate
         text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
-        if state is None or not isinstance(encoder_hidden_states, tuple):
-            return self.plain(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb)
-        count = hidden_states.shape[0]
-        phase = state.phase(count)  # which rows take the adapter: decided on the host
-        if not phase.rows:
+        if not gate.active or not isinstance(encoder_hidden_states, tuple):
             return self.plain(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb)
         ip_out = self.ip(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask, temb=temb)
-        if all(v == 1 for v in phase.values):
+        if not torch.compiler.is_compiling() and gate.all_one:  # compiled code does not branch on weights
             return ip_out
         plain_out = self.plain(
             attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb
         )
-        s = phase.values_on(plain_out.device, torch.float32).view((count,) + (1,) * (plain_out.ndim - 1))
+        s = gate.scale.view((-1,) + (1,) * (plain_out.ndim - 1))
         mixed = (plain_out.float() + s * (ip_out.float() - plain_out.float())).to(plain_out.dtype)
         # rows at scale 1 / 0 are exactly diffusers' / the plain output (masks computed on the device)
         mixed = torch.where(s == 1, ip_out, mixed)
@@ -295,43 +361,61 @@ class PerSampleFluxProcessor(_PerSampleProcessor):
         ip_hidden_states: list[torch.Tensor] | None = None,
         ip_adapter_masks=None,
     ):
-        state = self.handle.state
-        if state is None or ip_hidden_states is None:
-            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        count = hidden_states.shape[0]
-        phase = state.phase(count)  # which rows take the adapter: decided on the host
-        if not phase.rows:
+        gate = self.handle.gate
+        if not gate.active or ip_hidden_states is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         hidden, context, ip_out = self.ip(
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, ip_hidden_states
         )
-        if all(v == 1 for v in phase.values):
-            return hidden, context, ip_out
-        s = phase.values_on(ip_out.device, ip_out.dtype).view((count,) + (1,) * (ip_out.ndim - 1))
+        # x * 1 is x exactly: rows at scale 1 are diffusers' output, rows at 0 add exactly nothing
+        s = gate.scale.to(ip_out.dtype).view((-1,) + (1,) * (ip_out.ndim - 1))
         return hidden, context, ip_out * s
+
+
+#: every :class:`CallGate` a LoRA hook reads, by ``id``: hooks look their gate up here, not through an attribute of
+#: their own (dynamo gives tensors reached through a module's hooks static shapes, so each batch size would recompile
+#: a compiled block; reached through a global they follow the batch like the block's inputs)
+_GATES: dict[int, CallGate] = {}
 
 
 class RowLoRA:
     """A forward hook adding ``up(down(x))`` (FaceID's LoRA, at 1.0) to a Linear's output, for active rows only."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, handle: IPAdapterHandle):
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, gate: CallGate):
         self.down = down
         self.up = up
-        self.handle = handle
+        self.gate_id = id(gate)
+        _GATES[self.gate_id] = gate
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up)
 
     def __call__(self, module, args, output):
-        state = self.handle.state
-        if state is None:
-            return None
-        phase = state.phase(output.shape[0])  # which rows take the LoRA: decided on the host
-        if not phase.rows:
+        gate = _GATES[self.gate_id]
+        if not gate.active:
             return None
         x = args[0]
-        if phase.all:
-            return output + F.linear(F.linear(x, self.down), self.up).to(output.dtype)
-        rows = phase.rows_on(output.device)
-        delta = F.linear(F.linear(x.index_select(0, rows), self.down), self.up)
-        return output.index_add(0, rows, delta.to(output.dtype))
+        if torch.compiler.is_compiling() or gate.rows is None:
+            # every row computed (compiled code keeps shapes independent of which rows take identity); rows that do
+            # not take it at this step get 0 x delta, exactly nothing
+            delta = self.delta(x).to(output.dtype)
+            if not torch.compiler.is_compiling() and gate.rows is None:
+                return output + delta
+            return output + gate.on.to(output.dtype).view((-1,) + (1,) * (output.ndim - 1)) * delta
+        rows = gate.rows
+        return output.index_add(0, rows, self.delta(x.index_select(0, rows)).to(output.dtype))
+
+
+class FusedRowLoRA(RowLoRA):
+    """:class:`RowLoRA` on a fused projection (``to_qkv`` / ``to_kv`` after diffusers' ``fuse_qkv_projections``): the
+    LoRAs of its parts, their outputs concatenated in the fused layer's order."""
+
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], gate: CallGate):
+        super().__init__(parts[0][0], parts[0][1], gate)
+        self.parts = list(parts)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(F.linear(x, down), up) for down, up in self.parts], dim=-1)
 
 
 @dataclass
@@ -468,6 +552,7 @@ def attach_ip_adapter(pipe, family: str, spec: LoadSpec) -> IPAdapterHandle:
         current = loaded[name]
         processors[name] = wrapper(original, current, handle) if isinstance(current, ip_types) else original
     model.set_attn_processor(processors)
+    handle._call_hook = model.register_forward_pre_hook(handle._before_call, with_kwargs=True)
     handle.attached = True
     setattr(model, ATTACHED_ATTR, handle)
     if spec.lora:
@@ -488,6 +573,7 @@ def _install_lora(handle: IPAdapterHandle, lora: Mapping[int, Mapping[str, tuple
     param = next(model.parameters())
     for index, layers in lora.items():
         attn = model.get_submodule(names[index][: -len(".processor")])
+        moved = {}
         for layer, (down, up) in layers.items():
             linear = attn.to_out[0] if layer == "to_out" else getattr(attn, layer)
             if down.shape[1] != linear.in_features or up.shape[0] != linear.out_features:
@@ -496,10 +582,24 @@ def _install_lora(handle: IPAdapterHandle, lora: Mapping[int, Mapping[str, tuple
                     f"FaceID LoRA {index}.{layer} is {tuple(up.shape[0:1]) + tuple(down.shape[1:])} (out, in) but "
                     f"{names[index]} has {linear.out_features} x {linear.in_features}"
                 )
-            hook = RowLoRA(
-                down.to(device=param.device, dtype=param.dtype), up.to(device=param.device, dtype=param.dtype), handle
+            moved[layer] = (
+                down.to(device=param.device, dtype=param.dtype),
+                up.to(device=param.device, dtype=param.dtype),
             )
-            handle._hooks.append(linear.register_forward_hook(hook))
+            handle._hooks.append(linear.register_forward_hook(RowLoRA(*moved[layer], handle.gate)))
+        # fused projections (an optimisation profile's fuse_qkv): the original processors compute q, k, v through
+        # to_qkv (self-attention) or k, v through to_kv (cross-attention); the IP processors still use to_q/k/v
+        for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+            linear = getattr(attn, fused, None) if getattr(attn, "fused_projections", False) else None
+            if linear is None:
+                continue
+            if not set(parts) <= set(moved):
+                handle.detach()
+                raise IPAdapterWeightsError(
+                    f"FaceID LoRA of processor {index} lacks {sorted(set(parts) - set(moved))} for the fused "
+                    f"{fused} of {names[index]}: render with a profile without fuse_qkv"
+                )
+            handle._hooks.append(linear.register_forward_hook(FusedRowLoRA([moved[p] for p in parts], handle.gate)))
 
 
 def describe(handle: IPAdapterHandle) -> dict[str, object]:
@@ -520,12 +620,15 @@ def describe(handle: IPAdapterHandle) -> dict[str, object]:
 
 __all__ = [
     "ATTACHED_ATTR",
+    "CallGate",
+    "FusedRowLoRA",
     "IPAdapterHandle",
     "IPAdapterState",
     "LoadSpec",
     "PerSampleFluxProcessor",
     "PerSampleProjection",
     "PerSampleSDXLProcessor",
+    "RowLoRA",
     "attach_ip_adapter",
     "describe",
     "split_faceid_lora",

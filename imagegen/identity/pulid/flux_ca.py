@@ -17,6 +17,7 @@ What a render sets per batch is a :class:`PulidFluxState`: id tokens ``[B, N, C]
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from torch import nn
 
 from imagegen.identity.pulid.encoder import attention
 from imagegen.identity.steps import Phase, RowGate, StepGatedState, per_sample, pick
+from imagegen.pipelines.profiles import compute_step_when_changed, step_skipped
 
 #: attribute set on a transformer while PuLID hooks are attached (refuses a second attach)
 ATTACHED_ATTR = "_imagegen_pulid_flux"
@@ -213,6 +215,9 @@ class PulidFluxHandle:
             raise ValueError(
                 f"PuLID state has {tokens.shape[0]} samples but the transformer was called with {hidden.shape[0]}"
             )
+        # identity switching on for some samples at this step: a step cache must not answer this call with the
+        # residual of a step computed before (it would lack their identity)
+        compute_step_when_changed(module, phase)
         if phase.rows:  # decided on the host: no sample takes identity at this step -> the blocks run plainly
             self._current = (self.state, tokens, phase)
         return None
@@ -221,33 +226,66 @@ class PulidFluxHandle:
         self._current = None
         return None
 
-    def _block_hook(self, index: int):
-        def hook(module, args, output):
-            if self._current is None:
-                return None
-            encoder_hidden_states, hidden_states = output
-            return encoder_hidden_states, self._apply(index, hidden_states)
+    @torch.compiler.disable
+    def _inputs(self, index: int, img: torch.Tensor, whole_batch: bool):
+        """``(cross-attention, id tokens, weights [B], rows)`` of block ``index`` in the call running; ``rows`` None
+        when every row is computed (all take identity, or ``whole_batch``: rows that do not take it get weight 0,
+        which adds exactly nothing, so shapes do not depend on which rows take identity).
 
-        return hook
-
-    def _apply(self, index: int, img: torch.Tensor) -> torch.Tensor:
-        """``img + weight * ca(id, img)`` for the rows that take identity at this step, the others untouched.
-
-        Runs per block per step, so it only takes views of tensors the state already has on the device (see
-        :mod:`~imagegen.identity.steps`): no host→device copy, no device→host sync.
+        Reads the state on the host, so it always runs eagerly (dynamo would guard on every value read here). Runs per
+        block per step: only views of tensors the state already has on the device (see
+        :mod:`~imagegen.identity.steps`), no host→device copy, no device→host sync.
         """
         state, tokens, phase = self._current
         ca = self.cross_attentions[index]
-        param = next(ca.parameters())
+        param = ca.to_q.weight
         tokens = state.tokens_on(tokens, param.device, param.dtype)
         weight = phase.values_on(img.device, img.dtype)
-        if phase.all:
-            residual = ca(tokens, img.to(param.dtype)).to(img.dtype)
-            return img + weight[:, None, None] * residual
-        rows = phase.rows_on(img.device)
+        rows = None if phase.all or whole_batch else phase.rows_on(img.device)
+        return ca, tokens, weight, rows
+
+
+def add_identity(ca: PerceiverAttentionCA, tokens: torch.Tensor, img: torch.Tensor, weight: torch.Tensor):
+    """``img + weight[:, None, None] * ca(tokens, img)`` for every row (``weight`` ``[B]``; 0 adds exactly nothing).
+
+    Tensors in, a tensor out, nothing read from Python state: called from a block that ``torch.compile`` compiled,
+    dynamo compiles it as its own graph once per shape and reuses it for every block, character and weight.
+    """
+    param = ca.to_q.weight
+    residual = ca(tokens, img.to(param.dtype)).to(img.dtype)
+    return img + weight[:, None, None] * residual
+
+
+class _BlockHook:
+    """The forward hook of one block followed by a cross-attention (``index`` in :func:`ca_positions` order).
+
+    It runs eagerly even inside a block ``torch.compile`` compiled (dynamo skips its frame, not the calls it makes):
+    what it decides (is a sample's identity on at this step, is a step cache answering this block from its cache)
+    is host state that changes per batch and per step, which compiled code would guard on and recompile for. The
+    arithmetic, :func:`add_identity`, takes tensors only and is compiled there.
+    """
+
+    def __init__(self, handle: PulidFluxHandle, index: int):
+        self.handle = handle
+        self.index = index
+
+    @functools.partial(torch.compiler.disable, recursive=False)
+    def __call__(self, module, args, output):
+        handle = self.handle
+        if handle._current is None or step_skipped(module):
+            # a skipped step's cached residual already carries this block's identity, of the step it was computed at
+            return None
+        encoder_hidden_states, img = output
+        compiled = getattr(module, "_compiled_call_impl", None) is not None
+        ca, tokens, weight, rows = handle._inputs(self.index, img, whole_batch=compiled)
+        if rows is None:
+            return encoder_hidden_states, add_identity(ca, tokens, img, weight)
+        # eager only: the rows that take identity, the others untouched
         sub = img.index_select(0, rows)
-        residual = ca(tokens.index_select(0, phase.rows_on(param.device)), sub.to(param.dtype)).to(img.dtype)
-        return img.index_copy(0, rows, sub + weight.index_select(0, rows)[:, None, None] * residual)
+        residual = ca(tokens.index_select(0, rows.to(tokens.device)), sub.to(tokens.dtype)).to(img.dtype)
+        return encoder_hidden_states, img.index_copy(
+            0, rows, sub + weight.index_select(0, rows)[:, None, None] * residual
+        )
 
 
 def attach_pulid_flux(
@@ -289,6 +327,6 @@ def attach_pulid_flux(
     handle._hooks.append(transformer.register_forward_hook(handle._after_call))
     for index, (kind, block_index) in enumerate(positions):
         block = (doubles if kind == "double" else singles)[block_index]
-        handle._hooks.append(block.register_forward_hook(handle._block_hook(index)))
+        handle._hooks.append(block.register_forward_hook(_BlockHook(handle, index)))
     setattr(transformer, ATTACHED_ATTR, handle)
     return handle

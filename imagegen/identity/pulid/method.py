@@ -153,6 +153,9 @@ class PulidMethod(IdentityMethod):
 class PulidFluxMethod(PulidMethod):
     name: ClassVar[str] = pulid_weights.FLUX_METHOD
     family: ClassVar[str] = "flux"
+    #: the cross-attention hooks add nothing on a step the cache answers from its residual (which holds them), and
+    #: a sample's start step makes the cache compute (:mod:`.flux_ca`); tests/identity_profiles checks each
+    step_caches: ClassVar[frozenset[str]] = frozenset({"first-block"})
 
     def _load_weights(self):
         return pulid_weights.load_pulid_flux(self.files["weights"], dtype=self.dtype, device=self.device)
