@@ -1,14 +1,17 @@
-"""GPU check: the identity and pipeline tests on CUDA, and full-size timings with and without every identity method.
+"""GPU check: full-size timings of the optimisation profiles with and without identity methods, and the identity and
+pipeline tests on CUDA.
 
-On a machine with one CUDA GPU (no downloads, no network; at most about 7.5 minutes: --budget-s 420 and a row only
-starts when it fits):
+On a machine with one CUDA GPU (no downloads, no network; at most 8 minutes: --budget-s 480 and a row only starts when
+it fits):
 
     python bench/gpu_check.py --out out/gpu_check.json     # + out/gpu_check.md (for docs/benchmarks.md) + a table
     python bench/gpu_check.py --families flux --skip-tests  # only the FLUX timings
+    python bench/gpu_check.py --flux-profiles quality fastest --keep-step-cache --methods all   # another plan
 
-Without a GPU, to check the script itself end to end (tiny models on the CPU, a few minutes):
+Without a GPU:
 
-    python bench/gpu_check.py --dry-run                     # = --device cpu --tiny --steps 2, one test file
+    python bench/gpu_check.py --dry-run     # the script end to end: --device cpu --tiny --steps 2, one test file
+    python bench/gpu_check.py --proxy       # the full-width CPU proxy: real widths, few blocks, 128 px, 2 steps
 
 What it does, each part under its own time budget (a row that does not fit is reported as skipped, with why; the
 JSON and Markdown are rewritten after every part, so a run cut short still leaves what it measured):
@@ -18,8 +21,16 @@ JSON and Markdown are rewritten after every part, so a run cut short still leave
    ``tests/fixtures/ipadapter/full_size_configs.json``), at the presets' defaults (1024 x 1024; FLUX 28 steps,
    guidance 3.5; SDXL 30 steps with CFG 5), through diffusers' pipelines and imagegen's own
    ``pipelines.{flux,sdxl}.call``. The text encoders are skipped: random prompt embeddings of the right shapes go in
-   as ``prompt_embeds`` (what the renderer does with its cached ones). Rows: plain, then every identity method of
-   the preset, attached by imagegen's code with random full-size weights:
+   as ``prompt_embeds`` (what the renderer does with its cached ones).
+
+   Per **optimisation profile** (``--flux-profiles``, default quality fast fastest; ``--sdxl-profiles``, default
+   quality fast) a fresh pipeline with the profile applied by imagegen's ``apply_profile`` (regional compile,
+   torchao quantisation with its fallback, channels_last + fused QKV on SDXL ...). Random weights time compile,
+   quantisation and attention backends truly, but not a step cache (whether a step is skipped depends on real
+   weights' outputs), so step caches are dropped unless ``--keep-step-cache``. Rows: plain, then the identity
+   methods (``--methods``; default PuLID on FLUX, PuLID and IP-Adapter FaceID-PlusV2 on SDXL; ``all``: every method
+   of the preset), attached by imagegen's code with random full-size weights after the profile (as a renderer
+   attaches them after loading); a method whose ``check_profile`` refuses the profile is a row saying so:
 
    - ``pulid-flux-v0.9.1``: IDFormer + 20 ``PerceiverAttentionCA`` (PuLID-FLUX v0.9.1's sizes), ``attach_pulid_flux``,
      a ``PulidFluxState`` per call;
@@ -30,13 +41,22 @@ JSON and Markdown are rewritten after every part, so a run cut short still leave
      armed per call with an ``IPAdapterState`` and per-sample embeddings shaped as the methods pass them.
 
    The identity tensors are random too: they are cached per character, so no face model runs in a render. Every
-   row is one warm-up call (1 step) and one timed call (all steps + VAE decode), at batch 1 and 4: total seconds,
-   seconds per denoising step, decode seconds, the ratio to plain at the same batch size measured in the same run,
-   and peak GPU memory (``torch.cuda.max_memory_allocated``, weights included).
+   row is a first call (1 step; under a compiling profile it traces and compiles: reported apart, with the dynamo
+   counters) and ``--repeats`` timed calls (all steps + VAE decode): total seconds, seconds per denoising step,
+   decode seconds, the ratio to the eager plain row and to the same profile's plain row at the same batch size
+   (measured in the same run), recompiles, and peak GPU memory. Every profile runs at batch 1; the first profile
+   (eager) also at the other ``--batches`` (identity overhead at batch > 1). The goals of issue 13 are checked
+   against the rows: PuLID within 3% of plain of the same profile; ``fastest`` FLUX.1-dev + PuLID, 1024², 28 steps
+   under 3 s on an H100-class GPU.
 2. **tests**: ``pytest tests/identity_pulid tests/identity_ipadapter tests/pipelines`` with ``IMAGEGEN_DEVICE=cuda``
    (the tiny presets then run on the GPU in their presets' dtypes): pass / fail / skip / error counts and the ids of
    the failures. Run after the timings, in what is left of the budget (at most ``--tests-budget-s``).
 3. **output**: JSON (``--out``), a table on stdout and a Markdown section (``--markdown``) ready to paste.
+
+The **full-width CPU proxy** (``--proxy``) runs part 1 on the CPU with the released widths and few blocks
+(``PROXY_BLOCKS``: FLUX 1 double + 2 single blocks of 3072 wide, 24 heads of 128; SDXL 320/640/1280 channels with
+one transformer layer per attention block), 128 x 128, 2 steps, 64 text tokens: real-width kernels, so identity
+overhead and profile ratios are not inflated by toy widths; absolute seconds mean nothing.
 """
 
 from __future__ import annotations
@@ -136,13 +156,22 @@ def allocated_gib(device: torch.device) -> float | None:
 # models -------------------------------------------------------------------------------------------------------
 
 
-def model_configs(family: str, tiny: bool) -> dict:
-    """``{"model", "vae", "scheduler"}`` configs: full size from the fixture, tiny from imagegen's tiny builders."""
+#: the full-width CPU proxy: the released configs with their widths (FLUX 3072, 24 heads of 128, T5 4096; SDXL
+#: 320/640/1280 channels, cross-attention 2048) and few blocks, so a CPU times real-width kernels in minutes
+PROXY_BLOCKS = {
+    "flux": {"num_layers": 1, "num_single_layers": 2},
+    "sdxl": {"layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1]},
+}
+
+
+def model_configs(family: str, tiny: bool, proxy: bool = False) -> dict:
+    """``{"model", "vae", "scheduler"}`` configs: full size from the fixture (``proxy``: with ``PROXY_BLOCKS``), tiny
+    from imagegen's tiny builders."""
     if not tiny:
         configs = json.loads(CONFIGS.read_text())
         model = "flux_transformer" if family == "flux" else "sdxl_unet"
         return {
-            "model": configs[model],
+            "model": {**configs[model], **(PROXY_BLOCKS[family] if proxy else {})},
             "vae": configs[f"{family}_vae"],
             "scheduler": configs[f"{family}_scheduler"],
         }
@@ -151,6 +180,16 @@ def model_configs(family: str, tiny: bool) -> dict:
     pipe = build_flux_pipeline() if family == "flux" else build_sdxl_pipeline()
     model = pipe.transformer if family == "flux" else pipe.unet
     return {"model": dict(model.config), "vae": dict(pipe.vae.config), "scheduler": dict(pipe.scheduler.config)}
+
+
+def block_counts(family: str, config: dict) -> dict:
+    """The repeated blocks of a denoiser config (what regional compilation compiles once and reuses)."""
+    if family == "flux":
+        return {"double": config["num_layers"], "single": config["num_single_layers"]}
+    return {
+        "layers_per_block": config["layers_per_block"],
+        "transformer_layers": config["transformer_layers_per_block"],
+    }
 
 
 def build_pipeline(family: str, configs: dict, device: torch.device, dtype: torch.dtype):
@@ -446,107 +485,227 @@ def render(pipe, family: str, request, embeds: dict, batch: int, identity: Ident
     return Run(finished - started, (marks[-1] if marks else finished) - started, peak)
 
 
+#: the default plan at full size (a row only starts when it fits the time budget): every profile at batch 1 with
+#: plain and the methods below, then the eager profile at the larger batch sizes (identity overhead at batch > 1)
+DEFAULT_PROFILES = {"flux": ["quality", "fast", "fastest"], "sdxl": ["quality", "fast"]}
+DEFAULT_METHODS = {"flux": ["pulid-flux-v0.9.1"], "sdxl": ["pulid-sdxl-v1.1", "ipadapter-faceid-plusv2-sdxl"]}
+#: first-call seconds assumed for a compiling profile before one was measured in this family (budget estimates)
+COMPILE_GUESS_S = {"cuda": 75.0, "cpu": 90.0}
+
+
+def method_class(name: str):
+    """The identity method's class (its ``step_caches`` and ``check_profile``), imported, not instantiated."""
+    from imagegen.identity.ipadapter import method as ipadapter
+    from imagegen.identity.pulid import method as pulid
+
+    for module in (pulid, ipadapter):
+        for value in vars(module).values():
+            if isinstance(value, type) and getattr(value, "name", None) == name:
+                return value
+    raise KeyError(name)
+
+
+def resolve_profile(preset, label: str, keep_step_cache: bool):
+    """The ``Profile`` of ``label`` for ``preset``; random weights: its step cache dropped unless asked to keep it
+    (whether a cached step is skipped depends on real weights' outputs; report cache speed-ups from real runs)."""
+    from imagegen.pipelines.profiles import profile_for
+
+    name, _, variant = label.partition(":")
+    profile = profile_for(preset, name)
+    if profile.step_cache is not None and (variant == "no-step-cache" or not keep_step_cache):
+        profile = profile.model_copy(update={"step_cache": None})
+    return profile
+
+
+def row_plan(family: str, opts: argparse.Namespace, preset) -> list[tuple[str, list[str], int]]:
+    """(profile, [identities], batch) groups in the order they run: every profile at batch 1, then the first
+    profile at the other batch sizes."""
+    profiles = getattr(opts, f"{family}_profiles") or DEFAULT_PROFILES[family]
+    wanted = opts.methods if opts.methods is not None else DEFAULT_METHODS[family]
+    methods = [m for m in preset.methods if m in wanted or opts.methods == ["all"]]
+    names = ["plain", *methods]
+    plan = [(p, names, 1) for p in profiles]
+    plan += [(profiles[0], names, b) for b in opts.batches if b != 1]
+    return plan
+
+
 def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dict) -> None:
+    """Per profile: a fresh random-weight pipeline, the profile applied (imagegen's ``apply_profile``), then plain
+    and each identity method attached by imagegen's code; a 1-step first call (compile warm-up under a compiling
+    profile, reported apart) and ``--repeats`` timed calls of all steps + VAE decode."""
     from imagegen.pipelines.presets import get_preset
+    from imagegen.pipelines.profiles import ProfileError, apply_profile, compile_counters
     from imagegen.pipelines.types import RenderRequest
 
     device, tiny = torch.device(opts.device), opts.tiny
     preset = get_preset(PRESETS[(family, tiny)])
     dtype = getattr(torch, preset.dtype) if device.type == "cuda" else torch.float32
     steps = opts.steps or preset.defaults.steps
+    width = opts.size or preset.defaults.width
     request = RenderRequest(
-        prompt="gpu check",
-        width=preset.defaults.width,
-        height=preset.defaults.height,
-        steps=steps,
-        guidance=preset.defaults.guidance,
+        prompt="gpu check", width=width, height=width, steps=steps, guidance=preset.defaults.guidance
     )
     warmup = request.model_copy(update={"steps": 1})
-    methods = [m for m in preset.methods if not opts.methods or m in opts.methods]
     rows = report["timings"]
-    built = time.perf_counter()
-    pipe = build_pipeline(family, model_configs(family, tiny), device, dtype)
+    configs = model_configs(family, tiny, opts.proxy)
     report["families"][family] = {
         "preset": preset.name,
         "dtype": str(dtype).replace("torch.", ""),
         "size": f"{request.width}x{request.height}",
         "steps": steps,
         "guidance": request.guidance,
-        "build_s": round(time.perf_counter() - built, 1),
-        "weights_gib": allocated_gib(device),
+        "model": "proxy" if opts.proxy else ("tiny" if tiny else "full size"),
+        "blocks": block_counts(family, configs["model"]),
+        "profiles": {},
         "methods": {},
     }
-    embeds = {b: prompt_embeds(pipe, family, b, preset.max_sequence_length) for b in opts.batches}
-    plain = Identity("plain", plain_conditioning, lambda: None)
-    per_step: dict[int, float] = {}  # plain seconds per step, for the budget
+    sequence = opts.max_sequence_length or preset.max_sequence_length
+    per_step: dict[tuple[str, int], float] = {}  # (profile, batch) -> plain seconds per step, for the budget
+    first_guess = {"eager": 0.0, "compiled": COMPILE_GUESS_S[device.type]}
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=opts.workdir))
     try:
-        names = ["plain", *methods]
-        for position, name in enumerate(names):
-            if clock.left() <= 0:
-                report["skipped"].append(f"{family} {name}: out of the {family} time budget")
-                continue
-            attached = time.perf_counter()
+        for label, names, batch in row_plan(family, opts, preset):
             try:
-                identity = plain if name == "plain" else attach_method(name, pipe, tiny, device, dtype, scratch)
-            except Exception as exc:  # a method that cannot attach is a result, not the end of the check
+                profile = resolve_profile(preset, label, opts.keep_step_cache)
+            except ProfileError as exc:
+                report["skipped"].append(f"{family} {label}: {exc}")
+                continue
+            kind = "compiled" if profile.compile is not None else "eager"
+            plain_step = per_step.get(("quality", 1), 0.0) * batch
+            if clock.left() < first_guess[kind] + plain_step * (steps + 2) * 1.5 + 5:
+                report["skipped"].append(f"{family} {label} batch {batch}: would not fit the time budget")
+                continue
+            built = time.perf_counter()
+            pipe = build_pipeline(family, configs, device, dtype)
+            try:
+                applied = apply_profile(pipe, profile, family, device)
+            except Exception as exc:  # a profile this device cannot apply is a result
                 traceback.print_exc()
-                report["skipped"].append(f"{family} {name}: attach failed: {type(exc).__name__}: {str(exc)[:300]}")
+                report["skipped"].append(f"{family} {label}: apply failed: {type(exc).__name__}: {str(exc)[:300]}")
+                del pipe
+                release(device)
                 continue
-            report["families"][family]["methods"][name] = {
-                "attach_s": round(time.perf_counter() - attached, 1),
+            report["families"][family]["profiles"][label] = {
+                **applied.summary(),
+                "build_and_apply_s": round(time.perf_counter() - built, 1),
                 "weights_gib": allocated_gib(device),
-                **identity.info,
             }
+            embeds = prompt_embeds(pipe, family, batch, sequence)
             try:
-                for batch in opts.batches:
-                    # what the rest needs: this row, and batch 1 of every method after this one
-                    estimate = per_step.get(1, 0.0) * batch * (steps + 2) * 1.5
-                    later = per_step.get(1, 0.0) * (steps + 2) * 1.5 * (len(names) - position - 1)
-                    if per_step and clock.left() < estimate + (later if batch > 1 else 0.0):
-                        report["skipped"].append(f"{family} {name} batch {batch}: would not fit the time budget")
+                for name in names:
+                    row = {"family": family, "preset": preset.name, "profile": label, "method": name, "batch": batch}
+                    if name != "plain":
+                        stub = object.__new__(method_class(name))
+                        try:
+                            stub.check_profile(profile)  # what the renderer would refuse, refused here too
+                        except ProfileError as exc:
+                            rows.append({**row, "steps": steps, "note": f"refused: {exc}"})
+                            continue
+                    estimate = per_step.get((label, batch), plain_step) * (steps + 2) * (opts.repeats + 0.5)
+                    if clock.left() < estimate + first_guess[kind] * 0.5:
+                        report["skipped"].append(
+                            f"{family} {label} {name} batch {batch}: would not fit the time budget"
+                        )
                         continue
+                    attached = time.perf_counter()
                     try:
-                        render(pipe, family, warmup, embeds[batch], batch, identity, device)
-                        run = render(pipe, family, request, embeds[batch], batch, identity, device)
+                        identity = (
+                            Identity("plain", plain_conditioning, lambda: None)
+                            if name == "plain"
+                            else attach_method(name, pipe, tiny, device, dtype, scratch)
+                        )
+                    except Exception as exc:  # a method that cannot attach is a result, not the end of the check
+                        traceback.print_exc()
+                        rows.append(
+                            {**row, "steps": steps, "note": f"attach failed: {type(exc).__name__}: {exc}"[:300]}
+                        )
+                        continue
+                    report["families"][family]["methods"].setdefault(
+                        name, {"attach_s": round(time.perf_counter() - attached, 1), **identity.info}
+                    )
+                    try:
+                        before = compile_counters()
+                        first = render(pipe, family, warmup, embeds, batch, identity, device)
+                        middle = compile_counters()
+                        runs = [
+                            render(pipe, family, request, embeds, batch, identity, device) for _ in range(opts.repeats)
+                        ]
+                        after = compile_counters()
                     except Exception as exc:  # out of memory, or a method failing at this size: report, go on
                         traceback.print_exc()
-                        report["skipped"].append(
-                            f"{family} {name} batch {batch}: {type(exc).__name__}: {str(exc)[:300]}"
-                        )
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
+                        rows.append({**row, "steps": steps, "note": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                        release(device)
                         continue
+                    finally:
+                        identity.detach()
+                    run = min(runs, key=lambda r: r.total_s)  # the best call: a shared CPU's noise only adds time
                     if name == "plain":
-                        per_step[batch] = run.denoise_s / steps
-                        per_step.setdefault(1, run.denoise_s / steps / batch)
+                        per_step[(label, batch)] = run.denoise_s / steps
+                        per_step.setdefault(("quality", 1), run.denoise_s / steps / batch)
+                    if kind == "compiled" and name == "plain":
+                        first_guess["compiled"] = max(first.total_s, 1.0)
                     rows.append(
                         {
-                            "family": family,
-                            "preset": preset.name,
-                            "method": name,
-                            "batch": batch,
+                            **row,
                             "steps": steps,
+                            "first_s": round(first.total_s, 3),
                             "total_s": round(run.total_s, 3),
+                            "times": [round(r.total_s, 3) for r in runs],
+                            "s_per_image": round(run.total_s / batch, 4),
                             "step_s": round(run.denoise_s / steps, 4),
                             "decode_s": round(run.total_s - run.denoise_s, 3),
                             "peak_gib": run.peak_gib,
+                            "first_compile": {k: v for k, v in counter_delta(before, middle).items() if v},
+                            "steady_compile": {k: v for k, v in counter_delta(middle, after).items() if v},
                         }
                     )
-                    print(f"  {family} {name} batch {batch}: {run.total_s:.2f} s", flush=True)
+                    shown = f"{run.total_s:.2f} s (first call {first.total_s:.1f} s)"
+                    print(f"  {family} {label} {name} batch {batch}: {shown}", flush=True)
             finally:
-                identity.detach()
+                del pipe, embeds
+                release(device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        del pipe, embeds
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    for row in rows:
-        base = next(
-            (r for r in rows if (r["family"], r["method"], r["batch"]) == (row["family"], "plain", row["batch"])), None
+    add_ratios(rows)
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def release(device: torch.device) -> None:
+    """Forget compiled code and free memory (the next profile starts from a new pipeline, as a new replica would)."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``x_eager_plain``: s/image over the eager (quality) plain row's, same family and batch; ``x_plain``: over the
+    same profile's plain row (the identity overhead under that profile); the same two per denoising step."""
+
+    def plain(row: dict, profile: str) -> dict | None:
+        return next(
+            (
+                r
+                for r in rows
+                if r.get("total_s") is not None
+                and (r["family"], r["profile"], r["method"], r["batch"])
+                == (row["family"], profile, "plain", row["batch"])
+            ),
+            None,
         )
-        row["x_plain"] = round(row["total_s"] / base["total_s"], 3) if base else None
-        row["x_plain_step"] = round(row["step_s"] / base["step_s"], 3) if base else None
+
+    for row in rows:
+        if row.get("total_s") is None:
+            continue
+        eager, same = plain(row, "quality"), plain(row, row["profile"])
+        row["x_eager_plain"] = round(row["total_s"] / eager["total_s"], 3) if eager else None
+        row["x_plain"] = round(row["total_s"] / same["total_s"], 3) if same else None
+        row["x_plain_step"] = round(row["step_s"] / same["step_s"], 3) if same else None
 
 
 # tests ----------------------------------------------------------------------------------------------------------
@@ -622,29 +781,85 @@ def table_rows(report: dict) -> list[list[str]]:
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    def compiles(r: dict) -> str:
+        if r.get("first_s") is None:
+            return "-"
+        first, steady = r.get("first_compile") or {}, r.get("steady_compile") or {}
+        return f"{first.get('unique_graphs', 0)}/{first.get('recompiles', 0)}/{steady.get('recompiles', 0)}"
+
     return [
         [
             r["family"],
+            r["profile"],
             r["method"],
             str(r["batch"]),
             str(r["steps"]),
-            fmt(r["total_s"], ".2f"),
-            fmt(r["step_s"], ".3f"),
-            fmt(r["decode_s"], ".2f"),
+            fmt(r.get("first_s"), ".2f"),
+            fmt(r.get("total_s"), ".2f"),
+            fmt(r.get("step_s"), ".3f"),
+            fmt(r.get("decode_s"), ".2f"),
+            fmt(r.get("x_eager_plain"), ".3f"),
             fmt(r.get("x_plain"), ".3f"),
             fmt(r.get("x_plain_step"), ".3f"),
-            fmt(r["peak_gib"], ".1f"),
+            compiles(r),
+            fmt(r.get("peak_gib"), ".1f"),
+            r.get("note", ""),
         ]
         for r in report["timings"]
     ]
 
 
-HEADER = ["family", "method", "batch", "steps", "total s", "s/step", "decode s", "x plain", "x plain/step", "peak GiB"]
+HEADER = [
+    "family",
+    "profile",
+    "method",
+    "batch",
+    "steps",
+    "first call s",
+    "total s",
+    "s/step",
+    "decode s",
+    "x eager plain",
+    "x plain",
+    "x plain/step",
+    "graphs/recompiles/steady",
+    "peak GiB",
+    "note",
+]
+#: left-aligned columns of the table
+TEXT_COLUMNS = 3
+
+
+def goals(report: dict) -> list[str]:
+    """The issue's goals at full size, checked against this run's rows (None where a row is missing)."""
+    rows = [r for r in report["timings"] if r.get("total_s") is not None and r["batch"] == 1]
+    lines = []
+    for r in rows:
+        if r["method"].startswith("pulid") and r.get("x_plain") is not None:
+            verdict = "meets" if r["x_plain"] <= 1.03 else "misses"
+            lines.append(
+                f"{r['family']} {r['profile']} + {r['method']}: {100 * (r['x_plain'] - 1):+.1f}% over plain of the "
+                f"same profile ({verdict} the 3% goal)"
+            )
+    fastest = [
+        r for r in rows if r["family"] == "flux" and r["profile"].startswith("fastest") and "pulid" in r["method"]
+    ]
+    if fastest and not report["tiny"] and not report.get("proxy"):
+        r = fastest[0]
+        verdict = "meets" if r["total_s"] < 3.0 else "misses"
+        lines.append(
+            f"fastest FLUX.1-dev + PuLID, {report['families']['flux']['size']}, {r['steps']} steps: "
+            f"{r['total_s']:.2f} s "
+            f"({verdict} the < 3 s goal on an H100-class GPU; this is {report['environment'].get('gpu')}, step cache "
+            f"{'kept' if report.get('keep_step_cache') else 'not used (random weights)'})"
+        )
+    return lines
 
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    where = env.get("gpu") or f"{env['device']} (dry run: tiny models)"
+    model = "full-width proxy" if report.get("proxy") else ("tiny models" if report["tiny"] else "full size")
+    where = env.get("gpu") or f"{env['device']} ({model})"
     lines = [
         f"## GPU check: {where}, {env['date']}",
         "",
@@ -663,23 +878,34 @@ def markdown(report: dict) -> str:
             "",
         ]
     for family, info in report["families"].items():
-        weights = "" if info["weights_gib"] is None else f", {info['weights_gib']} GiB"
-        lines.append(
-            f"- {family}: preset `{info['preset']}` ({info['dtype']}, {info['size']}, {info['steps']} steps, guidance "
-            f"{info['guidance']}); random weights{weights}"
+        applied = "; ".join(
+            f"{label}: {', '.join(p['applied']) or 'eager'}"
+            + (f" (quantize {p['quantize']})" if p["quantize"] != "none" else "")
+            for label, p in info["profiles"].items()
         )
+        lines.append(
+            f"- {family}: preset `{info['preset']}` ({info['model']}, blocks {info['blocks']}, {info['dtype']}, "
+            f"{info['size']}, {info['steps']} steps, guidance {info['guidance']}); random weights; profiles: {applied}"
+        )
+    cache = "kept" if report.get("keep_step_cache") else "dropped (random weights: a cache's skips mean nothing)"
     lines += [
         "",
-        f"Random weights ({'tiny models' if report['tiny'] else 'full-size architectures'}), text encoders skipped "
-        "(random prompt embeddings), identity tensors cached (random); one warm-up call and one timed call per row "
-        "(all steps + VAE decode). *x plain*: total time over the plain pipeline's at the same batch size, in the "
-        "same run; *x plain/step*: the same for the time per denoising step. *peak GiB*: "
-        "`torch.cuda.max_memory_allocated` during the timed call, weights included.",
+        f"Random weights ({model}), text encoders skipped (random prompt embeddings), identity tensors cached "
+        "(random). Per profile a fresh pipeline with the profile applied by imagegen's `apply_profile`, then plain and "
+        "each identity method attached by imagegen's code. *first call s*: a 1-step call of that shape (under a "
+        "compiling profile: tracing and compiling, what a replica pays once in warm-up); *total s*: the fastest of "
+        f"{report.get('repeats', 1)} timed call(s) after it (all steps + VAE decode). *x eager plain*: total over the "
+        "eager (quality) plain row's at the same batch size; *x plain*: over the same profile's plain row (identity "
+        "overhead under that profile); *x plain/step*: the same per denoising step. *graphs/recompiles/steady*: "
+        "dynamo graphs compiled and recompiles in the first call, recompiles in the timed calls (should be 0). "
+        f"Step caches {cache}. *peak GiB*: `torch.cuda.max_memory_allocated` during the timed call.",
         "",
         "| " + " | ".join(HEADER) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADER))) + "|",
+        "|" + "|".join("---" if i < TEXT_COLUMNS else "---:" for i in range(len(HEADER))) + "|",
         *("| " + " | ".join(row) + " |" for row in table_rows(report)),
     ]
+    if goals(report):
+        lines += ["", *(f"- {line}" for line in goals(report))]
     if report["skipped"]:
         lines += ["", "Skipped: " + "; ".join(report["skipped"]) + "."]
     return "\n".join(lines) + "\n"
@@ -699,11 +925,13 @@ def print_table(report: dict) -> None:
 
     table = Table(title=f"gpu check ({report['environment'].get('gpu') or report['environment']['device']})")
     for i, column in enumerate(HEADER):
-        table.add_column(column, justify="left" if i < 2 else "right")
+        table.add_column(column, justify="left" if i < TEXT_COLUMNS or column == "note" else "right")
     for row in table_rows(report):
         table.add_row(*row)
-    console = Console(width=140)
+    console = Console(width=220)
     console.print(table)
+    for line in goals(report):
+        console.print(f"goal: {line}")
     tests = report.get("tests")
     if tests:
         console.print(
@@ -726,32 +954,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny models instead of full size")
     parser.add_argument("--dry-run", action="store_true", help="--device cpu --tiny --steps 2, one test file")
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="the full-width CPU proxy: real widths, few blocks (PROXY_BLOCKS), --size 128 --steps 2, no tests",
+    )
     parser.add_argument("--families", nargs="*", default=["flux", "sdxl"], choices=["flux", "sdxl"])
-    parser.add_argument("--methods", nargs="*", default=None, help="only these identity methods (default: all)")
-    parser.add_argument("--batches", nargs="*", type=int, default=[1, 4])
+    parser.add_argument(
+        "--flux-profiles",
+        nargs="*",
+        default=None,
+        help=f"FLUX profiles, eager first (default: {' '.join(DEFAULT_PROFILES['flux'])}; <name>:no-step-cache too)",
+    )
+    parser.add_argument(
+        "--sdxl-profiles",
+        nargs="*",
+        default=None,
+        help=f"SDXL profiles (default: {' '.join(DEFAULT_PROFILES['sdxl'])})",
+    )
+    parser.add_argument(
+        "--keep-step-cache",
+        action="store_true",
+        help="keep the profiles' step caches (default: dropped, random weights make their skips meaningless)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        help="identity methods ('all': every method of the preset; default: "
+        + "; ".join(f"{f}: {', '.join(m)}" for f, m in DEFAULT_METHODS.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--batches", nargs="*", type=int, default=None, help="batch 1 for every profile, the others for the first "
+        "profile only (default: 1 4; dry run and proxy: 1)"
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 1; proxy 2)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    parser.add_argument("--size", type=int, default=None, help="square size (default: the preset's; proxy 128)")
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=None, help="FLUX text tokens (default: the preset's; proxy 64)"
+    )
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--tests", nargs="*", default=None, help=f"test paths (default: {' '.join(TEST_PATHS)})")
-    parser.add_argument("--budget-s", type=float, default=None, help="the whole run (default 420; dry run 1800)")
-    parser.add_argument("--flux-budget-s", type=float, default=None, help="FLUX timings (default 160)")
-    parser.add_argument("--sdxl-budget-s", type=float, default=None, help="SDXL timings (default 120)")
-    parser.add_argument("--tests-budget-s", type=float, default=None, help="tests (default 170)")
+    parser.add_argument("--budget-s", type=float, default=None, help="the whole run (default 480; dry run 1800)")
+    parser.add_argument("--flux-budget-s", type=float, default=None, help="FLUX timings (default 250)")
+    parser.add_argument("--sdxl-budget-s", type=float, default=None, help="SDXL timings (default 150)")
+    parser.add_argument("--tests-budget-s", type=float, default=None, help="tests (default: what is left, <= 120)")
     parser.add_argument("--workdir", default=None, help="scratch folder for the random adapter files")
     opts = parser.parse_args(argv)
-    budgets = {"budget_s": 420, "flux_budget_s": 160, "sdxl_budget_s": 120, "tests_budget_s": 170}
+    budgets = {"budget_s": 480, "flux_budget_s": 250, "sdxl_budget_s": 150, "tests_budget_s": 120}
     if opts.dry_run:  # every row runs: the point is to go through all the code, however slow this CPU is
         opts.device, opts.tiny, opts.steps = opts.device or "cpu", True, opts.steps or 2
         opts.tests = opts.tests or DRY_RUN_TESTS
-        budgets = {"budget_s": 1800, "flux_budget_s": 600, "sdxl_budget_s": 600, "tests_budget_s": 600}
+        opts.batches = opts.batches or [1]
+        budgets = {"budget_s": 1800, "flux_budget_s": 900, "sdxl_budget_s": 900, "tests_budget_s": 600}
+    if opts.proxy:
+        if opts.tiny:
+            parser.error("--proxy is the full-width proxy: drop --tiny")
+        opts.device = opts.device or "cpu"
+        opts.size, opts.steps = opts.size or 128, opts.steps or 2
+        opts.max_sequence_length = opts.max_sequence_length or 64
+        opts.batches, opts.repeats = opts.batches or [1], opts.repeats or 2
+        opts.skip_tests = True
+        budgets = {"budget_s": 1800, "flux_budget_s": 900, "sdxl_budget_s": 900, "tests_budget_s": 0}
     for name, default in budgets.items():
         if getattr(opts, name) is None:
             setattr(opts, name, default)
+    opts.batches = sorted(set(opts.batches or [1, 4]), key=lambda b: b != 1)
+    opts.repeats = max(1, opts.repeats or 1)
     opts.device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts.tests = opts.tests or TEST_PATHS
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("no CUDA device here: use --dry-run (or --device cpu --tiny)")
-    if opts.device == "cpu" and not opts.tiny:
-        parser.error("full-size models on the CPU would take hours: add --tiny (or use --dry-run)")
+        parser.error("no CUDA device here: use --dry-run or --proxy (or --device cpu --tiny)")
+    if opts.device == "cpu" and not (opts.tiny or opts.proxy):
+        parser.error("full-size models on the CPU would take hours: add --tiny, --proxy (or use --dry-run)")
+    if 1 not in opts.batches:
+        parser.error("--batches must include 1 (every profile is timed at batch 1)")
     return opts
 
 
@@ -763,6 +1042,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(device),
         "tiny": opts.tiny,
+        "proxy": opts.proxy,
+        "keep_step_cache": opts.keep_step_cache,
+        "repeats": opts.repeats,
         "families": {},
         "timings": [],
         "tests": None,

@@ -1,10 +1,13 @@
-"""Images per second for batch sizes 1, 2, 4, 8.
+"""Images per second for batch sizes 1, 2, 4, 8, per optimisation profile.
 
-    python bench/render_batch.py                      # tiny-flux and tiny-sdxl on this machine
-    python bench/render_batch.py --preset flux-dev    # any preset, e.g. on a GPU machine
+    python bench/render_batch.py                                   # tiny-flux and tiny-sdxl, their own profile
+    python bench/render_batch.py --profile quality,fast,fastest    # each profile (eager first: the ratios' base)
+    python bench/render_batch.py --preset flux-dev --profile fast  # any preset, e.g. on a GPU machine
 
-Every batch size is warmed up once (prompt embeddings cached, kernels compiled), then timed over
-``--repeats`` pipeline calls. Prints a table and, last, one JSON document.
+Per preset x profile x batch size: the first call of that batch size timed on its own (under a compiling profile:
+compile warm-up, see bench/profile_bench.py), then the median of ``--repeats`` pipeline calls; s/image and its ratio
+to the eager (``quality``) render at the same batch size. Identity methods: bench/identity_overhead.py. Prints a
+table and, last, one JSON document (also written to ``--json``).
 """
 
 from __future__ import annotations
@@ -12,19 +15,38 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
-from imagegen.pipelines.renderer import Renderer
-from imagegen.pipelines.types import RenderRequest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profile_bench import (  # noqa: E402
+    add_ratios,
+    markdown_table,
+    parse_profiles,
+    print_table,
+    reset_compiled,
+    time_calls,
+    timing_fields,
+)
+
+from imagegen.errors import ImagegenError  # noqa: E402
+from imagegen.pipelines.presets import get_preset  # noqa: E402
+from imagegen.pipelines.renderer import Renderer  # noqa: E402
+from imagegen.pipelines.types import RenderRequest  # noqa: E402
 
 
-def bench_preset(name: str, batch_sizes: list[int], repeats: int, steps: int | None, size: int | None) -> dict:
-    renderer = Renderer(name)
+def bench_preset(
+    name: str, choice, batch_sizes: list[int], repeats: int, steps: int | None, size: int | None, stat: str = "median"
+) -> list[dict]:
+    preset = get_preset(name)
+    base = {"preset": name, "profile": choice.label, "method": "none"}
+    try:
+        renderer = Renderer(preset, profile=choice.resolve(preset))
+    except ImagegenError as exc:
+        return [{**base, "batch": b, "note": f"refused: {exc}"} for b in batch_sizes]
     rows = []
     for batch in batch_sizes:
         requests = [
@@ -33,75 +55,68 @@ def bench_preset(name: str, batch_sizes: list[int], repeats: int, steps: int | N
             )
             for i in range(batch)
         ]
-        renderer.render(requests)  # warm-up
-        times = []
-        for _ in range(repeats):
-            if renderer.device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            results = renderer.render(requests)
-            if renderer.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-        median = statistics.median(times)
-        first = results[0].request
+        timing = time_calls(lambda: renderer.render(requests), repeats, renderer.device)  # noqa: B023
+        first = renderer.prepare(requests[0])
         rows.append(
             {
-                "batch_size": batch,
-                "median_s": round(median, 4),
-                "images_per_s": round(batch / median, 2),
-                "s_per_image": round(median / batch, 4),
+                **base,
+                "batch": batch,
+                **timing_fields(timing, batch, stat),
                 "steps": first.steps,
                 "size": f"{first.width}x{first.height}",
+                "device": f"{renderer.device} {str(renderer.dtype).replace('torch.', '')}",
+                "load_s": round(renderer.load_seconds, 2),
+                "applied": renderer.applied_profile.summary(),
             }
         )
-    return {
-        "preset": name,
-        "device": str(renderer.device),
-        "dtype": str(renderer.dtype).replace("torch.", ""),
-        "load_s": round(renderer.load_seconds, 2),
-        "rows": rows,
-    }
+        rows[-1]["images_per_s"] = round(1 / rows[-1]["s_per_image"], 2)
+        print(f"  {name} {choice.label} batch {batch}: {rows[-1]['s_per_image']:.4f} s/image", flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", action="append", help="preset(s) to measure (default: tiny-flux, tiny-sdxl)")
+    parser.add_argument(
+        "--profile",
+        action="append",
+        help="optimisation profile(s), repeatable or comma-separated; <name>:no-step-cache drops its step cache "
+        "(default: quality)",
+    )
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--stat", choices=("median", "best"), default="median", help="s/image from the median or the best call"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override the preset's default steps")
     parser.add_argument("--size", type=int, default=None, help="square size (default: the preset's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the JSON document here")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    choices = parse_profiles(args.profile)
+    rows = []
+    for preset in args.preset or ["tiny-flux", "tiny-sdxl"]:
+        for choice in choices:
+            rows += bench_preset(preset, choice, batch_sizes, args.repeats, args.steps, args.size, args.stat)
+            reset_compiled()  # the renderer is gone: its compiled code too (the next profile starts cold)
+    add_ratios(rows)
     report = {
+        "command": "python bench/render_batch.py " + " ".join(sys.argv[1:]),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__,
         },
-        "results": [
-            bench_preset(p, batch_sizes, args.repeats, args.steps, args.size)
-            for p in (args.preset or ["tiny-flux", "tiny-sdxl"])
-        ],
+        "rows": rows,
     }
-    table = Table(title="render throughput")
-    for column in ("preset", "device", "size", "steps", "batch", "median s/call", "images/s", "s/image"):
-        table.add_column(column, justify="right")
-    for result in report["results"]:
-        for row in result["rows"]:
-            table.add_row(
-                result["preset"],
-                f"{result['device']} {result['dtype']}",
-                row["size"],
-                str(row["steps"]),
-                str(row["batch_size"]),
-                f"{row['median_s']:.3f}",
-                f"{row['images_per_s']:.2f}",
-                f"{row['s_per_image']:.3f}",
-            )
-    Console(width=140).print(table)
-    print(json.dumps(report, indent=2))
+    print_table("render throughput per profile (no identity)", rows)
+    print(markdown_table(rows))
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

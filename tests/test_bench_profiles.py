@@ -1,0 +1,95 @@
+"""The benchmarks' profile plumbing, without timing anything: ``--profile`` parsing, gpu_check's plan per family, the
+step cache dropped for random weights, ratios and the issue's goals (the timing itself: ``gpu_check.py --dry-run``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.append(str(BENCH))  # after the installed packages: bench modules shadow nothing
+
+import gpu_check  # noqa: E402
+from profile_bench import add_ratios, parse_profiles  # noqa: E402
+
+from imagegen.pipelines.presets import get_preset  # noqa: E402
+
+
+def test_profile_choices_put_eager_first_and_know_the_no_step_cache_variant():
+    choices = parse_profiles(["fast,fastest:no-step-cache", "fast"])
+    assert [c.label for c in choices] == ["quality", "fast", "fastest:no-step-cache"]
+    fastest = choices[2].resolve(get_preset("tiny-flux"))
+    assert fastest.step_cache is None and fastest.compile is not None and fastest.quantize == "fp8-dynamic"
+    assert parse_profiles(None)[0].label == "quality"
+    with pytest.raises(SystemExit, match="the only variant"):
+        parse_profiles(["fast:eager"])
+
+
+def test_gpu_check_plans_every_profile_at_batch_one_then_eager_at_larger_batches():
+    opts = gpu_check.parse_args(["--device", "cpu", "--tiny", "--skip-tests"])
+    flux = gpu_check.row_plan("flux", opts, get_preset("tiny-flux"))
+    assert flux == [
+        ("quality", ["plain", "pulid-flux-v0.9.1"], 1),
+        ("fast", ["plain", "pulid-flux-v0.9.1"], 1),
+        ("fastest", ["plain", "pulid-flux-v0.9.1"], 1),
+        ("quality", ["plain", "pulid-flux-v0.9.1"], 4),
+    ]
+    sdxl = gpu_check.row_plan("sdxl", opts, get_preset("tiny-sdxl"))
+    assert [p for p, _, _ in sdxl] == ["quality", "fast", "quality"]
+    assert sdxl[0][1] == ["plain", "pulid-sdxl-v1.1", "ipadapter-faceid-plusv2-sdxl"]
+    every = gpu_check.parse_args(["--device", "cpu", "--tiny", "--methods", "all", "--batches", "1"])
+    assert gpu_check.row_plan("sdxl", every, get_preset("tiny-sdxl"))[0][1][1:] == get_preset("tiny-sdxl").methods
+    # random weights: the step cache is dropped unless kept
+    assert gpu_check.resolve_profile(get_preset("flux-dev"), "fastest", keep_step_cache=False).step_cache is None
+    assert gpu_check.resolve_profile(get_preset("flux-dev"), "fastest", keep_step_cache=True).step_cache is not None
+
+
+def test_gpu_check_proxy_is_full_width_with_few_blocks():
+    opts = gpu_check.parse_args(["--proxy"])
+    assert (opts.device, opts.size, opts.steps, opts.skip_tests, opts.batches) == ("cpu", 128, 2, True, [1])
+    flux = gpu_check.model_configs("flux", tiny=False, proxy=True)["model"]
+    full = gpu_check.model_configs("flux", tiny=False)["model"]
+    assert (
+        flux["num_attention_heads"] * flux["attention_head_dim"]
+        == 3072
+        == (full["num_attention_heads"] * full["attention_head_dim"])
+    )
+    assert (flux["num_layers"], flux["num_single_layers"]) == (1, 2) and full["num_layers"] == 19
+    sdxl = gpu_check.model_configs("sdxl", tiny=False, proxy=True)["model"]
+    assert sdxl["block_out_channels"] == [320, 640, 1280] and sdxl["transformer_layers_per_block"] == [1, 1, 1]
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--device", "cpu"])  # full size on a CPU: refused
+
+
+def test_ratios_and_goals():
+    rows = [
+        {"family": "flux", "profile": "quality", "method": "plain", "batch": 1, "total_s": 7.0, "step_s": 0.24},
+        {"family": "flux", "profile": "quality", "method": "pulid-flux-v0.9.1", "batch": 1, "total_s": 7.14,
+         "step_s": 0.245},
+        {"family": "flux", "profile": "fastest", "method": "plain", "batch": 1, "total_s": 3.0, "step_s": 0.1},
+        {"family": "flux", "profile": "fastest", "method": "pulid-flux-v0.9.1", "batch": 1, "total_s": 2.9,
+         "step_s": 0.098, "steps": 28},
+        {"family": "flux", "profile": "fast", "method": "pulid-flux-v0.9.1", "batch": 1, "note": "refused: ..."},
+    ]  # fmt: skip
+    gpu_check.add_ratios(rows)
+    assert rows[1]["x_plain"] == 1.02 and rows[3]["x_eager_plain"] == round(2.9 / 7.0, 3)
+    assert "x_plain" not in rows[4]
+    report = {
+        "timings": rows,
+        "tiny": False,
+        "proxy": False,
+        "families": {"flux": {"size": "1024x1024"}},
+        "environment": {"gpu": "NVIDIA H100"},
+    }
+    goals = gpu_check.goals(report)
+    assert any("quality + pulid-flux-v0.9.1: +2.0%" in g and "meets" in g for g in goals)
+    assert any(g.startswith("fastest FLUX.1-dev + PuLID, 1024x1024, 28 steps: 2.90 s (meets") for g in goals)
+    bench_rows = [
+        {"preset": "p", "profile": "quality", "method": "none", "batch": 1, "s_per_image": 0.2},
+        {"preset": "p", "profile": "fast", "method": "none", "batch": 1, "s_per_image": 0.1},
+        {"preset": "p", "profile": "fast", "method": "pulid", "batch": 1, "s_per_image": 0.12},
+    ]
+    add_ratios(bench_rows)
+    assert bench_rows[2]["x_eager_plain"] == 0.6 and bench_rows[2]["x_plain"] == 1.2
