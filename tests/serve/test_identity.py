@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import threading
+import time
+import uuid
 
 import httpx
 import numpy as np
@@ -12,8 +14,10 @@ from PIL import Image
 
 from imagegen.client import ApiClientError, Client
 from imagegen.faces import centroid, get_analyzer
+from imagegen.serve.actors import request_tag
 from imagegen.serve.gate import GateScorer
 from tests.photos import astronaut_set, hopper_set
+from tests.serve.conftest import wait_ready
 
 SYNTHETIC = {"kind": "synthetic", "creator": "serve-tests"}
 
@@ -51,30 +55,42 @@ def test_render_a_character(characters, renderer_client):
 
 
 def test_mixed_characters_share_one_batch(service, keys, characters, admin):
-    """Requests for different characters (and none) arriving together go through one pipeline call."""
+    """Requests for different characters (and none) queued together go through one pipeline call.
+
+    A long render keeps the renderer busy while the three arrive, so they queue and form the next
+    batch together (a request that finds the replica idle renders at once, alone: adaptive batching).
+    """
     bodies = [
         {"preset": "tiny-flux", "prompt": "a cafe", "seed": 1, "character": "serve-mia"},
         {"preset": "tiny-flux", "prompt": "a park", "seed": 2, "character": "serve-grace"},
         {"preset": "tiny-flux", "prompt": "a street", "seed": 3},
     ]
     before = metric(admin.metrics(), 'imagegen_mixed_character_batches_total{preset="tiny-flux"}')
-    for _ in range(3):  # arrival within the batch window is up to the scheduler: a few tries
-        statuses: list[int] = []
+    blocker_id = f"mixed-blocker-{uuid.uuid4().hex[:8]}"
+    statuses: list[int] = []
 
-        def one(body: dict, statuses: list[int] = statuses) -> None:
-            with httpx.Client(base_url=service.url, timeout=120) as http:
-                response = http.post("/v1/renders", json=body, headers={"Authorization": f"Bearer {keys.render}"})
-                statuses.append(response.status_code)
+    def post(body: dict, extra: dict | None = None) -> None:
+        headers = {"Authorization": f"Bearer {keys.render}", **(extra or {})}
+        with httpx.Client(base_url=service.url, timeout=180) as http:
+            statuses.append(http.post("/v1/renders", json=body, headers=headers).status_code)
 
-        threads = [threading.Thread(target=one, args=(b,)) for b in bodies]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert statuses == [200, 200, 200]
-        after = metric(admin.metrics(), 'imagegen_mixed_character_batches_total{preset="tiny-flux"}')
-        if after > before:
+    hold = {"preset": "tiny-flux", "prompt": "hold the renderer", "seed": 9, "steps": 50}
+    blocker = threading.Thread(target=post, args=(hold, {"X-Request-Id": blocker_id}))
+    blocker.start()
+    deadline = time.monotonic() + 120
+    while True:  # until the long render is in the pipeline
+        rendering = wait_ready(service.url)["checks"]["renderers"]["tiny-flux"]["rendering"]
+        if rendering is not None and request_tag(blocker_id) in rendering["requests"]:
             break
+        assert time.monotonic() < deadline, "the long render never started"
+        time.sleep(0.1)
+    threads = [threading.Thread(target=post, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in [blocker, *threads]:
+        t.join()
+    assert statuses == [200] * 4
+    after = metric(admin.metrics(), 'imagegen_mixed_character_batches_total{preset="tiny-flux"}')
     assert after > before, "characters never shared a batch"
     assert 'imagegen_batch_characters_bucket{le="2.0",preset="tiny-flux"}' in admin.metrics()
 
