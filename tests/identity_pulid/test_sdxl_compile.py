@@ -103,6 +103,24 @@ def test_projection_kept_by_a_processor_is_not_reused_for_per_call_embeddings():
     assert torch.equal(first, again) and torch.equal(other, alone)
 
 
+def test_fused_projections_keep_scale_zero_rows_exactly_plain():
+    """Under a profile's fuse_qkv the plain processor computes the text keys / values with one fused projection: so
+    does PuLID's, so a row without identity is still exactly the plain output."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    generator = torch.Generator().manual_seed(2)
+    attn = Attention(query_dim=64, cross_attention_dim=48, heads=2, dim_head=32, bias=False, out_bias=True)
+    attn.fuse_projections()
+    hidden, text = torch.randn(2, 16, 64, generator=generator), torch.randn(2, 7, 48, generator=generator)
+    processor = PulidSDXLAttnProcessor(64, 48)
+    with torch.inference_mode():
+        attn.set_processor(FusedAttnProcessor2_0())
+        plain = attn(hidden, text)
+        attn.set_processor(processor)
+        mixed = attn(hidden, text, id_embedding=torch.randn(2, 32, 48, generator=generator), id_scale=[0.8, 0.0])
+    assert torch.equal(mixed[1], plain[1]) and not torch.allclose(mixed[0], plain[0])
+
+
 def test_compiled_blocks_do_not_break_or_recompile_per_batch(tiny_unet):
     """Regional compilation (fullgraph) of the UNet's blocks: after one plain and one PuLID batch of a layout, batches
     mixing other scales, start steps, samples without identity and no negatives run the same graphs."""

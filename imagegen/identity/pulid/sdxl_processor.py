@@ -31,6 +31,7 @@ no weights).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -244,8 +245,13 @@ class PulidSDXLAttnProcessor(nn.Module):
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if getattr(attn, "fused_projections", False) and getattr(attn, "to_kv", None) is not None:
+            # fuse_qkv_projections() (a profile's fuse_qkv): the text keys and values as its FusedAttnProcessor2_0
+            # computes them, so a row without identity is that processor's output exactly
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -391,6 +397,11 @@ def _orthogonal(h: torch.Tensor, h_id: torch.Tensor, scale: torch.Tensor, attent
     else:
         out.addcmul_(h32, coefficient * ((attention.float() - 1.0) * scale))
     return out.to(h.dtype)
+
+
+# diffusers' Attention.forward reads its processor's signature at every call (inspect.signature(processor.__call__), to
+# filter cross_attention_kwargs); with the signature worked out once here it is read, not rebuilt from the code
+PulidSDXLAttnProcessor.__call__.__signature__ = inspect.signature(PulidSDXLAttnProcessor.__call__)
 
 
 class PulidSDXLHandle:
