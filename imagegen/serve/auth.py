@@ -94,6 +94,17 @@ class KeyVerifier:
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
 
+    def cached(self, presented: str) -> tuple[bool, ApiKey | None]:
+        """(True, key or None) when the answer for ``presented`` is cached and fresh, else (False, None): the
+        ingress answers a cached key on its event loop, without a hop to the database thread."""
+        if KEY_RE.match(presented) is None:
+            return True, None
+        with self._lock:
+            hit = self._cache.get(hash_secret(presented))
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return True, hit[1]
+        return False, None
+
     def verify(self, presented: str | None) -> ApiKey | None:
         """The active key ``presented`` names, or None (unknown, wrong secret, revoked, malformed)."""
         if not presented:

@@ -53,17 +53,18 @@ class ServeRenderers:
         while True:
             attempt += 1
             gauge.inc()
-            stream = handle.options(stream=True).render.remote(call)
+            # a stream only for callers that watch progress: a unary call costs the ingress less
+            watched = progress is not None and call.progress
+            stream = handle.options(stream=True).render.remote(call) if watched else handle.render_once.remote(call)
             try:
-                async for event in stream:
-                    if isinstance(event, StepProgress):
-                        if progress is not None:
+                if watched:
+                    async for event in stream:
+                        if isinstance(event, StepProgress):
                             progress(event.done, event.total)
-                    elif isinstance(event, RenderedImage):
-                        return event
-                    elif isinstance(event, RenderError):
-                        raise ApiError.from_code(event.code, event.message, event.field)
-                raise RendererDied(f"the {preset} renderer ended the stream without a result")
+                        else:
+                            return _outcome(event)
+                    raise RendererDied(f"the {preset} renderer ended the stream without a result")
+                return _outcome(await stream)
             except asyncio.CancelledError:
                 stream.cancel()  # best effort; the replica then stops this request at its next step
                 self.metrics.renders_cancelled.labels(preset).inc()
@@ -84,3 +85,10 @@ class ServeRenderers:
                 self.metrics.renderer_retries.labels(preset).inc()
             finally:
                 gauge.dec()
+
+
+def _outcome(event: RenderedImage | RenderError) -> RenderedImage:
+    """The image of a renderer's final event; its error as the API error it names."""
+    if isinstance(event, RenderError):
+        raise ApiError.from_code(event.code, event.message, event.field)
+    return event

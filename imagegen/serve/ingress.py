@@ -108,7 +108,9 @@ class Ingress:
                 "(create one with `imagegen keys create`)",
                 headers=challenge,
             )
-        key = await self.service.db(self.verifier.verify, token)
+        known, key = self.verifier.cached(token)
+        if not known:
+            key = await self.service.db(self.verifier.verify, token)
         if key is None:
             raise ApiError(401, "unauthorized", "the API key is unknown, revoked or malformed", headers=challenge)
         return key

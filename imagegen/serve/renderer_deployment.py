@@ -358,6 +358,20 @@ class RendererDeployment:
                 self.batcher.discard(pending)
                 log.info("render %s cancelled by its caller", item.request_id)
 
+    async def render_once(self, item: RenderCall) -> RenderedImage | RenderError:
+        """One call's image or error, for a caller that wants no progress: a unary handle call, which costs
+        the ingress less than a stream. Cancelled like ``render`` (the flag is set, the call leaves the queue)."""
+        pending = self.batcher.submit(item)
+        try:
+            while True:
+                event = await pending.events.get()
+                if not isinstance(event, StepProgress):
+                    return event
+        except BaseException:
+            self.batcher.discard(pending)
+            log.info("render %s cancelled by its caller", item.request_id)
+            raise
+
     async def _render_batch(self, batch: list[_Pending], timings: list[dict[str, float]], info: dict) -> float:
         """Render ``batch`` in the pipeline thread; each call's events go to its own queue as they happen.
 
