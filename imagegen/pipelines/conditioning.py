@@ -54,7 +54,14 @@ class BatchConditioning:
 
 
 class Conditioner(ABC):
-    """Puts per-sample identity into a loaded pipeline: attach once, condition batches, detach exactly."""
+    """Puts per-sample identity into a loaded pipeline: attach once, condition batches, detach exactly.
+
+    Optional: ``example_tensors()``, a character's conditioning tensors of the right shapes and dtypes made up
+    without any reference image (random numbers of a fixed seed). A serving replica's warm-up
+    (``imagegen.pipelines.warmup``) renders one identity sample with them before it takes traffic, so the identity
+    path is traced and compiled at start under a compiling profile rather than by the first caller. Conditioners
+    without it (the attribute left None) are loaded at warm-up but not rendered.
+    """
 
     #: the name presets and requests use, e.g. "pulid-flux-v0.9.1"
     name: ClassVar[str]
@@ -85,6 +92,9 @@ class Conditioner(ABC):
                 f"cache of profile '{profile.name}' (step caches it honours: {honoured}); choose a profile without "
                 "it for this method, e.g. 'fast'"
             )
+
+    #: ``example_tensors() -> Tensors`` (see the class docstring); None: this conditioner offers none
+    example_tensors: ClassVar[Callable[[], Tensors] | None] = None
 
     @abstractmethod
     def attach(self, pipe) -> None:
@@ -119,4 +129,3 @@ class IdentityProvider(Protocol):
     def tensors_for(self, character: str, conditioner: Conditioner) -> Tensors:
         """``character``'s tensors for ``conditioner``; raises when it may not be rendered (unknown, draft)."""
         ...
-

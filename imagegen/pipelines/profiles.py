@@ -300,6 +300,7 @@ def apply_profile(pipe, profile: Profile, family: str, device: torch.device) -> 
         result.applied.append("vae_slicing")
     if profile.compile is not None:
         options = profile.compile
+        raise_recompile_limit()
         denoiser.compile_repeated_blocks(fullgraph=options.fullgraph, dynamic=options.dynamic, mode=options.mode)
         result.applied.append("compile")
     if profile.step_cache is not None:
@@ -308,6 +309,28 @@ def apply_profile(pipe, profile: Profile, family: str, device: torch.device) -> 
     if result.skipped:
         log.info("profile %s: not applied here: %s", profile.name, result.skipped)
     return result
+
+
+#: the most compiled variants dynamo keeps per code object once a profile compiles (its default is 8)
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Let dynamo keep up to ``limit`` compiled variants of one code object (process-wide; never lowers it).
+
+    Regional compilation compiles a block class's ``forward`` once and shares it with every instance of the class,
+    in every pipeline of the process; each variant is keyed by what its guards saw: the batch (static for 1, then
+    symbolic), the layout of the block's inputs (the first block's differ from the later ones'), the identity method
+    attached (IP-Adapter adds per-block keyword arguments, PuLID's hooks return contiguous tensors) and a step
+    cache's compute / skip branch. A replica serving plain renders, PuLID and IP-Adapter at a few batch sizes needs
+    more than dynamo's default 8; past the limit dynamo runs the frame eagerly from then on (silently, or a hard error
+    under ``fullgraph=True``). What is compiled is still counted by :func:`compile_counters`.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
 
 
 def _place(pipe, profile: Profile, device: torch.device, result: AppliedProfile) -> None:

@@ -258,7 +258,8 @@ class IPAdapterHandle:
             self._call_hook = None
         self.state = None
         self.gate.clear()
-        _GATES.pop(id(self.gate), None)
+        if _GATES.get(id(self.model)) is self.gate:
+            _GATES.pop(id(self.model))
         self.model.set_attn_processor(dict(self._processors))
         self._restore_model()
         if getattr(self.model, ATTACHED_ATTR, None) is self:
@@ -372,19 +373,23 @@ class PerSampleFluxProcessor(_PerSampleProcessor):
         return hidden, context, ip_out * s
 
 
-#: every :class:`CallGate` a LoRA hook reads, by ``id``: hooks look their gate up here, not through an attribute of
-#: their own (dynamo gives tensors reached through a module's hooks static shapes, so each batch size would recompile
-#: a compiled block; reached through a global they follow the batch like the block's inputs)
+#: the :class:`CallGate` LoRA hooks read, by key (the model's ``id``): hooks look their gate up here, not through an
+#: attribute of their own (dynamo gives tensors reached through a module's hooks static shapes, so each batch size
+#: would recompile a compiled block; reached through a global they follow the batch like the block's inputs). Keyed
+#: by model, so attaching the adapter again to the same model (a method switch) reuses the compiled blocks.
 _GATES: dict[int, CallGate] = {}
 
 
 class RowLoRA:
-    """A forward hook adding ``up(down(x))`` (FaceID's LoRA, at 1.0) to a Linear's output, for active rows only."""
+    """A forward hook adding ``up(down(x))`` (FaceID's LoRA, at 1.0) to a Linear's output, for active rows only.
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, gate: CallGate):
+    ``gate`` is registered under ``key`` (default: its own ``id``) in a module-level table the hook reads.
+    """
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, gate: CallGate, key: int | None = None):
         self.down = down
         self.up = up
-        self.gate_id = id(gate)
+        self.gate_id = id(gate) if key is None else key
         _GATES[self.gate_id] = gate
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,8 +415,8 @@ class FusedRowLoRA(RowLoRA):
     """:class:`RowLoRA` on a fused projection (``to_qkv`` / ``to_kv`` after diffusers' ``fuse_qkv_projections``): the
     LoRAs of its parts, their outputs concatenated in the fused layer's order."""
 
-    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], gate: CallGate):
-        super().__init__(parts[0][0], parts[0][1], gate)
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], gate: CallGate, key: int | None = None):
+        super().__init__(parts[0][0], parts[0][1], gate, key)
         self.parts = list(parts)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -465,18 +470,44 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
+@contextmanager
+def _model_stays_put(model: nn.Module) -> Iterator[None]:
+    """diffusers' UNet loader ends with ``unet.to(dtype=unet.dtype, device=unet.device)``, a no-op for a model already
+    there, which torchao's quantised weights (an optimisation profile's int8 / fp8) cannot run: it is skipped while
+    the adapter loads, and what the loader built is moved to the model's device and dtype by the caller."""
+    model.__dict__["to"] = lambda *args, **kwargs: model
+    try:
+        yield
+    finally:
+        model.__dict__.pop("to", None)
+
+
+def _model_place(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and float dtype of ``model``'s unquantised parameters (what new adapter modules take)."""
+    for param in model.parameters():
+        if type(param) in (torch.Tensor, nn.Parameter) and param.is_floating_point():
+            return param.device, param.dtype
+    return model.device, model.dtype
+
+
 def _load(pipe, family: str, spec: LoadSpec) -> None:
     files = spec.files
     source = spec.state_dict if spec.state_dict is not None else str(files.adapter_dir)
     with _quiet_diffusers():
         if family == "sdxl":
-            pipe.load_ip_adapter(
-                source,
-                subfolder=files.source.subfolder,
-                weight_name=files.source.weight_name,
-                image_encoder_folder=None,
-                local_files_only=True,
-            )
+            with _model_stays_put(pipe.unet):
+                pipe.load_ip_adapter(
+                    source,
+                    subfolder=files.source.subfolder,
+                    weight_name=files.source.weight_name,
+                    image_encoder_folder=None,
+                    local_files_only=True,
+                )
+            device, dtype = _model_place(pipe.unet)
+            for processor in pipe.unet.attn_processors.values():
+                if isinstance(processor, nn.Module):
+                    processor.to(device=device, dtype=dtype)
+            pipe.unet.encoder_hid_proj.to(device=device, dtype=dtype)
         else:
             pipe.load_ip_adapter(
                 source,
@@ -586,7 +617,7 @@ def _install_lora(handle: IPAdapterHandle, lora: Mapping[int, Mapping[str, tuple
                 down.to(device=param.device, dtype=param.dtype),
                 up.to(device=param.device, dtype=param.dtype),
             )
-            handle._hooks.append(linear.register_forward_hook(RowLoRA(*moved[layer], handle.gate)))
+            handle._hooks.append(linear.register_forward_hook(RowLoRA(*moved[layer], handle.gate, id(model))))
         # fused projections (an optimisation profile's fuse_qkv): the original processors compute q, k, v through
         # to_qkv (self-attention) or k, v through to_kv (cross-attention); the IP processors still use to_q/k/v
         for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
@@ -599,7 +630,9 @@ def _install_lora(handle: IPAdapterHandle, lora: Mapping[int, Mapping[str, tuple
                     f"FaceID LoRA of processor {index} lacks {sorted(set(parts) - set(moved))} for the fused "
                     f"{fused} of {names[index]}: render with a profile without fuse_qkv"
                 )
-            handle._hooks.append(linear.register_forward_hook(FusedRowLoRA([moved[p] for p in parts], handle.gate)))
+            handle._hooks.append(
+                linear.register_forward_hook(FusedRowLoRA([moved[p] for p in parts], handle.gate, id(model)))
+            )
 
 
 def describe(handle: IPAdapterHandle) -> dict[str, object]:

@@ -54,6 +54,7 @@ from imagegen.identity.ipadapter.adapter import (
     split_faceid_lora,
 )
 from imagegen.identity.ipadapter.weights import (
+    ARCFACE_DIM,
     FACEID_PLUSV2_SDXL,
     FACEID_PLUSV2_SDXL_METHOD,
     FLUX_METHOD,
@@ -94,10 +95,15 @@ def load_image_encoder(folder: Path, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval().requires_grad_(False)
 
 
+def encoder_config(folder: Path) -> dict:
+    """The vision config of a CLIP image-encoder folder (its ``config.json``, read without loading the weights)."""
+    config = json.loads((folder / "config.json").read_text())
+    return {**config.get("vision_config", config), "projection_dim": config.get("projection_dim")}
+
+
 def encoder_image_size(folder: Path) -> int:
     """The input size of a CLIP image-encoder folder, read from its ``config.json`` without loading the weights."""
-    config = json.loads((folder / "config.json").read_text())
-    return int(config.get("vision_config", config).get("image_size", 224))
+    return int(encoder_config(folder).get("image_size", 224))
 
 
 class IPAdapterMethod(IdentityMethod):
@@ -105,6 +111,8 @@ class IPAdapterMethod(IdentityMethod):
 
     version: ClassVar[str] = "2"
     source: ClassVar[AdapterSource]
+    #: the tensors ``compute`` returns per character (their shapes: :meth:`example_tensors`)
+    tensor_keys: ClassVar[tuple[str, ...]]
 
     def __init__(self, preset: Preset, device: torch.device, dtype: torch.dtype, settings: Settings | None = None):
         from transformers import CLIPImageProcessor
@@ -163,6 +171,19 @@ class IPAdapterMethod(IdentityMethod):
 
     def _layer_inputs(self, samples: list[IdentitySample]) -> dict:
         return {}
+
+    def example_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors of the shapes ``compute`` returns, random numbers of a fixed seed: what a warm-up renders with to
+        trace the identity path (no face and no image encoder involved: shapes from the encoder's config)."""
+        config = encoder_config(self.files.encoder_dir)
+        generator = torch.Generator().manual_seed(0)
+        tokens = (int(config["image_size"]) // int(config["patch_size"])) ** 2 + 1  # patches + the class token
+        examples = {
+            "clip": torch.randn(1, tokens, int(config["hidden_size"]), generator=generator),
+            "id": torch.nn.functional.normalize(torch.randn(1, ARCFACE_DIM, generator=generator), dim=-1),
+            "image": torch.randn(1, int(config.get("projection_dim") or config["hidden_size"]), generator=generator),
+        }
+        return {key: examples[key] for key in self.tensor_keys}
 
     # IdentityMethod ------------------------------------------------------------------------------------------
 
@@ -254,6 +275,7 @@ class PlusFaceSDXLMethod(IPAdapterMethod):
     name: ClassVar[str] = PLUS_FACE_SDXL_METHOD
     family: ClassVar[str] = "sdxl"
     source: ClassVar[AdapterSource] = PLUS_FACE_SDXL
+    tensor_keys: ClassVar[tuple[str, ...]] = ("clip",)
 
     @torch.inference_mode()
     def _compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:
@@ -272,6 +294,7 @@ class FaceIDPlusV2SDXLMethod(IPAdapterMethod):
     name: ClassVar[str] = FACEID_PLUSV2_SDXL_METHOD
     family: ClassVar[str] = "sdxl"
     source: ClassVar[AdapterSource] = FACEID_PLUSV2_SDXL
+    tensor_keys: ClassVar[tuple[str, ...]] = ("id", "clip")
 
     #: FaceID-PlusV2's shortcut: the ArcFace tokens are added to the resampler's output, times this
     shortcut_scale: ClassVar[float] = 1.0
@@ -327,6 +350,10 @@ class FluxIPAdapterMethod(IPAdapterMethod):
     name: ClassVar[str] = FLUX_METHOD
     family: ClassVar[str] = "flux"
     source: ClassVar[AdapterSource] = FLUX_XLABS
+    tensor_keys: ClassVar[tuple[str, ...]] = ("image",)
+    #: the IP processors sit inside the blocks a residual cache skips (its residual carries their output), and a
+    #: sample's start step makes the cache compute (:mod:`.adapter`); tests/identity_profiles checks each
+    step_caches: ClassVar[frozenset[str]] = frozenset({"first-block", "magcache"})
 
     @torch.inference_mode()
     def _compute(self, references: list[Image.Image]) -> dict[str, torch.Tensor]:

@@ -139,6 +139,14 @@ class PulidMethod(IdentityMethod):
         finally:
             self.release_encoders()
 
+    def example_tensors(self) -> dict[str, torch.Tensor]:
+        """Id tokens of the shapes ``compute`` returns (``[1, num_queries, output_dim]``, cond and uncond), random
+        numbers of a fixed seed: what a warm-up renders with to trace the identity path (no face involved)."""
+        config = self.weights.encoder.config
+        generator = torch.Generator().manual_seed(0)
+        shape = (1, config.num_queries, config.output_dim)
+        return {"id": torch.randn(shape, generator=generator), "uncond": torch.randn(shape, generator=generator)}
+
     def _stack(self, samples: list[IdentitySample], key: str) -> torch.Tensor:
         template = next(s.tensors[key] for s in samples if s.tensors is not None)[0]
         tokens, _ = stack_batch([s.tensors[key] if s.tensors is not None else None for s in samples], template)
@@ -155,7 +163,7 @@ class PulidFluxMethod(PulidMethod):
     family: ClassVar[str] = "flux"
     #: the cross-attention hooks add nothing on a step the cache answers from its residual (which holds them), and
     #: a sample's start step makes the cache compute (:mod:`.flux_ca`); tests/identity_profiles checks each
-    step_caches: ClassVar[frozenset[str]] = frozenset({"first-block"})
+    step_caches: ClassVar[frozenset[str]] = frozenset({"first-block", "magcache"})
 
     def _load_weights(self):
         return pulid_weights.load_pulid_flux(self.files["weights"], dtype=self.dtype, device=self.device)
