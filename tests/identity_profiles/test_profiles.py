@@ -284,3 +284,37 @@ def test_example_tensors_have_the_shapes_of_a_character(registry, preset, method
     real = provider.tensors_for("mia", conditioner)
     examples = conditioner.example_tensors()
     assert {k: (v.shape, v.dtype) for k, v in examples.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+
+
+def identity_parameters(conditioner) -> dict[str, torch.Tensor]:
+    """The parameters an attached method brings (not the denoiser's own)."""
+    handle = conditioner.handle
+    if hasattr(handle, "cross_attentions"):  # PuLID-FLUX
+        return dict(handle.cross_attentions.named_parameters())
+    if hasattr(handle, "processors"):  # PuLID-SDXL
+        return {f"{n}.{k}": v for n, p in handle.processors.items() for k, v in p.named_parameters()}
+    params = {f"proj.{k}": v for k, v in handle.projection.named_parameters()}  # IP-Adapter
+    for name, processor in handle.model.attn_processors.items():
+        if hasattr(processor, "ip"):
+            params.update({f"{name}.{k}": v for k, v in processor.ip.named_parameters()})
+    return params
+
+
+@pytest.mark.parametrize("preset", list(METHODS))
+def test_identity_modules_keep_their_precision_on_a_quantised_denoiser(registry, preset):
+    """``fastest`` quantises the denoiser at load (int8 weight-only on the CPU); every identity method still attaches
+    to it (diffusers' IP-Adapter loader included), and what the method brings stays in the preset's precision."""
+    renderer = renderer_for(registry, preset, "fastest")
+    denoiser = renderer.pipe.transformer if preset == "tiny-flux" else renderer.pipe.unet
+    quantised = [n for n, p in denoiser.named_parameters() if type(p) not in (torch.Tensor, torch.nn.Parameter)]
+    assert quantised  # the profile did quantise the denoiser's Linear weights
+    for method in METHODS[preset]:
+        conditioner = renderer.identity_method(method)
+        params = identity_parameters(conditioner)
+        assert params, method
+        odd = {n: type(p).__name__ for n, p in params.items() if type(p) is not torch.nn.Parameter}
+        assert not odd, (method, list(odd.items())[:3])
+        assert {p.dtype for p in params.values()} == {renderer.dtype}, method
+        lora = [h for h in getattr(conditioner.handle, "_hooks", []) if "faceid" in method]
+        assert bool(lora) == ("faceid" in method)
+    renderer.detach_identity()
