@@ -74,7 +74,7 @@ class Conditioner(ABC):
         """Identifies the weights in use (tensors computed with other weights do not fit)."""
 
     #: step caches (``StepCacheOptions.kind``) this method was shown to honour: a skipped step neither drops nor
-    #: repeats its identity contribution (tests/pipelines/test_profiles.py checks each one claimed)
+    #: repeats its identity contribution (tests/identity_profiles/test_profiles.py checks each one claimed)
     step_caches: ClassVar[frozenset[str]] = frozenset()
 
     def check_profile(self, profile: Profile) -> None:

@@ -22,6 +22,13 @@ wraps what it built, without forking any of it:
 
 :meth:`IPAdapterHandle.detach` puts back the very processor objects, projection attribute, config values and
 pipeline components the model and pipeline had before, and removes every hook.
+
+Under an optimisation profile: the wrapped processors and LoRA hooks run inside blocks ``torch.compile`` traces, so
+they read nothing but a :class:`CallGate` (two booleans and per-row tensors) that a forward pre-hook on the model fills
+once per model call: no recompile per character, weight or start step, no graph break. The IP processors sit inside
+the blocks a residual step cache skips, so a skipped step's residual carries their output (and a step where a
+sample's adapter starts is always computed). On a quantised denoiser the adapter's own modules keep the pipeline's
+precision; with fused projections (SDXL ``fuse_qkv``) FaceID's LoRA also hooks the fused ``to_qkv`` / ``to_kv``.
 """
 
 from __future__ import annotations

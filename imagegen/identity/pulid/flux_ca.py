@@ -13,6 +13,20 @@ which per-sample weights apply. The cross-attention modules stay outside the tra
 What a render sets per batch is a :class:`PulidFluxState`: id tokens ``[B, N, C]``, per-sample weights ``[B]``
 (0: that sample renders exactly as without PuLID), optional negative id tokens for true CFG, and a start step
 (identity only from denoising step ``start_step`` on), advanced by the pipeline's step callback.
+
+Under an optimisation profile (:mod:`imagegen.pipelines.profiles`):
+
+- ``torch.compile`` of the blocks: a block hook's frame is skipped by dynamo (it runs eagerly: which samples take
+  identity at this step, whether a step cache skipped the block), and only :func:`add_identity`, tensors in and out,
+  is compiled: one graph per input shape and layout, shared by every block, character, weight and start step. In a
+  compiled block every row is computed (weight 0 for rows without identity), so shapes never depend on the batch's
+  composition;
+- residual step caches (First-Block, MagCache): on a skipped step the cached residual already holds every block's
+  identity term of the last computed step, so the hooks add nothing there (the cache's tail block excepted:
+  :func:`~imagegen.pipelines.profiles.step_skipped`), and a step where some sample's identity starts is always
+  computed (:func:`~imagegen.pipelines.profiles.compute_step_when_changed`);
+- quantisation: the cross-attentions are separate modules, attached after the denoiser was quantised: they keep the
+  pipeline's dtype.
 """
 
 from __future__ import annotations
