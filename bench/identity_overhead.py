@@ -173,6 +173,11 @@ def bench_profile(
             rows.append({**row, "note": f"refused: {exc}"})
             print(f"  {name} {choice.label} {row['method']} batch {batch}: refused: {exc}", flush=True)
             continue
+        except Exception as exc:  # noqa: BLE001 - a crash mid-render (e.g. a compile limit) is a result too
+            note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            rows.append({**row, "note": note})
+            print(f"  {name} {choice.label} {row['method']} batch {batch} mix {mix}: {note}", flush=True)
+            continue
         prepared = renderer.prepare(batch_requests[0])
         rows.append(
             {

@@ -55,7 +55,13 @@ def bench_preset(
             )
             for i in range(batch)
         ]
-        timing = time_calls(lambda: renderer.render(requests), repeats, renderer.device)  # noqa: B023
+        try:
+            timing = time_calls(lambda: renderer.render(requests), repeats, renderer.device)  # noqa: B023
+        except Exception as exc:  # noqa: BLE001 - a crash mid-render (e.g. a compile limit) is a result too
+            note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            rows.append({**base, "batch": batch, "note": note})
+            print(f"  {name} {choice.label} batch {batch}: {note}", flush=True)
+            continue
         first = renderer.prepare(requests[0])
         rows.append(
             {
