@@ -351,6 +351,7 @@ class Renderer:
                     RenderResult(
                         request=request,
                         preset=self.preset.name,
+                        profile=self.profile.name,
                         image=None,
                         problem=CANCELLED,
                         timings=dict(timings),
@@ -366,6 +367,7 @@ class Renderer:
                 RenderResult(
                     request=request,
                     preset=self.preset.name,
+                    profile=self.profile.name,
                     image=None if problem else to_pil(image),
                     problem=problem,
                     timings=dict(timings),

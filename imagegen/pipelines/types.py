@@ -109,6 +109,9 @@ class RenderResult:
     versions: dict[str, str] = field(default_factory=dict)
     #: the pipeline call this image came from: id (unique per renderer), size, distinct characters
     batch: dict[str, Any] = field(default_factory=dict)
+    #: the optimisation profile the renderer ran (``imagegen.pipelines.profiles``): part of the recipe, since
+    #: profiles other than ``quality`` render within stated tolerances of it, not bit for bit
+    profile: str = "quality"
 
     @property
     def seed(self) -> int:
@@ -127,6 +130,7 @@ class RenderResult:
             "negative_prompt": req.negative_prompt,
             "seed": req.seed,
             "preset": self.preset,
+            "profile": self.profile,
             "width": req.width,
             "height": req.height,
             "steps": req.steps,

@@ -154,9 +154,12 @@ def _warm_method(renderer: Any, method: str, width: int, height: int, steps: int
         return entry
     t0 = time.perf_counter()
     request = _request(renderer.preset, width, height, steps, seed=0, character=WARMUP_CHARACTER, method=method)
+    plain = _request(renderer.preset, width, height, steps, seed=0)
     with _example_identity(renderer, examples()):
         try:
             renderer.render([request])
+            # a plain request while the method stays attached runs the hooks' other branch: compile it now too
+            renderer.render([plain])
         except ImagegenError as exc:
             raise WarmupError(f"warm-up identity render with '{method}' failed: {exc}") from exc
     entry.update(rendered=True, render_s=round(time.perf_counter() - t0, 3))

@@ -53,6 +53,7 @@ def test_every_profile_renders_what_eager_renders(renders, preset, name):
     got = renders[(preset, name)]
     eager = renders[(preset, "quality")]
     assert got["alone"].ok and got["applied"].name == name
+    assert got["alone"].metadata()["profile"] == name  # the recipe says which profile made the image
     diff = np.abs(pixels(got["alone"]) - pixels(eager["alone"]))
     assert diff.max() <= EAGER_TOLERANCE[name], (name, int(diff.max()))
     batch_diff = np.abs(pixels(got["batch"][1]) - pixels(got["alone"]))
