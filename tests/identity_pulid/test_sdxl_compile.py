@@ -139,6 +139,7 @@ def test_compiled_blocks_do_not_break_or_recompile_per_batch(tiny_unet):
 
     eager = [denoise(unet, handle, inputs, state) for state in [None, *states()]]
     torch._dynamo.reset()
+    counters.clear()  # process-wide: earlier tests' step caches count graph breaks of their own
     unet.compile_repeated_blocks(fullgraph=True, backend="eager")
     try:
         denoise(unet, handle, inputs, None)
