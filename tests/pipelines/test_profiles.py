@@ -116,12 +116,20 @@ def test_unknown_profile_and_bad_options_are_refused_before_loading():
         profile_for(preset, "fast")
 
 
-def test_a_step_cache_call_stopped_midway_leaves_nothing_to_the_next(renders):
+#: a First-Block cache that skips every step it can (eager, to stay quick): its residuals always win over computing
+GREEDY_CACHE = {"fastest": {"compile": None, "quantize": "none", "step_cache": {"kind": "first-block", "options": {"threshold": 1e9}}}}
+
+
+def test_a_step_cache_call_stopped_midway_leaves_nothing_to_the_next():
     """A cancelled call under the First-Block cache keeps its rows to the end of the step it is in, and the next
-    call starts from an empty cache: it renders what a fresh renderer renders."""
+    call starts from an empty cache: it renders what a fresh renderer renders. With a threshold no difference
+    reaches, a stale residual left by the stopped call would be reused from the next call's first step on (its
+    image would be another prompt's), so only a cache emptied between calls passes."""
     import threading
 
-    renderer = Renderer("tiny-flux", device="cpu", profile="fastest")
+    preset = get_preset("tiny-flux").model_copy(update={"profile_overrides": GREEDY_CACHE})
+    [fresh] = Renderer(preset, device="cpu", profile="fastest").render([TARGET])
+    renderer = Renderer(preset, device="cpu", profile="fastest")
     flag = threading.Event()
     results = renderer.render(
         [OTHERS[0], OTHERS[1]],
@@ -130,5 +138,4 @@ def test_a_step_cache_call_stopped_midway_leaves_nothing_to_the_next(renders):
     )
     assert [r.problem for r in results] == ["cancelled", "cancelled"]
     [after] = renderer.render([TARGET])
-    fresh = renders[("tiny-flux", "fastest")]["alone"]
     assert np.array_equal(pixels(after), pixels(fresh))
