@@ -117,7 +117,8 @@ def test_unknown_profile_and_bad_options_are_refused_before_loading():
 
 
 #: a First-Block cache that skips every step it can (eager, to stay quick): its residuals always win over computing
-GREEDY_CACHE = {"fastest": {"compile": None, "quantize": "none", "step_cache": {"kind": "first-block", "options": {"threshold": 1e9}}}}
+GREEDY_STEP_CACHE = {"kind": "first-block", "options": {"threshold": 1e9}}
+GREEDY_CACHE = {"fastest": {"compile": None, "quantize": "none", "step_cache": GREEDY_STEP_CACHE}}
 
 
 def test_a_step_cache_call_stopped_midway_leaves_nothing_to_the_next():
