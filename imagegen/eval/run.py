@@ -29,8 +29,8 @@ from imagegen.eval.render import RenderOutcome, ensure_ray, render_cells
 from imagegen.eval.report import render_html, render_junit
 from imagegen.eval.rundir import SCHEMA, read_run, write_json, write_text
 from imagegen.eval.scoring import FaceScorer, list_images
-from imagegen.eval.suite import Suite, expand, load_suite
-from imagegen.eval.thresholds import Gates, ImageThresholds, resolve_thresholds
+from imagegen.eval.suite import Cell, Suite, expand, load_suite
+from imagegen.eval.thresholds import Gates, ImageThresholds, ResolvedThresholds, resolve_thresholds
 from imagegen.faces import FaceResult, get_analyzer
 from imagegen.samples import register_sample_character
 from imagegen.versions import library_versions
@@ -77,8 +77,12 @@ def write_run_dir(
     identities: Mapping[str, CharacterIdentity],
     skipped: Sequence[dict[str, Any]] = (),
     comparison: Comparison | None = None,
+    images_shown: str | None = None,
 ) -> dict[str, Path]:
-    """metrics.json, scores.json, run.json, report.html and junit.xml into ``run_dir``."""
+    """metrics.json, scores.json, run.json, report.html and junit.xml into ``run_dir``.
+
+    ``images_shown``: what the report says the images are (default: their directory's path; a run
+    made by the service shows no server path)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cmp = comparison.to_dict() if comparison else None
     run_info = {
@@ -112,7 +116,7 @@ def write_run_dir(
         "suite": suite_name,
         "created": metrics["created_at"],
         "model_version": info.get("model_version", ""),
-        "images": str(images_root.resolve()),
+        "images": images_shown if images_shown is not None else str(images_root.resolve()),
         **{k: v for k, v in info.items() if k in SHOWN_INFO},
     }
     page = render_html(evaluation, title=title, images_root=images_root, info=shown, skipped=skipped, comparison=cmp)
@@ -238,8 +242,45 @@ def run_suite(
             import ray
 
             ray.shutdown()
-    rendered_seconds = time.perf_counter() - started
+    return score_suite_run(
+        suite,
+        cells,
+        outcome,
+        out,
+        identities=identities,
+        analyzer=analyzer,
+        thresholds=thresholds,
+        profiles=profiles,
+        rendered_seconds=time.perf_counter() - started,
+        suite_path=suite_path,
+        baseline=baseline,
+        score_workers=score_workers,
+        progress=progress,
+    )
 
+
+def score_suite_run(
+    suite: Suite,
+    cells: Sequence[Cell],
+    outcome: RenderOutcome,
+    out: Path,
+    *,
+    identities: Mapping[str, CharacterIdentity],
+    analyzer: Any,
+    thresholds: ResolvedThresholds,
+    profiles: Mapping[str, str],
+    rendered_seconds: float,
+    suite_path: Path | None = None,
+    baseline: Path | None = None,
+    score_workers: int = 1,
+    progress: Progress | None = None,
+    images_shown: str | None = None,
+) -> RunResult:
+    """Score a suite's rendered grid (the PNGs under ``out``) and write the run directory.
+
+    The second half of ``run_suite``, on its own so a grid rendered elsewhere (the service's
+    renderer deployments: ``imagegen.serve.evalruns``) is scored and reported the same way.
+    """
     scored_cells = [c for c in cells if c.key not in outcome.skipped]
     to_analyze = [c for c in scored_cells if c.key not in outcome.problems]
     with FaceScorer(suite.backend, score_workers) as scorer:
@@ -320,6 +361,7 @@ def run_suite(
         info=info,
         identities=identities,
         skipped=skipped,
+        images_shown=images_shown,
     )
     log.info("suite %s: %s", suite.name, evaluation.summary)
     return RunResult(out, evaluation, paths, comparison, skipped, outcome)

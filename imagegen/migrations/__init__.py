@@ -83,6 +83,8 @@ KNOWN_TABLES = frozenset(
         "serve_jobs",
         "serve_job_events",
         "render_audit",
+        "character_renders",
+        "eval_runs",
     }
 )
 #: PostgreSQL advisory lock taken around schema work (SQLite: the ``BEGIN IMMEDIATE`` write lock)

@@ -3,7 +3,8 @@
 It is composed with one renderer deployment per preset through ``DeploymentHandle``s
 (``imagegen.serve.app``). The replica owns: its config (``user_config``, reloadable), metrics,
 the serve store (keys, jobs, audit), the registry, the key verifier, the render service (with
-the synchronous-render policy), the per-key limits, the character service and the job runner.
+the synchronous-render policy), the per-key limits, the character service, a character's library
+(references, report, recent renders), the evaluation runs and the job runner.
 A config whose stream and render limits do not fit the deployment's ``max_ongoing_requests`` fails
 the deploy (``reconfigure``), so ``serve run`` refuses it as ``imagegen serve`` does. The FastAPI app is
 built per replica by ``__serve_build_asgi_app__`` with this object on ``app.state.ingress``;
@@ -27,7 +28,9 @@ from imagegen.serve.characters import CharacterService
 from imagegen.serve.config import INGRESS_MAX_ONGOING_REQUESTS, INGRESS_NAME, IngressConfig
 from imagegen.serve.dispatch import ServeRenderers
 from imagegen.serve.errors import ApiError
+from imagegen.serve.evalruns import EvalRunService
 from imagegen.serve.jobs import JobRunner
+from imagegen.serve.library import LibraryService
 from imagegen.serve.limits import KeyLimiter
 from imagegen.serve.metrics import Metrics
 from imagegen.serve.service import RenderService, SyncRenders
@@ -63,6 +66,16 @@ class Ingress:
         )
         self.sync = SyncRenders(self.service)
         self.characters = CharacterService(self.registry, self.store, self.service.db)
+        self.library = LibraryService(self.registry, self.store, self.service.db, get_settings().face_backend)
+        self.evalruns = EvalRunService(
+            self.registry,
+            self.store,
+            self.service.renderers,
+            presets,
+            self.service.db,
+            self.service.settings,
+            get_settings().face_backend,
+        )
         #: set (and replaced by a fresh one) when a job of this replica has a new event; streams wait on it.
         #: An Event, not a Condition: no lock to contend for, so 100+ streams cancelled at once (clients
         #: gone) cannot leave a lock held and every other stream of the replica stuck behind it

@@ -235,7 +235,12 @@ class RenderService:
         rendered_at = loop.time()
         images = [self._image_out(plan, i, image, gate) for i, (image, gate) in enumerate(rendered)]
         audits = [self._audit(plan, image) for image, _ in rendered if image.png is not None]
-        await self.db(self.store.add_audit, audits)
+        scored = [
+            self._character_render(plan, i, image, gate)
+            for i, (image, gate) in enumerate(rendered)
+            if image.png is not None and plan.base.character is not None
+        ]
+        await self.db(self.store.add_audit, audits, scored)
         self.metrics.images.labels(plan.preset).inc(len(audits))
         out = RenderOut(
             request_id=plan.request_id,
@@ -328,6 +333,32 @@ class RenderService:
             "prompt_sha256": provenance.prompt_sha256(plan.base.prompt, plan.base.negative_prompt or ""),
             "seed": image.seed,
             "watermark_tag": provenance.tag_for(image.image_id),
+        }
+
+    def _character_render(self, plan: Plan, index: int, image: RenderedImage, gate: GateReport | None) -> dict:
+        """A character's recent render with its score (``character_renders``: what its page lists)."""
+        metadata = image.metadata
+        similarity = image.similarity if gate is not None else None
+        return {
+            "image_id": image.image_id,
+            "tenant": plan.caller.tenant,
+            "key_id": plan.key_id,
+            "character": plan.base.character,
+            "character_version": plan.character_version,
+            "request_id": plan.request_id,
+            "job_id": plan.job_id,
+            "image_index": index,
+            "preset": plan.preset,
+            "method": metadata.get("method"),
+            "prompt": plan.base.prompt,
+            "identity_weight": plan.base.identity_weight,
+            "seed": image.seed,
+            "width": metadata.get("width"),
+            "height": metadata.get("height"),
+            "similarity": similarity,
+            "threshold": plan.gate_min,
+            "passed": None if gate is None else (similarity is not None and similarity >= (plan.gate_min or 0.0)),
+            "backend": self.gate_family if gate is not None else None,
         }
 
     # -- jobs ------------------------------------------------------------------------------------

@@ -15,6 +15,19 @@ Tables (at the head revision of ``imagegen.migrations``; a change here needs a r
     serve_job_events  id PK (autoincrement, the SSE event id), job_id FK, type, data JSON, created_at
     render_audit      image_id PK, request_id, job_id, key_id, tenant, preset, character, character_version,
                       method, prompt_sha256, seed, watermark_tag, created_at, redacted_at
+    character_renders image_id PK, tenant, key_id, character (indexed), character_version, request_id, job_id,
+                      image_index, preset, method, prompt, identity_weight, seed, width, height, similarity,
+                      threshold, passed, backend, created_at (indexed)
+    eval_runs         id PK, tenant (indexed), key_id, suite, status, characters JSON, spec JSON, progress JSON,
+                      summary JSON, files JSON, verdict, error_code, error_message, owner, heartbeat_at,
+                      created_at (indexed), started_at, finished_at
+
+``character_renders`` is what a character's page lists as its recent renders (prompt, weight,
+score, threshold): unlike the audit trail it holds the prompt, so it keeps a render only as long as
+jobs are kept (``job_ttl_s``) and a deleted character's rows are deleted, not redacted.
+``eval_runs`` are evaluation runs submitted through the API (``serve/evalruns.py``); the files of
+their run directories (``report.html``, ``metrics.json``, ``junit.xml``) are blobs of the results
+store named in ``files``, so any ingress replica serves them.
 
 Deleting a character removes what the service kept of it (``purge_character``): the jobs that
 rendered it (rows, events, result PNGs) go; its audit rows stay but lose the character's id and
@@ -23,7 +36,8 @@ made, of a since-deleted character". The audit trail never held the prompt, only
 SQLite runs with ``secure_delete`` and the WAL is checkpointed after a purge, so freed pages do
 not keep the bytes; on PostgreSQL deleted tuples stay in the table files until ``VACUUM`` reclaims
 them (autovacuum does it in time; run ``VACUUM`` on ``serve_jobs`` and ``serve_job_events`` when a
-deletion must take effect on disk at once).
+deletion must take effect on disk at once). The purge also deletes the character's
+``character_renders`` rows and every API evaluation run that rendered it (row and files).
 """
 
 from __future__ import annotations
@@ -39,13 +53,17 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
+    Float,
     ForeignKey,
     Integer,
     String,
     Text,
+    and_,
     delete,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -133,6 +151,105 @@ class AuditRow(Base):
     created_at: Mapped[datetime]
     #: when the character was deleted and ``character`` / ``character_version`` cleared
     redacted_at: Mapped[datetime | None]
+
+
+class CharacterRenderRow(Base):
+    """A served image of a character with its score: what the character's page lists as a recent render."""
+
+    __tablename__ = "character_renders"
+
+    image_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(32))
+    character: Mapped[str] = mapped_column(String(64), index=True)
+    character_version: Mapped[int | None] = mapped_column(Integer)
+    request_id: Mapped[str] = mapped_column(String(128))
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    #: the image's index in its request (a job's images are fetched by it)
+    image_index: Mapped[int] = mapped_column(Integer)
+    preset: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str | None] = mapped_column(String(64))
+    prompt: Mapped[str] = mapped_column(Text)
+    identity_weight: Mapped[float | None] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    #: identity similarity to the character's centroid (None: the render was not scored)
+    similarity: Mapped[float | None] = mapped_column(Float)
+    #: the consistency gate's threshold the render was held to (None: no gate)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    passed: Mapped[bool | None] = mapped_column(Boolean)
+    #: the face backend that scored it
+    backend: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class EvalRunRow(Base):
+    """An evaluation run submitted through the API, owned by a tenant."""
+
+    __tablename__ = "eval_runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    suite: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    #: the characters the run renders (deleting one deletes the run)
+    characters: Mapped[list[Any]]
+    spec: Mapped[dict[str, Any]]
+    progress: Mapped[dict[str, Any]]
+    summary: Mapped[dict[str, Any] | None]
+    #: the run directory's files kept: name -> digest in the results store
+    files: Mapped[dict[str, Any]]
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+@dataclass
+class EvalRun:
+    id: str
+    tenant: str
+    key_id: str
+    suite: str
+    status: str
+    characters: list[str]
+    spec: dict[str, Any]
+    progress: dict[str, Any]
+    summary: dict[str, Any] | None
+    files: dict[str, str]
+    verdict: str | None
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: EvalRunRow) -> EvalRun:
+        return cls(
+            id=row.id,
+            tenant=row.tenant,
+            key_id=row.key_id,
+            suite=row.suite,
+            status=row.status,
+            characters=list(row.characters or []),
+            spec=dict(row.spec or {}),
+            progress=dict(row.progress or {}),
+            summary=None if row.summary is None else dict(row.summary),
+            files=dict(row.files or {}),
+            verdict=row.verdict,
+            error_code=row.error_code,
+            error_message=row.error_message,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
 
 
 @dataclass
@@ -527,6 +644,8 @@ class ServeStore(SessionScopes):
             if ids:
                 s.execute(delete(JobEventRow).where(JobEventRow.job_id.in_(ids)))
                 s.execute(delete(JobRow).where(JobRow.id.in_(ids)))
+            # a character's recent renders hold prompts: kept no longer than jobs are
+            s.execute(delete(CharacterRenderRow).where(CharacterRenderRow.created_at < cutoff))
         self._delete_unreferenced_results(digests)
         return len(ids)
 
@@ -546,6 +665,7 @@ class ServeStore(SessionScopes):
                 for (result,) in s.execute(select(JobRow.result).where(JobRow.result.is_not(None)))
                 for img in (result or {}).get("images", [])
             }
+            still |= {d for (files,) in s.execute(select(EvalRunRow.files)) for d in (files or {}).values()}
         removed = 0
         for digest in digests - still:
             if self.results.exists(digest):
@@ -577,6 +697,12 @@ class ServeStore(SessionScopes):
                 .where(AuditRow.character == character_id)
                 .values(character=None, character_version=None, redacted_at=utcnow())
             ).rowcount
+            render_rows = s.execute(delete(CharacterRenderRow).where(CharacterRenderRow.character == character_id))
+            # few rows; a JSON containment query differs per database
+            runs = [r for r in s.scalars(select(EvalRunRow)) if character_id in (r.characters or [])]
+            if runs:
+                s.execute(delete(EvalRunRow).where(EvalRunRow.id.in_([r.id for r in runs])))
+            digests |= {d for r in runs for d in (r.files or {}).values()}
         results = self._delete_unreferenced_results(digests)
         self.checkpoint()
         log.info(
@@ -586,24 +712,160 @@ class ServeStore(SessionScopes):
             results,
             audits,
         )
-        return {"jobs": len(ids), "events": events, "results": results, "audit_redacted": audits}
+        return {
+            "jobs": len(ids),
+            "events": events,
+            "results": results,
+            "audit_redacted": audits,
+            "recent_renders": render_rows.rowcount,
+            "eval_runs": len(runs),
+        }
 
     def checkpoint(self) -> None:
         """SQLite: fold the WAL into the database file and truncate it (``imagegen.db.checkpoint_wal``)."""
         checkpoint_wal(self.engine)
 
     # -- audit ---------------------------------------------------------------------------------
-    def add_audit(self, records: Sequence[dict[str, Any]]) -> None:
-        """One audit row per delivered image; each record names its ``tenant`` (the key's)."""
+    def add_audit(self, records: Sequence[dict[str, Any]], renders: Sequence[dict[str, Any]] = ()) -> None:
+        """One audit row per delivered image; each record names its ``tenant`` (the key's).
+
+        ``renders``: the character renders among them with their scores (``character_renders``
+        rows), written in the same transaction.
+        """
         if not records:
             return
-        for record in records:
+        for record in [*records, *renders]:
             if "tenant" not in record:
                 raise ValueError("every audit record names its tenant (the tenant of the key that rendered it)")
             validate_tenant_id(record["tenant"])
         now = utcnow()
         with self._write() as s:  # one executemany, no ORM unit of work: this is on every render's path
             s.execute(insert(AuditRow), [{**record, "created_at": now} for record in records])
+            if renders:
+                s.execute(insert(CharacterRenderRow), [{**render, "created_at": now} for render in renders])
+
+    def recent_renders(self, character_id: str, tenant: str | None, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recent renders of ``character_id`` (of ``tenant``; None: every tenant), newest first."""
+        query = (
+            select(CharacterRenderRow)
+            .where(CharacterRenderRow.character == character_id)
+            .order_by(CharacterRenderRow.created_at.desc(), CharacterRenderRow.image_id)
+            .limit(limit)
+        )
+        if tenant is not None:
+            query = query.where(CharacterRenderRow.tenant == tenant)
+        with self._read() as s:
+            return [_render_dict(r) for r in s.scalars(query)]
+
+    def character_render(self, character_id: str, image_id: str) -> dict[str, Any] | None:
+        """One recent render of ``character_id`` by image id (None: not recorded, or expired)."""
+        with self._read() as s:
+            row = s.get(CharacterRenderRow, image_id)
+            return None if row is None or row.character != character_id else _render_dict(row)
+
+    # -- evaluation runs -----------------------------------------------------------------------
+    def create_eval_run(
+        self, run_id: str, *, tenant: str, key_id: str, suite: str, characters: Sequence[str], spec: dict[str, Any]
+    ) -> EvalRun:
+        with self._write() as s:
+            row = EvalRunRow(
+                id=run_id,
+                tenant=validate_tenant_id(tenant),
+                key_id=key_id,
+                suite=suite,
+                status="queued",
+                characters=list(characters),
+                spec=spec,
+                progress={},
+                summary=None,
+                files={},
+                verdict=None,
+                error_code=None,
+                error_message=None,
+                owner=None,
+                heartbeat_at=None,
+                created_at=utcnow(),
+                started_at=None,
+                finished_at=None,
+            )
+            s.add(row)
+            s.flush()
+            return EvalRun.from_row(row)
+
+    def get_eval_run(self, run_id: str) -> EvalRun | None:
+        with self._read() as s:
+            row = s.get(EvalRunRow, run_id)
+            return None if row is None else EvalRun.from_row(row)
+
+    def list_eval_runs(self, tenant: str | None, limit: int = 50) -> list[EvalRun]:
+        query = select(EvalRunRow).order_by(EvalRunRow.created_at.desc()).limit(limit)
+        if tenant is not None:
+            query = query.where(EvalRunRow.tenant == tenant)
+        with self._read() as s:
+            return [EvalRun.from_row(r) for r in s.scalars(query)]
+
+    def eval_run_progress(self, run_id: str, owner: str, progress: dict[str, Any]) -> bool:
+        """Record progress (and a heartbeat) of a run ``owner`` runs; False when it is gone (deleted)."""
+        now = utcnow()
+        with self._write() as s:
+            row = s.get(EvalRunRow, run_id, with_for_update=True)
+            if row is None or row.status not in ACTIVE:
+                return False
+            if row.status == "queued":
+                row.status, row.owner, row.started_at = "running", owner, now
+            if row.owner != owner:
+                return False
+            row.progress, row.heartbeat_at = {**(row.progress or {}), **progress}, now
+            return True
+
+    def finish_eval_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        summary: dict[str, Any] | None = None,
+        files: dict[str, str] | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> bool:
+        """End a run: ``done`` with its summary and files, or ``failed`` with ``error`` (code, message).
+
+        False when it is gone (deleted meanwhile, or failed as stale): the caller deletes what it stored.
+        """
+        with self._write() as s:
+            row = s.get(EvalRunRow, run_id, with_for_update=True)
+            if row is None or row.status not in ACTIVE or (row.owner is not None and row.owner != owner):
+                return False
+            row.status = "failed" if error is not None else "done"
+            row.finished_at, row.heartbeat_at = utcnow(), None
+            row.summary, row.files = summary, dict(files or {})
+            row.verdict = None if summary is None else summary.get("verdict")
+            if error is not None:
+                row.error_code, row.error_message = error
+            return True
+
+    def fail_stale_eval_runs(self, stale_after_s: float) -> int:
+        """Runs whose runner stopped sending heartbeats (its replica died): failed, with the reason."""
+        cutoff = utcnow() - timedelta(seconds=stale_after_s)
+        with self._write() as s:
+            never_started = and_(EvalRunRow.heartbeat_at.is_(None), EvalRunRow.created_at < cutoff)
+            silent = or_(EvalRunRow.heartbeat_at < cutoff, never_started)
+            rows = s.scalars(select(EvalRunRow).where(EvalRunRow.status.in_(ACTIVE), silent)).all()
+            for row in rows:
+                row.status, row.finished_at, row.heartbeat_at = "failed", utcnow(), None
+                row.error_code = "runner_died"
+                row.error_message = "the service replica running this evaluation stopped; submit it again"
+            return len(rows)
+
+    def delete_eval_run(self, run_id: str) -> bool:
+        """Delete a run's row and its files; False when there was none."""
+        with self._write() as s:
+            row = s.get(EvalRunRow, run_id)
+            if row is None:
+                return False
+            digests = set((row.files or {}).values())
+            s.delete(row)
+        self._delete_unreferenced_results(digests)
+        return True
 
     def audit_by_tag(self, tag: int) -> list[dict[str, Any]]:
         with self._read() as s:
@@ -632,6 +894,31 @@ def _audit_dict(row: AuditRow) -> dict[str, Any]:
         "watermark_tag": row.watermark_tag,
         "created_at": row.created_at.isoformat(),
         "redacted_at": row.redacted_at.isoformat() if row.redacted_at else None,
+    }
+
+
+def _render_dict(row: CharacterRenderRow) -> dict[str, Any]:
+    return {
+        "image_id": row.image_id,
+        "tenant": row.tenant,
+        "key_id": row.key_id,
+        "character": row.character,
+        "character_version": row.character_version,
+        "request_id": row.request_id,
+        "job_id": row.job_id,
+        "image_index": row.image_index,
+        "preset": row.preset,
+        "method": row.method,
+        "prompt": row.prompt,
+        "identity_weight": row.identity_weight,
+        "seed": row.seed,
+        "width": row.width,
+        "height": row.height,
+        "similarity": row.similarity,
+        "threshold": row.threshold,
+        "passed": row.passed,
+        "backend": row.backend,
+        "created_at": row.created_at,
     }
 
 

@@ -65,6 +65,31 @@ def _audit(image_id: str, job_id: str | None, character: str | None, tag: int, *
     }
 
 
+def _render(image_id: str, character: str, prompt: str) -> dict:
+    """A ``character_renders`` row: a served image of ``character`` with its score."""
+    return {
+        "image_id": image_id,
+        "tenant": "default",
+        "key_id": "key-1",
+        "character": character,
+        "character_version": 3,
+        "request_id": "r",
+        "job_id": None,
+        "image_index": 0,
+        "preset": "tiny-flux",
+        "method": "pulid-flux",
+        "prompt": prompt,
+        "identity_weight": 1.0,
+        "seed": 1,
+        "width": 64,
+        "height": 64,
+        "similarity": 0.61,
+        "threshold": 0.5,
+        "passed": True,
+        "backend": "dlib",
+    }
+
+
 def test_keys_verify_and_revoke(store: ServeStore):
     record, secret = create_key(store, "backend-a", ["render"])
     verifier = KeyVerifier(store, ttl_s=0)
@@ -130,9 +155,33 @@ def test_purging_a_character_removes_its_jobs_and_redacts_its_audit(store: Serve
         ]
     )
 
+    # a recent render of each (its prompt kept, unlike the audit row's hash) and API evaluation runs
+    store.add_audit(
+        [_audit("a3" * 16, None, "zqxchar", 0xA3A3A3A3), _audit("b3" * 16, None, "noa", 0xB3B3B3B3)],
+        [_render("a3" * 16, "zqxchar", prompt), _render("b3" * 16, "noa", "noa at the beach")],
+    )
+    assert [r["prompt"] for r in store.recent_renders("zqxchar", "default")] == [prompt]
+    assert store.recent_renders("zqxchar", "another-tenant") == []
+    report = store.results.put(b"<html>the zqxchar report</html>")
+    for run_id, characters in (("e" * 32, ["zqxchar", "noa"]), ("f" * 32, ["noa"])):
+        store.create_eval_run(run_id, tenant="default", key_id="key-1", suite="s", characters=characters, spec={})
+        assert store.eval_run_progress(run_id, "ingress-a", {"phase": "render"})
+    assert store.finish_eval_run("e" * 32, "ingress-a", summary={"verdict": "pass"}, files={"report.html": report})
+    assert store.get_eval_run("e" * 32).verdict == "pass"
+
     counts = store.purge_character("zqxchar")
 
-    assert counts == {"jobs": 2, "events": 7, "results": 1, "audit_redacted": 2}
+    assert counts == {
+        "jobs": 2,
+        "events": 7,
+        "results": 2,
+        "audit_redacted": 3,
+        "recent_renders": 1,
+        "eval_runs": 1,
+    }
+    assert store.recent_renders("zqxchar", None) == [] and len(store.recent_renders("noa", None)) == 1
+    assert store.get_eval_run("e" * 32) is None and store.get_eval_run("f" * 32).status == "running"
+    assert not store.results.exists(report)
     assert [store.get_job(j) for j in doomed] == [None, None] and store.events(doomed[0]) == []
     assert not store.finish_job(doomed[1], "ingress-a", {"images": []})  # the running one's result is dropped
     assert not store.results.exists(own) and store.results.exists(shared) and store.results.exists(kept)
@@ -151,7 +200,7 @@ def test_purging_a_character_removes_its_jobs_and_redacts_its_audit(store: Serve
         store.audit_for_image("b1" * 16)["character"] == "noa"
         and store.audit_for_image("b1" * 16)["redacted_at"] is None
     )
-    assert store.purge_character("zqxchar") == {"jobs": 0, "events": 0, "results": 0, "audit_redacted": 0}
+    assert set(store.purge_character("zqxchar").values()) == {0}
     if store.url.get_backend_name() == "sqlite":
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1  # freed pages are zeroed
