@@ -1,34 +1,45 @@
-"""A content-addressed blob store on a local directory.
+"""A content-addressed blob store over an object store (``imagegen.storage``): a local directory or a bucket.
 
-Every blob is named by the sha256 of its bytes and lives at ``<root>/ab/cd/abcd...``. A write goes
-to a temporary file in the blob's own directory, is flushed and fsynced, renamed over the final
-name with ``os.replace`` and the directory is fsynced, so a reader sees either the whole blob or
-no blob, whatever happens to the writing process. Reads check the hash again.
+Every blob is named by the sha256 of its bytes and lives at the key ``ab/cd/abcd...`` under its store's root:
+``<IMAGEGEN_HOME>/blobs`` by default, ``<IMAGEGEN_STORAGE_URL>/blobs`` when a storage URL is set (the registry's
+blobs; job images use ``serve/results`` the same way). A put is atomic on every backend (a fsynced temporary
+file renamed into place on disk; one PUT on S3 / GCS / Azure, which never show a partial object), so a reader
+sees either the whole blob or no blob, whatever happens to the writing process. Every read checks the hash
+again: a blob whose bytes changed is ``CorruptBlobError``, never bad bytes. A delete removes the object from
+the store itself (on a bucket: the object, not a marker over it, as long as the bucket does not keep object
+versions; see README "Storage").
 
-Digests are validated (64 lowercase hex characters) before they are turned into a path, so no
-caller input is ever joined into a path.
+Digests are validated (64 lowercase hex characters) before they are turned into a key, so no caller input is
+ever joined into a path or an object name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import re
-import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from imagegen.errors import ImagegenError
 from imagegen.settings import Settings, get_settings
+from imagegen.storage import TEMP_PREFIX, LocalObjects, ObjectInfo, ObjectNotFoundError, ObjectStore, open_storage
+
+__all__ = [
+    "TEMP_PREFIX",
+    "BlobNotFoundError",
+    "BlobStore",
+    "BlobStoreError",
+    "CorruptBlobError",
+    "InvalidDigestError",
+    "sha256_hex",
+    "validate_digest",
+]
 
 logger = logging.getLogger(__name__)
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-#: prefix of the temporary files a write leaves behind when its process is killed
-TEMP_PREFIX = ".tmp-"
 
 
 class BlobStoreError(ImagegenError):
@@ -76,186 +87,128 @@ def validate_digest(digest: object) -> str:
     return digest
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without O_RDONLY on directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 class BlobStore:
-    """Content-addressed blobs in a local directory (``get_settings().blob_root`` by default).
+    """Content-addressed blobs in an object store (``BlobStore.open()``: the registry's, from the settings).
 
-    Safe to share between threads and processes: writes are atomic renames of complete,
-    fsynced files and the content of a name never changes.
+    ``BlobStore(location)`` takes a directory, a storage URL (``s3://bucket/prefix/blobs``) or an
+    ``ObjectStore``. Safe to share between threads and processes: puts are atomic and the content of a name
+    never changes.
     """
 
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, location: ObjectStore | str | os.PathLike[str]):
+        self.objects = location if isinstance(location, ObjectStore) else open_storage(location)
 
     @classmethod
-    def open(cls, settings: Settings | None = None) -> BlobStore:
-        """The blob store of this process's settings (``IMAGEGEN_HOME/blobs``)."""
+    def open(cls, settings: Settings | None = None, area: str = "blobs") -> BlobStore:
+        """The blob store ``area`` of this process's storage (``IMAGEGEN_STORAGE_URL``, else ``IMAGEGEN_HOME``)."""
         settings = settings or get_settings()
-        return cls(settings.blob_root)
+        return cls(open_storage(settings.storage_root).child(area))
+
+    @property
+    def location(self) -> str:
+        """Where the blobs are, for operator messages (a path or a URL without credentials)."""
+        return self.objects.location
+
+    @property
+    def root(self) -> Path | None:
+        """The directory of a blob store on the local disk (None for a bucket)."""
+        return self.objects.root if isinstance(self.objects, LocalObjects) else None
 
     def __repr__(self) -> str:
-        return f"BlobStore({str(self.root)!r})"
+        return f"BlobStore({self.location!r})"
 
-    # -- paths -----------------------------------------------------------------------------------
-    def path(self, digest: str) -> Path:
-        """Where the blob ``digest`` lives (validated; the file may not exist)."""
+    # -- names -----------------------------------------------------------------------------------
+    @staticmethod
+    def key(digest: str) -> str:
+        """The object key of blob ``digest`` (validated; the object may not exist)."""
         digest = validate_digest(digest)
-        return self.root / digest[:2] / digest[2:4] / digest
+        return f"{digest[:2]}/{digest[2:4]}/{digest}"
 
-    def _make_dirs(self, directory: Path) -> None:
-        """Create the fan-out directories of a blob and make their entries durable."""
-        missing: list[Path] = []
-        current = directory
-        while not current.exists() and current != self.root:
-            missing.append(current)
-            current = current.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        for created in reversed(missing):
-            _fsync_dir(created.parent)
+    def path(self, digest: str) -> Path:
+        """Where blob ``digest`` lives on the local disk (a bucket has no paths: ``TypeError``)."""
+        key = self.key(digest)
+        if not isinstance(self.objects, LocalObjects):
+            raise TypeError(f"{self.location} is not a directory; blobs there have keys (BlobStore.key), not paths")
+        return self.objects.path(key)
 
     # -- the API ---------------------------------------------------------------------------------
     def put(self, data: bytes) -> str:
-        """Store ``data`` and return its digest (idempotent: storing the same bytes is a no-op).
+        """Store ``data`` and return its digest (idempotent: storing the same bytes again changes nothing).
 
-        An existing file with this name is checked; a corrupt one is replaced. Its modification
-        time is refreshed, which tells ``gc`` that a writer is about to reference it.
+        An intact copy already stored is kept and its write time refreshed (on a bucket the bytes are put
+        again, which is how an object's time is refreshed there); a corrupt one is replaced. The fresh write
+        time tells ``gc`` that a writer is about to reference the blob.
         """
         data = bytes(data)
         digest = sha256_hex(data)
-        final = self.path(digest)
-        if final.exists():
-            try:
-                self._read_verified(digest, final)
-            except (CorruptBlobError, BlobNotFoundError):
-                logger.warning("blob %s was corrupt or vanished; writing it again", digest)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.utime(final)
-                return digest
-        directory = final.parent
-        self._make_dirs(directory)
-        tmp = directory / f"{TEMP_PREFIX}{digest[:16]}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        _fsync_dir(directory)
-        logger.debug("stored blob %s (%d bytes)", digest, len(data))
+        key = self.key(digest)
+        if self.objects.refresh(key, data):
+            return digest
+        self.objects.put(key, data)
+        logger.debug("stored blob %s (%d bytes) in %s", digest, len(data), self.location)
         return digest
 
     def get(self, digest: str) -> bytes:
         """The bytes of blob ``digest``; raises ``CorruptBlobError`` when they no longer match."""
-        return self._read_verified(digest, self.path(digest))
-
-    def _read_verified(self, digest: str, path: Path) -> bytes:
+        key = self.key(digest)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            data = self.objects.get(key)
+        except ObjectNotFoundError:
             raise BlobNotFoundError(
-                f"blob {digest} is not in the blob store at {self.root}; it was deleted or never "
+                f"blob {digest} is not in the blob store at {self.location}; it was deleted or never "
                 "stored (run the registry's gc/verify, or register the data again)"
             ) from None
         actual = sha256_hex(data)
         if actual != digest:
             raise CorruptBlobError(
-                f"blob {digest} at {path} is corrupt: its bytes hash to {actual}. Restore the file "
+                f"blob {digest} at {self.location}/{key} is corrupt: its bytes hash to {actual}. Restore it "
                 "from a backup, or delete it and register the data again"
             )
         return data
 
     def exists(self, digest: str) -> bool:
         """Whether a blob named ``digest`` is stored (its content is not checked)."""
-        return self.path(digest).is_file()
+        return self.objects.head(self.key(digest)) is not None
+
+    def _info(self, digest: str) -> ObjectInfo:
+        info = self.objects.head(self.key(digest))
+        if info is None:
+            raise BlobNotFoundError(f"blob {digest} is not in the blob store at {self.location}")
+        return info
 
     def size(self, digest: str) -> int:
         """The size in bytes of blob ``digest``."""
-        path = self.path(digest)
-        try:
-            return path.stat().st_size
-        except FileNotFoundError:
-            raise BlobNotFoundError(f"blob {digest} is not in the blob store at {self.root}") from None
+        return self._info(digest).size
 
     def mtime(self, digest: str) -> float:
         """The last time blob ``digest`` was written or re-put (seconds since the epoch)."""
-        path = self.path(digest)
-        try:
-            return path.stat().st_mtime
-        except FileNotFoundError:
-            raise BlobNotFoundError(f"blob {digest} is not in the blob store at {self.root}") from None
+        return self._info(digest).modified
 
     def delete(self, digest: str) -> int:
-        """Remove blob ``digest``; returns the bytes freed (0 when it was not stored)."""
-        path = self.path(digest)
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            return 0
-        _fsync_dir(path.parent)
-        logger.debug("deleted blob %s (%d bytes)", digest, size)
+        """Remove blob ``digest`` from the store; returns the bytes freed (0 when it was not stored)."""
+        size = self.objects.delete(self.key(digest))
+        if size:
+            logger.debug("deleted blob %s (%d bytes) from %s", digest, size, self.location)
         return size
 
     def digests(self) -> Iterator[str]:
-        """Every stored blob's digest (temporary files are skipped)."""
-        if not self.root.is_dir():
-            return
-        for first in sorted(self.root.iterdir()):
-            if not first.is_dir() or len(first.name) != 2:
-                continue
-            for second in sorted(first.iterdir()):
-                if not second.is_dir() or len(second.name) != 2:
-                    continue
-                for entry in sorted(second.iterdir()):
-                    name = entry.name
-                    if DIGEST_RE.fullmatch(name) and name.startswith(first.name + second.name):
-                        yield name
+        """Every stored blob's digest (temporary files and foreign objects are skipped)."""
+        for info in self.objects.list():
+            parts = info.key.split("/")
+            if len(parts) == 3 and DIGEST_RE.fullmatch(parts[2]) and parts[2].startswith(parts[0] + parts[1]):
+                yield parts[2]
 
     def __iter__(self) -> Iterator[str]:
         return self.digests()
 
-    def temp_files(self) -> list[Path]:
-        """Temporary files left by writers that were killed (or are writing right now)."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob(f"*/*/{TEMP_PREFIX}*") if p.is_file())
+    def temp_files(self) -> list[str]:
+        """Keys of temporary files left by writers that were killed (or are writing right now)."""
+        return self.objects.temp_files()
 
     def remove_temp_files(self, older_than_s: float = 3600.0) -> int:
         """Delete temporary files older than ``older_than_s`` seconds; returns the bytes freed."""
-        freed = 0
-        cutoff = time.time() - older_than_s
-        for tmp in self.temp_files():
-            try:
-                stat = tmp.stat()
-                if stat.st_mtime > cutoff:
-                    continue
-                tmp.unlink()
-            except FileNotFoundError:
-                continue
-            freed += stat.st_size
-        return freed
+        return self.objects.remove_temp_files(older_than_s)
 
     def files(self) -> list[str]:
-        """Every file under the root as a relative POSIX path (blobs and temporary files)."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        """Every object under the root as a key (blobs and temporary files)."""
+        return sorted({info.key for info in self.objects.list()} | set(self.temp_files()))

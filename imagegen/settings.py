@@ -2,7 +2,7 @@
 
 Everything the system writes (model cache, registry database, blobs) lives under
 ``IMAGEGEN_HOME`` so a test or a deployment can point the whole system somewhere else with one
-variable.
+variable; a cluster moves blobs and job images to a bucket with ``IMAGEGEN_STORAGE_URL``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     allow_downloads: bool = True
     #: SQLAlchemy URL of the registry; empty means SQLite at IMAGEGEN_HOME/registry.db
     database_url: str = ""
+    #: where blobs and job images live (``imagegen.storage``): empty means IMAGEGEN_HOME on the local disk; a
+    #: directory, or s3://bucket/prefix, gs://bucket/prefix, az://container/prefix shared by every node
+    storage_url: str = ""
     #: face backend used for analysis and scoring: "dlib" (offline, public domain) or "insightface"
     face_backend: str = "dlib"
     #: insightface pack used by the "insightface" face backend (antelopev2 is what PuLID uses)
@@ -71,6 +74,11 @@ class Settings(BaseSettings):
     @property
     def registry_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'registry.db'}"
+
+    @property
+    def storage_root(self) -> str:
+        """The root of ``imagegen.storage.open_storage``: ``storage_url``, else IMAGEGEN_HOME."""
+        return self.storage_url or str(self.home)
 
     @property
     def insightface_home(self) -> Path:

@@ -15,6 +15,9 @@ import pytest
 
 from imagegen.settings import get_settings
 
+# the S3-compatible server and the storage arms (local directory / bucket) of the storage matrix
+from .storage.s3 import s3_bucket, s3_endpoint, storage  # noqa: F401
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_home(tmp_path_factory: pytest.TempPathFactory):

@@ -1,4 +1,9 @@
-"""The content-addressed blob store, on a real directory."""
+"""The content-addressed blob store, on a real directory and on a real S3-compatible server (moto's).
+
+The ``store`` fixture runs each backend-neutral test on both: ``IMAGEGEN_STORAGE_URL`` unset (the blobs
+under ``IMAGEGEN_HOME/blobs``, as always) and set to a fresh bucket. What a bucket holds is checked with
+boto3, independently of the obstore client the blob store uses.
+"""
 
 from __future__ import annotations
 
@@ -19,25 +24,53 @@ from imagegen.blobstore import (
 )
 from imagegen.settings import get_settings
 
+from .storage.s3 import Bucket
+
 
 @pytest.fixture
-def store(isolated_home: Path) -> BlobStore:
+def store(storage: Bucket | None) -> BlobStore:
     return BlobStore.open()
+
+
+@pytest.fixture
+def local_store(isolated_home: Path) -> BlobStore:
+    return BlobStore.open()
+
+
+def stored_keys(store: BlobStore, bucket: Bucket | None) -> list[str]:
+    """What the backend itself holds under the blob store's root (boto3 for a bucket, the directory else)."""
+    if bucket is None:
+        return sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_file())
+    return [key.removeprefix("blobs/") for key in bucket.keys()]
 
 
 def test_open_uses_the_settings_blob_root(isolated_home: Path) -> None:
     store = BlobStore.open()
     assert store.root == get_settings().blob_root == isolated_home / "blobs"
-    assert store.root.is_dir()
+    assert store.root.is_dir() and store.location == str(isolated_home / "blobs")
 
 
-def test_put_get_round_trip_and_fan_out(store: BlobStore) -> None:
+def test_open_uses_the_storage_url(s3_bucket: Bucket, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEGEN_STORAGE_URL", s3_bucket.url + "/team-a")
+    get_settings.cache_clear()
+    store = BlobStore.open()
+    assert store.root is None and store.location == f"{s3_bucket.url}/team-a/blobs"
+    digest = store.put(b"on a bucket")
+    assert s3_bucket.keys() == [f"team-a/blobs/{digest[:2]}/{digest[2:4]}/{digest}"]
+    assert not (isolated_home / "blobs").exists()
+    with pytest.raises(TypeError, match="not a directory"):
+        store.path(digest)
+
+
+def test_put_get_round_trip_and_fan_out(store: BlobStore, storage: Bucket | None) -> None:
     data = b"hello blobs"
     digest = store.put(data)
     assert digest == hashlib.sha256(data).hexdigest()
-    path = store.root / digest[:2] / digest[2:4] / digest
-    assert path.is_file() and path.read_bytes() == data
-    assert store.path(digest) == path
+    key = f"{digest[:2]}/{digest[2:4]}/{digest}"
+    assert store.key(digest) == key and stored_keys(store, storage) == [key]
+    assert store.objects.get(key) == data
+    if storage is None:
+        assert store.path(digest) == store.root / key and store.path(digest).read_bytes() == data
     assert store.get(digest) == data
     assert store.exists(digest)
     assert store.size(digest) == len(data)
@@ -45,18 +78,21 @@ def test_put_get_round_trip_and_fan_out(store: BlobStore) -> None:
     assert store.temp_files() == []
 
 
-def test_put_is_idempotent(store: BlobStore) -> None:
+def test_put_is_idempotent(store: BlobStore, storage: Bucket | None) -> None:
     first = store.put(b"same")
     second = store.put(bytearray(b"same"))
     assert first == second
-    assert store.files() == [f"{first[:2]}/{first[2:4]}/{first}"]
+    assert store.files() == stored_keys(store, storage) == [f"{first[:2]}/{first[2:4]}/{first}"]
 
 
-def test_delete(store: BlobStore) -> None:
+def test_delete_purges_the_object(store: BlobStore, storage: Bucket | None) -> None:
     digest = store.put(b"x" * 100)
+    kept = store.put(b"kept")
     assert store.delete(digest) == 100
     assert not store.exists(digest)
     assert store.delete(digest) == 0
+    # gone from the backend itself (the bucket as boto3 lists it), not hidden by our client
+    assert stored_keys(store, storage) == [store.key(kept)]
     with pytest.raises(BlobNotFoundError):
         store.get(digest)
     with pytest.raises(BlobNotFoundError):
@@ -78,18 +114,23 @@ def test_delete(store: BlobStore) -> None:
         123,
     ],
 )
-def test_digests_are_validated_before_any_path_is_built(store: BlobStore, bad: object) -> None:
-    before = sorted(p.as_posix() for p in store.root.rglob("*"))
-    for call in (store.get, store.exists, store.size, store.delete, store.path):
+def test_digests_are_validated_before_any_path_is_built(store: BlobStore, storage: Bucket | None, bad: object) -> None:
+    store.put(b"present")
+    before = stored_keys(store, storage)
+    for call in (store.get, store.exists, store.size, store.delete, store.key):
         with pytest.raises(InvalidDigestError, match="64 lowercase hex"):
             call(bad)  # type: ignore[arg-type]
-    assert sorted(p.as_posix() for p in store.root.rglob("*")) == before
+    assert stored_keys(store, storage) == before
 
 
-def test_corrupted_blob_raises_a_clear_error_and_put_repairs_it(store: BlobStore) -> None:
+def test_corrupted_blob_raises_a_clear_error_and_put_repairs_it(store: BlobStore, storage: Bucket | None) -> None:
     data = b"precious image bytes"
     digest = store.put(data)
-    store.path(digest).write_bytes(b"precious image bytez")
+    rot = b"precious image bytez"
+    if storage is None:
+        store.path(digest).write_bytes(rot)
+    else:  # behind the client's back, as bit rot or a foreign writer would
+        storage.raw_put(f"blobs/{store.key(digest)}", rot)
     with pytest.raises(CorruptBlobError, match="corrupt") as info:
         store.get(digest)
     assert digest in str(info.value) and "backup" in str(info.value)
@@ -97,7 +138,8 @@ def test_corrupted_blob_raises_a_clear_error_and_put_repairs_it(store: BlobStore
     assert store.get(digest) == data
 
 
-def test_put_refreshes_mtime_of_an_existing_blob(store: BlobStore) -> None:
+def test_put_refreshes_mtime_of_an_existing_blob(local_store: BlobStore) -> None:
+    store = local_store
     digest = store.put(b"old blob")
     old = time.time() - 7200
     os.utime(store.path(digest), (old, old))
@@ -106,11 +148,21 @@ def test_put_refreshes_mtime_of_an_existing_blob(store: BlobStore) -> None:
     assert store.mtime(digest) > old + 3600
 
 
-def test_temp_files_of_killed_writers_are_removed(store: BlobStore) -> None:
+def test_put_refreshes_the_write_time_of_an_object(s3_bucket: Bucket) -> None:
+    store = BlobStore(s3_bucket.url + "/blobs")
+    digest = store.put(b"old blob")
+    first = store.mtime(digest)
+    time.sleep(1.1)  # S3's Last-Modified has whole seconds
+    store.put(b"old blob")
+    assert store.mtime(digest) >= first + 1
+
+
+def test_temp_files_of_killed_writers_are_removed(local_store: BlobStore) -> None:
+    store = local_store
     digest = store.put(b"a")
     tmp = store.path(digest).parent / f"{TEMP_PREFIX}deadbeef-1-abcd"
     tmp.write_bytes(b"half written")
-    assert store.temp_files() == [tmp]
+    assert store.temp_files() == [tmp.relative_to(store.root).as_posix()]
     assert list(store.digests()) == [digest]  # never listed as a blob
     assert store.remove_temp_files(older_than_s=3600) == 0  # too young: a writer may own it
     assert store.remove_temp_files(older_than_s=0) == len(b"half written")

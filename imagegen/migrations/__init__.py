@@ -17,9 +17,17 @@ Why a store checks the revision every time it opens the database (``prepare``):
   write rows into a schema it does not know;
 - a revision this code does not know (written by a newer imagegen) is refused too.
 
-``upgrade`` (``imagegen db upgrade``) brings the database to head. The baseline revision creates
-only the tables that are missing, so a database written before migrations (all tables or only
-some of them) is brought to the baseline and stamped before the later revisions run.
+``upgrade`` (``imagegen db upgrade``, or a deployment's start with ``args.migrate``: see
+``imagegen.serve.app``) brings the database to head. It is safe to run from several processes or
+nodes at once, so replicas of one deployment never race a migration: the step holds the schema
+lock for its whole transaction (a PostgreSQL advisory lock, which every node shares; SQLite's
+write lock, taken up front with ``BEGIN IMMEDIATE``). The first process migrates; the others wait,
+then find the database at head and change nothing (``upgrade`` returns the same revision twice;
+``tests/test_migrations_cluster.py`` races processes on both databases).
+
+The baseline revision creates only the tables that are missing, so a database written before
+migrations (all tables or only some of them) is brought to the baseline and stamped before the
+later revisions run.
 
 Writing a revision: copy the newest file in ``versions/``, set ``revision`` / ``down_revision``,
 write ``upgrade`` and ``downgrade`` with ``op`` (batch mode for ALTERs SQLite lacks), change the

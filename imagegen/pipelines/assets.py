@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import zipfile
@@ -719,10 +720,12 @@ def preflight(preset: Preset, methods: Iterable[str] = (), settings: Settings | 
 
         ensure_tiny_repo(preset.tiny_name, settings.model_cache)
     elif not is_available_locally(preset, settings.model_cache):
+        # on a cluster each node has its own cache (or shares one): the line says which node to pull on
         raise ModelNotAvailableError(
             f"preset '{preset.name}' needs {preset.repo}, which is not in the model cache "
-            f"{settings.model_cache / 'hub'}; "
-            f"run `{pull_command(preset, methods, _any_pending(preset, methods, settings))}`"
+            f"{settings.model_cache / 'hub'} on this node ({socket.gethostname()}); "
+            f"run `{pull_command(preset, methods, _any_pending(preset, methods, settings))}` on this node, "
+            "or set IMAGEGEN_MODEL_CACHE_DIR to a shared cache that holds it (nothing is downloaded while serving)"
         )
     for method in methods:
         method_files(preset, method, settings)

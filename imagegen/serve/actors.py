@@ -32,7 +32,9 @@ import torch
 from imagegen import provenance
 from imagegen.errors import ImagegenError
 from imagegen.identity.provider import identity_renderer
+from imagegen.pipelines.assets import preflight
 from imagegen.pipelines.cancel import Cancelled
+from imagegen.pipelines.presets import get_preset
 from imagegen.pipelines.renderer import CANCELLED, Progress
 from imagegen.pipelines.types import RenderRequest, RenderResult
 from imagegen.pipelines.warmup import WarmupReport, profile_name, warm_up
@@ -142,6 +144,9 @@ class RendererActor:
     def __init__(self, preset: str, warmup: bool = True, device: str | None = None, profile: str | None = None):
         started = time.perf_counter()
         settings = None if profile is None else get_settings().model_copy(update={"profile": profile})
+        # a replica never downloads: the preset's model is on this node (or a shared cache), else one line
+        # naming `imagegen models pull` for this node, before minutes of loading start
+        preflight(get_preset(preset), (), settings)
         self.renderer = identity_renderer(preset, device=device, settings=settings)
         #: what warm-up did (None: not warmed up)
         self.warmup: WarmupReport | None = None

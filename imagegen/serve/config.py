@@ -231,6 +231,10 @@ class AppArgs(BaseModel):
     profile: str | None = None
     #: per preset, a profile instead of ``profile`` (e.g. ``{flux-dev: fastest, sdxl-base: fast}``)
     profiles: dict[str, str] = Field(default_factory=dict)
+    #: migrate the database to this code's schema once, when the application deploys (before any replica
+    #: opens it; ``imagegen.migrations.upgrade`` under its lock); False: an older schema is refused (`imagegen db
+    #: upgrade` first)
+    migrate: bool = False
 
     def profile_of(self, preset: str) -> str | None:
         """The profile a preset's renderers load with (None: IMAGEGEN_PROFILE, else the preset's own)."""

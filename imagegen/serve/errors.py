@@ -41,7 +41,13 @@ UNPROCESSABLE = {
     "unsupported_method",
     "identity_error",
 }
-UNAVAILABLE = {"model_not_available", "renderer_unavailable", "renderer_overloaded", "registry_error"}
+UNAVAILABLE = {
+    "model_not_available",
+    "renderer_unavailable",
+    "renderer_overloaded",
+    "registry_error",
+    "storage_unavailable",
+}
 INTERNAL = {"config_error", "unknown_face_backend", "bad_output", "render_failed", "internal_error"}
 
 

@@ -3,8 +3,9 @@
 They live in the registry database (``get_settings().registry_url``: SQLite in WAL mode by
 default, any SQLAlchemy URL otherwise) next to the registry's tables, but in their own metadata:
 the registry never touches them. Job images are stored by digest in a content-addressed blob
-store of their own (``IMAGEGEN_HOME/serve/results``), never the registry's (its ``gc`` would
-delete them).
+store of their own (``serve/results`` under ``IMAGEGEN_STORAGE_URL``, else ``IMAGEGEN_HOME``),
+never the registry's (its ``gc`` would delete them); rows hold digests only, never a path, so any
+ingress replica on any node serves any job's images.
 
 Tables (at the head revision of ``imagegen.migrations``; a change here needs a revision there)::
 
@@ -349,9 +350,10 @@ def _event_from_row(row: JobEventRow) -> JobEvent:
 class ServeStore(SessionScopes):
     """The serving tables. Thread-safe: every call opens its own session."""
 
-    def __init__(self, url: str, results_root: Path | str):
+    def __init__(self, url: str, results_root: BlobStore | Path | str):
         self.url = make_url(url)
-        self.results = BlobStore(results_root)
+        #: job images by digest: a directory or a bucket every ingress replica reads (``imagegen.storage``)
+        self.results = results_root if isinstance(results_root, BlobStore) else BlobStore(results_root)
         self.engine = self._create_engine()
         try:
             # a fresh database is created at head; an older or newer one is refused (SchemaError)
@@ -375,7 +377,7 @@ class ServeStore(SessionScopes):
     def open(cls, settings: Settings | None = None) -> ServeStore:
         settings = settings or get_settings()
         settings.home.mkdir(parents=True, exist_ok=True)
-        return cls(settings.registry_url, settings.home / "serve" / "results")
+        return cls(settings.registry_url, BlobStore.open(settings, "serve/results"))
 
     def _create_engine(self) -> Engine:
         # jobs and audit rows: a crash may lose the OS's last buffered transactions, never corrupt the

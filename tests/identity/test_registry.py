@@ -1,4 +1,8 @@
-"""The character registry on a real SQLite file and a real blob directory."""
+"""The character registry on a real SQLite file, with its blobs in a real directory and in a bucket.
+
+The ``registry`` fixture runs every test on both storage arms (``tests/storage/s3.py``): the blobs under
+``IMAGEGEN_HOME/blobs`` (the default) and in a fresh bucket of the session's S3-compatible server.
+"""
 
 from __future__ import annotations
 
@@ -32,23 +36,28 @@ from imagegen.identity.registry import Registry
 from imagegen.migrations import SchemaTooNewError, head
 from imagegen.settings import get_settings
 
+from ..storage.s3 import Bucket
 from ._helpers import embedding, fake_face, make_character, make_refs, png_bytes
 
 BAD_IDS = ["../x", "Mia", "a" * 200, "", "mia/../../etc", "-mia", "mia\n", "mi a"]
 
 
 @pytest.fixture
-def registry(isolated_home: Path) -> Registry:
+def registry(storage: Bucket | None) -> Registry:
     reg = Registry.open()
     yield reg
     reg.close()
 
 
-def test_open_creates_the_database_in_home_with_wal_and_foreign_keys(isolated_home: Path, registry: Registry) -> None:
+def test_open_creates_the_database_in_home_with_wal_and_foreign_keys(
+    isolated_home: Path, registry: Registry, storage: Bucket | None
+) -> None:
     settings = get_settings()
     assert settings.registry_url == f"sqlite:///{isolated_home / 'registry.db'}"
     assert (isolated_home / "registry.db").is_file()
-    assert registry.blobs.root == settings.blob_root
+    expected = str(settings.blob_root) if storage is None else f"{storage.url}/blobs"
+    assert registry.blobs.location == expected
+    assert registry.blobs.root == (settings.blob_root if storage is None else None)
     with registry.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
@@ -411,14 +420,14 @@ def test_gc_removes_only_unreferenced_blobs(registry: Registry) -> None:
 def test_corrupted_reference_is_reported(registry: Registry) -> None:
     stored = registry.characters.register(make_character("mia"), make_refs(2))
     digest = stored.references[0].digest
-    registry.blobs.path(digest).write_bytes(b"bit rot")
+    registry.blobs.objects.put(registry.blobs.key(digest), b"bit rot")  # the stored bytes change underneath
     with pytest.raises(CorruptBlobError, match="corrupt") as info:
         registry.characters.reference_bytes("mia", digest)
-    assert str(registry.blobs.root) not in str(info.value)  # HTTP clients see it: no paths
-    registry.blobs.path(digest).unlink()
+    assert registry.blobs.location not in str(info.value)  # HTTP clients see it: no paths, no bucket
+    registry.blobs.objects.delete(registry.blobs.key(digest))
     with pytest.raises(BlobNotFoundError, match="missing") as info:
         registry.characters.reference_bytes("mia", digest)
-    assert str(registry.blobs.root) not in str(info.value)
+    assert registry.blobs.location not in str(info.value)
     problems = registry.verify()
     assert len(problems) == 1 and digest in problems[0]
 

@@ -1,5 +1,6 @@
 """The registry on PostgreSQL (or any other SQLAlchemy URL): the same code, no SQLite-only SQL.
 
+Its blobs run on both storage arms (a directory, a bucket of the session's S3-compatible server).
 Skipped unless ``IMAGEGEN_TEST_DATABASE_URL`` names a database this test may wipe, e.g.
 ``postgresql+psycopg://postgres@/imagegen_test?host=/tmp&port=5432`` (needs a driver such as
 psycopg). The schema's DDL is compiled for PostgreSQL in every run.
@@ -9,18 +10,19 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from imagegen.blobstore import BlobStore
 from imagegen.identity.models import DuplicateCharacterError, StaleConditioningError, UnknownCharacterError
 from imagegen.identity.registry import Registry
 from imagegen.identity.registry.schema import Base
 from imagegen.migrations import head
 
+from ..storage.s3 import Bucket
 from ._helpers import embedding, make_character, make_refs
 
 URL = os.environ.get("IMAGEGEN_TEST_DATABASE_URL", "")
@@ -36,13 +38,14 @@ def test_schema_compiles_for_postgresql() -> None:
 
 
 @pytest.fixture
-def pg_registry(tmp_path: Path) -> Registry:
+def pg_registry(storage: Bucket | None) -> Registry:
+    """The registry on the other database; its blobs in IMAGEGEN_HOME/blobs or in a bucket (``storage``)."""
     if not URL:
         pytest.skip("set IMAGEGEN_TEST_DATABASE_URL to run the registry against another database")
-    reg = Registry(URL, tmp_path / "blobs")
+    reg = Registry(URL, BlobStore.open())
     Base.metadata.drop_all(reg.engine)
     reg.close()
-    reg = Registry(URL, tmp_path / "blobs")
+    reg = Registry(URL, BlobStore.open())
     yield reg
     Base.metadata.drop_all(reg.engine)
     reg.close()

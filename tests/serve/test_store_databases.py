@@ -1,8 +1,10 @@
 """The service store (keys, durable jobs, audit) on SQLite and, when one is configured, PostgreSQL.
 
-PostgreSQL runs when ``IMAGEGEN_TEST_DATABASE_URL`` names a database this test may wipe (`.ci/run`
-starts one); on it, concurrent claims must not hand one job to two ingress replicas. Purging a
-deleted character's jobs and audit rows runs on both; on SQLite the file's raw bytes are checked.
+Job images run on both storage arms: a directory, and a bucket of the session's S3-compatible
+server (``tests/storage/s3.py``). PostgreSQL runs when ``IMAGEGEN_TEST_DATABASE_URL`` names a
+database this test may wipe (`.ci/run` starts one); on it, concurrent claims must not hand one
+job to two ingress replicas. Purging a deleted character's jobs and audit rows runs on both; on
+SQLite the file's raw bytes are checked.
 """
 
 from __future__ import annotations
@@ -14,25 +16,29 @@ from pathlib import Path
 
 import pytest
 
+from imagegen.blobstore import BlobStore
 from imagegen.errors import ImagegenError
 from imagegen.serve.auth import KeyVerifier, create_key, revoke_key
 from imagegen.serve.store import Base, ServeStore
+
+from ..storage.s3 import Bucket
 
 OTHER_DATABASE = os.environ.get("IMAGEGEN_TEST_DATABASE_URL", "")
 
 
 @pytest.fixture(params=["sqlite", "other"])
-def store(request, tmp_path: Path):
+def store(request, tmp_path: Path, storage: Bucket | None):
+    """The service store on each database, its job images on each storage arm (a directory, a bucket)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'serve.db'}"
     elif OTHER_DATABASE:
         url = OTHER_DATABASE
     else:
         pytest.skip("set IMAGEGEN_TEST_DATABASE_URL to run the service store against another database")
-    opened = ServeStore(url, tmp_path / "results")
+    opened = ServeStore(url, BlobStore.open(area="serve/results"))
     Base.metadata.drop_all(opened.engine)
     opened.close()
-    opened = ServeStore(url, tmp_path / "results")
+    opened = ServeStore(url, BlobStore.open(area="serve/results"))
     yield opened
     Base.metadata.drop_all(opened.engine)
     opened.close()
@@ -133,7 +139,9 @@ def test_jobs_and_keys_carry_their_tenant(store: ServeStore):
     assert len(store.list_keys()) == 2 and len(store.list_jobs(None)) == 1
 
 
-def test_purging_a_character_removes_its_jobs_and_redacts_its_audit(store: ServeStore, tmp_path: Path):
+def test_purging_a_character_removes_its_jobs_and_redacts_its_audit(
+    store: ServeStore, tmp_path: Path, storage: Bucket | None
+):
     prompt = "zqxprompt-a-secret-scene-of-the-deleted-face"
     doomed = _queue(store, 2, character="zqxchar")
     [other] = _queue(store, 1, character="noa")
@@ -154,7 +162,6 @@ def test_purging_a_character_removes_its_jobs_and_redacts_its_audit(store: Serve
             _audit("b1" * 16, other, "noa", 0xB1B1B1B1),
         ]
     )
-
     # a recent render of each (its prompt kept, unlike the audit row's hash) and API evaluation runs
     store.add_audit(
         [_audit("a3" * 16, None, "zqxchar", 0xA3A3A3A3), _audit("b3" * 16, None, "noa", 0xB3B3B3B3)],
@@ -185,6 +192,8 @@ def test_purging_a_character_removes_its_jobs_and_redacts_its_audit(store: Serve
     assert [store.get_job(j) for j in doomed] == [None, None] and store.events(doomed[0]) == []
     assert not store.finish_job(doomed[1], "ingress-a", {"images": []})  # the running one's result is dropped
     assert not store.results.exists(own) and store.results.exists(shared) and store.results.exists(kept)
+    if storage is not None:  # purged from the bucket itself, as boto3 lists it
+        assert [key.rsplit("/", 1)[1] for key in storage.keys()] == sorted([shared, kept])
     assert store.get_job(other).status == "done" and store.get_job(plain).status == "done"
     redacted = store.audit_by_tag(0xA1A1A1A1)
     assert len(redacted) == 1

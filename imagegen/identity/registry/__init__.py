@@ -97,13 +97,13 @@ class Registry:
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> Registry:
-        """The registry of ``settings`` (default: ``get_settings()``): its database and blob root."""
+        """The registry of ``settings`` (default: ``get_settings()``): its database and blob store."""
         settings = settings or get_settings()
         settings.home.mkdir(parents=True, exist_ok=True)
-        return cls(settings.registry_url, BlobStore(settings.blob_root))
+        return cls(settings.registry_url, BlobStore.open(settings))
 
     def __repr__(self) -> str:
-        return f"Registry({self.db.where!r}, blobs={str(self.blobs.root)!r})"
+        return f"Registry({self.db.where!r}, blobs={self.blobs.location!r})"
 
     @property
     def blobs(self) -> BlobStore:

@@ -53,7 +53,7 @@ class RegistryDatabase(SessionScopes):
         self._open_sessions()
 
     def __repr__(self) -> str:
-        return f"RegistryDatabase({self.where!r}, blobs={str(self.blobs.root)!r})"
+        return f"RegistryDatabase({self.where!r}, blobs={self.blobs.location!r})"
 
     @property
     def where(self) -> str:
