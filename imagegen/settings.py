@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     allow_unverified_age: bool = False
     #: write the raw prompt into image metadata (off: images carry its SHA-256 and the recipe only)
     metadata_include_prompt: bool = False
+    #: C2PA signing certificate chain (PEM, leaf first) and its private key: the deployment's secrets.
+    #: Unset, images are signed by a development pair made once under IMAGEGEN_HOME/provenance
+    #: (``imagegen provenance keygen`` makes one to configure; reports say "development signer").
+    c2pa_cert: Path | None = None
+    c2pa_key: Path | None = None
+    #: extra trust anchors (PEM) ``imagegen provenance check`` validates C2PA signers against
+    c2pa_trust: Path | None = None
 
     @property
     def age_policy(self) -> str:

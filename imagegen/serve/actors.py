@@ -148,6 +148,10 @@ class RendererActor:
         # naming `imagegen models pull` for this node, before minutes of loading start
         preflight(get_preset(preset), (), settings)
         self.renderer = identity_renderer(preset, device=device, settings=settings)
+        #: who signs the C2PA manifests: "configured" (IMAGEGEN_C2PA_CERT/KEY) or "development"; read at start
+        self.signer = provenance.signer_material().source
+        if self.signer == "development":
+            log.warning("C2PA: signing with the DEVELOPMENT signer of IMAGEGEN_HOME (configure IMAGEGEN_C2PA_CERT/KEY)")
         #: what warm-up did (None: not warmed up)
         self.warmup: WarmupReport | None = None
         if warmup:
@@ -345,6 +349,7 @@ class RendererActor:
             "device": str(self.renderer.device),
             "torch_threads": torch.get_num_threads(),
             "pid": os.getpid(),
+            "c2pa_signer": self.signer,
             "ready_seconds": round(self.ready_seconds, 3),
             "rendered": self.rendered,
             "batches": self.batches,

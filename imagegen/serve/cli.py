@@ -1,4 +1,4 @@
-"""``imagegen serve``, ``imagegen keys ...`` and ``imagegen provenance check``.
+"""``imagegen serve``, ``imagegen keys ...`` and ``imagegen provenance check|keygen``.
 
 Registered on the main app by ``imagegen/cli.py``; nothing heavy (Ray, FastAPI) is imported
 until a command runs.
@@ -21,7 +21,9 @@ from imagegen.terminal import PROFILE_HELP
 keys_app = typer.Typer(
     help="API keys of the HTTP service (stored hashed in the registry database).", no_args_is_help=True
 )
-provenance_app = typer.Typer(help="Provenance of rendered images (watermark + metadata).", no_args_is_help=True)
+provenance_app = typer.Typer(
+    help="Provenance of rendered images (C2PA manifest, metadata, watermark).", no_args_is_help=True
+)
 console = Console(width=200)
 
 
@@ -97,18 +99,73 @@ def keys_revoke(key_id: str = typer.Argument(..., metavar="KEY_ID")) -> None:
 @provenance_app.command("check")
 def provenance_check(
     image: Path = typer.Argument(..., metavar="IMAGE", exists=True, dir_okay=False, readable=True),
-    audit: bool = typer.Option(True, help="Look the watermark up in the audit trail of this IMAGEGEN_HOME."),
+    tenant: str = typer.Option(
+        "default", help="Whose audit trail to look the image up in: only that tenant's renders are shown."
+    ),
+    audit: bool = typer.Option(True, help="Look the image up in the audit trail of this IMAGEGEN_HOME."),
 ) -> None:
-    """Read an image's watermark and PNG metadata back (and its audit record); prints JSON."""
+    """Validate an image's C2PA manifest, read its metadata and watermark, find the request that made it.
+
+    Prints a JSON report on stdout (layers that survived, signer, watermark tag, the tenant's
+    audit record) and a short summary on stderr.
+    """
+    from PIL import UnidentifiedImageError
+
+    from imagegen.errors import InvalidRequestError
+    from imagegen.ids import validate_tenant_id
     from imagegen.provenance import check_image
 
+    validate_tenant_id(tenant)
     store = _store() if audit else None
     try:
-        report = check_image(image, store)
+        report = check_image(image, store, tenant=tenant if audit else None)
+    except UnidentifiedImageError as exc:
+        raise InvalidRequestError(f"{image} is not an image this tool can read (PNG, JPEG, WebP ...)") from exc
     finally:
         if store is not None:
             store.close()
     print(json.dumps(report, indent=2, default=str))
+    summary = Console(stderr=True, width=200)
+    survived = ", ".join(report["survived"]) or "none"
+    summary.print(f"layers that survived: {survived}")
+    manifest = report["manifest"]
+    if manifest.get("present"):
+        failures = ", ".join(manifest.get("failures") or []) or "none"
+        summary.print(
+            f"C2PA manifest: {manifest.get('state')} (failures: {escape(failures)}); signer: {escape(report['signer'])}"
+        )
+    mark = report["watermark"]
+    if mark.get("found"):
+        summary.print(f"watermark: tag {mark['tag']} ({mark.get('scheme')}, crop {mark.get('crop', 1.0)})")
+    if audit:
+        request = report.get("request_id") or ("-" if not report.get("audit") else "several")
+        reached = "found" if report["audit_reached"] else "none"
+        summary.print(f"audit record of tenant {tenant}: {reached}; request {request}")
+
+
+@provenance_app.command("keygen")
+def provenance_keygen(
+    out: Path = typer.Option(..., "--out", help="Empty directory to write the pair into (created if missing)."),
+    organisation: str = typer.Option("imagegen", help="Organisation name in both subjects."),
+    days: int = typer.Option(825, min=1, max=3650, help="Validity of the signing certificate, in days."),
+) -> None:
+    """Make a DEVELOPMENT C2PA signer: a development CA and a signing certificate it issued.
+
+    C2PA validators refuse self-signed signing certificates, hence the CA. Both subjects say
+    DEVELOPMENT; production deployments use a certificate from a CA validators trust.
+    """
+    from imagegen.provenance.keys import CA_FILE, CA_KEY_FILE, CHAIN_FILE, KEY_FILE, make_development_pair
+    from imagegen.terminal import ensure_writable_dir
+
+    ensure_writable_dir(out)
+    written = make_development_pair(out, organisation=organisation, days=days)
+    console.print("[bold yellow]DEVELOPMENT signer[/bold yellow] (not trusted by any public validator):")
+    for name in (CHAIN_FILE, KEY_FILE, CA_FILE, CA_KEY_FILE):
+        console.print(f"  {escape(str(written[name]))}")
+    console.print("sign with it:  IMAGEGEN_C2PA_CERT=" + escape(str(written[CHAIN_FILE])))
+    console.print("               IMAGEGEN_C2PA_KEY=" + escape(str(written[KEY_FILE])))
+    console.print("check with it: IMAGEGEN_C2PA_TRUST=" + escape(str(written[CA_FILE])))
+    console.print(f"keep {CA_KEY_FILE} offline: it issues signers")
 
 
 def _check_database() -> None:

@@ -1,0 +1,156 @@
+"""The signed C2PA manifest every served image carries (``c2pa-python``), and its validation.
+
+A manifest says, signed by the deployment's certificate: this asset was *created* (the
+``c2pa.created`` action) by a trained algorithm (``digitalSourceType`` =
+``trainedAlgorithmicMedia``), by imagegen at this version with this preset and method, of this
+character and version, for this request. The signature binds the manifest to the file's bytes
+(a hash of everything but the manifest), so any pixel edit makes validation fail; a
+re-encode drops the manifest altogether (the watermark is what survives that).
+
+Validation (:func:`read_manifest`) trusts the CAs of ``keys.trust_anchors``: a signer they
+issued validates as ``Trusted``; a correct signature by anyone else as ``Valid`` (the C2PA
+validation states); a broken binding or signature as ``Invalid``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any
+
+from imagegen.provenance.keys import ALGORITHM, SignerMaterial, signer_material, trust_anchors
+
+log = logging.getLogger(__name__)
+
+IPTC_AI_GENERATED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+#: our own assertion: what rendered the image and for whom
+RENDER_ASSERTION = "org.imagegen.render"
+MIME = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+def manifest_definition(record: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The manifest of one stamped image (``record``: the provenance record ``stamp`` builds)."""
+    version = (record.get("versions") or {}).get("imagegen", "unknown")
+    generator = {"name": "imagegen", "version": version}
+    parameters = {
+        "preset": record.get("preset"),
+        "method": record.get("method"),
+        "character": record.get("character"),
+        "character_version": record.get("character_version"),
+        "request_id": record.get("request_id"),
+    }
+    return {
+        "claim_generator_info": [generator],
+        "title": f"imagegen {record.get('image_id')}",
+        "format": MIME[fmt],
+        "assertions": [
+            {
+                "label": "c2pa.actions.v2",
+                "data": {
+                    "actions": [
+                        {
+                            "action": "c2pa.created",
+                            "digitalSourceType": IPTC_AI_GENERATED,
+                            "softwareAgent": generator,
+                            "parameters": parameters,
+                        }
+                    ]
+                },
+            },
+            {
+                "label": RENDER_ASSERTION,
+                "data": {
+                    "generator": generator,
+                    **parameters,
+                    "image_id": record.get("image_id"),
+                    "created_at": record.get("created_at"),
+                    "watermark": record.get("watermark"),
+                },
+            },
+        ],
+    }
+
+
+def sign(data: bytes, fmt: str, record: dict[str, Any], material: SignerMaterial | None = None) -> bytes:
+    """``data`` (an encoded PNG or JPEG) with the signed manifest of ``record`` embedded."""
+    import c2pa
+
+    material = material or signer_material()
+    info = c2pa.C2paSignerInfo(ALGORITHM, material.chain_pem.encode(), material.key_pem.encode(), None)
+    settings = c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}})
+    with (
+        c2pa.Context(settings=settings) as context,
+        c2pa.Signer.from_info(info) as signer,
+        c2pa.Builder(manifest_definition(record, fmt), context) as builder,
+    ):
+        out = io.BytesIO()
+        builder.sign(signer, MIME[fmt], io.BytesIO(data), out)
+    return out.getvalue()
+
+
+def _reader_settings() -> tuple[dict[str, Any], list[str]]:
+    anchors = trust_anchors()
+    pem = "\n".join(text for _, text in anchors)
+    settings: dict[str, Any] = {"verify": {"verify_trust": bool(anchors)}}
+    if anchors:
+        settings["trust"] = {"user_anchors": pem}
+    return settings, [label for label, _ in anchors]
+
+
+def read_manifest(data: bytes, mime: str) -> dict[str, Any]:
+    """Validate the C2PA manifest in ``data``: present, state, signer, what it says, and why not valid."""
+    import c2pa
+
+    settings, anchors = _reader_settings()
+    try:
+        with c2pa.Context(settings=c2pa.Settings.from_dict(settings)) as context:
+            reader = c2pa.Reader.try_create(mime, io.BytesIO(data), None, context)
+            if reader is None:
+                return {"present": False}
+            with reader:
+                store = json.loads(reader.json())
+    except c2pa.C2paError as exc:
+        return {"present": True, "valid": False, "state": "Unreadable", "errors": [str(exc)]}
+    active = store.get("manifests", {}).get(store.get("active_manifest") or "", {})
+    state = store.get("validation_state") or ("Invalid" if store.get("validation_status") else "Valid")
+    failures = _failures(store)
+    signature = active.get("signature_info") or {}
+    assertions = {a.get("label"): a.get("data") for a in active.get("assertions", [])}
+    render = assertions.get(RENDER_ASSERTION) or {}
+    actions = (assertions.get("c2pa.actions.v2") or assertions.get("c2pa.actions") or {}).get("actions", [])
+    created = next((a for a in actions if a.get("action") == "c2pa.created"), {})
+    issuer = signature.get("issuer") or ""
+    common_name = signature.get("common_name") or ""
+    return {
+        "present": True,
+        "valid": state in ("Valid", "Trusted"),
+        "state": state,
+        "trusted": state == "Trusted",
+        "trust_anchors": anchors,
+        "failures": failures,
+        "signer": {
+            "common_name": common_name,
+            "issuer": issuer,
+            "time": signature.get("time"),
+            "algorithm": signature.get("alg"),
+            "development": "DEVELOPMENT" in f"{issuer} {common_name}",
+        },
+        "digital_source_type": created.get("digitalSourceType"),
+        "generator": render.get("generator"),
+        "preset": render.get("preset"),
+        "method": render.get("method"),
+        "character": render.get("character"),
+        "character_version": render.get("character_version"),
+        "request_id": render.get("request_id"),
+        "image_id": render.get("image_id"),
+    }
+
+
+def _failures(store: dict[str, Any]) -> list[str]:
+    """The failure codes of a validation (empty when it validated)."""
+    codes = [s.get("code") for s in store.get("validation_status") or []]
+    results = store.get("validation_results") or {}
+    for part in [results.get("activeManifest") or {}, *(results.get("ingredientDeltas") or [])]:
+        codes += [s.get("code") for s in part.get("failure", [])]
+    return sorted({c for c in codes if c})

@@ -1,0 +1,121 @@
+"""The signed C2PA manifest: keygen's development pair, configured and development signers, PNG and JPEG,
+validation with ``c2pa-python``, and failure after the pixels are edited."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from typer.testing import CliRunner
+
+from imagegen import provenance, samples
+from imagegen.cli import app
+from imagegen.provenance import keys
+from imagegen.provenance.manifest import IPTC_AI_GENERATED, read_manifest
+from imagegen.settings import get_settings
+from tests.provenance.edits import edit_jpeg_pixels, edit_png_pixels
+from tests.provenance.helpers import stamp_photo
+from tests.test_cli import run_cli
+
+MIME = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict:
+    """A pair made by `imagegen provenance keygen` (the CLI, as an operator runs it)."""
+    out = tmp_path_factory.mktemp("c2pa") / "signer"
+    result = CliRunner().invoke(app, ["provenance", "keygen", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "DEVELOPMENT" in result.output and "IMAGEGEN_C2PA_CERT=" in result.output
+    return {"out": out, "output": result.output}
+
+
+@pytest.fixture
+def configured(pair, isolated_home, monkeypatch):
+    monkeypatch.setenv("IMAGEGEN_C2PA_CERT", str(pair["out"] / keys.CHAIN_FILE))
+    monkeypatch.setenv("IMAGEGEN_C2PA_KEY", str(pair["out"] / keys.KEY_FILE))
+    monkeypatch.setenv("IMAGEGEN_C2PA_TRUST", str(pair["out"] / keys.CA_FILE))
+    get_settings.cache_clear()
+    yield pair["out"]
+    get_settings.cache_clear()
+
+
+def test_keygen_makes_a_development_ca_and_a_leaf_validators_accept(pair):
+    chain = x509.load_pem_x509_certificates((pair["out"] / keys.CHAIN_FILE).read_bytes())
+    ca = x509.load_pem_x509_certificate((pair["out"] / keys.CA_FILE).read_bytes())
+    leaf = chain[0]
+    assert len(chain) == 2 and chain[1] == ca
+    assert leaf.issuer == ca.subject != leaf.subject  # not self-signed
+    for cert in (leaf, ca):
+        assert "DEVELOPMENT" in cert.subject.rfc4514_string()
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
+    usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.EMAIL_PROTECTION in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages
+    assert (pair["out"] / keys.KEY_FILE).stat().st_mode & 0o077 == 0
+    # never over an existing pair: one line, exit 2
+    again = run_cli("provenance", "keygen", "--out", str(pair["out"]))
+    assert again.returncode == 2 and "already holds" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_configured_signer_signs_png_and_jpeg_and_an_edit_fails_validation(configured, fmt):
+    stamped = stamp_photo(samples.astronaut(), fmt=fmt)
+    manifest = read_manifest(stamped.png, MIME[fmt])
+    assert manifest["present"] and manifest["valid"], manifest
+    assert manifest["state"] == "Trusted" and manifest["trusted"] and manifest["failures"] == []
+    assert manifest["trust_anchors"] == ["configured trust anchors"]
+    assert "imagegen development signer" in manifest["signer"]["common_name"]
+    assert manifest["digital_source_type"] == IPTC_AI_GENERATED
+    assert manifest["request_id"] == stamped.request_id and manifest["image_id"] == stamped.image_id
+    assert manifest["character"] == "mia" and manifest["character_version"] == 2
+    assert manifest["preset"] == "tiny-flux" and manifest["method"] == "pulid-flux"
+    assert manifest["generator"]["name"] == "imagegen" and manifest["generator"]["version"]
+    assert stamped.record["c2pa"]["signer"] == "configured"
+    assert not (configured.parent / "home" / "provenance").exists()  # no development pair was made
+
+    edited = (edit_png_pixels if fmt == "png" else edit_jpeg_pixels)(stamped.png)
+    broken = read_manifest(edited, MIME[fmt])
+    assert broken["present"] and not broken["valid"] and broken["state"] == "Invalid", broken
+    assert any("mismatch" in code for code in broken["failures"]), broken["failures"]
+    report = provenance.check_image(edited)
+    assert report["layers"]["manifest"] is False and report["manifest"]["state"] == "Invalid"
+
+
+def test_without_trust_the_signature_is_valid_but_not_trusted(pair, isolated_home, monkeypatch):
+    monkeypatch.setenv("IMAGEGEN_C2PA_CERT", str(pair["out"] / keys.CHAIN_FILE))
+    monkeypatch.setenv("IMAGEGEN_C2PA_KEY", str(pair["out"] / keys.KEY_FILE))
+    get_settings.cache_clear()
+    stamped = stamp_photo(samples.astronaut())
+    manifest = read_manifest(stamped.png, "image/png")
+    assert manifest["valid"] and manifest["state"] == "Valid" and not manifest["trusted"]
+    assert manifest["trust_anchors"] == []
+
+
+def test_development_signer_when_none_is_configured(isolated_home):
+    stamped = stamp_photo(samples.astronaut())
+    assert stamped.record["c2pa"]["signer"] == "development"
+    assert (isolated_home / "provenance" / "dev-signer" / keys.CHAIN_FILE).is_file()
+    report = provenance.check_image(stamped.png)
+    assert report["signer"].startswith(provenance.DEVELOPMENT_SIGNER + ":")
+    assert report["manifest"]["state"] == "Trusted"  # by this home's development CA, and says so
+    assert report["manifest"]["trust_anchors"] == ["development CA of this IMAGEGEN_HOME"]
+    # made once: a second stamp signs with the same pair
+    chain = (isolated_home / "provenance" / "dev-signer" / keys.CHAIN_FILE).read_bytes()
+    stamp_photo(samples.astronaut())
+    assert (isolated_home / "provenance" / "dev-signer" / keys.CHAIN_FILE).read_bytes() == chain
+
+
+def test_half_a_signer_or_a_wrong_file_is_refused(isolated_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEGEN_C2PA_CERT", str(tmp_path / "chain.pem"))
+    get_settings.cache_clear()
+    with pytest.raises(keys.SignerConfigError, match="IMAGEGEN_C2PA_KEY is unset"):
+        keys.load_signer()
+    (tmp_path / "chain.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    monkeypatch.setenv("IMAGEGEN_C2PA_KEY", str(tmp_path / "key.pem"))
+    get_settings.cache_clear()
+    with pytest.raises(keys.SignerConfigError, match="holds no PEM certificate"):
+        keys.load_signer()
+    assert not (isolated_home / "provenance").exists()  # never a silent fallback to a development pair
