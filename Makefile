@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/imagegen demo --out out
 
-## test: lint and run the test suite
+## test: lint and run the test suite (the multi-node Ray tests in their own process: they start their own clusters)
 test: $(STAMP)
 	$(BIN)/ruff check imagegen tests bench
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/cluster
 
 bench: $(STAMP)
 	$(BIN)/python bench/render_batch.py

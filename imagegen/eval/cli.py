@@ -114,7 +114,13 @@ def run_command(
     workers: int | None = typer.Option(None, help="Renderer actors per preset (default: the suite's)."),
     score_workers: int = typer.Option(1, help="Face-analysis processes."),
     baseline: Path | None = typer.Option(None, help="Run directory to compare with (overrides the suite's)."),
-    ray_address: str | None = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
+    ray_address: str | None = typer.Option(
+        None,
+        "--address",
+        "--ray-address",
+        help="Run the actor pool on this Ray cluster (host:6379, or auto) instead of a local Ray; it needs the "
+        "cluster's token (RAY_AUTH_TOKEN_PATH, or $IMAGEGEN_HOME/ray/auth_token) and the models on its nodes.",
+    ),
     profile: str | None = typer.Option(None, "--profile", help=PROFILE_HELP + " Overrides the suite's `profile`."),
 ) -> None:
     """Render a suite's grid through a Ray actor pool (cached renders are reused), score it, report."""

@@ -56,12 +56,20 @@ def imagegen_env() -> dict[str, str]:
 
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
-    """Start (or join) Ray if this process has not; True when this call started it."""
+    """Start (or join) Ray if this process has not; True when this call started it (or joined: it disconnects).
+
+    Joining a cluster (``imagegen eval run --address``) uses the cluster's token the way ``imagegen serve
+    --address`` does (``enable_ray_token_auth``); the actors then run on whichever nodes have free CPUs (and GPUs,
+    ``gpus_per_worker``), and send their PNGs back to this process, which writes the run directory.
+    """
     import ray
 
     if ray.is_initialized():
         return False
     if address:
+        from imagegen.serve.launcher import enable_ray_token_auth
+
+        enable_ray_token_auth(joining=True)
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)

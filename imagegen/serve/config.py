@@ -241,6 +241,88 @@ class AppArgs(BaseModel):
         return self.profiles.get(preset) or self.profile
 
 
+#: resources Ray schedules by their own options (``num_cpus``, ``num_gpus``, ``memory``), never as custom ones
+BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+#: ``max_ongoing_requests`` of a renderer deployment that does not set it (``RendererDeployment``'s decorator)
+RENDERER_MAX_ONGOING_REQUESTS = 16
+
+
+def app_deployments(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deployment entries of the imagegen application in a Serve config dict (empty when there is none)."""
+    app = next((a for a in data.get("applications") or [] if isinstance(a, dict) and a.get("name") == APP_NAME), {})
+    return [d for d in app.get("deployments") or [] if isinstance(d, dict)]
+
+
+def replica_bounds(deployment: dict[str, Any]) -> tuple[int, int]:
+    """(replicas it starts with, most replicas it can have): ``num_replicas``, or the ``autoscaling_config`` bounds."""
+    replicas = deployment.get("num_replicas", 1)
+    scaling = deployment.get("autoscaling_config")
+    if isinstance(replicas, int) and not scaling:
+        return replicas, replicas
+    scaling = scaling if isinstance(scaling, dict) else {}
+    low = int(scaling.get("min_replicas", 1))
+    return int(scaling.get("initial_replicas") or low), int(scaling.get("max_replicas", 1))
+
+
+def custom_resources(deployment: dict[str, Any]) -> dict[str, float]:
+    """The custom resources one replica of ``deployment`` asks for (``ray_actor_options.resources``)."""
+    options = deployment.get("ray_actor_options") or {}
+    resources = options.get("resources") if isinstance(options, dict) else None
+    return dict(resources) if isinstance(resources, dict) else {}
+
+
+def deployment_problem(deployment: dict[str, Any]) -> str | None:
+    """One line naming what is wrong with a deployment's scaling or placement options; None when they make sense.
+
+    Ray's own schema checks types; this checks what Ray accepts but cannot work here: a fixed replica count next to
+    an autoscaling config, a renderer allowed to scale to zero (``/readyz`` needs a warm replica of every preset, and
+    the first request after a quiet spell would pay the model load), a target load a replica can never reach (it
+    would never scale up), and custom resources that are not positive amounts of a custom name.
+    """
+    name = str(deployment.get("name", "?"))
+    scaling = deployment.get("autoscaling_config")
+    replicas = deployment.get("num_replicas")
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            return f"{name}: autoscaling_config is a mapping (min_replicas, max_replicas, target_ongoing_requests ...)"
+        if isinstance(replicas, int):
+            return (
+                f"{name}: num_replicas ({replicas}) and autoscaling_config exclude each other: drop num_replicas "
+                "(or set it to auto) to let the replicas follow the load"
+            )
+        numbers = {k: scaling.get(k, 1) for k in ("min_replicas", "max_replicas")}
+        target = scaling.get("target_ongoing_requests")
+        if target is not None:
+            numbers["target_ongoing_requests"] = target
+        for key, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"{name}: autoscaling_config.{key} is {value!r}: a number"
+        low, high = int(numbers["min_replicas"]), int(numbers["max_replicas"])
+        if high < low:
+            return f"{name}: autoscaling_config.max_replicas ({high}) is below min_replicas ({low})"
+        if name.startswith("renderer-") and low < 1:
+            return (
+                f"{name}: autoscaling_config.min_replicas must be at least 1: a renderer scaled to zero makes /readyz "
+                "fail and the next request wait for a model to load"
+            )
+        default_max = RENDERER_MAX_ONGOING_REQUESTS if name.startswith("renderer-") else INGRESS_MAX_ONGOING_REQUESTS
+        most = deployment.get("max_ongoing_requests", default_max)
+        if target is not None and isinstance(most, int) and target > most:
+            return (
+                f"{name}: autoscaling_config.target_ongoing_requests ({target}) is above max_ongoing_requests "
+                f"({most}): a replica never holds that many, so the deployment would never scale up"
+            )
+    for resource, amount in custom_resources(deployment).items():
+        if resource in BUILTIN_RESOURCES:
+            option = {"CPU": "num_cpus", "GPU": "num_gpus"}.get(resource, resource)
+            return f"{name}: ray_actor_options.resources.{resource}: set it with ray_actor_options.{option} instead"
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or amount <= 0:
+            return (
+                f"{name}: ray_actor_options.resources.{resource} is {amount!r}: a custom resource is a positive amount"
+            )
+    return None
+
+
 def load_config(path: Path | str | None = None) -> dict[str, Any]:
     """serve.yaml as a dict (validated as Ray Serve's ServeDeploySchema by ``launcher``)."""
     path = Path(path or DEFAULT_CONFIG)

@@ -39,8 +39,12 @@ from imagegen.serve.config import (
     INGRESS_MAX_ONGOING_REQUESTS,
     INGRESS_NAME,
     IngressConfig,
+    app_deployments,
+    custom_resources,
+    deployment_problem,
     load_config,
     renderer_deployment_name,
+    replica_bounds,
 )
 from imagegen.settings import get_settings
 
@@ -57,6 +61,20 @@ def _deployment(app: dict[str, Any], name: str) -> dict[str, Any]:
     return entry
 
 
+def _apply_options(entry: dict[str, Any], options: dict[str, Any]) -> None:
+    """Merge deployment options into ``entry`` (mappings merge key by key); a fixed ``num_replicas`` replaces the
+    entry's ``autoscaling_config`` and an ``autoscaling_config`` a fixed count (Serve takes one or the other)."""
+    for key, value in options.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict):
+            entry[key] = {**entry[key], **value}
+        else:
+            entry[key] = value
+    if isinstance(options.get("num_replicas"), int):
+        entry.pop("autoscaling_config", None)
+    elif options.get("autoscaling_config") and isinstance(entry.get("num_replicas"), int):
+        entry.pop("num_replicas")
+
+
 def prepare_config(
     config: dict[str, Any] | Path | str | None = None,
     *,
@@ -70,17 +88,26 @@ def prepare_config(
     warmup: bool | None = None,
     env_vars: dict[str, str] | None = None,
     profile: str | None = None,
+    proxy_location: str | None = None,
+    app_args: dict[str, Any] | None = None,
+    inherit_env: bool = True,
 ) -> dict[str, Any]:
     """serve.yaml with overrides applied (a new dict; the file is not touched).
 
     ``ingress`` merges into the ingress ``user_config``; ``ingress_options`` into its deployment
     options; ``renderer_options`` maps a preset to deployment options (``num_replicas``,
-    ``max_queued_requests``, ``ray_actor_options`` ...); ``renderer_config`` merges into every
+    ``autoscaling_config``, ``max_queued_requests``, ``ray_actor_options`` ...; a fixed ``num_replicas``
+    replaces the file's ``autoscaling_config`` and the other way round); ``renderer_config`` merges into every
     renderer's ``user_config``. ``profile`` is the optimisation profile of every renderer (the
     application's ``args.profile``, replacing the file's ``profile`` and ``profiles``); the profile each
     served preset will load with is checked here (``ProfileError``), before anything starts.
+    ``app_args`` merges into the application's ``args`` (``AppArgs``). ``inherit_env`` copies this process's
+    ``IMAGEGEN_*`` variables into the application's ``runtime_env`` (False for a config written for another place:
+    deploy/rayservice.yaml's pods have their own environment).
     """
     data = copy.deepcopy(config) if isinstance(config, dict) else load_config(config)
+    if proxy_location is not None:
+        data["proxy_location"] = proxy_location
     if host is not None or port is not None:
         http = data.setdefault("http_options", {})
         if host is not None:
@@ -92,6 +119,7 @@ def prepare_config(
     if app is None:
         raise ConfigError(f"the Serve config has no application named {APP_NAME!r}")
     args = app.setdefault("args", {})
+    args.update(app_args or {})
     if presets is not None:
         args["presets"] = list(presets)
         keep = {INGRESS_NAME} | {renderer_deployment_name(p) for p in presets}
@@ -100,19 +128,15 @@ def prepare_config(
         args["warmup"] = warmup
     served = args.get("presets") or ["tiny-flux", "tiny-sdxl"]
     entry = _deployment(app, INGRESS_NAME)
-    entry.update(ingress_options or {})
+    _apply_options(entry, ingress_options or {})
     if ingress:
         entry["user_config"] = {**(entry.get("user_config") or {}), **ingress}
     for preset in served:
         entry = _deployment(app, renderer_deployment_name(preset))
-        for key, value in ((renderer_options or {}).get(preset) or {}).items():
-            if isinstance(value, dict) and isinstance(entry.get(key), dict):
-                entry[key] = {**entry[key], **value}
-            else:
-                entry[key] = value
+        _apply_options(entry, (renderer_options or {}).get(preset) or {})
         if renderer_config:
             entry["user_config"] = {**(entry.get("user_config") or {}), **renderer_config}
-    env = {k: v for k, v in os.environ.items() if k.startswith("IMAGEGEN_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith("IMAGEGEN_")} if inherit_env else {}
     env.update(env_vars or {})
     if env:
         runtime_env = app.setdefault("runtime_env", {})
@@ -198,6 +222,7 @@ def start_service(
 
     data = prepare_config(config, **overrides)
     check_ingress(data)
+    check_deployments(data)
     schema = ServeDeploySchema.model_validate(data)
     app = next(a for a in schema.applications if a.name == APP_NAME)
     _prepare_files(list((app.args or {}).get("presets") or ["tiny-flux", "tiny-sdxl"]))
@@ -212,6 +237,10 @@ def start_service(
         }
         if address is None:
             kwargs["num_cpus"] = num_cpus if num_cpus is not None else local_cpus(data)
+            resources = local_resources(data)
+            if resources:  # one machine plays every node: it offers what the placement asks for
+                log.info("the local Ray offers the custom resources the config places by: %s", resources)
+                kwargs["resources"] = resources
             if object_store_memory:
                 kwargs["object_store_memory"] = object_store_memory
         ray.init(**kwargs)
@@ -253,6 +282,15 @@ def check_ingress(data: dict[str, Any]) -> IngressConfig:
     if problem is not None:
         raise ConfigError(problem)
     return cfg
+
+
+def check_deployments(data: dict[str, Any]) -> None:
+    """Scaling and placement options of every deployment make sense (``config.deployment_problem``); else
+    ``ConfigError`` (one line), before Ray starts."""
+    for deployment in app_deployments(data):
+        problem = deployment_problem(deployment)
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 def ray_token_path() -> Path:
@@ -333,15 +371,30 @@ def enable_ray_token_auth(joining: bool) -> str:
 
 
 def cpus_requested(data: dict[str, Any]) -> float:
-    """Logical CPUs the config's replicas ask Ray for (replicas x ``ray_actor_options.num_cpus``, 1 if unset)."""
+    """Logical CPUs the config's replicas ask Ray for at start (replicas x ``ray_actor_options.num_cpus``, 1 if
+    unset; an autoscaling deployment starts at its ``initial_replicas`` or ``min_replicas``)."""
     total = 0.0
     for app in data.get("applications") or []:
         for deployment in app.get("deployments") or []:
-            replicas = deployment.get("num_replicas", 1)
-            if not isinstance(replicas, int):  # "auto": autoscaling starts at min_replicas
-                replicas = (deployment.get("autoscaling_config") or {}).get("min_replicas", 1)
+            replicas = replica_bounds(deployment)[0]
             cpus = (deployment.get("ray_actor_options") or {}).get("num_cpus", 1)
             total += replicas * float(cpus)
+    return total
+
+
+def local_resources(data: dict[str, Any]) -> dict[str, float]:
+    """Custom resources a local Ray offers so that every replica the config can scale to finds its place.
+
+    On a cluster a node advertises a custom resource (``ray start --resources '{"gpu-h100": 1}'``, a KubeRay
+    worker group's ``rayStartParams.resources``) and deployments that ask for it (``ray_actor_options.resources``)
+    are placed there; one machine is every node at once, so it offers the most the deployments can ask for
+    together (``max_replicas`` x amount), and a config written for a cluster still runs on a laptop.
+    """
+    total: dict[str, float] = {}
+    for deployment in app_deployments(data):
+        most = replica_bounds(deployment)[1]
+        for name, amount in custom_resources(deployment).items():
+            total[name] = total.get(name, 0.0) + most * float(amount)
     return total
 
 

@@ -43,7 +43,13 @@ TEST_INGRESS = {
         "limits-lifetime": {"stream_lifetime_s": 1},
     },
 }
-TEST_RENDERER = {"max_queued_requests": 6, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 1}}
+#: one replica per renderer, fixed (instead of the shipped autoscaling): the kill tests know which replica they kill
+TEST_RENDERER = {
+    "num_replicas": 1,
+    "max_queued_requests": 6,
+    "max_ongoing_requests": 8,
+    "ray_actor_options": {"num_cpus": 1},
+}
 
 
 def free_port() -> int:
