@@ -135,15 +135,20 @@ def write_with_baseline(
     samples: int,
     seed: int,
     info: Mapping[str, Any],
+    labels: tuple[str, str] | None = None,
     **written: Any,
 ) -> tuple[dict[str, Path], Comparison | None]:
     """Write the run directory; with a baseline, compare the written run with it and write it again with the
-    comparison (the comparison reads both runs the way ``eval compare`` does, from their directories)."""
+    comparison (the comparison reads both runs the way ``eval compare`` does, from their directories).
+
+    ``labels``: how the comparison names (baseline, this run) instead of their directories' paths."""
     paths = write_run_dir(run_dir, evaluation, info=info, **written)
     if baseline is None:
         return paths, None
     comparison = compare_runs(read_run(baseline), read_run(run_dir), samples=samples, seed=seed)
-    info = {**info, "baseline": str(baseline)}
+    if labels is not None:
+        comparison.baseline, comparison.candidate = labels
+    info = {**info, "baseline": labels[0] if labels is not None else str(baseline)}
     return write_run_dir(run_dir, evaluation, info=info, comparison=comparison, **written), comparison
 
 
@@ -275,11 +280,14 @@ def score_suite_run(
     score_workers: int = 1,
     progress: Progress | None = None,
     images_shown: str | None = None,
+    labels: tuple[str, str] | None = None,
 ) -> RunResult:
     """Score a suite's rendered grid (the PNGs under ``out``) and write the run directory.
 
     The second half of ``run_suite``, on its own so a grid rendered elsewhere (the service's
     renderer deployments: ``imagegen.serve.evalruns``) is scored and reported the same way.
+    ``images_shown`` and ``labels`` replace server paths in what the report shows (see ``write_run_dir``,
+    ``write_with_baseline``).
     """
     scored_cells = [c for c in cells if c.key not in outcome.skipped]
     to_analyze = [c for c in scored_cells if c.key not in outcome.problems]
@@ -362,6 +370,7 @@ def score_suite_run(
         identities=identities,
         skipped=skipped,
         images_shown=images_shown,
+        labels=labels,
     )
     log.info("suite %s: %s", suite.name, evaluation.summary)
     return RunResult(out, evaluation, paths, comparison, skipped, outcome)

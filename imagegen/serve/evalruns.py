@@ -13,8 +13,9 @@ What an API suite may name is narrower than a suite file's, because a tenant wri
   everywhere; bundled ``sample`` photos are for the CLI), renderable under the service's policy
   when a method uses identity;
 - presets are the ones this service serves; ``workers``, ``gpus_per_worker``, ``batch_size`` and
-  ``profile`` are the deployment's business and are refused, and so is ``baseline`` (a path on the
-  server); the grid is at most ``MAX_CELLS`` renders and ``bootstrap.samples`` at most
+  ``profile`` are the deployment's business and are refused; ``baseline`` is the ``run_id`` of an
+  earlier finished run of the tenant (never a path), compared the way ``imagegen eval compare``
+  does; the grid is at most ``MAX_CELLS`` renders and ``bootstrap.samples`` at most
   ``MAX_BOOTSTRAP``; a tenant has at most ``MAX_ACTIVE_PER_TENANT`` runs queued or running.
 
 The run executes in the ingress replica that accepted it (renders at most ``RENDER_CONCURRENCY``
@@ -33,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -80,10 +82,12 @@ NOT_FOR_THE_SERVICE = {
     "gpus_per_worker": "the service's renderer replicas render API runs",
     "batch_size": "the service's renderers batch API runs with other requests",
     "profile": "API runs render with the renderers' profiles as deployed",
-    "baseline": "a baseline is a run directory on the server; compare two API runs' reports instead",
 }
-#: the run directory's files the service keeps (the renders are in report.html as thumbnails)
-KEPT_FILES = ("report.html", "metrics.json", "junit.xml")
+#: the run directory's files the service keeps (the renders are in report.html as thumbnails); the last
+#: two are what a later run compares with when it names this one as its baseline
+KEPT_FILES = ("report.html", "metrics.json", "junit.xml", "scores.json", "run.json")
+BASELINE_FILES = ("metrics.json", "scores.json", "run.json")
+RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def invalid(message: str, field: str | None = "suite") -> ApiError:
@@ -112,6 +116,8 @@ def validate_suite(data: Any) -> Suite:
                 "samples (register one with POST /v1/characters)",
                 "characters",
             )
+    if suite.baseline is not None and not RUN_ID_RE.fullmatch(suite.baseline):
+        raise invalid("baseline is the run_id of an earlier run of this tenant (GET /v1/eval/runs)", "baseline")
     if suite.bootstrap.samples > MAX_BOOTSTRAP:
         raise invalid(f"bootstrap.samples is at most {MAX_BOOTSTRAP} for a run through the API", "bootstrap.samples")
     return suite
@@ -123,10 +129,13 @@ def run_summary(metrics: dict[str, Any], result: Any) -> dict[str, Any]:
     Taken from the run's ``metrics.json`` as written (plain JSON: no NaN, no numpy types).
     """
     outcome = result.outcome
+    comparison = metrics.get("comparison")
+    shown = ("baseline", "summary", "failed", "regressions", "gated_regressions")
     return {
         **{
             k: metrics.get(k) for k in ("verdict", "summary", "reasons", "gated", "thresholds", "overall", "characters")
         },
+        "comparison": None if comparison is None else {k: comparison.get(k) for k in shown},
         "rendered": len(outcome.rendered) if outcome else 0,
         "unusable": len(outcome.problems) if outcome else 0,
         "skipped": len(result.skipped),
@@ -183,6 +192,15 @@ class EvalRunService:
                 raise ApiError(409, refused.code, refused.message, "characters")
             names[spec.id] = spec.name or character.name
         cells = self._cells(suite, names)
+        if suite.baseline is not None:
+            baseline = await self.get(caller, suite.baseline)
+            if baseline.status != "done" or any(name not in baseline.files for name in BASELINE_FILES):
+                raise ApiError(
+                    409,
+                    "baseline_not_usable",
+                    f"evaluation run {baseline.id} is {baseline.status}, not a finished run to compare with",
+                    "baseline",
+                )
         active = [r for r in await self.db(self.store.list_eval_runs, caller.tenant, 100) if r.status in ACTIVE]
         if len(active) >= MAX_ACTIVE_PER_TENANT:
             raise too_busy(
@@ -250,8 +268,10 @@ class EvalRunService:
             await self.db(self.store.add_audit, audits)
             if not await self._progress(run.id, {"phase": "score", "done": 0, "total": len(cells)}):
                 return
+            baseline = await self._baseline(suite, caller, work) if suite.baseline else None
+            seconds = time.perf_counter() - started
             result = await asyncio.get_running_loop().run_in_executor(
-                self.cpu_pool, self._score, suite, cells, outcome, work, time.perf_counter() - started
+                self.cpu_pool, self._score, suite, cells, outcome, work, seconds, baseline, run.id
             )
             for name in KEPT_FILES:
                 files[name] = await self.db(self.store.results.put, (work / name).read_bytes())
@@ -347,8 +367,29 @@ class EvalRunService:
             "watermark_tag": provenance.tag_for(image.image_id),
         }
 
-    def _score(self, suite: Suite, cells: list[Cell], outcome: RenderOutcome, work: Path, seconds: float) -> Any:
-        """Score the rendered grid and write the run directory (blocking: the eval thread)."""
+    async def _baseline(self, suite: Suite, caller: Caller, work: Path) -> Path:
+        """The baseline run's files in a directory of their own, as ``eval compare`` reads a run."""
+        assert suite.baseline is not None
+        baseline = await self.get(caller, suite.baseline)  # it may have been deleted since: 404 ends this run
+        where = work / "baseline"
+        for name in BASELINE_FILES:
+            if name not in baseline.files:
+                raise ApiError(409, "baseline_not_usable", f"evaluation run {baseline.id} has no {name}", "baseline")
+            data = await self.db(self.store.results.get, baseline.files[name])
+            await self.db(atomic_write, where / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        return where
+
+    def _score(
+        self,
+        suite: Suite,
+        cells: list[Cell],
+        outcome: RenderOutcome,
+        work: Path,
+        seconds: float,
+        baseline: Path | None,
+        run_id: str,
+    ) -> Any:
+        """Score the grid, compare it with its baseline, write the run directory (blocking: the eval thread)."""
         from imagegen.eval.identities import identity_from_registry
         from imagegen.eval.run import score_suite_run
         from imagegen.eval.thresholds import resolve_thresholds
@@ -366,7 +407,9 @@ class EvalRunService:
             thresholds=resolve_thresholds(analyzer.name, suite.thresholds),
             profiles={preset: "as deployed" for preset in suite.presets},
             rendered_seconds=seconds,
+            baseline=baseline,
             images_shown="rendered by the service (thumbnails below)",
+            labels=(f"run {suite.baseline}", f"run {run_id}"),
         )
 
     async def _progress(self, run_id: str, progress: dict[str, Any]) -> bool:

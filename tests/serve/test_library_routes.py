@@ -9,6 +9,7 @@ one registration answered (same numbers from the stored analyses, no face model)
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 
@@ -48,7 +49,7 @@ def _png(data: bytes) -> Image.Image:
     return image
 
 
-def test_character_library_references_report_and_recent_renders(service, lib, admin, http):
+def test_character_library_references_report_and_recent_renders(service, lib, keys, http):
     with Client(service.url, lib["a_write"]) as writer, Client(service.url, lib["a_render"]) as renderer:
         created = writer.create_character(CHARACTER, "Ava", list(astronaut_set(3)), SYNTHETIC)
         writer.approve_character(CHARACTER)
@@ -111,7 +112,7 @@ def test_character_library_references_report_and_recent_renders(service, lib, ad
             assert png.status_code == 200 and png.headers["x-image-id"] == row["image_id"]
             assert png.content == renderer.job_image(job["job_id"], row["image_index"])
         assert rows[0]["created_at"] >= rows[-1]["created_at"]
-        assert [r["image_id"] for r in admin._request("GET", f"{base}/renders").json()["renders"]] == [
+        assert [r["image_id"] for r in _get(http, keys.admin, f"{base}/renders").json()["renders"]] == [
             r["image_id"] for r in rows
         ]
 
@@ -171,7 +172,7 @@ def _wait_run(http: httpx.Client, key: str, run_id: str, timeout_s: float = 180)
     raise AssertionError(f"run {run_id} still {run['status']} after {timeout_s}s: {run['progress']}")
 
 
-def test_eval_runs_through_the_api(service, lib, admin, http):
+def test_eval_runs_through_the_api(service, lib, keys, http):
     auth = {"Authorization": f"Bearer {lib['a_render']}"}
     with Client(service.url, lib["a_write"]) as writer:
         writer.create_character("lib-eval", "Evie", list(astronaut_set(3)), SYNTHETIC)
@@ -206,7 +207,7 @@ def test_eval_runs_through_the_api(service, lib, admin, http):
         # tenancy: another tenant sees nothing, admin sees it
         assert run_id in {r["run_id"] for r in _get(http, lib["a_write"], "/v1/eval/runs").json()["runs"]}
         assert run_id not in {r["run_id"] for r in _get(http, lib["b_render"], "/v1/eval/runs").json()["runs"]}
-        assert run_id in {r["run_id"] for r in admin._request("GET", "/v1/eval/runs").json()["runs"]}
+        assert run_id in {r["run_id"] for r in _get(http, keys.admin, "/v1/eval/runs").json()["runs"]}
         for path in ("", "/report.html"):
             foreign = assert_error_shape(_get(http, lib["b_render"], f"/v1/eval/runs/{run_id}{path}"), 404)
             assert foreign["code"] == "not_found"
@@ -277,16 +278,30 @@ def test_eval_runs_through_the_api(service, lib, admin, http):
         assert_error_shape(_get(http, lib["a_render"], "/v1/eval/runs/..%2F..%2Fregistry.db"), 404)
         assert_error_shape(_get(http, lib["a_render"], f"/v1/eval/runs/{run_id}/run.json"), 404)
 
-        # a YAML suite is accepted too; deleting a run stops it and removes it
-        text = "name: lib-yaml\n" + "\n".join(f"{k}: {v!r}" for k, v in SUITE.items() if k != "name").replace("'", '"')
-        second = http.post("/v1/eval/runs", content=text.encode(), headers={**auth, "content-type": "application/yaml"})
+        # a YAML suite naming the first run as its baseline: compared with it, by run id (never a path)
+        lines = [f"{k}: {json.dumps(v)}" for k, v in {**SUITE, "name": "lib-yaml", "baseline": run_id}.items()]
+        second = http.post(
+            "/v1/eval/runs", content="\n".join(lines).encode(), headers={**auth, "content-type": "application/yaml"}
+        )
         assert second.status_code == 202, second.text
-        second_id = second.json()["run_id"]
-        assert http.delete(f"/v1/eval/runs/{second_id}", headers=auth).status_code == 204
-        assert_error_shape(_get(http, lib["a_render"], f"/v1/eval/runs/{second_id}"), 404)
+        compared = _wait_run(http, lib["a_render"], second.json()["run_id"])
+        assert compared["status"] == "done", compared["error"]
+        assert compared["summary"]["comparison"]["baseline"] == f"run {run_id}"
+        assert f"Comparison with run {run_id}" in _get(http, lib["a_render"], compared["links"]["report.html"]).text
+
+        # two runs at once per tenant; deleting a run stops it and removes it
+        started = [http.post("/v1/eval/runs", json=SUITE, headers=auth) for _ in range(2)]
+        assert [r.status_code for r in started] == [202, 202], [r.text for r in started]
+        busy = http.post("/v1/eval/runs", json=SUITE, headers=auth)
+        assert assert_error_shape(busy, 429)["code"] == "too_many_eval_runs" and busy.headers["retry-after"]
+        for response in started:
+            run_url = f"/v1/eval/runs/{response.json()['run_id']}"
+            assert http.delete(run_url, headers=auth).status_code == 204
+            assert_error_shape(_get(http, lib["a_render"], run_url), 404)
 
         # deleting a character deletes the runs that rendered it, and their files
-        assert writer.delete_character("lib-eval")["renders"]["eval_runs"] == 1
-        assert_error_shape(_get(http, lib["a_render"], f"/v1/eval/runs/{run_id}"), 404)
-        with ServeStore.open() as store:
-            assert store.get_eval_run(run_id) is None
+        assert writer.delete_character("lib-eval")["renders"]["eval_runs"] == 2
+        for gone in (run_id, compared["run_id"]):
+            assert_error_shape(_get(http, lib["a_render"], f"/v1/eval/runs/{gone}"), 404)
+            with ServeStore.open() as store:
+                assert store.get_eval_run(gone) is None

@@ -41,7 +41,8 @@ SUITE_BODY = {
     "requestBody": {
         "required": True,
         "description": "A suite (the fields of configs/suites/*.yaml) as JSON or YAML; characters are the "
-        "tenant's registered ones; workers, gpus_per_worker, batch_size, profile and baseline are refused.",
+        "tenant's registered ones; workers, gpus_per_worker, batch_size and profile are refused; baseline is "
+        "the run_id of an earlier run.",
         "content": {
             "application/json": {"schema": {"type": "object"}},
             "application/yaml": {"schema": {"type": "string"}},
