@@ -19,6 +19,7 @@ from rich.table import Table
 from imagegen.errors import ImagegenError, InvalidRequestError
 from imagegen.eval.cli import eval_app
 from imagegen.identity.cli import characters_app, protect_app
+from imagegen.identity.design.cli import add_design_commands
 from imagegen.migrations.cli import db_app
 from imagegen.serve.cli import keys_app, provenance_app, serve_command
 from imagegen.terminal import (
@@ -40,6 +41,7 @@ app = typer.Typer(
 models_app = typer.Typer(help="Model presets (configs/models.yaml).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(characters_app, name="characters")
+add_design_commands(characters_app)  # design, turnaround, curate, register, design-delete
 app.add_typer(protect_app, name="protect")
 app.add_typer(keys_app, name="keys")
 app.add_typer(provenance_app, name="provenance")

@@ -19,6 +19,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import MetaData, create_engine, inspect, select, text
 
+from imagegen.identity.design.store import Base as DesignBase
+from imagegen.identity.design.store import DesignStore
 from imagegen.identity.registry import Registry
 from imagegen.identity.registry.schema import Base as RegistryBase
 from imagegen.migrations import (
@@ -48,9 +50,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def head_metadata() -> MetaData:
-    """The registry's and the service store's tables in one ``MetaData``: the schema at head."""
+    """The registry's, the service store's and the design store's tables in one ``MetaData``: the schema at head."""
     merged = MetaData()
-    for metadata in (RegistryBase.metadata, ServeBase.metadata):
+    for metadata in (RegistryBase.metadata, ServeBase.metadata, DesignBase.metadata):
         for table in metadata.tables.values():
             table.to_metadata(merged)
     return merged
@@ -176,6 +178,8 @@ def test_a_database_written_before_migrations_is_refused_then_upgraded(legacy_ho
         pass
     with ServeStore(f"sqlite:///{fresh / 'registry.db'}", fresh / "results"):
         pass
+    with DesignStore(f"sqlite:///{fresh / 'registry.db'}", fresh / "designs"):
+        pass
     assert schema_of(url) == schema_of(f"sqlite:///{fresh / 'registry.db'}")
     again = run_cli("db", "upgrade")
     assert again.returncode == 0 and f"already at schema {head()}" in again.stdout
@@ -211,6 +215,8 @@ def test_a_fresh_database_is_created_at_head_whichever_store_opens_it_first(tmp_
             assert opened.schema_revision == head()
         with openers[second]() as opened:
             assert opened.schema_revision == head()
+        with DesignStore(url, home / "designs"):  # the third store: its tables join a database at head
+            pass
         assert diff_from_models(url) == []
 
 

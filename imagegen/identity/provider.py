@@ -159,7 +159,13 @@ def identity_renderer(
     settings: Settings | None = None,
     device: str | None = None,
 ) -> Renderer:
-    """A ``Renderer`` of ``preset`` whose characters come from ``registry`` (opened from settings if None)."""
+    """A ``Renderer`` of ``preset`` whose characters come from ``registry`` (opened from settings if None).
+
+    Design draft keys (``identity/design/drafts.py``) are answered from the design store: a design's
+    turnaround renders its pick's identity before any character exists.
+    """
+    from imagegen.identity.design.drafts import DraftAwareIdentity
+
     settings = settings or get_settings()
-    provider = RegistryIdentity(registry, settings, allow_draft=allow_draft)
+    provider = DraftAwareIdentity(RegistryIdentity(registry, settings, allow_draft=allow_draft), settings)
     return Renderer(preset, settings=settings, device=device, identity=provider)

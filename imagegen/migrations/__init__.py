@@ -91,6 +91,8 @@ KNOWN_TABLES = frozenset(
         "serve_jobs",
         "serve_job_events",
         "render_audit",
+        "designs",
+        "design_images",
         "character_renders",
         "eval_runs",
     }

@@ -84,6 +84,12 @@ class IngressConfig(BaseModel):
     job_poll_s: float = Field(default=0.5, gt=0)
     #: finished jobs (and their images) are deleted after this long
     job_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    #: designs (``/v1/designs``) nobody registers or deletes are deleted with everything they made after this long
+    design_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    #: how often expired designs are swept (one asked for after it expired is deleted at once)
+    design_sweep_s: float = Field(default=300.0, gt=0)
+    #: candidate portraits one design may ask for (one batched job; never above the flow's 16)
+    max_design_candidates: int = Field(default=16, ge=1, le=16)
     #: a synchronous render that takes longer ends with 504
     sync_timeout_s: float = Field(default=300.0, gt=0)
     #: Retry-After (seconds) sent with 429 / 503

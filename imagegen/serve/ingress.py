@@ -26,6 +26,7 @@ from imagegen.identity.registry import Registry
 from imagegen.serve.auth import KeyVerifier
 from imagegen.serve.characters import CharacterService
 from imagegen.serve.config import INGRESS_MAX_ONGOING_REQUESTS, INGRESS_NAME, IngressConfig
+from imagegen.serve.designs import DesignService
 from imagegen.serve.dispatch import ServeRenderers
 from imagegen.serve.errors import ApiError
 from imagegen.serve.evalruns import EvalRunService
@@ -66,6 +67,17 @@ class Ingress:
         )
         self.sync = SyncRenders(self.service)
         self.characters = CharacterService(self.registry, self.store, self.service.db)
+        self.designs = DesignService(
+            self.registry,
+            self.store,
+            self.service.renderers,
+            presets,
+            self.metrics,
+            lambda: self.cfg,
+            wake_jobs=lambda: self.runner.wake(),
+            cancel_local=lambda job_id: self.runner.cancel_local(job_id),
+            settings=self.service.settings,
+        )
         self.library = LibraryService(self.registry, self.store, self.service.db, get_settings().face_backend)
         self.evalruns = EvalRunService(
             self.registry,
@@ -80,10 +92,9 @@ class Ingress:
         #: An Event, not a Condition: no lock to contend for, so 100+ streams cancelled at once (clients
         #: gone) cannot leave a lock held and every other stream of the replica stuck behind it
         self.job_signal = asyncio.Event()
-        self.runner = JobRunner(
-            self.store, self.service.run_job, lambda: self.cfg, self.service.db_pool, self.notify_job
-        )
+        self.runner = JobRunner(self.store, self.run_job, lambda: self.cfg, self.service.db_pool, self.notify_job)
         self.runner.start()
+        self.designs.start()
         if self.service.settings.allow_unverified_age:
             log.warning(
                 "DEVELOPMENT ONLY: IMAGEGEN_ALLOW_UNVERIFIED_AGE is on: characters whose apparent age was "
@@ -106,6 +117,13 @@ class Ingress:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.runner.shutdown()
+            self.designs.shutdown()
+
+    async def run_job(self, job: Any, emit: Any) -> dict:
+        """The job runner's executor: a design's step (``kind: design``) or a render job."""
+        if job.request.get("kind") == "design":
+            return await self.designs.run_job(job, emit)
+        return await self.service.run_job(job, emit)
 
     async def authenticate(self, headers: dict[str, str]) -> ApiKey:
         """The API key of a request's headers (``Authorization: Bearer`` or ``X-Api-Key``); 401 otherwise."""

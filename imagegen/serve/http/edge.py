@@ -105,7 +105,8 @@ class EdgeMiddleware:
             await error_response(error, request_id)(scope, receive, send_wrapper)
 
         try:
-            limit = cfg.max_upload_bytes if (path == "/v1/characters" and method == "POST") else cfg.max_body_bytes
+            upload = path == "/v1/characters" or (path.startswith("/v1/designs/") and path.endswith("/pick"))
+            limit = cfg.max_upload_bytes if (upload and method == "POST") else cfg.max_body_bytes
             length = headers.get("content-length")
             if length is not None and not length.isdigit():
                 await reply(ApiError(400, "bad_request", "the Content-Length header is not a number"))
