@@ -166,6 +166,10 @@ class BlobStore:
             )
         return data
 
+    def ping(self) -> None:
+        """Reach the store (``/readyz``): ``StorageUnavailableError`` when it cannot be used from this node."""
+        self.objects.ping()
+
     def exists(self, digest: str) -> bool:
         """Whether a blob named ``digest`` is stored (its content is not checked)."""
         return self.objects.head(self.key(digest)) is not None

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: prefix of the temporary files a local put leaves behind when its process is killed
 TEMP_PREFIX = ".tmp-"
+#: the key a readiness probe looks up (HEAD; missing is fine, an unreachable or refusing store is not)
+PING_KEY = ".ping"
 #: URL schemes served by obstore (the rest of a URL is the bucket / container and a key prefix)
 REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "memory"})
 _KEY_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -130,6 +132,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def child(self, prefix: str) -> ObjectStore:
         """The same storage with keys relative to ``prefix`` (``blobs``, ``serve/results``)."""
+
+    def ping(self) -> None:
+        """Reach the store (a readiness probe): ``StorageUnavailableError`` when it cannot be used."""
+        self.head(PING_KEY)
 
     def refresh(self, key: str, data: bytes) -> bool:
         """When ``key`` already holds exactly ``data``: mark it as just written and return True (skip the put).
@@ -211,6 +217,10 @@ class LocalObjects(ObjectStore):
             return self.path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFoundError(f"no object {key} in {self.location}") from None
+
+    def ping(self) -> None:
+        if not (self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK)):
+            raise StorageUnavailableError(f"the blob directory {self.root} is missing or not writable")
 
     def head(self, key: str) -> ObjectInfo | None:
         path = self.path(key)

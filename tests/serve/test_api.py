@@ -30,7 +30,7 @@ def test_health_routes_need_no_key(http):
     ready = http.get("/readyz")
     assert ready.status_code == 200, ready.text
     checks = ready.json()["checks"]
-    assert checks["database"] == "ok"
+    assert checks["database"] == "ok" and checks["storage"] == "ok"
     assert set(checks["renderers"]) == {"tiny-flux", "tiny-sdxl"}
     assert all(r["ok"] for r in checks["renderers"].values())
     assert "x-request-id" in ready.headers

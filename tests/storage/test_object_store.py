@@ -65,8 +65,14 @@ def test_keys_never_leave_the_root(tmp_path: Path, key: str) -> None:
     assert list(tmp_path.rglob("*")) == [tmp_path / "root"]
 
 
-def test_a_missing_object_and_a_missing_blob(s3_bucket: Bucket) -> None:
+def test_a_missing_object_and_a_missing_blob(s3_bucket: Bucket, tmp_path: Path) -> None:
     store = open_storage(s3_bucket.url)
+    store.ping()  # a reachable bucket answers the probe, whether or not the probed key exists
+    open_storage(tmp_path / "dir").ping()
+    gone = LocalObjects(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()  # an unmounted volume, a deleted home
+    with pytest.raises(StorageUnavailableError, match="missing or not writable"):
+        gone.ping()
     with pytest.raises(ObjectNotFoundError):
         store.get("no/such/key")
     assert store.head("no/such/key") is None and store.delete("no/such/key") == 0
@@ -86,7 +92,8 @@ def test_an_unreachable_store_is_one_line_and_a_503(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     store = BlobStore("s3://secret-bucket-name/blobs")
-    for call in (lambda: store.put(b"x"), lambda: store.get("b" * 64), lambda: list(store.digests())):
+    calls = (store.ping, lambda: store.put(b"x"), lambda: store.get("b" * 64), lambda: list(store.digests()))
+    for call in calls:
         with pytest.raises(StorageUnavailableError) as info:
             call()
         message = str(info.value)

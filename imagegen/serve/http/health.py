@@ -2,7 +2,7 @@
 
 Health routes need no key and are answered even when the ingress is busy: the per-key and total
 limits keep ``reserved_requests`` of its slots free (``serve/limits.py``). ``/healthz`` touches
-nothing; ``/readyz`` probes the database and every renderer, at most once per ``READY_CACHE_S``
+nothing; ``/readyz`` probes the database, the object store and every renderer, at most once per ``READY_CACHE_S``
 (concurrent callers share one probe), so a flood of readiness checks costs the renderers nothing.
 A renderer counts as ready only when the replica that answered is warm (``ready`` in its health:
 its warm-up of the configured shapes completed, see ``imagegen.serve.renderer_deployment``); each
@@ -51,6 +51,12 @@ class Readiness:
             checks["database"] = "ok"
         except Exception as exc:  # noqa: BLE001
             checks["database"] = f"error: {type(exc).__name__}"
+            ready = False
+        try:  # job images are read and written here: a node that cannot reach the object store is not ready
+            await asyncio.wait_for(service.db(service.store.results.ping), 5)
+            checks["storage"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["storage"] = f"error: {type(exc).__name__}"
             ready = False
 
         async def probe(preset: str) -> tuple[str, Any]:
