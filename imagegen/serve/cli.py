@@ -177,6 +177,15 @@ def _check_database() -> None:
         pass
 
 
+def _check_signer() -> None:
+    """Before Ray starts: a half-configured or unreadable C2PA signer is refused in one line."""
+    from imagegen.provenance import load_signer
+
+    signer = load_signer()
+    if signer.development:
+        console.print(f"C2PA: [bold yellow]development signer[/bold yellow] ({escape(str(signer.chain_path.parent))})")
+
+
 def serve_command(
     config: Path = typer.Option(None, help="Serve config (default: configs/serve.yaml)."),
     host: str = typer.Option(None, help="Listen address (overrides http_options.host)."),
@@ -190,6 +199,7 @@ def serve_command(
     from imagegen.serve.launcher import start_service
 
     _check_database()
+    _check_signer()
     stop = {"now": False}
 
     def _stop(*_: object) -> None:

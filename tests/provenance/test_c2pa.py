@@ -81,6 +81,8 @@ def test_configured_signer_signs_png_and_jpeg_and_an_edit_fails_validation(confi
     assert any("mismatch" in code for code in broken["failures"]), broken["failures"]
     report = provenance.check_image(edited)
     assert report["layers"]["manifest"] is False and report["manifest"]["state"] == "Invalid"
+    if fmt == "png":  # one row edited: the metadata and the watermark are still there
+        assert report["survived"] == ["text_chunks", "watermark"]
 
 
 def test_without_trust_the_signature_is_valid_but_not_trusted(pair, isolated_home, monkeypatch):
@@ -112,6 +114,9 @@ def test_half_a_signer_or_a_wrong_file_is_refused(isolated_home, tmp_path, monke
     get_settings.cache_clear()
     with pytest.raises(keys.SignerConfigError, match="IMAGEGEN_C2PA_KEY is unset"):
         keys.load_signer()
+    # `imagegen serve` refuses it before Ray starts (main() prints it as one line, exit 2)
+    result = CliRunner().invoke(app, ["serve", "--port", "1"])
+    assert isinstance(result.exception, keys.SignerConfigError), result.output
     (tmp_path / "chain.pem").write_text("not a certificate")
     (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
     monkeypatch.setenv("IMAGEGEN_C2PA_KEY", str(tmp_path / "key.pem"))
