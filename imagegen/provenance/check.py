@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from imagegen.provenance import manifest
+import imagegen.provenance.manifest as manifest
 from imagegen.provenance.stamp import read_metadata, read_watermark
 
 #: formats the C2PA reader is asked about (others cannot carry a manifest we wrote)

@@ -16,8 +16,9 @@ from typing import Any
 
 from PIL import Image
 
+import imagegen.provenance.manifest as manifest
+import imagegen.provenance.watermark as watermark
 from imagegen.images import RECORD_KEY, png_info
-from imagegen.provenance import manifest, watermark
 from imagegen.provenance.keys import signer_material
 from imagegen.settings import get_settings
 from imagegen.versions import library_versions
