@@ -22,6 +22,7 @@ from imagegen.identity.cli import characters_app, protect_app
 from imagegen.identity.design.cli import add_design_commands
 from imagegen.migrations.cli import db_app
 from imagegen.serve.cli import keys_app, provenance_app, serve_command
+from imagegen.serve.studio_cli import studio_command
 from imagegen.terminal import (
     PROFILE_HELP,
     check_profile_choice,
@@ -46,6 +47,7 @@ app.add_typer(protect_app, name="protect")
 app.add_typer(keys_app, name="keys")
 app.add_typer(provenance_app, name="provenance")
 app.command("serve")(serve_command)
+app.command("studio")(studio_command)
 app.add_typer(eval_app, name="eval")
 app.add_typer(db_app, name="db")
 

@@ -40,6 +40,48 @@ def _session_home(tmp_path_factory: pytest.TempPathFactory):
     get_settings.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def service(_session_home):
+    """One real local Ray and one Serve deployment of configs/serve.yaml for the whole session.
+
+    Shared by tests/serve and tests/studio (defined here so both see the same one); its test
+    limits and the keys' helpers are in tests/serve/conftest.py.
+    """
+    from imagegen.serve.launcher import start_service
+    from tests.serve.conftest import TEST_INGRESS, TEST_RENDERER, free_port
+
+    svc = start_service(
+        port=free_port(),
+        num_cpus=4,
+        object_store_memory=150 * 1024 * 1024,
+        log_to_driver=bool(os.environ.get("IMAGEGEN_TEST_RAY_LOGS")),
+        ingress=TEST_INGRESS,
+        ingress_options={"ray_actor_options": {"num_cpus": 0.5}},
+        renderer_options={"tiny-flux": TEST_RENDERER, "tiny-sdxl": TEST_RENDERER},
+        renderer_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.1},
+    )
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def keys(service):
+    """API keys of the session's service (made the way `imagegen keys create` makes them)."""
+    from imagegen.serve.auth import create_key
+    from imagegen.serve.store import ServeStore
+    from tests.serve.conftest import Keys
+
+    with ServeStore.open() as store:
+        return Keys(
+            admin=create_key(store, "tests-admin", ["admin"])[1],
+            render=create_key(store, "tests-render", ["render"])[1],
+            writer=create_key(store, "tests-writer", ["characters:write", "characters:approve"])[1],
+            other_render=create_key(store, "tests-render-2", ["render"])[1],
+        )
+
+
 @pytest.fixture
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh IMAGEGEN_HOME for this test (the shared model cache stays)."""

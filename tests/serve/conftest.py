@@ -9,7 +9,6 @@ does it.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ import httpx
 import pytest
 
 from imagegen.client import Client
-from imagegen.serve.auth import create_key
-from imagegen.serve.store import ServeStore
 
 #: what the tests override in configs/serve.yaml
 TEST_INGRESS = {
@@ -66,35 +63,8 @@ class Keys:
     other_render: str
 
 
-@pytest.fixture(scope="session")
-def service(_session_home):
-    from imagegen.serve.launcher import start_service
-
-    svc = start_service(
-        port=free_port(),
-        num_cpus=4,
-        object_store_memory=150 * 1024 * 1024,
-        log_to_driver=bool(os.environ.get("IMAGEGEN_TEST_RAY_LOGS")),
-        ingress=TEST_INGRESS,
-        ingress_options={"ray_actor_options": {"num_cpus": 0.5}},
-        renderer_options={"tiny-flux": TEST_RENDERER, "tiny-sdxl": TEST_RENDERER},
-        renderer_config={"max_batch_size": 4, "batch_wait_timeout_s": 0.1},
-    )
-    try:
-        yield svc
-    finally:
-        svc.stop()
-
-
-@pytest.fixture(scope="session")
-def keys(service) -> Keys:
-    with ServeStore.open() as store:
-        return Keys(
-            admin=create_key(store, "tests-admin", ["admin"])[1],
-            render=create_key(store, "tests-render", ["render"])[1],
-            writer=create_key(store, "tests-writer", ["characters:write", "characters:approve"])[1],
-            other_render=create_key(store, "tests-render-2", ["render"])[1],
-        )
+# `service` and `keys` (session-scoped: one Ray cluster and one deployment for every test of the session)
+# are defined in tests/conftest.py, so that tests outside tests/serve (tests/studio) share the same service.
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,10 @@
 """What every HTTP request passes before a route: request id, body limit, API key, rate, metrics, errors.
 
 ``EdgeMiddleware`` is pure ASGI (streams pass through): request id, body-size limit (413 before
-the body is parsed), API-key check (401 before the body is parsed; health routes are exempt), the
-key's request rate (429 + Retry-After, ``serve/limits.py``), the nesting depth of JSON bodies
-(422 while the body arrives, before anything parses it: deep JSON made the parser recurse into a
-500) and metrics. The error handlers answer every failure in one JSON shape.
+the body is parsed), API-key check (401 before the body is parsed; health routes and the Studio
+page's own static files are exempt), the key's request rate (429 + Retry-After, ``serve/limits.py``),
+the nesting depth of JSON bodies (422 while the body arrives, before anything parses it: deep JSON
+made the parser recurse into a 500) and metrics. The error handlers answer every failure in one JSON shape.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from imagegen.errors import ImagegenError
 from imagegen.serve.config import IngressConfig
 from imagegen.serve.errors import ApiError, error_body, too_busy, validation_error
 from imagegen.serve.http.jsonlimits import DepthScanner, JsonTooDeep
+from imagegen.serve.http.studio import PUBLIC_STUDIO_PATHS
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class EdgeMiddleware:
             if length is not None and int(length) > limit:
                 await reply(ApiError(413, "payload_too_large", BodyTooLarge(limit).detail))
                 return
-            public = path in PUBLIC_PATHS or (path in DOC_PATHS and cfg.public_docs)
+            public = path in PUBLIC_PATHS or path in PUBLIC_STUDIO_PATHS or (path in DOC_PATHS and cfg.public_docs)
             if not public:
                 if ingress is None:
                     await reply(ApiError(503, "not_ready", "the service is starting", headers={"Retry-After": "2"}))
