@@ -259,3 +259,29 @@ def test_designs_are_owned_expire_and_leave_no_bytes(flow, isolated_home):
     for hostile in ("../../etc", "A" * 32, "0" * 31, ""):
         with pytest.raises(UnknownDesignError):
             flow.store.get(hostile)
+
+
+def test_design_bytes_live_in_the_deployments_storage(isolated_home):
+    """A bucket (obstore's in-memory store here) holds a design's images and draft identity, read by any
+    node, and deleting the design leaves no object under its prefix."""
+    import torch
+
+    from imagegen.storage import open_storage
+
+    objects = open_storage("memory:///")
+    with DesignStore(f"sqlite:///{isolated_home / 'registry.db'}", objects.child("designs")) as store:
+        design = store.create(
+            tenant="acme", key_id=None, character_id="mia", name="Mia", card={}, preset="tiny-flux", seed=1
+        )
+        image = samples.astronaut()
+        store.add_images(
+            design.id, [(DesignImage(uuid.uuid4().hex, "upload", 0, pixel_digest(image), "upload"), png(image))]
+        )
+        store.put_draft_tensors(design.id, "pulid", {"id": torch.ones(2, 3)})
+        assert torch.equal(store.draft_tensors(design.id, "pulid")["id"], torch.ones(2, 3))
+        stored = store.get(design.id)
+        assert Image.open(io.BytesIO(store.image_bytes(stored, stored.images[0].id))).size == image.size
+        assert len(list(objects.list(f"designs/{design.id}"))) == 2
+        gone = store.delete(design.id)
+        assert gone.files == 2 and gone.bytes_removed > 0 and list(objects.list("designs")) == []
+        assert store.draft_tensors(design.id, "pulid") is None

@@ -1,12 +1,13 @@
-"""Designs at rest: two tables in the registry's database and one folder of bytes per design.
+"""Designs at rest: two tables in the registry's database and one storage prefix of bytes per design.
 
 A design is owned by a tenant (and, through the API, by the key that started it), is stored like a
-job (a row that survives any process) and expires: ``expires_at`` is set when it is created, an
-expired design is answered as missing at once and deleted by the next sweep (``expire``).
-Deleting a design removes every byte it made: its rows, its images (candidates, uploads, slots)
-and its draft identity tensors, which all live under ``<storage>/designs/<design id>/`` — one
-folder per design, named by the id this module generated, never by user input — so a delete is
-one row delete and one folder removal.
+job (a row that survives any process; its bytes in the deployment's storage, ``IMAGEGEN_STORAGE_URL``
+or ``IMAGEGEN_HOME``, where every node reads them) and expires: ``expires_at`` is set when it is
+created, an expired design is answered as missing at once and deleted by the next sweep
+(``expire``). Deleting a design removes every byte it made: its rows, its images (candidates,
+uploads, slots) and its draft identity tensors, which all live under ``designs/<design id>/`` of
+the storage — one prefix per design, named by the id this module generated, never by user input —
+so a delete is one row delete and the removal of one prefix.
 
 Tables (a change here needs a revision in ``imagegen.migrations``)::
 
@@ -27,7 +28,6 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load as load_tensors
@@ -41,6 +41,7 @@ from imagegen.db import SessionScopes, UTCDateTime, checkpoint_wal, create_datab
 from imagegen.errors import ImagegenError
 from imagegen.migrations import prepare, where_of
 from imagegen.settings import Settings, get_settings
+from imagegen.storage import LocalObjects, ObjectNotFoundError, ObjectStore, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +237,10 @@ class DesignDeleted:
 class DesignStore(SessionScopes):
     """The design tables and each design's folder of bytes. Thread-safe: every call opens its own session."""
 
-    def __init__(self, url: str, root: str | os.PathLike[str]):
+    def __init__(self, url: str, objects: ObjectStore | str | os.PathLike[str]):
+        """``objects``: where the designs' bytes go (an ``ObjectStore``, a directory or a storage URL)."""
         self.url = make_url(url)
-        self.root = Path(root)
+        self.objects = objects if isinstance(objects, ObjectStore) else open_storage(objects)
         self.engine = create_database_engine(self.url, synchronous="NORMAL", secure_delete=True)
         try:
             prepare(self.engine, Base.metadata, where_of(self.url))
@@ -251,16 +253,18 @@ class DesignStore(SessionScopes):
     def open(cls, settings: Settings | None = None) -> DesignStore:
         settings = settings or get_settings()
         settings.home.mkdir(parents=True, exist_ok=True)
-        return cls(settings.registry_url, settings.home / "designs")
+        return cls(settings.registry_url, open_storage(settings.storage_root).child("designs"))
 
     # -- where bytes live ------------------------------------------------------------------------
-    def folder(self, design_id: str) -> Path:
+    @staticmethod
+    def prefix(design_id: str) -> str:
+        """The storage prefix of a design's bytes (its id, checked: a malformed one is simply unknown)."""
         if not (len(design_id) == 32 and all(c in "0123456789abcdef" for c in design_id)):
             raise UnknownDesignError(f"no design {design_id[:40]!r}")
-        return self.root / design_id
+        return design_id
 
     def blobs(self, design_id: str) -> BlobStore:
-        return BlobStore(self.folder(design_id) / "images")
+        return BlobStore(self.objects.child(f"{self.prefix(design_id)}/images"))
 
     # -- designs ---------------------------------------------------------------------------------
     def create(
@@ -308,7 +312,7 @@ class DesignStore(SessionScopes):
     def get(self, design_id: str, *, expired_too: bool = False) -> Design:
         """The design with its images; ``UnknownDesignError`` when missing, ``DesignExpiredError`` when expired
         (unless ``expired_too``: deleting an expired design needs what it holds)."""
-        self.folder(design_id)  # malformed ids are simply unknown
+        self.prefix(design_id)  # malformed ids are simply unknown
         with self._read() as s:
             row = s.get(DesignRow, design_id)
             if row is None:
@@ -395,10 +399,13 @@ class DesignStore(SessionScopes):
         stored = [replace(image, blob=blobs.put(png)) for image, png in images]
         now = utcnow()
         with self._write() as s:
-            if s.get(DesignRow, design_id) is None:
-                raise UnknownDesignError(f"no design {design_id!r} (deleted meanwhile)")
-            for image in stored:
-                s.add(_image_row(design_id, image, now))
+            alive = s.get(DesignRow, design_id) is not None
+            if alive:
+                for image in stored:
+                    s.add(_image_row(design_id, image, now))
+        if not alive:
+            self._purge(design_id)  # deleted while these were made: leave no bytes behind
+            raise UnknownDesignError(f"no design {design_id!r} (deleted meanwhile)")
         return stored
 
     def replace_images(
@@ -410,17 +417,24 @@ class DesignStore(SessionScopes):
         remove = list(remove)
         now = utcnow()
         with self._write() as s:
-            if s.get(DesignRow, design_id) is None:
-                raise UnknownDesignError(f"no design {design_id!r} (deleted meanwhile)")
-            gone = s.scalars(select(DesignImageRow.blob).where(DesignImageRow.id.in_(remove))).all() if remove else []
-            if remove:
-                s.execute(
-                    delete(DesignImageRow).where(DesignImageRow.design_id == design_id, DesignImageRow.id.in_(remove))
-                )
-            for image in stored:
-                s.add(_image_row(design_id, image, now))
-            s.flush()
-            still = set(s.scalars(select(DesignImageRow.blob).where(DesignImageRow.design_id == design_id)).all())
+            alive = s.get(DesignRow, design_id) is not None
+            gone: list[str] = []
+            still: set[str] = set()
+            if alive:
+                if remove:
+                    gone = list(s.scalars(select(DesignImageRow.blob).where(DesignImageRow.id.in_(remove))).all())
+                    s.execute(
+                        delete(DesignImageRow).where(
+                            DesignImageRow.design_id == design_id, DesignImageRow.id.in_(remove)
+                        )
+                    )
+                for image in stored:
+                    s.add(_image_row(design_id, image, now))
+                s.flush()
+                still = set(s.scalars(select(DesignImageRow.blob).where(DesignImageRow.design_id == design_id)).all())
+        if not alive:
+            self._purge(design_id)  # deleted while these were made: leave no bytes behind
+            raise UnknownDesignError(f"no design {design_id!r} (deleted meanwhile)")
         for blob in set(gone) - still:
             blobs.delete(blob)
 
@@ -444,40 +458,50 @@ class DesignStore(SessionScopes):
         raise UnknownDesignError(f"design {design.id} has no image {image_id[:40]!r}", field="image_id")
 
     # -- the draft identity ----------------------------------------------------------------------
+    def _draft_key(self, design_id: str, name: str) -> str:
+        return f"{self.prefix(design_id)}/identity/{name}.safetensors"
+
     def draft_tensors(self, design_id: str, name: str) -> dict | None:
-        path = self.folder(design_id) / "identity" / f"{name}.safetensors"
         try:
-            return load_tensors(path.read_bytes())
-        except FileNotFoundError:
+            return load_tensors(self.objects.get(self._draft_key(design_id, name)))
+        except ObjectNotFoundError:
             return None
 
     def put_draft_tensors(self, design_id: str, name: str, tensors: dict) -> None:
-        """Cache a draft identity under the design's folder; dropped again when the design is gone meanwhile."""
-        folder = self.folder(design_id) / "identity"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".tmp-{secrets.token_hex(4)}"
-        tmp.write_bytes(save_tensors({k: v.contiguous() for k, v in tensors.items()}))
-        os.replace(tmp, folder / f"{name}.safetensors")
+        """Cache a draft identity with the design's bytes; dropped again when the design is gone meanwhile."""
+        self.objects.put(
+            self._draft_key(design_id, name), save_tensors({k: v.contiguous() for k, v in tensors.items()})
+        )
         with self._read() as s:
             alive = s.get(DesignRow, design_id) is not None
         if not alive:  # deleted while the tensors were computed: leave no bytes behind
-            shutil.rmtree(self.folder(design_id), ignore_errors=True)
+            self._purge(design_id)
 
     def drop_draft_tensors(self, design_id: str) -> None:
         """Forget the draft identity (the pick changed)."""
-        shutil.rmtree(self.folder(design_id) / "identity", ignore_errors=True)
+        for info in list(self.objects.list(f"{self.prefix(design_id)}/identity")):
+            self.objects.delete(info.key)
+
+    def _purge(self, design_id: str) -> tuple[int, int]:
+        """Delete every object under the design's prefix; (files, bytes) removed."""
+        files = size = 0
+        for info in list(self.objects.list(self.prefix(design_id))):
+            size += self.objects.delete(info.key)
+            files += 1
+        if isinstance(self.objects, LocalObjects):  # and the emptied directories
+            shutil.rmtree(self.objects.root / self.prefix(design_id), ignore_errors=True)
+        return files, size
 
     # -- deleting --------------------------------------------------------------------------------
     def delete(self, design_id: str) -> DesignDeleted:
-        """Delete the design's rows and every byte under its folder (images, draft identity)."""
-        folder = self.folder(design_id)
+        """Delete the design's rows and every byte under its prefix (images, draft identity)."""
+        self.prefix(design_id)
         with self._write() as s:
             images = s.execute(delete(DesignImageRow).where(DesignImageRow.design_id == design_id)).rowcount
             found = s.execute(delete(DesignRow).where(DesignRow.id == design_id)).rowcount
         if not found:
             raise UnknownDesignError(f"no design {design_id!r}")
-        files, size = _folder_size(folder)
-        shutil.rmtree(folder, ignore_errors=True)
+        files, size = self._purge(design_id)
         checkpoint_wal(self.engine)
         log.info("deleted design %s: %d images, %d files, %d bytes", design_id, images, files, size)
         return DesignDeleted(design_id, images, files, size)
@@ -515,12 +539,3 @@ def _image_row(design_id: str, image: DesignImage, now: datetime) -> DesignImage
         outlier=image.outlier,
         created_at=now,
     )
-
-
-def _folder_size(folder: Path) -> tuple[int, int]:
-    files = size = 0
-    for path in folder.rglob("*") if folder.exists() else []:
-        if path.is_file():
-            files += 1
-            size += path.stat().st_size
-    return files, size
