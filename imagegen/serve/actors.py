@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,11 @@ from imagegen.serve.gate import GateScorer
 from imagegen.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+#: threads that stamp the images of one batch side by side: watermarking and PNG/zlib encoding release the GIL,
+#: and at 1024 px each image costs a few hundred CPU ms that would otherwise run one after another while the
+#: accelerator waits for the next batch
+STAMP_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 #: progress of one pipeline call inside ``render_isolated``: (indices of the requests in it, done, total)
 GroupProgress = Callable[[list[int], int, int], None]
@@ -187,7 +193,7 @@ class RendererActor:
         calls = [as_call(i) for i in items]
         results = self.renderer.render([c.request for c in calls], progress=progress)
         self._count(results)
-        return [self.finish(call, result) for call, result in zip(calls, results, strict=True)]
+        return self.finish_all(calls, results)
 
     def render_isolated(
         self,
@@ -289,6 +295,7 @@ class RendererActor:
         finally:
             self._rendering = None
         self._count([r for r in results if r.problem != CANCELLED])
+        finishing: list[tuple[int, RenderResult]] = []
         for index, result in zip(indices, results, strict=True):
             if result.problem == CANCELLED:  # its caller is gone: no score, watermark or PNG
                 steps = result.request.steps or 0
@@ -296,10 +303,10 @@ class RendererActor:
                 continue
             result.timings.update(extra.timings[index])
             result.batch.update(extra.batch)
-            try:
-                settle(index, self.finish(calls[index], result))
-            except Exception as exc:  # noqa: BLE001 - a face-scoring or encoding failure is this caller's
-                settle(index, RenderError.from_exception(exc))
+            finishing.append((index, result))
+        finished = self.finish_all([calls[i] for i, _ in finishing], [r for _, r in finishing], isolate=True)
+        for (index, _), outcome in zip(finishing, finished, strict=True):
+            settle(index, outcome)
 
     def _count(self, results: list[RenderResult]) -> None:
         self.rendered += len(results)
@@ -307,14 +314,54 @@ class RendererActor:
 
     def finish(self, call: RenderCall, result: RenderResult) -> RenderedImage:
         """Score (when gated), watermark, stamp and encode one image: the only PNG encode it gets."""
+        return self._stamp(call, result, self._score(call, result))
+
+    def finish_all(
+        self, calls: Sequence[RenderCall], results: Sequence[RenderResult], isolate: bool = False
+    ) -> list[Any]:
+        """:meth:`finish` for a batch: scores one by one (one face model), stamps side by side (``STAMP_THREADS``).
+
+        ``isolate``: a failure becomes that image's :class:`RenderError` instead of failing the batch.
+        """
+
+        def guarded(fn: Callable[[], Any]) -> Any:
+            if not isolate:
+                return fn()
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - a face-scoring or encoding failure is this caller's
+                return RenderError.from_exception(exc)
+
+        scores = [guarded(lambda c=c, r=r: self._score(c, r)) for c, r in zip(calls, results, strict=True)]
+        jobs = [
+            (lambda c=c, r=r, s=s: self._stamp(c, r, s))
+            for c, r, s in zip(calls, results, scores, strict=True)
+            if not isinstance(s, RenderError)
+        ]
+        if len(jobs) > 1:
+            stamped = iter(list(self._stamp_pool().map(guarded, jobs)))
+        else:
+            stamped = iter([guarded(job) for job in jobs])
+        return [s if isinstance(s, RenderError) else next(stamped) for s in scores]
+
+    def _stamp_pool(self) -> ThreadPoolExecutor:
+        pool = getattr(self, "_stamp_threads", None)
+        if pool is None:
+            pool = self._stamp_threads = ThreadPoolExecutor(STAMP_THREADS, thread_name_prefix="stamp")
+        return pool
+
+    def _score(self, call: RenderCall, result: RenderResult) -> float | None:
+        """The gate's face similarity (None when the call has no gate or the image failed)."""
+        if call.gate is None or result.image is None:
+            return None
+        return self._gate(call.gate.backend).score(result.image, call.gate.centroid)
+
+    def _stamp(self, call: RenderCall, result: RenderResult, similarity: float | None) -> RenderedImage:
         metadata = {**result.metadata(), **call.metadata}
         image_id = uuid.uuid4().hex
         batch = {**result.batch, "pid": os.getpid()}
         if result.image is None:
             return RenderedImage(None, image_id, metadata, result.problem, dict(result.timings), batch)
-        similarity = None
-        if call.gate is not None:
-            similarity = self._gate(call.gate.backend).score(result.image, call.gate.centroid)
         extra = dict(call.extra)
         if call.gate is not None:
             extra["identity_similarity"] = similarity
