@@ -46,11 +46,14 @@ AUTOSCALING: dict[str, Any] = {
 LIVE_STATES = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION")
 
 
-def service_overrides(preset: str = "tiny-flux", cpus_per_replica: float = 0.5) -> dict[str, Any]:
-    """``start_service`` keyword arguments: one preset without warm-up, its renderer autoscaling as above."""
+def service_overrides(preset: str = "tiny-flux", cpus_per_replica: float = 0.5, warmup: bool = False) -> dict[str, Any]:
+    """``start_service`` keyword arguments: one preset (warm-up off unless asked), its renderer autoscaling as above.
+
+    With warm-up a new replica takes traffic only once it has rendered its warm-up shapes (the shipped behaviour):
+    the time to a second running replica includes it, and no request pays a cold first call."""
     return {
         "presets": [preset],
-        "warmup": False,
+        "warmup": warmup,
         "ingress": {
             "max_renders_per_key": 32,
             "key_rate_per_s": 1000,  # the burst comes from one key: its own limits must not be what refuses it
@@ -163,10 +166,10 @@ def _first(samples: list[Sample], after: float, test) -> float | None:
 
 
 def _phase(calls: list[Call], start: float | None, end: float | None) -> dict[str, Any]:
-    """Renders that started and ended within [start, end): how many, per second, latency."""
+    """Renders that ended within [start, end]: how many, per second (throughput), their latency."""
     if start is None or end is None or end <= start:
         return {"renders": 0, "per_s": None, "p50_s": None}
-    inside = [c for c in calls if c.status == 200 and c.start >= start and c.end < end]
+    inside = [c for c in calls if c.status == 200 and start <= c.end <= end]
     latencies = sorted(c.end - c.start for c in inside)
     return {
         "renders": len(inside),
@@ -183,12 +186,17 @@ def run_burst(
     clients: int = 6,
     steps: int = 20,
     hold_s: float = 5.0,
+    hold_renders: int = 8,
     min_load_s: float = 5.0,
     max_load_s: float = 120.0,
     settle_s: float = 90.0,
     app: str = "imagegen",
 ) -> dict[str, Any]:
-    """Burst, then quiet, on a running service whose renderer autoscales; the timeline and its figures."""
+    """Burst, then quiet, on a running service whose renderer autoscales; the timeline and its figures.
+
+    The burst lasts until the second replica has run for ``hold_s`` and ``hold_renders`` renders have
+    finished since (at least ``min_load_s``, at most ``max_load_s``); then the deployment is watched for
+    ``settle_s`` at most, until it is back to one replica."""
     deployment = f"renderer-{preset}"
     t0 = time.monotonic()
     sampler = ReplicaSampler(app, deployment, t0)
@@ -202,14 +210,16 @@ def run_burst(
         latest = sampler.latest()
         if latest is not None and latest.running >= 2 and two_since is None:
             two_since = now
-        if now >= max_load_s or (two_since is not None and now - two_since >= hold_s and now >= min_load_s):
+        done_since = 0 if two_since is None else sum(1 for c in list(burst.calls) if c.end >= two_since)
+        held = two_since is not None and now - two_since >= hold_s and done_since >= hold_renders
+        if now >= max_load_s or (held and now >= min_load_s):
             break
         time.sleep(0.1)
     load_end = burst.finish()
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
         latest = sampler.latest()
-        if latest is not None and latest.t > load_end and latest.live == 1 and latest.running == 1:
+        if latest is not None and latest.t > load_end and latest.states == {"RUNNING": 1}:
             break
         time.sleep(0.1)
     time.sleep(0.5)
@@ -220,6 +230,7 @@ def run_burst(
     two = _first(samples, 0, lambda s: s.running >= 2)
     shrank = _first(samples, load_end, lambda s: s.live <= 1)
     back = _first(samples, load_end, lambda s: s.live == 1 and s.running == 1)
+    gone = _first(samples, load_end, lambda s: s.states == {"RUNNING": 1})
     statuses: dict[str, int] = {}
     for call in burst.calls:
         statuses[str(call.status)] = statuses.get(str(call.status), 0) + 1
@@ -238,6 +249,7 @@ def run_burst(
         "load_s": round(load_end, 3),
         "downscale_decided_after_load_s": None if shrank is None else round(shrank - load_end, 3),
         "back_to_one_after_load_s": None if back is None else round(back - load_end, 3),
+        "second_replica_gone_after_load_s": None if gone is None else round(gone - load_end, 3),
         "statuses": statuses,
         "one_replica": _phase(burst.calls, 0.0, two),
         "two_replicas": _phase(burst.calls, two, load_end),
@@ -277,6 +289,7 @@ def print_report(result: dict[str, Any]) -> None:
         "load_s",
         "downscale_decided_after_load_s",
         "back_to_one_after_load_s",
+        "second_replica_gone_after_load_s",
         "final_running",
     ):
         figures.add_row(name, str(result[name]))
@@ -293,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--hold-s", type=float, default=5.0, help="keep the burst this long after 2 replicas ran")
+    parser.add_argument("--hold-renders", type=int, default=8, help="... and until this many renders finished")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument(
+        "--warmup", action=argparse.BooleanOptionalAction, default=True, help="replicas warm up before taking traffic"
+    )
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
@@ -303,16 +320,26 @@ def main(argv: list[str] | None = None) -> int:
     from imagegen.serve.store import ServeStore
 
     service = start_service(
-        port=args.port, num_cpus=args.num_cpus, log_to_driver=False, **service_overrides(args.preset)
+        port=args.port,
+        num_cpus=args.num_cpus,
+        log_to_driver=False,
+        **service_overrides(args.preset, warmup=args.warmup),
     )
     try:
         with ServeStore.open() as store:
             key = create_key(store, "bench-serve-autoscale", ["render"])[1]
         result = run_burst(
-            service.url, key, preset=args.preset, clients=args.clients, steps=args.steps, hold_s=args.hold_s
+            service.url,
+            key,
+            preset=args.preset,
+            clients=args.clients,
+            steps=args.steps,
+            hold_s=args.hold_s,
+            hold_renders=args.hold_renders,
         )
     finally:
         service.stop()
+    result["warmup"] = args.warmup
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -41,7 +41,7 @@ def test_a_burst_scales_the_renderer_from_one_replica_to_two_and_back(_session_h
         assert "num_replicas" not in deployment
         with ServeStore.open() as store:
             key = create_key(store, "cluster-autoscale", ["render"])[1]
-        result = run_burst(service.url, key, clients=4, steps=8, hold_s=2, min_load_s=3, max_load_s=180)
+        result = run_burst(service.url, key, clients=4, steps=8, hold_s=2, hold_renders=4, min_load_s=3, max_load_s=180)
     finally:
         service.stop()
     print(json.dumps({k: v for k, v in result.items() if k != "timeline"}, indent=2))
@@ -51,6 +51,6 @@ def test_a_burst_scales_the_renderer_from_one_replica_to_two_and_back(_session_h
     assert result["second_replica_running_s"] is not None and result["second_replica_running_s"] < result["load_s"]
     assert result["back_to_one_after_load_s"] is not None, f"never back to one replica after the burst: {timeline}"
     assert result["final_running"] == 1 and result["final_live"] == 1, timeline
-    # renders went on while two replicas ran, and none was refused or lost while replicas came and went
+    # renders finished while two replicas ran, and none was refused or lost while replicas came and went
     assert result["two_replicas"]["renders"] > 0, result
     assert set(result["statuses"]) == {"200"}, result["statuses"]
