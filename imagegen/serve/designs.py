@@ -146,7 +146,9 @@ class DesignService:
         design = await self.get(caller, design_id)
         if upload is not None:
             filename, data, provenance_data = upload
-            return await self.run(self.flow.pick_upload, design, filename, data, provenance_data)
+            return await self.run(
+                self.flow.pick_upload, design, filename, data, provenance_data, creator=f"api key {caller.key_id}"
+            )
         return await self.run(self.flow.pick_candidates, design, indices)
 
     async def turnaround(
@@ -177,7 +179,8 @@ class DesignService:
 
     async def register(self, caller: Caller, design_id: str, provenance_data: Any) -> Any:
         design = await self.get(caller, design_id)
-        return await self.run(self.flow.register, design, provenance_data)
+        # without a "who", the registering key is named as the creator
+        return await self.run(self.flow.register, design, provenance_data, creator=f"api key {caller.key_id}")
 
     async def delete(self, caller: Caller, design_id: str) -> dict[str, Any]:
         design = await self.get(caller, design_id)

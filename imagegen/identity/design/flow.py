@@ -232,10 +232,13 @@ class DesignFlow:
         pick = {"source": "candidates", "image_ids": [c.id for c in chosen], "provenance": None}
         return self.store.update(design.id, pick=pick, stage="pick", status="ready", error=None)
 
-    def pick_upload(self, design: Design, filename: str, data: bytes, provenance: dict[str, Any]) -> Design:
-        """Pick an uploaded drawing, render or photo: the uploader's provenance, and every safeguard first."""
+    def pick_upload(
+        self, design: Design, filename: str, data: bytes, provenance: dict[str, Any], *, creator: str | None = None
+    ) -> Design:
+        """Pick an uploaded drawing, render or photo: the uploader's provenance (``creator`` when it names no
+        ``who``), and every safeguard first."""
         self._editable(design)
-        checked = upload_provenance(provenance)
+        checked = upload_provenance(provenance, creator)
         image = ingest_image(data, filename or "upload")
         digest = pixel_digest(image.image)
         face = self.checker.refuse_pick([(image.filename, image.image, digest)])[0]
@@ -523,7 +526,7 @@ class DesignFlow:
         return out
 
 
-def upload_provenance(provenance: Any) -> dict[str, Any]:
+def upload_provenance(provenance: Any, creator: str | None = None) -> dict[str, Any]:
     """The uploader's provenance of a picked upload: consented or licensed, with who and evidence."""
     if not isinstance(provenance, dict):
         raise InvalidRequestError(
@@ -538,7 +541,7 @@ def upload_provenance(provenance: Any) -> dict[str, Any]:
         )
     record = {
         "kind": kind,
-        "creator": provenance.get("who") or provenance.get("creator") or "",
+        "creator": provenance.get("who") or provenance.get("creator") or creator or "",
         "evidence": provenance.get("evidence") or "",
     }
     checked = Provenance.model_validate(record)
