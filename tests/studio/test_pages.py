@@ -3,6 +3,8 @@ comparison grid; used with the keyboard only; and nothing a user typed ever runs
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -178,3 +180,38 @@ def test_grid_input_is_checked_before_anything_renders(page, studio_key, studio_
     page.wait_for_selector("#grid .error-box")
     assert "identity weights" in page.inner_text("#grid .error-box")
     assert page.locator("#grid table").count() == 0
+
+
+def test_eval_run_and_its_report_in_a_sandboxed_frame(page, shots, service, studio_key, studio_character):
+    suite = {
+        "name": "studio-smoke",
+        "gated": False,
+        "presets": ["tiny-flux"],
+        "methods": [{"name": "none"}],
+        "characters": [{"id": studio_character}],
+        "prompts": [{"id": "studio", "text": "studio portrait of {name}", "tags": {"pose": "portrait"}}],
+        "seeds": [3],
+        "size": {"width": 64, "height": 64},
+        "steps": 2,
+        "bootstrap": {"samples": 20, "seed": 0},
+    }
+    headers = {"Authorization": f"Bearer {studio_key}"}
+    with httpx.Client(base_url=service.url, headers=headers, timeout=60) as http:
+        submitted = http.post("/v1/eval/runs", json=suite)
+        assert submitted.status_code == 202, submitted.text
+        run_id = submitted.json()["run_id"]
+        deadline = time.monotonic() + 180
+        while (run := http.get(f"/v1/eval/runs/{run_id}").json())["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, run
+            time.sleep(0.5)
+    assert run["status"] == "done", run
+    sign_in(page, studio_key)
+    page.click("nav a[data-section=evals]")
+    page.click(f"#runs-table a:text('{run_id}')")
+    frame = page.locator("iframe.report-frame")
+    frame.wait_for()
+    assert frame.get_attribute("sandbox") == ""  # no scripts, an opaque origin: the report cannot reach the key
+    assert "studio-smoke" in page.frame_locator("iframe.report-frame").locator("h1").inner_text()
+    assert "ungated" in page.inner_text("main").lower()
+    shots.take("eval-run-report")
+    assert page.page_errors == [], page.page_errors

@@ -63,7 +63,7 @@ export async function evalRunView({ main, signal, params }) {
     ["Finished", when(run.finished_at)],
   ];
   for (const [key, value] of Object.entries(run.summary || {})) {
-    if (value === null || typeof value === "object") continue;
+    if (value === null || typeof value === "object" || key === "verdict") continue;
     pairs.push([key.replace(/_/g, " "), String(value)]);
   }
   clear(summary).append(facts(pairs));
