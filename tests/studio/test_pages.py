@@ -215,3 +215,45 @@ def test_eval_run_and_its_report_in_a_sandboxed_frame(page, shots, service, stud
     assert "ungated" in page.inner_text("main").lower()
     shots.take("eval-run-report")
     assert page.page_errors == [], page.page_errors
+
+
+def test_keyboard_only_design_describe_and_pick(page, shots, service, studio_key):
+    """The design flow's first steps with the keyboard alone: the card, the candidates, ticking one with Space."""
+    page.goto("/studio/")
+    tab_to(page, "#key-input")
+    page.keyboard.type(studio_key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#nav:not([hidden])")
+    tab_to(page, "nav a[data-section=design]", reverse=True)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#design-form")
+    try:
+        for selector, text in (
+            ("#design-id", "studio-keys"),
+            ("#design-name", "Kay (keyboard)"),
+            ("#design-look", "red scarf"),
+        ):
+            tab_to(page, selector)
+            page.keyboard.type(text)
+        tab_to(page, "#design-candidates")
+        page.keyboard.press("Control+A")
+        page.keyboard.type("2")
+        tab_to(page, "#design-submit")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#step-candidates")
+        assert unlabelled_controls(page) == []
+        tab_to(page, "#candidate-1")
+        page.keyboard.press("Space")
+        assert page.is_checked("#candidate-1") and not page.is_checked("#candidate-0")
+        tab_to(page, "#pick-candidates")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#step-pick")
+        assert "candidates" in page.inner_text("section:has(#step-pick)")
+        assert unlabelled_controls(page) == []
+        shots.take("design-picked-by-keyboard")
+    finally:
+        with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {studio_key}"}) as http:
+            for design in http.get("/v1/designs").json().get("designs", []):
+                if design["character_id"] == "studio-keys":
+                    http.delete(f"/v1/designs/{design['design_id']}")
+    assert page.page_errors == [], page.page_errors
