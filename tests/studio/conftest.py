@@ -146,7 +146,7 @@ def sign_in(page, key: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def studio_character(studio_api) -> str:
+def studio_character(studio_api) -> Iterator[str]:
     """An approved character of the tests' tenant, registered from real photos (the astronaut)."""
     from tests.photos import astronaut_set
 
@@ -159,7 +159,8 @@ def studio_character(studio_api) -> str:
         card={"look": "short dark hair", "personality": "calm", "style_notes": "film photo"},
     )
     studio_api.approve_character(character_id)
-    return character_id
+    yield character_id
+    studio_api.delete_character(character_id)
 
 
 def focus_is_visible(page) -> bool:
