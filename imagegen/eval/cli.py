@@ -129,6 +129,10 @@ def run_command(
 
     spec, _ = load_suite(suite)  # fail on a bad suite (or profile) before anything starts
     suite_profiles(spec if profile is None else spec.model_copy(update={"profile": profile}))
+    if ray_address:  # an unreachable cluster is one line now, not after the characters are analysed
+        from imagegen.serve.launcher import check_reachable
+
+        check_reachable(ray_address)
     out = ensure_writable_dir(out or Path("runs") / spec.name)
     if baseline is not None and not baseline.is_dir():
         raise ImagegenError(f"baseline {baseline} is not a run directory", field="baseline")

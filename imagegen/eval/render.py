@@ -67,8 +67,9 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        from imagegen.serve.launcher import enable_ray_token_auth
+        from imagegen.serve.launcher import check_reachable, enable_ray_token_auth
 
+        check_reachable(address)
         enable_ray_token_auth(joining=True)
         ray.init(address=address, log_to_driver=False)
     else:

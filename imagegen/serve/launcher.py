@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -228,6 +229,8 @@ def start_service(
     _prepare_files(list((app.args or {}).get("presets") or ["tiny-flux", "tiny-sdxl"]))
     started_ray = False
     if not ray.is_initialized():
+        if address is not None:
+            check_reachable(address)
         enable_ray_token_auth(joining=address is not None)
         kwargs: dict[str, Any] = {
             "address": address or "local",
@@ -291,6 +294,26 @@ def check_deployments(data: dict[str, Any]) -> None:
         problem = deployment_problem(deployment)
         if problem is not None:
             raise ConfigError(problem)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` Ray address answers a TCP connection; else ``ConfigError`` (one line) at once.
+
+    Ray's own ``ray.init`` retries an unreachable address for minutes and then exits the process; joining a
+    cluster (``imagegen serve --address``, ``imagegen eval run --address``) checks the GCS port first. ``auto``
+    and ``ray://`` addresses are left to Ray.
+    """
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r}: expected host:port (the head's GCS port, 6379 by default)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {reason}", field="address") from None
 
 
 def ray_token_path() -> Path:

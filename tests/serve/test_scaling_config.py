@@ -4,6 +4,7 @@ Ray would accept but that cannot work here is refused in one line before anythin
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -131,3 +132,25 @@ def test_imagegen_serve_refuses_a_renderer_scaled_to_zero_before_ray_starts(isol
     assert "renderer-tiny-sdxl: autoscaling_config.min_replicas must be at least 1" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (isolated_home / "ray").exists()  # refused before any Ray started
+
+
+def test_joining_a_cluster_that_does_not_answer_is_one_line_at_once(isolated_home, tmp_path):
+    """`eval run --address` / `serve --address` at a closed port: refused in one line, not Ray's minutes of
+    retries ending in an exit; a malformed address too."""
+    from typer.testing import CliRunner
+
+    from imagegen.cli import app
+    from imagegen.serve.launcher import check_reachable
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(ConfigError, match=rf"cannot reach the Ray cluster at {closed}: ") as info:
+        check_reachable(closed)
+    assert info.value.field == "address"
+    with pytest.raises(ConfigError, match="expected host:port"):
+        check_reachable("head-without-port")
+    check_reachable("auto")  # left to Ray
+    result = CliRunner().invoke(app, ["eval", "run", "smoke", "--out", str(tmp_path / "run"), "--address", closed])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "cannot reach the Ray cluster" in str(result.exception)
