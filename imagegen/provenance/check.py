@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 import imagegen.provenance.manifest as manifest
 from imagegen.provenance.stamp import read_metadata, read_watermark
@@ -20,6 +21,33 @@ from imagegen.provenance.stamp import read_metadata, read_watermark
 #: formats the C2PA reader is asked about (others cannot carry a manifest we wrote)
 C2PA_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 DEVELOPMENT_SIGNER = "development signer"
+_LENIENT = threading.Lock()
+
+
+def _decode(data: bytes) -> tuple[Image.Image, str | None]:
+    """The image in ``data``, loaded, and why its pixel stream is damaged (None when it is sound).
+
+    A damaged stream (a cut download, flipped bytes) still holds most of its pixels and its
+    metadata, so the check decodes what is left in Pillow's truncated-image mode rather than
+    fail. Pillow has only a process-wide switch; holding it for one load can at worst let another
+    thread's damaged image decode too, never fail a sound one.
+    """
+    opened = Image.open(io.BytesIO(data))
+    try:
+        opened.load()
+        return opened, None
+    except OSError as exc:
+        opened.close()
+        damaged = str(exc)
+    with _LENIENT:
+        before = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            opened = Image.open(io.BytesIO(data))
+            opened.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = before
+    return opened, damaged
 
 
 def check_image(source: bytes | str | Path, store: Any = None, *, tenant: str | None = None) -> dict[str, Any]:
@@ -32,9 +60,9 @@ def check_image(source: bytes | str | Path, store: Any = None, *, tenant: str | 
     if store is not None and tenant is None:
         raise ValueError("an audit look-up names the tenant it is for")
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    with Image.open(io.BytesIO(data)) as opened:
+    opened, damaged = _decode(data)
+    with opened:
         fmt = opened.format
-        opened.load()
         meta = read_metadata(opened)
         image = opened.convert("RGB")
     mark = read_watermark(image)
@@ -57,6 +85,7 @@ def check_image(source: bytes | str | Path, store: Any = None, *, tenant: str | 
     report: dict[str, Any] = {
         "format": fmt,
         "size": list(image.size),
+        "damaged": damaged,
         "ai_generated": chunks.get("ai_generated") == "true" or layers["watermark"] or layers["manifest"],
         "layers": layers,
         "survived": [name for name, kept in layers.items() if kept],

@@ -128,6 +128,8 @@ def provenance_check(
     summary = Console(stderr=True, width=200)
     survived = ", ".join(report["survived"]) or "none"
     summary.print(f"layers that survived: {survived}")
+    if report["damaged"]:
+        summary.print(f"damaged pixel stream, read what was left: {escape(report['damaged'])}")
     manifest = report["manifest"]
     if manifest.get("present"):
         failures = ", ".join(manifest.get("failures") or []) or "none"

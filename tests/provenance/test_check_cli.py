@@ -70,3 +70,18 @@ def test_check_refuses_bad_input_in_one_line(tmp_path, isolated_home):
     assert proc.returncode == 2 and "is not an image" in proc.stderr and "Traceback" not in proc.stderr
     result = CliRunner().invoke(app, ["provenance", "check", str(junk), "--tenant", "../etc"])
     assert isinstance(result.exception, InvalidTenantIdError)  # main() prints it as one line, exit 2
+
+
+def test_check_of_a_cut_download_reports_what_is_left(audited, tmp_path):
+    """A JPEG cut off near its end (an interrupted download) is checked, not a traceback: the
+    damage is named and the watermark still reaches the request."""
+    served = audited.image
+    whole = encode(served, "JPEG", quality=90)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(whole[: len(whole) * 97 // 100])
+    result = CliRunner().invoke(app, ["provenance", "check", str(path), "--tenant", "acme"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["damaged"] and "damaged pixel stream" in result.stderr
+    assert report["watermark"]["found"] and report["watermark"]["tag"] == audited.image_id[:8]
+    assert report["audit_reached"] and report["request_id"] == audited.request_id
