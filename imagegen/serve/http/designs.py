@@ -10,11 +10,7 @@ events' vocabulary: ``queued``, ``started``, ``progress``, then ``done`` / ``fai
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import re
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -25,10 +21,9 @@ from imagegen.identity.design.flow import design_dict
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.characters import registration_out
 from imagegen.serve.http.deps import AUTH, ingress_of, key_of, request_id, scoped
-from imagegen.serve.http.jobs import SSE_TERMINAL, LeasedStreamingResponse, last_event_id
+from imagegen.serve.http.jobs import job_event_stream, last_event_id
 from imagegen.serve.http.jsonlimits import parse_json_limited
 from imagegen.serve.schemas import RegistrationOut
-from imagegen.serve.service import iso
 from imagegen.serve.store import ApiKey
 from imagegen.serve.tenancy import Caller
 
@@ -229,40 +224,6 @@ async def design_events(request: Request, design_id: str) -> StreamingResponse:
     design = await ingress.designs.get(Caller.of(key), _design_id(design_id))
     if design.job_id is None:
         raise ApiError(409, "design_not_ready", "this design has no job yet", "design_id")
-    job_id = design.job_id
-    service = ingress.service
-    lifetime = ingress.cfg.limits_for(key.name).stream_lifetime_s
-    lease = ingress.limits.open_stream(key)
-
-    async def stream():
-        nonlocal last
-        keepalive = opened = time.monotonic()
-        while True:
-            events = await service.db(service.store.events, job_id, last)
-            for event in events:
-                last = event.id
-                payload = {"job_id": job_id, "design_id": design_id, **event.data, "at": iso(event.created_at)}
-                yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(payload)}\n\n"
-                if event.type in SSE_TERMINAL:
-                    return
-            if not events:
-                current = await service.db(service.store.get_job, job_id)
-                if current is None or current.status in SSE_TERMINAL:
-                    return
-            now = time.monotonic()
-            if now - opened >= lifetime:
-                payload = {"job_id": job_id, "reason": "stream_lifetime", "last_event_id": last}
-                yield f"retry: 1000\nevent: reconnect\ndata: {json.dumps(payload)}\n\n"
-                return
-            if now - keepalive > ingress.cfg.sse_keepalive_s:
-                keepalive = now
-                yield ": keep-alive\n\n"
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ingress.job_signal.wait(), timeout=0.25)
-
-    return LeasedStreamingResponse(
-        stream(),
-        lease=lease,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": job_id},
+    return job_event_stream(
+        request, key, design.job_id, last, extra={"design_id": design_id}, headers={"X-Job-Id": design.job_id}
     )

@@ -151,11 +151,23 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
     """
     last = last_event_id(request.headers.get("last-event-id"))
     job = await _own_job(request, job_id)
+    return job_event_stream(request, key_of(request, "render"), job_id, last, headers={"X-Job-Status": job.status})
+
+
+def job_event_stream(
+    request: Request, key: ApiKey, job_id: str, last: int, *, extra: dict | None = None, headers: dict
+) -> LeasedStreamingResponse:
+    """The SSE stream of a job's events after ``last`` (one for `/v1/jobs/{id}/events` and the design events).
+
+    ``extra`` is added to every event's data (a design's id); the stream counts against ``key``'s
+    open-stream cap, ends at a terminal event or after the key's stream lifetime (with a
+    `reconnect` event), and sends keep-alive comments while the job is quiet.
+    """
     ingress = ingress_of(request)
     service = ingress.service
-    key = key_of(request, "render")
     lifetime = ingress.cfg.limits_for(key.name).stream_lifetime_s
     lease = ingress.limits.open_stream(key)
+    extra = extra or {}
 
     async def stream():
         nonlocal last
@@ -164,7 +176,7 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
             events = await service.db(service.store.events, job_id, last)
             for event in events:
                 last = event.id
-                payload = {"job_id": job_id, **event.data, "at": iso(event.created_at)}
+                payload = {"job_id": job_id, **extra, **event.data, "at": iso(event.created_at)}
                 yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(payload)}\n\n"
                 if event.type in SSE_TERMINAL:
                     return
@@ -187,5 +199,5 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
         stream(),
         lease=lease,
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Status": job.status},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
     )
