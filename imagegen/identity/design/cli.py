@@ -117,6 +117,28 @@ def _show(design, title: str) -> None:
         raise ImagegenError(f"the design's render failed: {design.error}")
 
 
+def _render_or_fail(flow, design, plans, what: str) -> list:
+    """Render ``plans`` here; a failed or interrupted render marks the design failed (no half-made stage)."""
+    try:
+        return render_locally(design.preset, plans, what)
+    except ImagegenError as exc:
+        flow.fail(design, str(exc))
+        raise
+    except BaseException:
+        flow.fail(design, "interrupted")
+        raise
+
+
+def _report(flow, design, title: str, kind: str, target: Path) -> None:
+    """Show the design, write its ``kind`` images and ``design.json`` into ``target``."""
+    from imagegen.identity.design.flow import design_dict
+
+    _show(design, title)
+    for path in _write(flow, design, kind, target):
+        console.print(str(path))
+    (target / "design.json").write_text(json.dumps(design_dict(design), indent=2))
+
+
 def _provenance(kind: str | None, creator: str | None, evidence: str) -> dict | None:
     if kind is None:
         return None
@@ -135,7 +157,6 @@ def design(
 ) -> None:
     """Describe: render candidate portraits from a card, each with a face check; writes them and a sheet."""
     from imagegen.identity.cli import _read_card
-    from imagegen.identity.design.flow import design_dict
 
     flow = _flow()
     card_data = _read_card(card)
@@ -155,14 +176,11 @@ def design(
         flow.store.delete(started.id)  # nothing half-made stays behind
         raise
     done = flow.record_candidates(started, plans, results)
-    _show(done, f"design of {character_id}: candidates")
-    for path in _write(flow, done, "candidate", target):
-        console.print(str(path))
+    _report(flow, done, f"design of {character_id}: candidates", "candidate", target)
     console.print(
         f"design {done.id} ({len(done.of_kind('candidate'))} candidates); next: "
         f"imagegen characters turnaround {character_id} --from {target}/candidate-00.png"
     )
-    (target / "design.json").write_text(json.dumps(design_dict(done), indent=2))
 
 
 def turnaround(
@@ -180,7 +198,6 @@ def turnaround(
     tenant: str = typer.Option(DEFAULT_TENANT),
 ) -> None:
     """Pick (a candidate or your own image) and render the turnaround grid from it; runs the report."""
-    from imagegen.identity.design.flow import design_dict
 
     flow = _flow(grid_file)
     target = ensure_writable_dir(out / character_id)
@@ -202,19 +219,8 @@ def turnaround(
             current = picked
         current = flow.pick_candidates(current, indices)
     planned, plans = flow.turnaround(current, grid, method)
-    try:
-        results = render_locally(planned.preset, plans, "turnaround")
-    except ImagegenError as exc:
-        flow.fail(planned, str(exc))
-        raise
-    except BaseException:
-        flow.fail(planned, "interrupted")
-        raise
-    done = flow.record_slots(planned, plans, results)
-    _show(done, f"design of {character_id}: turnaround")
-    for path in _write(flow, done, "slot", target):
-        console.print(str(path))
-    (target / "design.json").write_text(json.dumps(design_dict(done), indent=2))
+    results = _render_or_fail(flow, planned, plans, "turnaround")
+    _report(flow, flow.record_slots(planned, plans, results), f"design of {character_id}: turnaround", "slot", target)
 
 
 def curate(
@@ -226,26 +232,15 @@ def curate(
     tenant: str = typer.Option(DEFAULT_TENANT),
 ) -> None:
     """Keep, drop or re-roll turnaround slots; the report runs again."""
-    from imagegen.identity.design.flow import design_dict
 
     flow = _flow()
     target = ensure_writable_dir(out / character_id)
     current = flow.store.find(tenant, character_id)
     updated, plans = flow.curate(current, drop=list(drop or []), keep=list(keep or []), reroll=list(reroll or []))
     if plans:
-        try:
-            results = render_locally(updated.preset, plans, "re-rolls")
-        except ImagegenError as exc:
-            flow.fail(updated, str(exc))
-            raise
-        except BaseException:
-            flow.fail(updated, "interrupted")
-            raise
+        results = _render_or_fail(flow, updated, plans, "re-rolls")
         updated = flow.record_rerolls(updated, plans, results)
-    _show(updated, f"design of {character_id}: curated")
-    for path in _write(flow, updated, "slot", target):
-        console.print(str(path))
-    (target / "design.json").write_text(json.dumps(design_dict(updated), indent=2))
+    _report(flow, updated, f"design of {character_id}: curated", "slot", target)
 
 
 def register(
