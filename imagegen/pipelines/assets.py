@@ -760,4 +760,3 @@ def prepare(preset: Preset, methods: Iterable[str] | None = None, settings: Sett
     if not store_for(preset, settings).remote:
         pull(preset, chosen, settings=settings)
     preflight(preset, chosen, settings)
-

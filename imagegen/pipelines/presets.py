@@ -96,8 +96,6 @@ class Preset(BaseModel):
         return self.repo[len(TINY_PREFIX) :]
 
 
-
-
 def local_repo_path(preset: Preset, model_cache: Path | None = None) -> Path | None:
     """Where the preset's weights are (or would be) on disk; ``None`` for a hub id not yet cached."""
     cache = model_cache or get_settings().model_cache

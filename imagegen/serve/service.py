@@ -192,9 +192,7 @@ class RenderService:
         character_version, gate = None, None
         if body.character is not None:
             character = await self.db(character_for, self.registry, body.character, caller)
-            refused = refusal(
-                character, allow_draft=False, allow_unverified_age=self.settings.allow_unverified_age
-            )
+            refused = refusal(character, allow_draft=False, allow_unverified_age=self.settings.allow_unverified_age)
             if refused is not None:
                 raise ApiError(409, refused.code, refused.message, "character")
             character_version = character.version
@@ -489,4 +487,3 @@ class SyncRenders:
             raise too_busy("renderer_unavailable", str(exc), cfg.retry_after_s, 503) from None
         finally:
             self.inflight -= 1
-

@@ -111,7 +111,7 @@ def tiny_pulid_flux_state_dict(
             shapes.update(_shapes(PerceiverAttentionCA(ca), f"pulid_ca.{i}."))
     metadata = {
         "kind": "flux",
-                "idformer": idformer.to_dict(),
+        "idformer": idformer.to_dict(),
         "ca": ca.to_dict(),
         "double_interval": intervals[0],
         "single_interval": intervals[1],
@@ -139,7 +139,6 @@ def tiny_eva_clip_state_dict(config: EvaClipConfig = TINY_EVA_CLIP) -> dict[str,
         model = EvaClipVision(config)
     shapes = {k: tuple(v.shape) for k, v in to_official_state_dict(model).items()}
     return seeded_state_dict(shapes)
-
 
 
 # tiny files ----------------------------------------------------------------------------------------------------
@@ -283,5 +282,3 @@ def tiny_clip_model(seed: int):
     config = CLIPConfig(text_config=text, vision_config=_tiny_vision_config(), projection_dim=TINY_CLIP_PROJECTION)
     torch.manual_seed(seed)
     return CLIPModel(config).eval()
-
-

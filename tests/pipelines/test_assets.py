@@ -160,8 +160,10 @@ def test_a_wrong_digest_removes_the_file(offline, tmp_path):
     settings, _ = offline
     store = AssetStore(tmp_path / "cache")
     write_hub_layout(store.root, settings, ["pulid-flux-v0.9.1"])
-    asset = load_manifest().assets["pulid-flux-v0.9.1"].model_copy(
-        update={"sha256": {"pulid_flux_v0.9.1.safetensors": "0" * 64}}
+    asset = (
+        load_manifest()
+        .assets["pulid-flux-v0.9.1"]
+        .model_copy(update={"sha256": {"pulid_flux_v0.9.1.safetensors": "0" * 64}})
     )
     with pytest.raises(AssetError, match="not the published"):
         store._check_digests(asset)
