@@ -38,7 +38,7 @@ checks that a migrated database equals a fresh one.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,7 +48,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import MetaData, inspect, text
+from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from imagegen.db import create_database_engine
@@ -225,20 +225,23 @@ def _refusal(state: SchemaState, where: str) -> SchemaError:
 
 
 # -- opening and upgrading -----------------------------------------------------------------------
-def prepare(engine: Engine, metadata: MetaData, where: str) -> None:
+def prepare(engine: Engine, metadata: MetaData, where: str, also: Sequence[Table] = ()) -> None:
     """Make ``engine``'s database ready for the tables of ``metadata``, or refuse (see the module doc).
 
+    ``also``: tables of the other store this one reads (the service's audit writer reads the
+    registry's tombstones), created too when this store is the first to open the database.
     One write transaction (``BEGIN IMMEDIATE`` on SQLite, an advisory lock on PostgreSQL): two
     processes opening a fresh database at once create it once.
     """
     with engine.execution_options(sqlite_begin="IMMEDIATE").begin() as conn:
         _lock(conn)
         state = read_state(conn)
-        if state.fresh:
+        if state.fresh or state.at_head:  # at head: this store's tables, when the other store created the database
             metadata.create_all(conn)
-            MigrationContext.configure(conn).stamp(_scripts(), "head")
-        elif state.at_head:
-            metadata.create_all(conn)  # this store's tables, when the other store created the database
+            for table in also:
+                table.create(conn, checkfirst=True)
+            if state.fresh:
+                MigrationContext.configure(conn).stamp(_scripts(), "head")
         else:
             raise _refusal(state, where)
 

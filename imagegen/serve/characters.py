@@ -20,6 +20,7 @@ from typing import Any
 
 from imagegen.identity.registry import Registry
 from imagegen.ids import validate_tenant_id
+from imagegen.serve.audit import AuditWriter
 from imagegen.serve.errors import ApiError
 from imagegen.serve.store import ServeStore
 from imagegen.serve.tenancy import Caller, character_for
@@ -28,10 +29,11 @@ from imagegen.serve.tenancy import Caller, character_for
 class CharacterService:
     """Character registration and management for the HTTP layer, run off the event loop."""
 
-    def __init__(self, registry: Registry, store: ServeStore, db: Callable[..., Any]):
+    def __init__(self, registry: Registry, store: ServeStore, db: Callable[..., Any], audit: AuditWriter | None = None):
         self.registry = registry
         self.store = store
         self.db = db
+        self.audit = audit
         #: registration analyses faces: CPU-heavy, so fewer at once than database calls
         self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu")
 
@@ -84,5 +86,7 @@ class CharacterService:
         """Delete the character, then everything the service rendered of it: (registry report, purge counts)."""
         await self.db(character_for, self.registry, character_id, caller)
         report = await self.db(self.registry.characters.delete, character_id)
+        if self.audit is not None:
+            await self.audit.flush()  # this replica's queued rows are redacted by the purge, not after it
         purged = await self.db(self.store.purge_character, character_id)
         return report, purged

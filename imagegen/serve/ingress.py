@@ -66,7 +66,7 @@ class Ingress:
             gate_backend=get_settings().face_backend,
         )
         self.sync = SyncRenders(self.service)
-        self.characters = CharacterService(self.registry, self.store, self.service.db)
+        self.characters = CharacterService(self.registry, self.store, self.service.db, self.service.audit)
         self.designs = DesignService(
             self.registry,
             self.store,
@@ -78,7 +78,9 @@ class Ingress:
             cancel_local=lambda job_id: self.runner.cancel_local(job_id),
             settings=self.service.settings,
         )
-        self.library = LibraryService(self.registry, self.store, self.service.db, get_settings().face_backend)
+        self.library = LibraryService(
+            self.registry, self.store, self.service.db, get_settings().face_backend, self.service.audit
+        )
         self.evalruns = EvalRunService(
             self.registry,
             self.store,
@@ -115,6 +117,8 @@ class Ingress:
         self.verifier.ttl_s = self.cfg.auth_cache_s
 
     def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.service.audit.close()  # the rows still queued: a graceful stop loses none
         with contextlib.suppress(Exception):
             self.runner.shutdown()
             self.designs.shutdown()
@@ -164,6 +168,7 @@ class Ingress:
         for status in ("queued", "running", "done", "failed", "cancelled"):
             self.metrics.jobs.labels(status).set(counts.get(status, 0))
         self.metrics.inflight.set(self.sync.inflight)
+        self.metrics.audit_pending.set(self.service.audit.pending)
         return self.metrics.render()
 
 

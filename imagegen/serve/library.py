@@ -33,6 +33,7 @@ from imagegen.faces import Face, FaceResult
 from imagegen.faces.similarity import metric_for
 from imagegen.identity.models import Character, Reference
 from imagegen.identity.registry import Registry
+from imagegen.serve.audit import AuditWriter
 from imagegen.serve.errors import ApiError
 from imagegen.serve.store import ServeStore
 from imagegen.serve.tenancy import Caller, character_for
@@ -135,15 +136,28 @@ def face_summary(reference: Reference, backend: str) -> dict[str, Any]:
 class LibraryService:
     """A character's references, contact sheet, report and recent renders, for the HTTP layer."""
 
-    def __init__(self, registry: Registry, store: ServeStore, db: Callable[..., Any], gate_backend: str):
+    def __init__(
+        self,
+        registry: Registry,
+        store: ServeStore,
+        db: Callable[..., Any],
+        gate_backend: str,
+        audit: AuditWriter | None = None,
+    ):
         self.registry = registry
         self.store = store
         self.db = db
+        self.audit = audit
         self.backend = metric_for(gate_backend).backend
         #: building a sheet decodes every reference: one at a time, beside the database pool
         self.cpu_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="library")
         self._sheets: OrderedDict[tuple[str, int, str], ReferenceSheet] = OrderedDict()
         self._lock = threading.Lock()
+
+    async def _written(self) -> None:
+        """This replica's renders are in the store before it is read (their rows are written behind)."""
+        if self.audit is not None:
+            await self.audit.flush()
 
     async def character(self, caller: Caller, character_id: str) -> Character:
         return await self.db(character_for, self.registry, character_id, caller)
@@ -205,6 +219,7 @@ class LibraryService:
     async def renders(self, caller: Caller, character_id: str, limit: int) -> list[dict[str, Any]]:
         """The caller's tenant's most recent renders of the character (every tenant's for admin), newest first."""
         character = await self.character(caller, character_id)
+        await self._written()
         rows = await self.db(self.store.recent_renders, character.id, caller.tenant_filter, limit)
         stored = await self.db(self._stored_images, rows)
         return [self._render_out(character.id, row, row["image_id"] in stored) for row in rows]
@@ -247,6 +262,7 @@ class LibraryService:
     async def render_image(self, caller: Caller, character_id: str, image_id: str) -> bytes:
         """The PNG of one recent render, while its job keeps it (404 ``not_found`` otherwise)."""
         character = await self.character(caller, character_id)
+        await self._written()
         row = await self.db(self.store.character_render, character.id, image_id)
         missing = ApiError(
             404,

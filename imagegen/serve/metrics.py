@@ -61,6 +61,9 @@ class Metrics:
             registry=r,
         )
         self.inflight = Gauge("imagegen_inflight_renders", "Synchronous renders in progress.", registry=r)
+        self.audit_pending = Gauge(
+            "imagegen_audit_pending", "Audit rows of delivered images not yet written (write-behind).", registry=r
+        )
         self.jobs = Gauge("imagegen_jobs", "Jobs in the database by status.", ["status"], registry=r)
         self.images = Counter("imagegen_images_rendered", "Images rendered and returned.", ["preset"], registry=r)
         self.gate_retries = Counter(

@@ -38,6 +38,7 @@ from imagegen.identity.registry import Registry
 from imagegen.pipelines.presets import get_preset
 from imagegen.pipelines.types import MAX_SEED, RenderRequest
 from imagegen.serve.actors import GateTarget, RenderCall, RenderedImage
+from imagegen.serve.audit import AuditWriter
 from imagegen.serve.config import IngressConfig
 from imagegen.serve.errors import ApiError, too_busy
 from imagegen.serve.jobs import RendererDied
@@ -147,6 +148,8 @@ class RenderService:
         self.gate_family = backend_family(gate_backend)
         self.settings = settings or get_settings()
         self.db_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="db")
+        #: audit rows are written behind the response (``imagegen.serve.audit``)
+        self.audit = AuditWriter(store.add_audit, self.db)
 
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking database call off the event loop."""
@@ -238,7 +241,7 @@ class RenderService:
             for i, (image, gate) in enumerate(rendered)
             if image.png is not None and plan.base.character is not None
         ]
-        await self.db(self.store.add_audit, audits, scored)
+        await self.audit.submit(audits, scored)
         self.metrics.images.labels(plan.preset).inc(len(audits))
         out = RenderOut(
             request_id=plan.request_id,
@@ -390,6 +393,7 @@ class RenderService:
             )
 
         rendered = await self.execute(plan, JOB, on_progress)
+        await self.audit.flush()  # a job is done when its audit rows are: readers of its result find them
         result = rendered.out.model_dump(mode="json")
         for image, png in zip(result["images"], rendered.pngs, strict=True):
             if png is not None:

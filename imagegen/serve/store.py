@@ -73,6 +73,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from imagegen.blobstore import BlobStore
 from imagegen.db import SessionScopes, UTCDateTime, checkpoint_wal, create_database_engine, utcnow
+from imagegen.identity.registry.schema import TombstoneRow
 from imagegen.ids import DEFAULT_TENANT, validate_tenant_id
 from imagegen.migrations import prepare, read_state, where_of
 from imagegen.settings import Settings, get_settings
@@ -357,7 +358,7 @@ class ServeStore(SessionScopes):
         self.engine = self._create_engine()
         try:
             # a fresh database is created at head; an older or newer one is refused (SchemaError)
-            prepare(self.engine, Base.metadata, self.where)
+            prepare(self.engine, Base.metadata, self.where, also=[TombstoneRow.__table__])
         except BaseException:
             self.engine.dispose()
             raise
@@ -732,7 +733,14 @@ class ServeStore(SessionScopes):
         """One audit row per delivered image; each record names its ``tenant`` (the key's).
 
         ``renders``: the character renders among them with their scores (``character_renders``
-        rows), written in the same transaction.
+        rows), written in the same transaction. Rows arrive after their response (the ingress
+        writes them behind, ``imagegen.serve.audit``), so in that transaction:
+
+        - a row of a character deleted since its render (a registry tombstone at or above the
+          row's version) is written redacted, and its recent-render row not at all: a render in
+          flight during a deletion cannot bring the character back;
+        - a row whose image id is already there is skipped: a retry after a commit whose answer
+          was lost writes nothing twice.
         """
         if not records:
             return
@@ -741,10 +749,27 @@ class ServeStore(SessionScopes):
                 raise ValueError("every audit record names its tenant (the tenant of the key that rendered it)")
             validate_tenant_id(record["tenant"])
         now = utcnow()
-        with self._write() as s:  # one executemany, no ORM unit of work: this is on every render's path
-            s.execute(insert(AuditRow), [{**record, "created_at": now} for record in records])
-            if renders:
-                s.execute(insert(CharacterRenderRow), [{**render, "created_at": now} for render in renders])
+        with self._write() as s:  # Core inserts, no ORM unit of work
+            ids = [r["image_id"] for r in records]
+            present = set(s.scalars(select(AuditRow.image_id).where(AuditRow.image_id.in_(ids))))
+            deleted = _deleted_versions(s, {r["character"] for r in [*records, *renders] if r.get("character")})
+
+            def gone(row: dict[str, Any]) -> bool:
+                last = deleted.get(row.get("character"))
+                return last is not None and (row.get("character_version") or 0) <= last
+
+            audits = [
+                {**r, "character": None, "character_version": None, "redacted_at": now}
+                if gone(r)
+                else {**r, "redacted_at": None}
+                for r in records
+                if r["image_id"] not in present
+            ]
+            if audits:
+                s.execute(insert(AuditRow), [{**record, "created_at": now} for record in audits])
+            kept = [r for r in renders if r["image_id"] not in present and not gone(r)]
+            if kept:
+                s.execute(insert(CharacterRenderRow), [{**render, "created_at": now} for render in kept])
 
     def recent_renders(self, character_id: str, tenant: str | None, limit: int = 50) -> list[dict[str, Any]]:
         """The most recent renders of ``character_id`` (of ``tenant``; None: every tenant), newest first."""
@@ -926,3 +951,11 @@ def _render_dict(row: CharacterRenderRow) -> dict[str, Any]:
 
 def prompt_sha256(prompt: str, negative_prompt: str = "") -> str:
     return hashlib.sha256(f"{prompt}\x00{negative_prompt}".encode()).hexdigest()
+
+
+def _deleted_versions(s: Session, characters: set[str]) -> dict[str, int]:
+    """The last deleted version of each of ``characters`` that was deleted (the registry's tombstones)."""
+    if not characters:
+        return {}
+    rows = s.execute(select(TombstoneRow.id, TombstoneRow.last_version).where(TombstoneRow.id.in_(characters)))
+    return {character: version for character, version in rows}

@@ -3,6 +3,8 @@ an edit of their pixels; `check_image` reaches the render's audit record for its
 
 from __future__ import annotations
 
+import time
+
 from imagegen.provenance import check_image, read_manifest
 from imagegen.provenance.manifest import IPTC_AI_GENERATED
 from imagegen.serve.store import ServeStore
@@ -24,6 +26,10 @@ def test_service_output_has_a_valid_manifest_that_an_edit_breaks(renderer_client
     assert {r["c2pa_signer"] for r in renderers.values()} == {"development"}
 
     with ServeStore.open() as store:
+        # the audit row is written behind the response (imagegen.serve.audit): it lands within moments
+        deadline = time.monotonic() + 30
+        while store.audit_for_image(image.info["image_id"]) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         mine = check_image(image.png, store, tenant="default")
         theirs = check_image(image.png, store, tenant="someone-else")
     assert mine["survived"] == ["manifest", "text_chunks", "watermark"]

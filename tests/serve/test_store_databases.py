@@ -15,9 +15,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
 
 from imagegen.blobstore import BlobStore
+from imagegen.db import utcnow
 from imagegen.errors import ImagegenError
+from imagegen.identity.registry.schema import TombstoneRow
 from imagegen.serve.auth import KeyVerifier, create_key, revoke_key
 from imagegen.serve.store import Base, ServeStore
 
@@ -250,3 +254,33 @@ def test_concurrent_claims_never_share_a_job(store: ServeStore):
     assert len(every) == len(set(every)) == len(ids), claims
     assert set(every) == ids
     assert all(store.get_job(job_id).attempts == 1 for job_id in ids)
+
+
+def test_a_late_audit_row_of_a_deleted_character_is_written_redacted(store: ServeStore):
+    """Audit rows arrive after their response (write-behind): a render still in flight when its
+    character was deleted (registry tombstone, then purge) must not bring the character back, and a
+    batch retried after a commit whose answer was lost writes nothing twice."""
+    character = f"zqxlate{uuid.uuid4().hex[:8]}"
+    with Session(store.engine) as s, s.begin():
+        s.add(TombstoneRow(id=character, last_version=3, deleted_at=utcnow()))
+    try:
+        store.purge_character(character)
+        late = [
+            _audit("c1" * 16, None, character, 0xC1C1C1C1),  # version 3: rendered before the deletion
+            _audit("c2" * 16, None, character, 0xC2C2C2C2, character_version=4),  # the id registered again
+            _audit("c3" * 16, None, None, 0xC3C3C3C3),
+        ]
+        renders = [_render("c1" * 16, character, "zqxlate-secret-prompt")]
+        store.add_audit(late, renders)
+        store.add_audit(late, renders)  # the retry: no duplicate-key error, nothing written twice
+
+        redacted = store.audit_for_image("c1" * 16)
+        assert redacted["character"] is None and redacted["character_version"] is None and redacted["redacted_at"]
+        assert redacted["watermark_tag"] == 0xC1C1C1C1 and len(store.audit_by_tag(0xC1C1C1C1)) == 1
+        again = store.audit_for_image("c2" * 16)
+        assert again["character"] == character and again["character_version"] == 4 and again["redacted_at"] is None
+        assert store.audit_for_image("c3" * 16)["redacted_at"] is None
+        assert store.recent_renders(character, None) == []  # the deleted character's prompt never came back
+    finally:
+        with Session(store.engine) as s, s.begin():
+            s.execute(delete(TombstoneRow).where(TombstoneRow.id == character))

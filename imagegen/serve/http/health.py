@@ -59,6 +59,9 @@ class Readiness:
             checks["storage"] = f"error: {type(exc).__name__}"
             ready = False
 
+        # the write-behind audit trail: rows queued, and why they are not written when the database refuses
+        checks["audit"] = service.audit.status()
+
         async def probe(preset: str) -> tuple[str, Any]:
             try:
                 return preset, await asyncio.wait_for(service.renderers.health(preset), 5)

@@ -1,0 +1,119 @@
+"""The write-behind audit trail (``imagegen.serve.audit``) against a real SQLite service store: rows are
+written after the caller moves on, in order; a flush is read-your-writes; a refusing database keeps
+the rows and retries; a full queue makes the caller wait; a stop writes what is queued."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from imagegen.blobstore import BlobStore
+from imagegen.serve.audit import AuditWriter
+from imagegen.serve.store import ServeStore
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    opened = ServeStore(f"sqlite:///{tmp_path / 'serve.db'}", BlobStore(tmp_path / "results"))
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def pool():
+    executor = ThreadPoolExecutor(max_workers=2)
+    yield executor
+    executor.shutdown()
+
+
+def writer_for(store: ServeStore, pool: ThreadPoolExecutor, **options) -> AuditWriter:
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    return AuditWriter(store.add_audit, run, **options)
+
+
+def row(n: int) -> dict:
+    return {
+        "image_id": f"{n:032x}",
+        "request_id": f"r{n}",
+        "job_id": None,
+        "key_id": "k1",
+        "tenant": "default",
+        "preset": "tiny-flux",
+        "character": None,
+        "character_version": None,
+        "method": None,
+        "prompt_sha256": "0" * 64,
+        "seed": n,
+        "watermark_tag": n,
+    }
+
+
+def test_rows_are_written_behind_and_a_flush_reads_its_writes(store, pool):
+    async def scenario():
+        writer = writer_for(store, pool)
+        for n in range(1, 6):
+            await writer.submit([row(n)])
+        queued = writer.pending
+        await writer.flush()
+        return queued, writer.status()
+
+    queued, status = asyncio.run(scenario())
+    assert queued >= 1  # submit returned before the rows were committed
+    assert status == {"pending": 0, "written": 5, "error": None}
+    assert [store.audit_for_image(f"{n:032x}")["seed"] for n in range(1, 6)] == [1, 2, 3, 4, 5]
+
+
+def test_a_refusing_database_keeps_the_rows_and_retries(store, pool, tmp_path):
+    """The audit table is renamed away (every insert fails), then put back: nothing is lost."""
+    database = sqlite3.connect(tmp_path / "serve.db")
+
+    async def scenario():
+        writer = writer_for(store, pool, retry_s=0.05)
+        database.execute("ALTER TABLE render_audit RENAME TO render_audit_away")
+        await writer.submit([row(1), row(2)])
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if writer.error:
+                break
+        failing = writer.status()
+        await writer.submit([row(3)])  # more renders while the database refuses: queued, the caller moves on
+        database.execute("ALTER TABLE render_audit_away RENAME TO render_audit")
+        await asyncio.wait_for(writer.flush(), 30)
+        return failing, writer.status()
+
+    try:
+        failing, after = asyncio.run(scenario())
+    finally:
+        database.close()
+    assert failing["error"] == "OperationalError" and failing["pending"] == 2 and failing["written"] == 0
+    assert after == {"pending": 0, "written": 3, "error": None}
+    assert [store.audit_for_image(f"{n:032x}")["seed"] for n in (1, 2, 3)] == [1, 2, 3]
+
+
+def test_a_full_queue_makes_the_caller_wait(store, pool):
+    async def scenario():
+        writer = writer_for(store, pool, max_pending=2)
+        await writer.submit([row(1), row(2), row(3)])  # past the bound: returns once written
+        return writer.status()
+
+    assert asyncio.run(scenario()) == {"pending": 0, "written": 3, "error": None}
+    assert store.audit_for_image(f"{3:032x}") is not None
+
+
+def test_close_writes_what_is_queued(store, pool):
+    async def queue_then_stop():
+        writer = writer_for(store, pool)
+        await writer.submit([row(7)])  # the drain task has not run yet: nothing awaited since
+        queued = (writer.pending, store.audit_for_image(f"{7:032x}"))
+        writer.close()  # the ingress's destructor on a graceful stop: blocking, before the loop goes
+        return queued, writer.pending
+
+    (pending, before), after = asyncio.run(queue_then_stop())
+    assert pending == 1 and before is None and after == 0
+    assert store.audit_for_image(f"{7:032x}")["seed"] == 7
