@@ -30,6 +30,12 @@ Measures, in this order (so the phases do not compete for the CPU):
    the bench reports the largest it saw), so its floor is ``floor_nowait``. ``nowait_gap =
    imagegen_p50 - direct_p50 - floor_nowait_p50`` is printed either way. The 95% intervals are
    paired BCa bootstraps over rounds (``scipy.stats.bootstrap``) of those differences of medians.
+   The render (hundreds of ms) is the noisiest term of that difference, so each arm's render is
+   also timed where it ran (``timings.total_s``: prompt encode, pipeline, decode; in the replica
+   for imagegen, here for direct): ``own_work_around_render = median(imagegen - its render in the
+   replica) - floor p50`` is the same own work without a second render's noise (stamping, the
+   replica's queue and every hop included), and ``render_in_replica_vs_direct`` says whether the
+   render itself ran slower in the replica than here.
 2. **The service alone at concurrency 1** for ``--single-duration`` seconds, with every process's
    CPU time read from ``/proc`` before and after: **CPU ms per request** by part (renderer
    replica, ingress, Ray's HTTP proxy, Ray's control plane, this load generator).
@@ -42,7 +48,8 @@ The machine's load average is recorded around phases 1 and 3 (``load_average``).
 
 Prints a table, the JSON document (also written to ``--json`` when given) and, last, one JSON line
 with the headline figures: ``floor_p50_ms``, ``floor_nowait_p50_ms``, ``imagegen_p50_ms``,
-``direct_p50_ms``, ``own_work_ms`` and its interval, ``nowait_gap_ms`` and its interval, and
+``direct_p50_ms``, ``own_work_ms`` and its interval, ``own_work_around_render_ms`` and its interval,
+``nowait_gap_ms`` and its interval, and
 ``mean_batch_8_clients`` (the mean batch under ``--clients`` clients).
 """
 
@@ -257,6 +264,35 @@ def arm_figures(seconds: list[float]) -> dict[str, Any]:
     }
 
 
+def gap_around_render(times: dict[str, list[float]], replica_render: list[float], floor_arm: str) -> dict[str, Any]:
+    """``imagegen - its render as timed in the replica - <floor_arm>``, in ms, with its paired 95% interval.
+
+    The same own work as :func:`gap` without the direct arm: the render's own time (hundreds of ms,
+    the noisiest term) is taken from the replica that ran it instead of a second render in this
+    process, so what is left is the hops and imagegen's work around the render (stamping included).
+    """
+    import numpy as np
+
+    floor_ms, imagegen_ms = (np.asarray(times[a]) * 1000 for a in (floor_arm, "imagegen"))
+    around_ms = imagegen_ms - np.asarray(replica_render) * 1000
+
+    def medians(f, a, axis=-1):
+        return np.median(a, axis=axis) - np.median(f, axis=axis)
+
+    return {
+        "ms": round(float(np.median(around_ms) - np.median(floor_ms)), 2),
+        "ci95_ms": bootstrap_interval([floor_ms, around_ms], medians),
+    }
+
+
+def render_difference(renders: dict[str, list[float]]) -> dict[str, Any]:
+    """The render in the replica minus the same render in this process (timings.total_s), ms, paired."""
+    import numpy as np
+
+    diff = (np.asarray(renders["replica"]) - np.asarray(renders["direct"])) * 1000
+    return {"paired_median_ms": round(float(np.median(diff)), 2), "ci95_ms": bootstrap_interval([diff], np.median)}
+
+
 def gap(times: dict[str, list[float]], floor_arm: str) -> dict[str, Any]:
     """``imagegen_p50 - direct_p50 - <floor_arm>_p50`` in ms with its paired bootstrap 95% interval."""
     import numpy as np
@@ -291,6 +327,9 @@ def interleaved(
         "imagegen": "/v1/renders",
     }
     held: list[float] = []  # timings.batch_wait_s of imagegen's images: how long the replica held each
+    # the render itself as timed where it ran (prompt encode + pipeline + decode: timings.total_s),
+    # in the replica for imagegen and in this process for the direct arm, per complete round
+    renders: dict[str, list[float]] = {"replica": [], "direct": []}
     errors: Counter = Counter()
     load_before = load_average()
     started = time.monotonic()
@@ -298,12 +337,14 @@ def interleaved(
         payload = body(args, r)
         request = RenderRequest(**{k: v for k, v in payload.items() if k != "preset"})
         round_times: dict[str, float] = {}
+        round_renders: dict[str, float] = {}
         order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for arm in order:
             if arm == "direct":
                 t0 = time.perf_counter()
-                renderer.render([request])
+                [result] = renderer.render([request])
                 round_times["direct"] = time.perf_counter() - t0
+                round_renders["direct"] = result.timings["total_s"]
                 continue
             elapsed, response = post_timed(client, paths[arm], payload)
             if response.status_code != 200:
@@ -312,10 +353,14 @@ def interleaved(
             round_times[arm] = elapsed
             sizes[arm].append(len(response.content))
             if arm == "imagegen":
-                held.append(response.json()["images"][0]["metadata"]["timings"].get("batch_wait_s", float("nan")))
+                timed = response.json()["images"][0]["metadata"]["timings"]
+                held.append(timed.get("batch_wait_s", float("nan")))
+                round_renders["replica"] = timed.get("total_s", float("nan"))
         if len(round_times) == len(arms):  # only complete rounds count
             for arm, value in round_times.items():
                 times[arm].append(value)
+            for where, value in round_renders.items():
+                renders[where].append(value)
     wall = time.monotonic() - started
     figures = {arm: arm_figures(values) for arm, values in times.items()}
     summary: dict[str, Any] = {
@@ -337,6 +382,14 @@ def interleaved(
         gaps = {arm: gap(times, arm) for arm in ("floor", "floor_nowait")}
         # the floor that batches as the renderer does at concurrency 1 (see the module docstring)
         own = "floor_nowait" if adaptive else "floor"
+        gaps["around_render"] = gap_around_render(times, renders["replica"], own)
+        gaps["render_in_replica_vs_direct"] = render_difference(renders)
+        summary.update(
+            replica_render_p50_ms=round(statistics.median(renders["replica"]) * 1000, 2),
+            direct_render_p50_ms=round(statistics.median(renders["direct"]) * 1000, 2),
+            own_work_around_render_ms=gaps["around_render"]["ms"],
+            own_work_around_render_ci95_ms=gaps["around_render"]["ci95_ms"],
+        )
         summary.update(
             own_work_floor=own,
             own_work_ms=gaps[own]["ms"],
@@ -607,6 +660,12 @@ def main() -> None:
         print(
             f"imagegen's own per-request work (imagegen p50 - direct p50 - {summary['own_work_floor']} p50): "
             f"{summary['own_work_ms']:.1f} ms, 95% CI {summary['own_work_ci95_ms']} ms"
+        )
+        print(
+            f"imagegen's work around the render (imagegen - its render as timed in the replica - "
+            f"{summary['own_work_floor']} p50): {summary['own_work_around_render_ms']:.1f} ms, "
+            f"95% CI {summary['own_work_around_render_ci95_ms']} ms; the render in the replica vs here "
+            f"(paired median): {result['interleaved']['gaps']['render_in_replica_vs_direct']['paired_median_ms']} ms"
         )
         print(
             "imagegen over a direct call, minus the no-wait floor (imagegen p50 - direct p50 - floor_nowait p50): "
