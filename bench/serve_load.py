@@ -330,6 +330,7 @@ def interleaved(
     # the render itself as timed where it ran (prompt encode + pipeline + decode: timings.total_s),
     # in the replica for imagegen and in this process for the direct arm, per complete round
     renders: dict[str, list[float]] = {"replica": [], "direct": []}
+    stamps: list[float] = []  # timings.stamp_s: watermark, metadata, PNG encode and C2PA signature in the replica
     errors: Counter = Counter()
     load_before = load_average()
     started = time.monotonic()
@@ -356,6 +357,7 @@ def interleaved(
                 timed = response.json()["images"][0]["metadata"]["timings"]
                 held.append(timed.get("batch_wait_s", float("nan")))
                 round_renders["replica"] = timed.get("total_s", float("nan"))
+                stamps.append(timed.get("stamp_s", float("nan")))
         if len(round_times) == len(arms):  # only complete rounds count
             for arm, value in round_times.items():
                 times[arm].append(value)
@@ -387,6 +389,7 @@ def interleaved(
         summary.update(
             replica_render_p50_ms=round(statistics.median(renders["replica"]) * 1000, 2),
             direct_render_p50_ms=round(statistics.median(renders["direct"]) * 1000, 2),
+            stamp_p50_ms=round(statistics.median(stamps) * 1000, 2) if stamps else None,
             own_work_around_render_ms=gaps["around_render"]["ms"],
             own_work_around_render_ci95_ms=gaps["around_render"]["ci95_ms"],
         )
@@ -665,7 +668,8 @@ def main() -> None:
             f"imagegen's work around the render (imagegen - its render as timed in the replica - "
             f"{summary['own_work_floor']} p50): {summary['own_work_around_render_ms']:.1f} ms, "
             f"95% CI {summary['own_work_around_render_ci95_ms']} ms; the render in the replica vs here "
-            f"(paired median): {result['interleaved']['gaps']['render_in_replica_vs_direct']['paired_median_ms']} ms"
+            f"(paired median): {result['interleaved']['gaps']['render_in_replica_vs_direct']['paired_median_ms']} ms; "
+            f"of it, stamping in the replica (timings.stamp_s p50): {summary['stamp_p50_ms']} ms"
         )
         print(
             "imagegen over a direct call, minus the no-wait floor (imagegen p50 - direct p50 - floor_nowait p50): "

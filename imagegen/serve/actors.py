@@ -365,6 +365,7 @@ class RendererActor:
         extra = dict(call.extra)
         if call.gate is not None:
             extra["identity_similarity"] = similarity
+        started = time.perf_counter()
         png, record = provenance.stamp(
             result.image,
             metadata,
@@ -373,9 +374,11 @@ class RendererActor:
             character_version=call.character_version,
             extra=extra,
         )
-        return RenderedImage(
-            png, image_id, metadata, None, dict(result.timings), batch, similarity=similarity, provenance=record
-        )
+        # watermark + metadata + the PNG encode + the C2PA signature: the replica's own work on each image
+        # (in the response's timings; the PNG, already signed, keeps the render's)
+        timings = {**result.timings, "stamp_s": round(time.perf_counter() - started, 6)}
+        metadata = {**metadata, "timings": timings}
+        return RenderedImage(png, image_id, metadata, None, timings, batch, similarity=similarity, provenance=record)
 
     def _gate(self, backend: str) -> GateScorer:
         if backend not in self._gates:

@@ -124,6 +124,8 @@ def test_sync_render_json(renderer_client, preset):
         assert json.loads(text["watermark"])["exempt"] is True
         assert image.info["watermark"]["exempt"] is True
         assert image.info["metadata"]["preset"] == preset
+        timings = image.info["metadata"]["timings"]  # where the request's time went, in the replica
+        assert timings["total_s"] > 0 and timings["stamp_s"] > 0
     assert render.raw["timings"]["total_s"] > 0
 
 
