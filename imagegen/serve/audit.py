@@ -14,7 +14,8 @@ them, in order, in batches; the response does not wait. What keeps that safe:
 - **bounded memory, back-pressure**: past ``max_pending`` queued rows a render waits for the
   writer (the old, synchronous behaviour) instead of queueing more;
 - **a failing database is retried**, never dropped: the rows stay queued, ``/readyz`` reports the
-  backlog and the error, and the writer tries again every ``retry_s``;
+  backlog and the error, and the writer tries again every ``retry_s``; a batch refused for what a
+  row holds is written row by row and only the refused row is dropped (logged, counted);
 - **shutdown writes what is queued** (``close``, from the ingress's destructor).
 
 What is given up: an ingress replica that dies without a graceful shutdown loses the rows queued in
@@ -29,7 +30,13 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+
 log = logging.getLogger(__name__)
+
+#: errors that mean the database cannot take a write now (retried), not that a row is wrong
+UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, SATimeoutError, OSError)
 
 Rows = Sequence[dict[str, Any]]
 
@@ -55,6 +62,8 @@ class AuditWriter:
         self._in_flight = 0
         self.error: str | None = None
         self.written = 0
+        #: rows the database refused for their content (logged with the row; never silently)
+        self.dropped = 0
 
     @property
     def pending(self) -> int:
@@ -77,7 +86,7 @@ class AuditWriter:
             await asyncio.shield(self._task)
 
     def status(self) -> dict[str, Any]:
-        return {"pending": self.pending, "written": self.written, "error": self.error}
+        return {"pending": self.pending, "written": self.written, "dropped": self.dropped, "error": self.error}
 
     def close(self) -> None:
         """Write what is queued now, blocking (the replica is shutting down; its loop may be gone)."""
@@ -100,17 +109,30 @@ class AuditWriter:
             audits, renders = self._take()
             self._in_flight = len(audits)
             try:
-                while True:
-                    try:
-                        await self._run(self._write, audits, renders)
-                    except Exception as exc:  # noqa: BLE001 - the database is down or busy: keep the rows, retry
-                        if self.error is None:
-                            log.warning("audit rows not written yet (%d queued), retrying: %s", self.pending, exc)
-                        self.error = type(exc).__name__  # /readyz is public: the name, the log has the rest
-                        await asyncio.sleep(self.retry_s)
-                        continue
-                    self.error = None
-                    self.written += len(audits)
-                    break
+                await self._commit(audits, renders)
             finally:
                 self._in_flight = 0
+
+    async def _commit(self, audits: list[dict[str, Any]], renders: list[dict[str, Any]]) -> None:
+        """Write one batch: retried while the database is unavailable; a batch the database refuses
+        for its content is written row by row, so one bad row cannot hold back every later one."""
+        while True:
+            try:
+                await self._run(self._write, audits, renders)
+            except UNAVAILABLE as exc:  # down, busy or unreachable: keep the rows, retry
+                if self.error is None:
+                    log.warning("audit rows not written yet (%d queued), retrying: %s", self.pending, exc)
+                self.error = type(exc).__name__  # /readyz is public: the name, the log has the rest
+                await asyncio.sleep(self.retry_s)
+                continue
+            except Exception:  # noqa: BLE001 - refused for what a row holds: find the row
+                if len(audits) > 1:
+                    for audit in audits:
+                        await self._commit([audit], [r for r in renders if r["image_id"] == audit["image_id"]])
+                    return
+                self.dropped += len(audits)
+                log.exception("an audit row the database refuses was dropped: %s", audits)
+                return
+            self.error = None
+            self.written += len(audits)
+            return

@@ -65,7 +65,7 @@ def test_rows_are_written_behind_and_a_flush_reads_its_writes(store, pool):
 
     queued, status = asyncio.run(scenario())
     assert queued >= 1  # submit returned before the rows were committed
-    assert status == {"pending": 0, "written": 5, "error": None}
+    assert status == {"pending": 0, "written": 5, "dropped": 0, "error": None}
     assert [store.audit_for_image(f"{n:032x}")["seed"] for n in range(1, 6)] == [1, 2, 3, 4, 5]
 
 
@@ -92,8 +92,25 @@ def test_a_refusing_database_keeps_the_rows_and_retries(store, pool, tmp_path):
     finally:
         database.close()
     assert failing["error"] == "OperationalError" and failing["pending"] == 2 and failing["written"] == 0
-    assert after == {"pending": 0, "written": 3, "error": None}
+    assert after == {"pending": 0, "written": 3, "dropped": 0, "error": None}
     assert [store.audit_for_image(f"{n:032x}")["seed"] for n in (1, 2, 3)] == [1, 2, 3]
+
+
+def test_a_row_the_database_refuses_does_not_hold_back_the_others(store, pool):
+    """A batch refused for what one row holds is written row by row: the others land, that one is
+    dropped and counted (and logged), and the writer goes on."""
+    bad = {**row(2), "tenant": "../not-a-tenant"}
+
+    async def scenario():
+        writer = writer_for(store, pool)
+        await writer.submit([row(1), bad, row(3)])
+        await asyncio.wait_for(writer.flush(), 30)
+        await writer.submit([row(4)])
+        await asyncio.wait_for(writer.flush(), 30)
+        return writer.status()
+
+    assert asyncio.run(scenario()) == {"pending": 0, "written": 3, "dropped": 1, "error": None}
+    assert [store.audit_for_image(f"{n:032x}") is not None for n in (1, 2, 3, 4)] == [True, False, True, True]
 
 
 def test_a_full_queue_makes_the_caller_wait(store, pool):
@@ -102,7 +119,7 @@ def test_a_full_queue_makes_the_caller_wait(store, pool):
         await writer.submit([row(1), row(2), row(3)])  # past the bound: returns once written
         return writer.status()
 
-    assert asyncio.run(scenario()) == {"pending": 0, "written": 3, "error": None}
+    assert asyncio.run(scenario()) == {"pending": 0, "written": 3, "dropped": 0, "error": None}
     assert store.audit_for_image(f"{3:032x}") is not None
 
 
