@@ -206,6 +206,13 @@ class Client:
         """Render synchronously (fields of ``RenderBody``: prompt, preset, seed, num_images, character ...)."""
         return _render_response(self._request("POST", "/v1/renders", json=body).json())
 
+    def check_provenance(self, image: bytes, content_type: str = "image/png") -> dict[str, Any]:
+        """What an image's provenance still says (``POST /v1/provenance/check``): surviving layers,
+        signer, watermark and, for this key's tenant's renders, the audit record and request id."""
+        return self._request(
+            "POST", "/v1/provenance/check", content=image, headers={"Content-Type": content_type}
+        ).json()
+
     def render_png(self, **body: Any) -> tuple[bytes, dict[str, str]]:
         """One image as PNG bytes, with the response headers (X-Seed, X-Image-Id ...)."""
         response = self._request("POST", "/v1/renders", json=body, headers={"Accept": "image/png"})

@@ -34,6 +34,7 @@ from imagegen.serve.jobs import JobRunner
 from imagegen.serve.library import LibraryService
 from imagegen.serve.limits import KeyLimiter
 from imagegen.serve.metrics import Metrics
+from imagegen.serve.provenance_check import ProvenanceService
 from imagegen.serve.service import RenderService, SyncRenders
 from imagegen.serve.store import ApiKey, ServeStore
 from imagegen.settings import get_settings
@@ -78,6 +79,7 @@ class Ingress:
             cancel_local=lambda job_id: self.runner.cancel_local(job_id),
             settings=self.service.settings,
         )
+        self.provenance = ProvenanceService(self.store, self.service.audit)
         self.library = LibraryService(
             self.registry, self.store, self.service.db, get_settings().face_backend, self.service.audit
         )
@@ -122,6 +124,7 @@ class Ingress:
         with contextlib.suppress(Exception):
             self.runner.shutdown()
             self.designs.shutdown()
+            self.provenance.shutdown()
 
     async def run_job(self, job: Any, emit: Any) -> dict:
         """The job runner's executor: a design's step (``kind: design``) or a render job."""

@@ -7,7 +7,18 @@ from typing import Any
 from fastapi import FastAPI
 
 from imagegen import __version__ as imagegen_version
-from imagegen.serve.http import characters, designs, evalruns, health, jobs, library, presets, renders, studio
+from imagegen.serve.http import (
+    characters,
+    designs,
+    evalruns,
+    health,
+    jobs,
+    library,
+    presets,
+    provenance,
+    renders,
+    studio,
+)
 from imagegen.serve.http.edge import EdgeMiddleware, install_error_handlers
 
 
@@ -28,6 +39,6 @@ def build_api(ingress: Any) -> FastAPI:
     api.state.ingress = ingress
     api.add_middleware(EdgeMiddleware)
     install_error_handlers(api)
-    for module in (health, renders, jobs, characters, designs, presets, studio, library, evalruns):
+    for module in (health, renders, jobs, characters, designs, presets, studio, library, evalruns, provenance):
         api.include_router(module.router)
     return api

@@ -32,6 +32,8 @@ from imagegen.serve.http.studio import PUBLIC_STUDIO_PATHS
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = {"/healthz", "/readyz"}
+#: routes whose POST body is an image upload (``max_upload_bytes``, not ``max_body_bytes``)
+UPLOAD_PATHS = {"/v1/characters", "/v1/provenance/check"}
 DOC_PATHS = {"/docs", "/openapi.json", "/docs/oauth2-redirect"}
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 STATUS_CODES = {
@@ -106,7 +108,7 @@ class EdgeMiddleware:
             await error_response(error, request_id)(scope, receive, send_wrapper)
 
         try:
-            upload = path == "/v1/characters" or (path.startswith("/v1/designs/") and path.endswith("/pick"))
+            upload = path in UPLOAD_PATHS or (path.startswith("/v1/designs/") and path.endswith("/pick"))
             limit = cfg.max_upload_bytes if (upload and method == "POST") else cfg.max_body_bytes
             length = headers.get("content-length")
             if length is not None and not length.isdigit():
