@@ -91,9 +91,15 @@ class AuditWriter:
     def close(self) -> None:
         """Write what is queued now, blocking (the replica is shutting down; its loop may be gone)."""
         audits, renders = self._take()
-        if audits or renders:
+        if not audits and not renders:
+            return
+        try:
             self._write(audits, renders)
-            self.written += len(audits)
+        except Exception:  # noqa: BLE001 - the last chance: say which rows are lost, do not hide it
+            self.dropped += len(audits)
+            log.exception("the replica stops and %d audit rows could not be written: %s", len(audits), audits)
+            return
+        self.written += len(audits)
 
     def _start(self) -> None:
         if self._task is None or self._task.done():
