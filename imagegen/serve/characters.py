@@ -29,7 +29,7 @@ from imagegen.serve.tenancy import Caller, character_for
 class CharacterService:
     """Character registration and management for the HTTP layer, run off the event loop."""
 
-    def __init__(self, registry: Registry, store: ServeStore, db: Callable[..., Any], audit: AuditWriter | None = None):
+    def __init__(self, registry: Registry, store: ServeStore, db: Callable[..., Any], audit: AuditWriter):
         self.registry = registry
         self.store = store
         self.db = db
@@ -86,7 +86,6 @@ class CharacterService:
         """Delete the character, then everything the service rendered of it: (registry report, purge counts)."""
         await self.db(character_for, self.registry, character_id, caller)
         report = await self.db(self.registry.characters.delete, character_id)
-        if self.audit is not None:
-            await self.audit.flush()  # this replica's queued rows are redacted by the purge, not after it
+        await self.audit.flush()  # this replica's queued rows are redacted by the purge, not after it
         purged = await self.db(self.store.purge_character, character_id)
         return report, purged

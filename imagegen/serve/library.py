@@ -142,7 +142,7 @@ class LibraryService:
         store: ServeStore,
         db: Callable[..., Any],
         gate_backend: str,
-        audit: AuditWriter | None = None,
+        audit: AuditWriter,
     ):
         self.registry = registry
         self.store = store
@@ -153,11 +153,6 @@ class LibraryService:
         self.cpu_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="library")
         self._sheets: OrderedDict[tuple[str, int, str], ReferenceSheet] = OrderedDict()
         self._lock = threading.Lock()
-
-    async def _written(self) -> None:
-        """This replica's renders are in the store before it is read (their rows are written behind)."""
-        if self.audit is not None:
-            await self.audit.flush()
 
     async def character(self, caller: Caller, character_id: str) -> Character:
         return await self.db(character_for, self.registry, character_id, caller)
@@ -219,7 +214,7 @@ class LibraryService:
     async def renders(self, caller: Caller, character_id: str, limit: int) -> list[dict[str, Any]]:
         """The caller's tenant's most recent renders of the character (every tenant's for admin), newest first."""
         character = await self.character(caller, character_id)
-        await self._written()
+        await self.audit.flush()  # this replica's renders are in the store before it is read
         rows = await self.db(self.store.recent_renders, character.id, caller.tenant_filter, limit)
         stored = await self.db(self._stored_images, rows)
         return [self._render_out(character.id, row, row["image_id"] in stored) for row in rows]
@@ -262,7 +257,7 @@ class LibraryService:
     async def render_image(self, caller: Caller, character_id: str, image_id: str) -> bytes:
         """The PNG of one recent render, while its job keeps it (404 ``not_found`` otherwise)."""
         character = await self.character(caller, character_id)
-        await self._written()
+        await self.audit.flush()
         row = await self.db(self.store.character_render, character.id, image_id)
         missing = ApiError(
             404,
