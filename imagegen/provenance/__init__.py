@@ -21,7 +21,7 @@ from imagegen.provenance.keys import (
     make_development_pair,
     signer_material,
 )
-from imagegen.provenance.manifest import IPTC_AI_GENERATED, read_manifest
+from imagegen.provenance.manifest import IPTC_AI_GENERATED, SignerCheckFailed, read_manifest, verify_signer
 from imagegen.provenance.stamp import (
     EXEMPT_REASON,
     FORMATS,
@@ -58,6 +58,8 @@ __all__ = [
     "manifest",
     "prompt_sha256",
     "read_manifest",
+    "SignerCheckFailed",
+    "verify_signer",
     "read_metadata",
     "read_watermark",
     "signer_material",

@@ -155,7 +155,9 @@ class RendererActor:
         preflight(get_preset(preset), (), settings)
         self.renderer = identity_renderer(preset, device=device, settings=settings)
         #: who signs the C2PA manifests: "configured" (IMAGEGEN_C2PA_CERT/KEY) or "development"; read at start
-        self.signer = provenance.signer_material().source
+        material = provenance.signer_material()
+        provenance.verify_signer(material)  # a pair that cannot sign valid manifests fails the replica at start
+        self.signer = material.source
         if self.signer == "development":
             log.warning("C2PA: signing with the DEVELOPMENT signer of IMAGEGEN_HOME (configure IMAGEGEN_C2PA_CERT/KEY)")
         #: what warm-up did (None: not warmed up)

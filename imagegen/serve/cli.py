@@ -180,10 +180,12 @@ def _check_database() -> None:
 
 
 def _check_signer() -> None:
-    """Before Ray starts: a half-configured or unreadable C2PA signer is refused in one line."""
-    from imagegen.provenance import load_signer
+    """Before Ray starts: a half-configured or unreadable C2PA signer, or a key that does not sign for its
+    certificate, is refused in one line."""
+    from imagegen.provenance import load_signer, verify_signer
 
     signer = load_signer()
+    verify_signer(signer)
     if signer.development:
         console.print(f"C2PA: [bold yellow]development signer[/bold yellow] ({escape(str(signer.chain_path.parent))})")
 

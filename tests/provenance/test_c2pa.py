@@ -124,3 +124,21 @@ def test_half_a_signer_or_a_wrong_file_is_refused(isolated_home, tmp_path, monke
     with pytest.raises(keys.SignerConfigError, match="holds no PEM certificate"):
         keys.load_signer()
     assert not (isolated_home / "provenance").exists()  # never a silent fallback to a development pair
+
+
+def test_a_key_that_does_not_sign_for_its_certificate_is_refused_before_any_image(isolated_home, tmp_path, monkeypatch):
+    """Signatures are not read back per image (c2pa's verify_after_sign is off for speed): the pair is
+    proved once, so a mismatched key must fail there, in one line, never ship an invalid manifest."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    keys.make_development_pair(first)
+    keys.make_development_pair(second)
+    monkeypatch.setenv("IMAGEGEN_C2PA_CERT", str(first / keys.CHAIN_FILE))
+    monkeypatch.setenv("IMAGEGEN_C2PA_KEY", str(second / keys.KEY_FILE))
+    get_settings.cache_clear()
+    with pytest.raises(provenance.SignerCheckFailed, match="do not validate|refused by c2pa"):
+        provenance.verify_signer(keys.load_signer())
+    with pytest.raises(provenance.SignerCheckFailed):
+        stamp_photo(samples.astronaut())
+    # `imagegen serve` refuses it before Ray starts (a ConfigError: one line, exit 2)
+    result = CliRunner().invoke(app, ["serve", "--port", "1"])
+    assert isinstance(result.exception, provenance.SignerCheckFailed), result.output
