@@ -16,7 +16,11 @@ them, in order, in batches; the response does not wait. What keeps that safe:
 - **a failing database is retried**, never dropped: the rows stay queued, ``/readyz`` reports the
   backlog and the error, and the writer tries again every ``retry_s``; a batch refused for what a
   row holds is written row by row and only the refused row is dropped (logged, counted);
-- **shutdown writes what is queued** (``close``, from the ingress's destructor).
+- **shutdown writes what is queued** (``close``, from the ingress's destructor);
+- **the response goes first**: a batch starts ``delay_s`` after its first row, not at once: a commit
+  started while the response that queued the row is still leaving the replica competes with it for
+  the GIL and the CPU (Ray's router runs in another thread of the same process), and the rows of
+  renders finishing close together share one commit. A flush does not wait for the delay.
 
 What is given up: an ingress replica that dies without a graceful shutdown loses the rows queued in
 its last moments (milliseconds of renders at the rate the writer keeps up). Those images still carry
@@ -26,6 +30,7 @@ their watermark and signed C2PA manifest; only the look-up from a watermark to t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -51,11 +56,15 @@ class AuditWriter:
         *,
         max_pending: int = 5000,
         retry_s: float = 0.5,
+        delay_s: float = 0.02,
     ):
         self._write = write  # ServeStore.add_audit
         self._run = run  # runs a blocking call off the event loop
         self.max_pending = max_pending
         self.retry_s = retry_s
+        self.delay_s = delay_s
+        #: set by a flush (or back-pressure): the writer starts now instead of after ``delay_s``
+        self._hurry = asyncio.Event()
         self._audits: list[dict[str, Any]] = []
         self._renders: list[dict[str, Any]] = []
         self._task: asyncio.Task | None = None
@@ -82,6 +91,7 @@ class AuditWriter:
 
     async def flush(self) -> None:
         """Return once every row queued before the call is committed."""
+        self._hurry.set()
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
 
@@ -111,6 +121,10 @@ class AuditWriter:
         return audits, renders
 
     async def _drain(self) -> None:
+        if not self._hurry.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), self.delay_s)
+        self._hurry.clear()
         while self._audits or self._renders:
             audits, renders = self._take()
             self._in_flight = len(audits)

@@ -69,6 +69,32 @@ def test_rows_are_written_behind_and_a_flush_reads_its_writes(store, pool):
     assert [store.audit_for_image(f"{n:032x}")["seed"] for n in range(1, 6)] == [1, 2, 3, 4, 5]
 
 
+def test_the_writer_waits_for_the_response_but_a_flush_does_not_wait(store, pool):
+    """A batch starts ``delay_s`` after its first row (the response leaves first, and rows arriving
+    meanwhile share the commit); a reader that flushes is answered at once, not after the delay."""
+
+    async def scenario():
+        writer = writer_for(store, pool, delay_s=0.3)
+        await writer.submit([row(1)])
+        await asyncio.sleep(0.1)
+        await writer.submit([row(2)])
+        before = (writer.pending, store.audit_for_image(f"{1:032x}"))
+        await asyncio.sleep(0.35)  # past the delay: both rows written together, nobody flushed
+        after_delay = writer.status()
+        slow = writer_for(store, pool, delay_s=60)
+        await slow.submit([row(3)])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(slow.flush(), 30)
+        return before, after_delay, loop.time() - started, slow.status()
+
+    (pending, first), after_delay, flush_s, slow = asyncio.run(scenario())
+    assert pending == 2 and first is None  # 0.1 s after the first row, nothing written yet
+    assert after_delay == {"pending": 0, "written": 2, "dropped": 0, "error": None}
+    assert flush_s < 10 and slow == {"pending": 0, "written": 1, "dropped": 0, "error": None}
+    assert store.audit_for_image(f"{3:032x}") is not None
+
+
 def test_a_refusing_database_keeps_the_rows_and_retries(store, pool, tmp_path):
     """The audit table is renamed away (every insert fails), then put back: nothing is lost."""
     database = sqlite3.connect(tmp_path / "serve.db")
