@@ -80,9 +80,13 @@ def sign(data: bytes, fmt: str, record: dict[str, Any], material: SignerMaterial
     signature's time): the thread's signer proved once, when it was made, that what it signs
     validates (``_thread_signing``), and nothing that could break it changes between images.
     """
+    signer, context = _thread_signing(material or signer_material())
+    return _sign_with(signer, context, data, fmt, record)
+
+
+def _sign_with(signer: Any, context: Any, data: bytes, fmt: str, record: dict[str, Any]) -> bytes:
     import c2pa
 
-    signer, context = _thread_signing(material or signer_material())
     with c2pa.Builder(manifest_definition(record, fmt), context) as builder:
         out = io.BytesIO()
         builder.sign(signer, MIME[fmt], io.BytesIO(data), out)
@@ -138,16 +142,13 @@ def verify_signer(material: SignerMaterial | None = None) -> None:
 
 def _check_signer(signer: Any, context: Any, material: SignerMaterial) -> None:
     """Sign a probe PNG with ``signer`` and validate it: a pair that cannot make a valid manifest fails here."""
-    import c2pa
     from PIL import Image
 
     probe = io.BytesIO()
     Image.new("RGB", (8, 8), (128, 128, 128)).save(probe, "PNG")
     record = {"image_id": "signer-check", "preset": "signer-check", "method": "none"}
-    with c2pa.Builder(manifest_definition(record, "png"), context) as builder:
-        out = io.BytesIO()
-        builder.sign(signer, MIME["png"], io.BytesIO(probe.getvalue()), out)
-    report = read_manifest(out.getvalue(), MIME["png"])
+    signed = _sign_with(signer, context, probe.getvalue(), "png", record)
+    report = read_manifest(signed, MIME["png"])
     if not report.get("valid"):
         failures = ", ".join(report.get("failures") or []) or report.get("state")
         raise SignerCheckFailed(
