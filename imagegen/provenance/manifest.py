@@ -114,7 +114,8 @@ def _thread_signing(material: SignerMaterial) -> tuple[Any, Any]:
 
     cached = getattr(_signers, "pair", None)
     if cached is None or cached[0] is not material:
-        if cached is not None:
+        if cached is not None:  # never left cached once closed, even if the new pair fails its check
+            _signers.pair = None
             cached[1].close()
             cached[2].close()
         info = c2pa.C2paSignerInfo(ALGORITHM, material.chain_pem.encode(), material.key_pem.encode(), None)
