@@ -10,7 +10,11 @@ import sys
 
 import pytest
 
+from imagegen import samples
+from imagegen.demo.local import DEMO_CHARACTER, DEMO_SAMPLE
+from imagegen.identity.registry import Registry
 from imagegen.images import read_png_metadata
+from imagegen.settings import Settings
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -151,9 +155,11 @@ def test_demo_runs_the_whole_system_end_to_end(tmp_path):
 
 
 def test_render_with_a_character_through_the_cli(tmp_path):
-    env = {"IMAGEGEN_HOME": str(tmp_path / "home")}
-    demo = run_cli("demo", "--no-service", "--no-eval", "--out", str(tmp_path / "demo"), env=env)
-    assert demo.returncode == 0, demo.stderr  # registers + approves the demo character
+    home = tmp_path / "home"
+    env = {"IMAGEGEN_HOME": str(home)}
+    # the demo's character, registered and approved as the demo does it (`imagegen demo` has its own test)
+    with Registry.open(Settings(home=home)) as registry:
+        samples.register_sample_character(registry, DEMO_CHARACTER, DEMO_SAMPLE)
     out = tmp_path / "renders"
     proc = run_cli(
         "render",
