@@ -31,21 +31,24 @@ def test_burst_beyond_the_queues_is_refused_cleanly(service, keys, http):
     for t in threads:
         t.join()
     statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) <= {200, 429, 503}, statuses
+    # a failure says what came back, not only the codes: the rare failure of this test was never captured
+    assert set(statuses) <= {200, 429, 503}, [(r.status_code, r.text[:300]) for r in responses if r.status_code != 200]
     assert statuses.count(200) >= 1, statuses
     refused = [r for r in responses if r.status_code != 200]
     assert refused, f"a burst of 30 went through limits of 4 in-flight renders: {statuses}"
     codes = set()
     for response in refused:
-        assert int(response.headers["retry-after"]) >= 1
+        retry_after = response.headers.get("retry-after", "0")
+        assert retry_after.isdigit() and int(retry_after) >= 1, (response.status_code, response.text[:300])
         codes.add(assert_error_shape(response)["code"])
     assert codes <= {"overloaded", "renderer_overloaded"}, codes
     # and the service is fine afterwards
-    assert http.get("/readyz").status_code == 200
+    ready = http.get("/readyz")
+    assert ready.status_code == 200, (ready.status_code, ready.text)
     ok = http.post(
         "/v1/renders", json={"prompt": "after", "seed": 1}, headers={"Authorization": f"Bearer {keys.render}"}
     )
-    assert ok.status_code == 200
+    assert ok.status_code == 200, (ok.status_code, ok.text)
 
 
 def test_job_queue_limit(service, keys, renderer_client, http):
