@@ -33,7 +33,7 @@ def test_burst_beyond_the_queues_is_refused_cleanly(service, keys, http):
     statuses = sorted(r.status_code for r in responses)
     # a failure says what came back, not only the codes: the rare failure of this test was never captured
     assert set(statuses) <= {200, 429, 503}, [(r.status_code, r.text[:300]) for r in responses if r.status_code != 200]
-    assert statuses.count(200) >= 1, statuses
+    assert statuses.count(200) >= 1, sorted({(r.status_code, r.text[:300]) for r in responses})
     refused = [r for r in responses if r.status_code != 200]
     assert refused, f"a burst of 30 went through limits of 4 in-flight renders: {statuses}"
     codes = set()
