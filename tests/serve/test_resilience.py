@@ -31,9 +31,13 @@ def test_burst_beyond_the_queues_is_refused_cleanly(service, keys, http):
     for t in threads:
         t.join()
     statuses = sorted(r.status_code for r in responses)
-    # a failure says what came back, not only the codes: the rare failure of this test was never captured
+    # a failure says what came back, not only the codes
     assert set(statuses) <= {200, 429, 503}, [(r.status_code, r.text[:300]) for r in responses if r.status_code != 200]
-    assert statuses.count(200) >= 1, sorted({(r.status_code, r.text[:300]) for r in responses})
+    # the ingress let some through to the renderer: each came back rendered (200) or refused by the renderer's queue
+    # (503). Not necessarily a 200: when the 4 admitted are 8-image requests, 32 calls meet a queue of 8 + 6 and every
+    # one of them may be refused (seen 1 run in ~6; the burst is random, the policy is not)
+    reached = [r for r in responses if r.status_code in (200, 503)]
+    assert reached, sorted({(r.status_code, r.text[:300]) for r in responses})
     refused = [r for r in responses if r.status_code != 200]
     assert refused, f"a burst of 30 went through limits of 4 in-flight renders: {statuses}"
     codes = set()
