@@ -10,11 +10,8 @@ import sys
 
 import pytest
 
-from imagegen import samples
-from imagegen.demo.local import DEMO_CHARACTER, DEMO_SAMPLE
-from imagegen.identity.registry import Registry
+from imagegen.demo.local import register_demo_character
 from imagegen.images import read_png_metadata
-from imagegen.settings import Settings
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -154,12 +151,10 @@ def test_demo_runs_the_whole_system_end_to_end(tmp_path):
     assert str(report) in proc.stdout.replace("\n", "")
 
 
-def test_render_with_a_character_through_the_cli(tmp_path):
-    home = tmp_path / "home"
-    env = {"IMAGEGEN_HOME": str(home)}
-    # the demo's character, registered and approved as the demo does it (`imagegen demo` has its own test)
-    with Registry.open(Settings(home=home)) as registry:
-        samples.register_sample_character(registry, DEMO_CHARACTER, DEMO_SAMPLE)
+def test_render_with_a_character_through_the_cli(tmp_path, isolated_home):
+    env = {"IMAGEGEN_HOME": str(isolated_home)}
+    # the demo's character, registered and approved by the demo's own step (`imagegen demo` has its own test)
+    register_demo_character(tmp_path / "demo")
     out = tmp_path / "renders"
     proc = run_cli(
         "render",
