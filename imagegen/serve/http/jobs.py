@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -21,15 +19,14 @@ from starlette.types import Receive, Scope, Send
 
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, ingress_of, key_of, replica, request_id, scoped
+from imagegen.serve.job_events import job_event_lines
 from imagegen.serve.limits import StreamLease, count_active_jobs_of
 from imagegen.serve.schemas import JobList, JobOut, RenderBody
-from imagegen.serve.service import iso
-from imagegen.serve.store import TERMINAL, ApiKey, Job
+from imagegen.serve.store import ApiKey, Job
 from imagegen.serve.tenancy import Caller
 
 router = APIRouter(tags=["jobs"], dependencies=AUTH)
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-SSE_TERMINAL = set(TERMINAL)
 #: event ids are SQL integers (64-bit); ASCII digits only (str.isdigit() also takes "²")
 LAST_EVENT_ID_RE = re.compile(r"^[0-9]{1,19}$")
 MAX_EVENT_ID = 2**63 - 1
@@ -169,34 +166,22 @@ def job_event_stream(
     lease = ingress.limits.open_stream(key)
     extra = extra or {}
 
-    async def stream():
-        nonlocal last
-        keepalive = opened = time.monotonic()
-        while True:
-            events = await service.db(service.store.events, job_id, last)
-            for event in events:
-                last = event.id
-                payload = {"job_id": job_id, **extra, **event.data, "at": iso(event.created_at)}
-                yield f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(payload)}\n\n"
-                if event.type in SSE_TERMINAL:
-                    return
-            if not events:
-                current = await service.db(service.store.get_job, job_id)
-                if current is None or current.status in SSE_TERMINAL:
-                    return
-            now = time.monotonic()
-            if now - opened >= lifetime:
-                payload = {"job_id": job_id, "reason": "stream_lifetime", "last_event_id": last}
-                yield f"retry: 1000\nevent: reconnect\ndata: {json.dumps(payload)}\n\n"
-                return
-            if now - keepalive > ingress.cfg.sse_keepalive_s:
-                keepalive = now
-                yield ": keep-alive\n\n"
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ingress.job_signal.wait(), timeout=0.25)
+    async def wait_for_change() -> None:
+        with contextlib.suppress(TimeoutError):  # the signal is replaced on each change: read it each time
+            await asyncio.wait_for(ingress.job_signal.wait(), timeout=0.25)
 
+    lines = job_event_lines(
+        service.store,
+        service.db,
+        job_id,
+        last,
+        lifetime_s=lifetime,
+        keepalive_s=ingress.cfg.sse_keepalive_s,
+        wait_for_change=wait_for_change,
+        extra=extra,
+    )
     return LeasedStreamingResponse(
-        stream(),
+        lines,
         lease=lease,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
