@@ -17,6 +17,10 @@ Measures, in this order (so the phases do not compete for the CPU):
      ``batch_wait_timeout_s`` (from the service's config), which renders nothing and returns
      ``--floor-bytes`` (5 KB) of bytes: what Ray Serve alone costs on these hops with that wait;
    * ``floor_nowait``: the same app with ``batch_wait_timeout_s = 0``: the hops alone;
+   * ``floor_sized``: the no-wait floor returning as many bytes as imagegen's answer to the same
+     request (a base64 PNG in JSON, ~25 KB at 64 px; read before the floor is deployed), so its hops
+     carry what imagegen's carry: ``floor_sized - floor_nowait`` is what moving the image costs Ray
+     alone, and ``own_work_*_sized_floor`` are the own-work figures with that taken out;
    * ``imagegen``: a sync ``POST /v1/renders`` through the real service (proxy, auth, ingress,
      handle stream, batched renderer deployment, PNG + provenance, audit);
    * ``direct``: the same render on a ``Renderer`` in this process, batch 1, with the replica's torch
@@ -51,8 +55,8 @@ The machine's load average is recorded around phases 1 and 3 (``load_average``).
 Prints a table, the JSON document (also written to ``--json`` when given) and, last, one JSON line
 with the headline figures: ``floor_p50_ms``, ``floor_nowait_p50_ms``, ``imagegen_p50_ms``,
 ``direct_p50_ms``, ``own_work_ms`` and its interval, ``own_work_around_render_ms`` and its interval,
-``nowait_gap_ms`` and its interval, and
-``mean_batch_8_clients`` (the mean batch under ``--clients`` clients).
+``nowait_gap_ms`` and its interval, ``image_transport_ms`` and the ``*_sized_floor_ms`` figures
+with their intervals, and ``mean_batch_8_clients`` (the mean batch under ``--clients`` clients).
 """
 
 from __future__ import annotations
@@ -159,11 +163,22 @@ def renderer_batching(config: dict[str, Any] | None, preset: str) -> tuple[int, 
     return parsed.max_batch_size, parsed.batch_wait_timeout_s, parsed.adaptive_batch_wait
 
 
-def deploy_floor(max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int, logging_config: Any) -> None:
+def imagegen_answer_bytes(url: str, key: str, request: dict[str, Any]) -> int:
+    """The size of imagegen's HTTP answer to ``request`` (JSON with a base64 PNG): the sized floor returns as many."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
+        response = client.post("/v1/renders", json=request)
+        response.raise_for_status()
+        return len(response.content)
+
+
+def deploy_floor(
+    max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int, sized_bytes: int, logging_config: Any
+) -> None:
     """Deploy the floor app on the running Serve instance (its own route prefix, the same proxy).
 
-    Two ``@serve.batch`` deployments behind one FastAPI ingress: ``/render`` waits like the
-    renderer's bound, ``/render-nowait`` does not wait at all. The classes are defined here, inside a
+    Three ``@serve.batch`` deployments behind one FastAPI ingress: ``/render`` waits like the
+    renderer's bound, ``/render-nowait`` does not wait at all, ``/render-nowait-sized`` does not
+    wait and returns ``sized_bytes``. The classes are defined here, inside a
     function, so Ray pickles them by value: the replicas need nothing from bench/ on their path.
     """
     from fastapi import Body, FastAPI
@@ -190,9 +205,10 @@ def deploy_floor(max_batch_size: int, batch_wait_timeout_s: float, payload_bytes
     @serve.deployment(name="FloorIngress", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
     class FloorIngress:
-        def __init__(self, waiting: DeploymentHandle, nowait: DeploymentHandle):
+        def __init__(self, waiting: DeploymentHandle, nowait: DeploymentHandle, sized: DeploymentHandle):
             self.waiting = waiting
             self.nowait = nowait
+            self.sized = sized
 
         @api.post("/render")
         async def render(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
@@ -202,9 +218,14 @@ def deploy_floor(max_batch_size: int, batch_wait_timeout_s: float, payload_bytes
         async def render_nowait(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
             return Response(await self.nowait.remote(item), media_type="application/octet-stream")
 
+        @api.post("/render-nowait-sized")
+        async def render_nowait_sized(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
+            return Response(await self.sized.remote(item), media_type="application/octet-stream")
+
     app = FloorIngress.bind(
         FloorBatch.options(name="FloorBatch").bind(max_batch_size, batch_wait_timeout_s, payload_bytes),
         FloorBatch.options(name="FloorBatchNoWait").bind(max_batch_size, 0.0, payload_bytes),
+        FloorBatch.options(name="FloorBatchSized").bind(max_batch_size, 0.0, sized_bytes),
     )
     serve.run(app, name=FLOOR_APP, route_prefix=FLOOR_PREFIX, logging_config=logging_config)
 
@@ -222,7 +243,7 @@ def worker_imagegen_file() -> str:
 
 
 # -- phase 1: floors, imagegen and direct, interleaved ----------------------------------------------
-ARMS = ("floor", "floor_nowait", "imagegen", "direct")
+ARMS = ("floor", "floor_nowait", "floor_sized", "imagegen", "direct")
 
 
 def post_timed(client: httpx.Client, path: str, payload: dict[str, Any]) -> tuple[float, httpx.Response]:
@@ -295,6 +316,21 @@ def render_difference(renders: dict[str, list[float]]) -> dict[str, Any]:
     return {"paired_median_ms": round(float(np.median(diff)), 2), "ci95_ms": bootstrap_interval([diff], np.median)}
 
 
+def floor_difference(times: dict[str, list[float]], larger: str, smaller: str) -> dict[str, Any]:
+    """``<larger>_p50 - <smaller>_p50`` of two floor arms in ms, with its paired 95% interval."""
+    import numpy as np
+
+    larger_ms, smaller_ms = (np.asarray(times[a]) * 1000 for a in (larger, smaller))
+
+    def medians(big, small, axis=-1):
+        return np.median(big, axis=axis) - np.median(small, axis=axis)
+
+    return {
+        "ms": round(float(np.median(larger_ms) - np.median(smaller_ms)), 2),
+        "ci95_ms": bootstrap_interval([larger_ms, smaller_ms], medians),
+    }
+
+
 def gap(times: dict[str, list[float]], floor_arm: str) -> dict[str, Any]:
     """``imagegen_p50 - direct_p50 - <floor_arm>_p50`` in ms with its paired bootstrap 95% interval."""
     import numpy as np
@@ -326,6 +362,7 @@ def interleaved(
     paths = {
         "floor": f"{FLOOR_PREFIX}/render",
         "floor_nowait": f"{FLOOR_PREFIX}/render-nowait",
+        "floor_sized": f"{FLOOR_PREFIX}/render-nowait-sized",
         "imagegen": "/v1/renders",
     }
     held: list[float] = []  # timings.batch_wait_s of imagegen's images: how long the replica held each
@@ -370,6 +407,7 @@ def interleaved(
     summary: dict[str, Any] = {
         "floor_p50_ms": figures["floor"]["p50_ms"] if floor else None,
         "floor_nowait_p50_ms": figures["floor_nowait"]["p50_ms"] if floor else None,
+        "floor_sized_p50_ms": figures["floor_sized"]["p50_ms"] if floor else None,
         "imagegen_p50_ms": figures["imagegen"]["p50_ms"],
         "direct_p50_ms": figures["direct"]["p50_ms"],
         "adaptive_batch_wait": adaptive,
@@ -391,6 +429,21 @@ def interleaved(
         stamped = [r + s for r, s in zip(renders["replica"], renders["stamp"], strict=True)]
         gaps["around_render_and_stamp"] = gap_around_render(times, stamped, own)
         gaps["render_in_replica_vs_direct"] = render_difference(renders)
+        if adaptive:  # the same figures against the no-wait floor that carries imagegen's bytes
+            gaps["floor_sized"] = gap(times, "floor_sized")
+            gaps["around_render_sized_floor"] = gap_around_render(times, renders["replica"], "floor_sized")
+            gaps["around_render_and_stamp_sized_floor"] = gap_around_render(times, stamped, "floor_sized")
+            gaps["image_transport"] = floor_difference(times, "floor_sized", "floor_nowait")
+            summary.update(
+                image_transport_ms=gaps["image_transport"]["ms"],
+                image_transport_ci95_ms=gaps["image_transport"]["ci95_ms"],
+                own_work_sized_floor_ms=gaps["floor_sized"]["ms"],
+                own_work_sized_floor_ci95_ms=gaps["floor_sized"]["ci95_ms"],
+                own_work_around_render_sized_floor_ms=gaps["around_render_sized_floor"]["ms"],
+                own_work_around_render_sized_floor_ci95_ms=gaps["around_render_sized_floor"]["ci95_ms"],
+                own_work_besides_stamp_sized_floor_ms=gaps["around_render_and_stamp_sized_floor"]["ms"],
+                own_work_besides_stamp_sized_floor_ci95_ms=gaps["around_render_and_stamp_sized_floor"]["ci95_ms"],
+            )
         summary.update(
             replica_render_p50_ms=round(statistics.median(renders["replica"]) * 1000, 2),
             direct_render_p50_ms=round(statistics.median(renders["direct"]) * 1000, 2),
@@ -548,6 +601,7 @@ def main() -> None:
         with ServeStore.open() as store:
             key = create_key(store, "bench-serve-load", ["admin"])[1]
     floor_batching = None
+    sized_bytes = None
     adaptive = not args.fixed_wait
     try:
         if service is not None:
@@ -559,14 +613,16 @@ def main() -> None:
                 f"deploying the floor app at {FLOOR_PREFIX} (max batch {max_batch}, wait {wait}s and none); "
                 f"the renderer's wait is {'adaptive' if adaptive else 'fixed'} ..."
             )
-            deploy_floor(max_batch, wait, args.floor_bytes, service.config.get("logging_config"))
+            sized_bytes = imagegen_answer_bytes(url, key, body(args, 0))
+            deploy_floor(max_batch, wait, args.floor_bytes, sized_bytes, service.config.get("logging_config"))
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
             for i in range(3):  # warm-up: prompt cache, connections
                 client.post("/v1/renders", json=body(args, i)).raise_for_status()
                 if service is not None:
                     client.post(f"{FLOOR_PREFIX}/render", json=body(args, i)).raise_for_status()
                     client.post(f"{FLOOR_PREFIX}/render-nowait", json=body(args, i)).raise_for_status()
-            console.print(f"interleaved floor / floor_nowait / imagegen / direct, {args.requests} rounds ...")
+                    client.post(f"{FLOOR_PREFIX}/render-nowait-sized", json=body(args, i)).raise_for_status()
+            console.print(f"interleaved {' / '.join(ARMS)}, {args.requests} rounds ...")
             paired = interleaved(client, renderer, args, floor=service is not None, adaptive=adaptive)
             console.print(json.dumps(paired["summary"]), soft_wrap=True)
             if service is not None:
@@ -613,6 +669,7 @@ def main() -> None:
             "max_batch_size": floor_batching[0],
             "batch_wait_timeout_s": [floor_batching[1], 0.0],
             "bytes": args.floor_bytes,
+            "sized_bytes": sized_bytes,
         },
         "renderer_adaptive_batch_wait": adaptive,
         "interleaved": paired,
@@ -637,6 +694,7 @@ def main() -> None:
         ("direct", "direct Renderer (interleaved)"),
         ("floor", "bare Serve floor, same wait (interleaved)"),
         ("floor_nowait", "bare Serve floor, no wait (interleaved)"),
+        ("floor_sized", "bare Serve floor, no wait, imagegen's bytes (interleaved)"),
         ("imagegen", "HTTP imagegen (interleaved)"),
     ):
         figures = paired["arms"].get(arm)
@@ -682,6 +740,17 @@ def main() -> None:
             "imagegen over a direct call, minus the no-wait floor (imagegen p50 - direct p50 - floor_nowait p50): "
             f"{summary['nowait_gap_ms']:.1f} ms, 95% CI {summary['nowait_gap_ci95_ms']} ms; "
             f"largest batch_wait_s of a lone imagegen request: {summary['imagegen_batch_wait_max_ms']} ms"
+        )
+    if summary.get("image_transport_ms") is not None:
+        print(
+            f"moving imagegen's answer ({sized_bytes} bytes) instead of {args.floor_bytes} through the same hops "
+            f"(floor_sized p50 - floor_nowait p50): {summary['image_transport_ms']:.1f} ms, "
+            f"95% CI {summary['image_transport_ci95_ms']} ms; against the sized floor: own work "
+            f"{summary['own_work_sized_floor_ms']:.1f} ms {summary['own_work_sized_floor_ci95_ms']}, around the render "
+            f"{summary['own_work_around_render_sized_floor_ms']:.1f} ms "
+            f"{summary['own_work_around_render_sized_floor_ci95_ms']}, besides the stamp "
+            f"{summary['own_work_besides_stamp_sized_floor_ms']:.1f} ms "
+            f"{summary['own_work_besides_stamp_sized_floor_ci95_ms']}"
         )
     print(f"per-request overhead over the direct render (imagegen p50 - direct p50): {ms(overhead)} ms")
     if single.get("cpu_ms_per_request"):
