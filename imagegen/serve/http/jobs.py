@@ -164,7 +164,6 @@ def job_event_stream(
     service = ingress.service
     lifetime = ingress.cfg.limits_for(key.name).stream_lifetime_s
     lease = ingress.limits.open_stream(key)
-    extra = extra or {}
 
     async def wait_for_change() -> None:
         with contextlib.suppress(TimeoutError):  # the signal is replaced on each change: read it each time
