@@ -355,6 +355,7 @@ def interleaved(
 ) -> dict[str, Any]:
     """``--requests`` rounds of one request per arm, the arms' order rotating every round."""
     from imagegen.pipelines.types import RenderRequest
+    from imagegen.serve.http.timing import parse_header
 
     arms = [a for a in ARMS if floor or not a.startswith("floor")]
     times: dict[str, list[float]] = {a: [] for a in arms}
@@ -370,6 +371,8 @@ def interleaved(
     # in the replica for imagegen and in this process for the direct arm, per complete round
     # and timings.stamp_s: the replica's watermark, metadata, PNG encode and C2PA signature of that image
     renders: dict[str, list[float]] = {"replica": [], "direct": [], "stamp": []}
+    # the service's own account of each imagegen request (its Server-Timing header), phase by phase
+    phases: dict[str, list[float]] = {}
     errors: Counter = Counter()
     load_before = load_average()
     started = time.monotonic()
@@ -397,6 +400,8 @@ def interleaved(
                 held.append(timed.get("batch_wait_s", float("nan")))
                 round_renders["replica"] = timed.get("total_s", float("nan"))
                 round_renders["stamp"] = timed.get("stamp_s", float("nan"))
+                for phase, ms in parse_header(response.headers.get("server-timing", "")).items():
+                    phases.setdefault(phase, []).append(ms)
         if len(round_times) == len(arms):  # only complete rounds count
             for arm, value in round_times.items():
                 times[arm].append(value)
@@ -418,6 +423,7 @@ def interleaved(
         "nowait_gap_ci95_ms": None,
         "imagegen_batch_wait_max_ms": round(max(held) * 1000, 3) if held else None,
         "rounds": len(times["imagegen"]),
+        "server_timing_p50_ms": {phase: round(statistics.median(ms), 2) for phase, ms in phases.items()},
     }
     gaps: dict[str, Any] = {}
     if floor and times["floor"]:

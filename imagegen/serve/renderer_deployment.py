@@ -344,12 +344,13 @@ class RendererDeployment:
         Cancelled (``CancelledError`` or the stream closed early): the call's flag is set and it
         leaves the queue; if it is already rendering, its render stops at the next denoising step.
         """
+        arrived = time.perf_counter()
         pending = self.batcher.submit(item)
         finished = False
         try:
             while True:
                 event = await pending.events.get()
-                yield event
+                yield _spanned(event, arrived)
                 if not isinstance(event, StepProgress):
                     finished = True
                     return
@@ -361,12 +362,13 @@ class RendererDeployment:
     async def render_once(self, item: RenderCall) -> RenderedImage | RenderError:
         """One call's image or error, for a caller that wants no progress: a unary handle call, which costs
         the ingress less than a stream. Cancelled like ``render`` (the flag is set, the call leaves the queue)."""
+        arrived = time.perf_counter()
         pending = self.batcher.submit(item)
         try:
             while True:
                 event = await pending.events.get()
                 if not isinstance(event, StepProgress):
-                    return event
+                    return _spanned(event, arrived)
         except BaseException:
             self.batcher.discard(pending)
             log.info("render %s cancelled by its caller", item.request_id)
@@ -403,3 +405,15 @@ class RendererDeployment:
             return answered[0] if answered else time.monotonic()
 
         return await loop.run_in_executor(self._executor, work)
+
+
+def _spanned(event: RenderEvent, arrived: float) -> RenderEvent:
+    """``event`` with, when it is the image, ``timings.replica_s``: how long the call spent in this replica
+    (queue, render, stamp, hand-over), so the ingress can tell Ray's hops from the replica's time."""
+    if isinstance(event, RenderedImage):
+        span = round(time.perf_counter() - arrived, 6)
+        event.timings["replica_s"] = span
+        shown = event.metadata.get("timings")  # the response's copy (the PNG keeps what it was signed with)
+        if isinstance(shown, dict):
+            shown["replica_s"] = span
+    return event

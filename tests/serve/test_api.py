@@ -16,6 +16,7 @@ from PIL import Image
 from imagegen.client import ApiClientError, Client, parse_sse
 from imagegen.images import RECORD_KEY
 from imagegen.provenance import read_watermark
+from imagegen.serve.http.timing import parse_header
 from imagegen.serve.store import ServeStore
 from tests.serve.conftest import assert_error_shape
 
@@ -101,6 +102,11 @@ def test_scopes(http, keys):
 
 
 # -- synchronous renders -----------------------------------------------------------------------------
+def server_timing(response: httpx.Response) -> dict[str, float]:
+    """The ``Server-Timing`` header as {phase: milliseconds}."""
+    return parse_header(response.headers["server-timing"])
+
+
 def decode(png: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(png))
     image.load()
@@ -141,6 +147,16 @@ def test_same_seed_same_image_and_png_response(renderer_client, service, keys):
         response = http.post("/v1/renders?format=png", json={"prompt": "a park in autumn", "seed": 7, "steps": 3})
         assert response.headers["content-type"] == "image/png"
         assert np.array_equal(np.asarray(decode(response.content)), a)
+        # where the time went (Server-Timing), each phase measured where it ran
+        phases = server_timing(response)
+        for name in ("auth", "body", "parse", "ingress", "renderer", "hops", "queue", "render", "stamp", "respond"):
+            assert phases[name] >= 0, name
+        assert phases["render"] + phases["stamp"] < phases["renderer"] < phases["total"]
+        assert sum(v for k, v in phases.items() if k not in ("total", "hops", "queue", "render", "stamp")) == (
+            pytest.approx(phases["total"], abs=0.5)
+        )
+        refused = http.post("/v1/renders", json={"prompt": "x", "steps": 0})
+        assert refused.status_code == 422 and {"auth", "body", "route"} <= set(server_timing(refused))
         error = assert_error_shape(http.post("/v1/renders?format=png", json={"prompt": "x", "num_images": 2}), 406)
         assert error["field"] == "format"
 

@@ -1,10 +1,11 @@
-"""What every HTTP request passes before a route: request id, body limit, API key, rate, metrics, errors.
+"""What every HTTP request passes before a route: request id, body limit, API key, rate, metrics, errors, timing.
 
 ``EdgeMiddleware`` is pure ASGI (streams pass through): request id, body-size limit (413 before
 the body is parsed), API-key check (401 before the body is parsed; health routes and the Studio
 page's own static files are exempt), the key's request rate (429 + Retry-After, ``serve/limits.py``),
 the nesting depth of JSON bodies (422 while the body arrives, before anything parses it: deep JSON
-made the parser recurse into a 500) and metrics. The error handlers answer every failure in one JSON shape.
+made the parser recurse into a 500), metrics and the ``Server-Timing`` header (``http/timing.py``).
+The error handlers answer every failure in one JSON shape.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from imagegen.serve.config import IngressConfig
 from imagegen.serve.errors import ApiError, error_body, too_busy, validation_error
 from imagegen.serve.http.jsonlimits import DepthScanner, JsonTooDeep
 from imagegen.serve.http.studio import PUBLIC_STUDIO_PATHS
+from imagegen.serve.http.timing import SCOPE_KEY, ServerTiming
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class EdgeMiddleware:
         ingress = getattr(scope["app"].state, "ingress", None)
         cfg = ingress.cfg if ingress else IngressConfig()
         started = time.perf_counter()
+        timing = scope[SCOPE_KEY] = ServerTiming()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         incoming = headers.get("x-request-id", "")
         request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
@@ -101,7 +104,12 @@ class EdgeMiddleware:
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                timing.mark("respond" if "parse" in timing.phases else "route")
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode()),
+                    (b"server-timing", timing.header().encode()),
+                ]
             await send(message)
 
         async def reply(error: ApiError) -> None:
@@ -128,6 +136,7 @@ class EdgeMiddleware:
                 except ApiError as exc:
                     await reply(exc)
                     return
+            timing.mark("auth")
             received = 0
             scanner = DepthScanner(cfg.max_json_depth) if is_json(headers.get("content-type", "")) else None
 
@@ -137,6 +146,8 @@ class EdgeMiddleware:
                 if message["type"] == "http.request":
                     chunk = message.get("body", b"")
                     received += len(chunk)
+                    if not message.get("more_body", False):
+                        timing.mark("body")
                     if received > limit:
                         raise BodyTooLarge(limit)
                     if scanner is not None:

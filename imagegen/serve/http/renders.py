@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, replica, request_id, scoped
+from imagegen.serve.http.timing import add_render_phases, of_scope
 from imagegen.serve.schemas import RenderBody, RenderOut
 from imagegen.serve.store import ApiKey
 from imagegen.serve.tenancy import Caller
@@ -35,11 +36,17 @@ async def render(
     ingress: Any = Depends(replica),
 ) -> Any:
     """Render synchronously: JSON with base64 PNGs, or the PNG itself for a single image."""
+    timing = of_scope(request.scope)
+    if timing is not None:
+        timing.mark("parse")
     want_png = format == "png" or (format is None and _prefers_png(request.headers.get("accept", "")))
     if want_png and body.num_images != 1:
         raise ApiError(406, "not_acceptable", "image/png returns one image: ask for num_images=1 or JSON", "format")
     with ingress.limits.render_slot(key):  # this key's renders in progress (429 too_many_renders)
         rendered = await ingress.sync.render(body, Caller.of(key), request_id(request))
+    if timing is not None:
+        timing.mark("service")
+        add_render_phases(timing, rendered)
     if want_png:
         image, png = rendered.out.images[0], rendered.pngs[0]
         if png is None:
