@@ -42,6 +42,12 @@ Measures, in this order (so the phases do not compete for the CPU):
    render itself ran slower in the replica than here. ``own_work_besides_stamp`` takes the replica's
    stamp of each image (``timings.stamp_s``: watermark, metadata, PNG, C2PA signature, which the
    floor app does not do) out as well: the service's overhead apart from what it must put on an image.
+   Finally the service's own account: every response's ``Server-Timing`` header
+   (``imagegen.serve.http.timing``) times each phase in the process where it ran, and
+   ``own_work_measured = median(total - body - hops - render)`` is imagegen's own work with Ray's body
+   pull, Ray's hops to the replica and back and the render taken out, with no second render or floor
+   subtracted (``own_work_measured_besides_stamp`` without the stamp; ``server_timing_p50_ms``: each
+   phase's median).
 2. **The service alone at concurrency 1** for ``--single-duration`` seconds, with every process's
    CPU time read from ``/proc`` before and after: **CPU ms per request** by part (renderer
    replica, ingress, Ray's HTTP proxy, Ray's control plane, this load generator).
@@ -55,6 +61,7 @@ The machine's load average is recorded around phases 1 and 3 (``load_average``).
 Prints a table, the JSON document (also written to ``--json`` when given) and, last, one JSON line
 with the headline figures: ``floor_p50_ms``, ``floor_nowait_p50_ms``, ``imagegen_p50_ms``,
 ``direct_p50_ms``, ``own_work_ms`` and its interval, ``own_work_around_render_ms`` and its interval,
+``own_work_measured_ms`` and its interval,
 ``nowait_gap_ms`` and its interval, ``image_transport_ms`` and the ``*_sized_floor_ms`` figures
 with their intervals, and ``mean_batch_8_clients`` (the mean batch under ``--clients`` clients).
 """
@@ -308,6 +315,27 @@ def gap_around_render(times: dict[str, list[float]], replica_render: list[float]
     }
 
 
+#: Server-Timing phases that are not imagegen's own work: Ray's body pull from its proxy, Ray's hops to the
+#: renderer replica and back, and the render itself
+NOT_OWN_PHASES = ("body", "hops", "render")
+
+
+def own_work_measured(phases: list[dict[str, float]], without: tuple[str, ...] = ()) -> dict[str, Any]:
+    """imagegen's own work as the service measured it: per request, the ingress's ``total`` (arrival to the
+    response's start) minus ``NOT_OWN_PHASES`` (and ``without``); the median in ms with its 95% interval.
+
+    No second render and no floor app are subtracted, so neither one's noise is in it; what it leaves out is
+    Ray's proxy-to-ingress and ingress-to-proxy transfers, which the floor app pays in the same way.
+    """
+    import numpy as np
+
+    skipped = NOT_OWN_PHASES + without
+    own = [p["total"] - sum(p.get(name, 0.0) for name in skipped) for p in phases if "total" in p and "render" in p]
+    if not own:
+        return {"ms": None, "ci95_ms": None}
+    return {"ms": round(float(np.median(own)), 2), "ci95_ms": bootstrap_interval([np.asarray(own)], np.median)}
+
+
 def render_difference(renders: dict[str, list[float]]) -> dict[str, Any]:
     """The render in the replica minus the same render in this process (timings.total_s), ms, paired."""
     import numpy as np
@@ -371,8 +399,8 @@ def interleaved(
     # in the replica for imagegen and in this process for the direct arm, per complete round
     # and timings.stamp_s: the replica's watermark, metadata, PNG encode and C2PA signature of that image
     renders: dict[str, list[float]] = {"replica": [], "direct": [], "stamp": []}
-    # the service's own account of each imagegen request (its Server-Timing header), phase by phase
-    phases: dict[str, list[float]] = {}
+    # the service's own account of each imagegen request (its Server-Timing header), per complete round
+    phases: list[dict[str, float]] = []
     errors: Counter = Counter()
     load_before = load_average()
     started = time.monotonic()
@@ -381,6 +409,7 @@ def interleaved(
         request = RenderRequest(**{k: v for k, v in payload.items() if k != "preset"})
         round_times: dict[str, float] = {}
         round_renders: dict[str, float] = {}
+        round_phases: dict[str, float] = {}
         order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for arm in order:
             if arm == "direct":
@@ -400,13 +429,13 @@ def interleaved(
                 held.append(timed.get("batch_wait_s", float("nan")))
                 round_renders["replica"] = timed.get("total_s", float("nan"))
                 round_renders["stamp"] = timed.get("stamp_s", float("nan"))
-                for phase, ms in parse_header(response.headers.get("server-timing", "")).items():
-                    phases.setdefault(phase, []).append(ms)
+                round_phases = parse_header(response.headers.get("server-timing", ""))
         if len(round_times) == len(arms):  # only complete rounds count
             for arm, value in round_times.items():
                 times[arm].append(value)
             for where, value in round_renders.items():
                 renders[where].append(value)
+            phases.append(round_phases)
     wall = time.monotonic() - started
     figures = {arm: arm_figures(values) for arm, values in times.items()}
     summary: dict[str, Any] = {
@@ -423,8 +452,18 @@ def interleaved(
         "nowait_gap_ci95_ms": None,
         "imagegen_batch_wait_max_ms": round(max(held) * 1000, 3) if held else None,
         "rounds": len(times["imagegen"]),
-        "server_timing_p50_ms": {phase: round(statistics.median(ms), 2) for phase, ms in phases.items()},
+        "server_timing_p50_ms": {
+            name: round(statistics.median(p[name] for p in phases if name in p), 2)
+            for name in dict.fromkeys(name for p in phases for name in p)
+        },
     }
+    measured, measured_unstamped = own_work_measured(phases), own_work_measured(phases, without=("stamp",))
+    summary.update(
+        own_work_measured_ms=measured["ms"],
+        own_work_measured_ci95_ms=measured["ci95_ms"],
+        own_work_measured_besides_stamp_ms=measured_unstamped["ms"],
+        own_work_measured_besides_stamp_ci95_ms=measured_unstamped["ci95_ms"],
+    )
     gaps: dict[str, Any] = {}
     if floor and times["floor"]:
         gaps = {arm: gap(times, arm) for arm in ("floor", "floor_nowait")}
