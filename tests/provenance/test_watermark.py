@@ -100,3 +100,15 @@ def test_images_stamped_by_the_old_scheme_are_still_recognised():
     old = Image.fromarray(encoder.encode(np.ascontiguousarray(np.asarray(photo)[:, :, ::-1]), "dwtDctSvd")[:, :, ::-1])
     reading = read_watermark(old)
     assert reading["found"] and reading["scheme"] == watermark.LEGACY_SCHEME and reading["tag"] == "12345678"
+
+
+def test_the_embedding_moves_each_block_by_its_svd_triple():
+    """The embedding's power iteration gives each DCT block's largest singular triple as an SVD does
+    (signs aside), on real image blocks: the marks stay those of the SVD-based embedding."""
+    u = watermark._u_channel(np.asarray(samples.astronaut().resize((512, 512))))
+    blocks = watermark._DCT @ watermark._blocks(watermark._haar_ll(u.astype(np.float64))) @ watermark._DCT.T
+    left, largest, right = watermark._top_singular(blocks)
+    u_svd, s_svd, vt_svd = np.linalg.svd(blocks)
+    np.testing.assert_allclose(largest, s_svd[:, 0], rtol=1e-9)
+    rank_one = left[:, :, None] * right[:, None, :]
+    np.testing.assert_allclose(rank_one, u_svd[:, :, :1] * vt_svd[:, :1, :], atol=1e-6)
