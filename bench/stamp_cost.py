@@ -8,7 +8,8 @@ measured here on a real photo (scikit-image's astronaut, upscaled), best of ``--
 
 Prints a table and a JSON line: ``watermark_ms``, ``png_level6_ms`` / ``png_level1_ms`` / ``png_served_ms``
 (PIL's default level, the level served PNGs use, and that level with their zlib strategy) with their sizes,
-``sign_ms``, ``stamp_ms`` (the whole ``provenance.stamp``),
+``sign_ms``, ``sign_busy_ms`` (the signature while another Python thread is busy: ``provenance.c2pa_gil``),
+``stamp_ms`` (the whole ``provenance.stamp``),
 ``batch_serial_ms`` and ``batch_threads_ms`` (``--batch`` images one after another against ``STAMP_THREADS``).
 """
 
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -52,7 +54,7 @@ def main() -> None:
     from skimage import data
 
     import imagegen.provenance.stamp  # noqa: F401 - the module, not the package's re-exported function
-    from imagegen.provenance import manifest, watermark
+    from imagegen.provenance import c2pa_gil, manifest, watermark
     from imagegen.provenance.keys import signer_material
     from imagegen.serve.actors import STAMP_THREADS
 
@@ -78,6 +80,21 @@ def main() -> None:
         figures[f"{name}_kb"] = len(png) // 1024
     record = {"image_id": "1234abcd" * 4, "request_id": "bench", "preset": "bench", "watermark": {}, "c2pa": {}}
     figures["sign_ms"], _ = best_ms(lambda: manifest.sign(png, "png", record, signer), args.repeat)
+    # the same signature while another Python thread of the process is busy (a replica's other threads)
+    busy = threading.Event()
+
+    def spin() -> None:
+        while not busy.is_set():
+            sum(range(1000))
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        figures["sign_busy_ms"], _ = best_ms(lambda: manifest.sign(png, "png", record, signer), args.repeat)
+    finally:
+        busy.set()
+        spinner.join()
+    figures["sign_holds_gil"] = c2pa_gil.signs_holding_gil()
 
     def stamp(index: int) -> bytes:
         image_id = f"{index:08x}" + "0" * 24

@@ -20,6 +20,7 @@ import logging
 import threading
 from typing import Any
 
+from imagegen.provenance.c2pa_gil import hold_gil_while_signing
 from imagegen.provenance.keys import ALGORITHM, SignerConfigError, SignerMaterial, signer_material, trust_anchors
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def _thread_signing(material: SignerMaterial) -> tuple[Any, Any]:
 
     cached = getattr(_signers, "pair", None)
     if cached is None or cached[0] is not material:
+        hold_gil_while_signing()  # once per process: see imagegen.provenance.c2pa_gil
         if cached is not None:  # never left cached once closed, even if the new pair fails its check
             _signers.pair = None
             cached[1].close()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from imagegen import provenance, samples
 from imagegen.cli import app
-from imagegen.provenance import keys
+from imagegen.provenance import c2pa_gil, keys
 from imagegen.provenance.manifest import IPTC_AI_GENERATED, read_manifest
 from imagegen.settings import get_settings
 from tests.provenance.edits import edit_jpeg_pixels, edit_png_pixels
@@ -74,6 +74,7 @@ def test_configured_signer_signs_png_and_jpeg_and_an_edit_fails_validation(confi
     assert manifest["generator"]["name"] == "imagegen" and manifest["generator"]["version"]
     assert stamped.record["c2pa"]["signer"] == "configured"
     assert not (configured.parent / "home" / "provenance").exists()  # no development pair was made
+    assert c2pa_gil.signs_holding_gil()  # signing never waits on other threads for the GIL (c2pa_gil)
 
     edited = (edit_png_pixels if fmt == "png" else edit_jpeg_pixels)(stamped.png)
     broken = read_manifest(edited, MIME[fmt])
