@@ -262,8 +262,11 @@ def post_timed(client: httpx.Client, path: str, payload: dict[str, Any]) -> tupl
     return time.perf_counter() - started, response
 
 
-def bootstrap_interval(samples: list[Any], statistic: Any, rng_seed: int = 0) -> list[float] | None:
-    """95% BCa bootstrap interval (paired resampling when more than one sample)."""
+def bootstrap_interval(
+    samples: list[Any], statistic: Any, rng_seed: int = 0, method: str = "BCa"
+) -> list[float] | None:
+    """95% bootstrap interval, BCa by default (paired resampling when more than one sample); BCa degenerates
+    on heavily tied samples (durations in 0.01 ms), and then the percentile bootstrap's interval is given."""
     import numpy as np
     from scipy.stats import bootstrap
 
@@ -275,34 +278,15 @@ def bootstrap_interval(samples: list[Any], statistic: Any, rng_seed: int = 0) ->
             vectorized=True,
             confidence_level=0.95,
             n_resamples=9999,
-            method="BCa",
+            method=method,
             rng=np.random.default_rng(rng_seed),
         )
     except (ValueError, TypeError) as exc:  # too few rounds, degenerate sample
         console.print(f"[yellow]bootstrap failed: {exc}[/yellow]")
         return None
     low, high = result.confidence_interval
-    if math.isnan(low) or math.isnan(high):  # BCa degenerates on heavily tied samples (durations in 0.01 ms)
-        return bootstrap_interval_percentile(samples, statistic, rng_seed)
-    return [round(float(low), 2), round(float(high), 2)]
-
-
-def bootstrap_interval_percentile(samples: list[Any], statistic: Any, rng_seed: int = 0) -> list[float] | None:
-    """The percentile bootstrap's 95% interval: what ``bootstrap_interval`` falls back to when BCa cannot."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    result = bootstrap(
-        tuple(np.asarray(s) for s in samples),
-        statistic,
-        paired=len(samples) > 1,
-        vectorized=True,
-        confidence_level=0.95,
-        n_resamples=9999,
-        method="percentile",
-        rng=np.random.default_rng(rng_seed),
-    )
-    low, high = result.confidence_interval
+    if (math.isnan(low) or math.isnan(high)) and method != "percentile":
+        return bootstrap_interval(samples, statistic, rng_seed, method="percentile")
     return [round(float(low), 2), round(float(high), 2)]
 
 
