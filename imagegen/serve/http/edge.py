@@ -90,7 +90,6 @@ class EdgeMiddleware:
             return
         ingress = getattr(scope["app"].state, "ingress", None)
         cfg = ingress.cfg if ingress else IngressConfig()
-        started = time.perf_counter()
         timing = scope[SCOPE_KEY] = ServerTiming()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         incoming = headers.get("x-request-id", "")
@@ -171,7 +170,7 @@ class EdgeMiddleware:
                 template = getattr(route, "path", None) or "unmatched"
                 status = str(status_holder["status"])
                 ingress.metrics.requests.labels(template, method, status).inc()
-                ingress.metrics.latency.labels(template, method).observe(time.perf_counter() - started)
+                ingress.metrics.latency.labels(template, method).observe(time.perf_counter() - timing.started)
 
 
 def request_id_of(request: Request) -> str | None:

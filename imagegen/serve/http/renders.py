@@ -45,7 +45,6 @@ async def render(
     with ingress.limits.render_slot(key):  # this key's renders in progress (429 too_many_renders)
         rendered = await ingress.sync.render(body, Caller.of(key), request_id(request))
     if timing is not None:
-        timing.mark("service")
         add_render_phases(timing, rendered)
     if want_png:
         image, png = rendered.out.images[0], rendered.pngs[0]

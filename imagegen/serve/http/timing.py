@@ -62,11 +62,13 @@ def of_scope(scope: dict[str, Any]) -> ServerTiming | None:
 
 
 def add_render_phases(timing: ServerTiming, rendered: Any) -> None:
-    """Split the ``service`` phase the route marked around a synchronous render (``service.Rendered``).
+    """The phases of a synchronous render (``service.Rendered``) that just returned from the service:
+    the time since the last mark split into the ingress's own work and the call to the renderer.
 
     The replica's figures are those of the image whose call to the renderer took longest.
     """
-    service_s = timing.phases.pop("service", 0.0)
+    now = time.perf_counter()
+    service_s, timing.last = now - timing.last, now
     out = rendered.out
     renderer_s = out.timings.get("render_s")
     timing.add("ingress", service_s - renderer_s if renderer_s is not None else None)
