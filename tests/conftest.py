@@ -9,6 +9,8 @@ whose apparent age is unverified (the development setting the demo uses too).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,26 @@ from imagegen.settings import get_settings
 
 # the S3-compatible server and the storage arms (local directory / bucket) of the storage matrix
 from .storage.s3 import s3_bucket, s3_endpoint, storage  # noqa: F401
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every Ray the tests start (here and in subprocesses) keeps its files in a private temp dir.
+
+    Ray records the last cluster it started in ``<temp>/ray/ray_current_cluster``; a test run that was
+    killed leaves that pointer behind, and Ray's own ``serve run`` follows it to a cluster that is gone.
+    A private ``RAY_TMPDIR`` means the suite neither reads the machine's pointer nor leaves one. It is
+    short on purpose: Ray's unix sockets live below it, and their paths may not exceed 107 bytes.
+    """
+    if "RAY_TMPDIR" not in os.environ:
+        config._imagegen_ray_tmpdir = tempfile.mkdtemp(prefix="ig-ray-", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = config._imagegen_ray_tmpdir
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    ray_tmpdir = getattr(config, "_imagegen_ray_tmpdir", None)
+    if ray_tmpdir is not None:
+        os.environ.pop("RAY_TMPDIR", None)
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -122,7 +125,15 @@ def test_help_everywhere(args):
 def test_demo_runs_the_whole_system_end_to_end(tmp_path):
     """The README's first command: characters, PuLID + IP-Adapter renders, the service, an eval run."""
     # the whole system (registration, 2 presets x 3 methods, a Ray service, an eval run) on 2 CPU cores: minutes
-    proc = run_cli("demo", "--out", str(tmp_path), env={"IMAGEGEN_HOME": str(tmp_path / "home")}, timeout=900)
+    # on a machine where a killed Ray left its address behind: the demo starts a Ray of its own all the same
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="ig-ray-", dir="/tmp"))
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text("192.0.2.1:6379")  # TEST-NET: nothing answers
+    env = {"IMAGEGEN_HOME": str(tmp_path / "home"), "RAY_TMPDIR": str(ray_tmpdir)}
+    try:
+        proc = run_cli("demo", "--out", str(tmp_path), env=env, timeout=900)
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     renders = sorted(p.name for p in (tmp_path / "renders").glob("*.png"))
     ipadapter = {"tiny-flux": "ipadapter-flux", "tiny-sdxl": "ipadapter-faceid-plusv2-sdxl"}

@@ -61,6 +61,9 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     Joining a cluster (``imagegen eval run --address``) uses the cluster's token the way ``imagegen serve
     --address`` does (``enable_ray_token_auth``); the actors then run on whichever nodes have free CPUs (and GPUs,
     ``gpus_per_worker``), and send their PNGs back to this process, which writes the run directory.
+
+    Without an address it starts a Ray of its own (``address="local"``): a plain ``ray.init()`` would follow
+    the address a crashed or killed Ray left in ``/tmp/ray/ray_current_cluster`` and fail on that.
     """
     import ray
 
@@ -73,7 +76,9 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
         enable_ray_token_auth(joining=True)
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False
+        )
     return True
 
 
