@@ -9,7 +9,7 @@ Measures, in this order (so the phases do not compete for the CPU):
 
 1. **Interleaved, concurrency 1** (``--requests`` rounds, 200 by default). Each round sends, one
    after the other and in an order that rotates every round, the same request (prompt, seed,
-   size, steps) to four arms:
+   size, steps) to six arms:
 
    * ``floor``: a bare Ray Serve app deployed by this script on the *same* local Ray, as a second
      application (``/floor``, sharing the HTTP proxy): HTTP proxy -> FastAPI ingress deployment ->
@@ -24,7 +24,12 @@ Measures, in this order (so the phases do not compete for the CPU):
    * ``imagegen``: a sync ``POST /v1/renders`` through the real service (proxy, auth, ingress,
      handle stream, batched renderer deployment, PNG + provenance, audit);
    * ``direct``: the same render on a ``Renderer`` in this process, batch 1, with the replica's torch
-     thread count (``--replica-threads``), no character.
+     thread count (``--replica-threads``), no character;
+   * ``direct_worker``: the same render on a ``Renderer`` in a plain Ray actor on the same Ray (no
+     Serve, no imagegen service code), timed inside the actor: what the render costs in a Ray worker
+     process, where the replica's render runs, as opposed to this driver process. ``own_work_vs_worker
+     = imagegen_p50 - direct_worker_p50 - floor_p50`` is the issue's own work with the render timed in
+     the kind of process that serves it, and ``render_in_worker_vs_direct`` is that difference alone.
 
    Interleaving makes the arms share the machine's noise (other processes, CPU frequency), so
    their differences are fair on a busy machine. imagegen's own per-request work is
@@ -61,7 +66,7 @@ The machine's load average is recorded around phases 1 and 3 (``load_average``).
 Prints a table, the JSON document (also written to ``--json`` when given) and, last, one JSON line
 with the headline figures: ``floor_p50_ms``, ``floor_nowait_p50_ms``, ``imagegen_p50_ms``,
 ``direct_p50_ms``, ``own_work_ms`` and its interval, ``own_work_around_render_ms`` and its interval,
-``own_work_measured_ms`` and its interval,
+``own_work_measured_ms`` and its interval, ``own_work_vs_worker_ms`` and its interval,
 ``nowait_gap_ms`` and its interval, ``image_transport_ms`` and the ``*_sized_floor_ms`` figures
 with their intervals, and ``mean_batch_8_clients`` (the mean batch under ``--clients`` clients).
 """
@@ -238,6 +243,37 @@ def deploy_floor(
     serve.run(app, name=FLOOR_APP, route_prefix=FLOOR_PREFIX, logging_config=logging_config)
 
 
+def worker_renderer(preset: str, threads: int, warm_request: dict[str, Any]) -> Any:
+    """A plain Ray actor holding a warm ``Renderer`` with ``threads`` torch threads (the ``direct_worker`` arm).
+
+    ``num_cpus=0`` like the replica's placement-free helpers, so it fits beside the service; its
+    ``render(request)`` answers (wall seconds of ``Renderer.render`` inside the actor, ``timings.total_s``).
+    """
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class WorkerRenderer:
+        def __init__(self) -> None:
+            import torch
+
+            from imagegen.pipelines.renderer import Renderer
+            from imagegen.pipelines.types import RenderRequest
+
+            torch.set_num_threads(threads)
+            self.request_type = RenderRequest
+            self.renderer = Renderer(preset)
+            self.renderer.render([RenderRequest(**warm_request)])
+
+        def render(self, request: dict[str, Any]) -> tuple[float, float]:
+            started = time.perf_counter()
+            [result] = self.renderer.render([self.request_type(**request)])
+            return time.perf_counter() - started, result.timings["total_s"]
+
+    actor = WorkerRenderer.remote()
+    ray.get(actor.render.remote(warm_request))
+    return actor
+
+
 def worker_imagegen_file() -> str:
     """``imagegen.__file__`` as a Ray worker of this cluster imports it (the replicas' view)."""
     import ray
@@ -251,7 +287,7 @@ def worker_imagegen_file() -> str:
 
 
 # -- phase 1: floors, imagegen and direct, interleaved ----------------------------------------------
-ARMS = ("floor", "floor_nowait", "floor_sized", "imagegen", "direct")
+ARMS = ("floor", "floor_nowait", "floor_sized", "imagegen", "direct", "direct_worker")
 
 
 def post_timed(client: httpx.Client, path: str, payload: dict[str, Any]) -> tuple[float, httpx.Response]:
@@ -342,11 +378,12 @@ def own_work_measured(phases: list[dict[str, float]], without: tuple[str, ...] =
     return {"ms": round(float(np.median(own)), 2), "ci95_ms": bootstrap_interval([np.asarray(own)], np.median)}
 
 
-def render_difference(renders: dict[str, list[float]]) -> dict[str, Any]:
-    """The render in the replica minus the same render in this process (timings.total_s), ms, paired."""
+def render_difference(renders: dict[str, list[float]], where: str = "replica") -> dict[str, Any]:
+    """The render in the replica (or ``where``) minus the same render in this process (timings.total_s), ms,
+    paired."""
     import numpy as np
 
-    diff = (np.asarray(renders["replica"]) - np.asarray(renders["direct"])) * 1000
+    diff = (np.asarray(renders[where]) - np.asarray(renders["direct"])) * 1000
     return {"paired_median_ms": round(float(np.median(diff)), 2), "ci95_ms": bootstrap_interval([diff], np.median)}
 
 
@@ -365,11 +402,11 @@ def floor_difference(times: dict[str, list[float]], larger: str, smaller: str) -
     }
 
 
-def gap(times: dict[str, list[float]], floor_arm: str) -> dict[str, Any]:
-    """``imagegen_p50 - direct_p50 - <floor_arm>_p50`` in ms with its paired bootstrap 95% interval."""
+def gap(times: dict[str, list[float]], floor_arm: str, direct_arm: str = "direct") -> dict[str, Any]:
+    """``imagegen_p50 - <direct_arm>_p50 - <floor_arm>_p50`` in ms with its paired bootstrap 95% interval."""
     import numpy as np
 
-    floor_ms, imagegen_ms, direct_ms = (np.asarray(times[a]) * 1000 for a in (floor_arm, "imagegen", "direct"))
+    floor_ms, imagegen_ms, direct_ms = (np.asarray(times[a]) * 1000 for a in (floor_arm, "imagegen", direct_arm))
 
     def medians(f, i, d, axis=-1):
         return np.median(i, axis=axis) - np.median(d, axis=axis) - np.median(f, axis=axis)
@@ -385,15 +422,18 @@ def gap(times: dict[str, list[float]], floor_arm: str) -> dict[str, Any]:
 
 
 def interleaved(
-    client: httpx.Client, renderer: Any, args: argparse.Namespace, floor: bool, adaptive: bool
+    client: httpx.Client, renderer: Any, args: argparse.Namespace, floor: bool, adaptive: bool, worker: Any = None
 ) -> dict[str, Any]:
-    """``--requests`` rounds of one request per arm, the arms' order rotating every round."""
+    """``--requests`` rounds of one request per arm, the arms' order rotating every round (``worker``: the
+    ``direct_worker`` arm's actor, None without it)."""
+    import ray
+
     from imagegen.pipelines.types import RenderRequest
     from imagegen.serve.http.timing import parse_header
 
-    arms = [a for a in ARMS if floor or not a.startswith("floor")]
+    arms = [a for a in ARMS if (floor or not a.startswith("floor")) and (worker is not None or a != "direct_worker")]
     times: dict[str, list[float]] = {a: [] for a in arms}
-    sizes: dict[str, list[int]] = {a: [] for a in arms if a != "direct"}
+    sizes: dict[str, list[int]] = {a: [] for a in arms if not a.startswith("direct")}
     paths = {
         "floor": f"{FLOOR_PREFIX}/render",
         "floor_nowait": f"{FLOOR_PREFIX}/render-nowait",
@@ -404,7 +444,7 @@ def interleaved(
     # the render itself as timed where it ran (prompt encode + pipeline + decode: timings.total_s),
     # in the replica for imagegen and in this process for the direct arm, per complete round
     # and timings.stamp_s: the replica's watermark, metadata, PNG encode and C2PA signature of that image
-    renders: dict[str, list[float]] = {"replica": [], "direct": [], "stamp": []}
+    renders: dict[str, list[float]] = {"replica": [], "direct": [], "stamp": [], "worker": []}
     # the service's own account of each imagegen request (its Server-Timing header), per complete round
     phases: list[dict[str, float]] = []
     errors: Counter = Counter()
@@ -423,6 +463,11 @@ def interleaved(
                 [result] = renderer.render([request])
                 round_times["direct"] = time.perf_counter() - t0
                 round_renders["direct"] = result.timings["total_s"]
+                continue
+            if arm == "direct_worker":
+                round_times[arm], round_renders["worker"] = ray.get(
+                    worker.render.remote({k: v for k, v in payload.items() if k != "preset"})
+                )
                 continue
             elapsed, response = post_timed(client, paths[arm], payload)
             if response.status_code != 200:
@@ -480,6 +525,17 @@ def interleaved(
         stamped = [r + s for r, s in zip(renders["replica"], renders["stamp"], strict=True)]
         gaps["around_render_and_stamp"] = gap_around_render(times, stamped, own)
         gaps["render_in_replica_vs_direct"] = render_difference(renders)
+        if "direct_worker" in times:  # the render timed in a Ray worker process, as the replica's is
+            gaps["vs_worker"] = gap(times, own, "direct_worker")
+            gaps["render_in_worker_vs_direct"] = render_difference(renders, "worker")
+            summary.update(
+                direct_worker_p50_ms=figures["direct_worker"]["p50_ms"],
+                own_work_vs_worker_ms=gaps["vs_worker"]["ms"],
+                own_work_vs_worker_ci95_ms=gaps["vs_worker"]["ci95_ms"],
+                render_in_worker_vs_direct_ms=gaps["render_in_worker_vs_direct"]["paired_median_ms"],
+                render_in_worker_vs_direct_ci95_ms=gaps["render_in_worker_vs_direct"]["ci95_ms"],
+                render_in_replica_vs_direct_ms=gaps["render_in_replica_vs_direct"]["paired_median_ms"],
+            )
         if adaptive:  # the same figures against the no-wait floor that carries imagegen's bytes
             gaps["floor_sized"] = gap(times, "floor_sized")
             gaps["around_render_sized_floor"] = gap_around_render(times, renders["replica"], "floor_sized")
@@ -653,6 +709,7 @@ def main() -> None:
             key = create_key(store, "bench-serve-load", ["admin"])[1]
     floor_batching = None
     sized_bytes = None
+    worker = None
     adaptive = not args.fixed_wait
     try:
         if service is not None:
@@ -666,6 +723,9 @@ def main() -> None:
             )
             sized_bytes = imagegen_answer_bytes(url, key, body(args, 0))
             deploy_floor(max_batch, wait, args.floor_bytes, sized_bytes, service.config.get("logging_config"))
+            console.print("a plain Ray actor with the same Renderer (the direct_worker arm) ...")
+            warm = {k: v for k, v in body(args, 0).items() if k != "preset"}
+            worker = worker_renderer(args.preset, args.replica_threads, warm)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
             for i in range(3):  # warm-up: prompt cache, connections
                 client.post("/v1/renders", json=body(args, i)).raise_for_status()
@@ -674,7 +734,7 @@ def main() -> None:
                     client.post(f"{FLOOR_PREFIX}/render-nowait", json=body(args, i)).raise_for_status()
                     client.post(f"{FLOOR_PREFIX}/render-nowait-sized", json=body(args, i)).raise_for_status()
             console.print(f"interleaved {' / '.join(ARMS)}, {args.requests} rounds ...")
-            paired = interleaved(client, renderer, args, floor=service is not None, adaptive=adaptive)
+            paired = interleaved(client, renderer, args, floor=service is not None, adaptive=adaptive, worker=worker)
             console.print(json.dumps(paired["summary"]), soft_wrap=True)
             if service is not None:
                 from ray import serve
@@ -743,6 +803,7 @@ def main() -> None:
 
     for arm, label in (
         ("direct", "direct Renderer (interleaved)"),
+        ("direct_worker", "direct Renderer in a plain Ray actor (interleaved)"),
         ("floor", "bare Serve floor, same wait (interleaved)"),
         ("floor_nowait", "bare Serve floor, no wait (interleaved)"),
         ("floor_sized", "bare Serve floor, no wait, imagegen's bytes (interleaved)"),
@@ -791,6 +852,13 @@ def main() -> None:
             "imagegen over a direct call, minus the no-wait floor (imagegen p50 - direct p50 - floor_nowait p50): "
             f"{summary['nowait_gap_ms']:.1f} ms, 95% CI {summary['nowait_gap_ci95_ms']} ms; "
             f"largest batch_wait_s of a lone imagegen request: {summary['imagegen_batch_wait_max_ms']} ms"
+        )
+    if summary.get("own_work_vs_worker_ms") is not None:
+        print(
+            f"the same with the direct render in a plain Ray actor (imagegen p50 - direct_worker p50 - "
+            f"{summary['own_work_floor']} p50): {summary['own_work_vs_worker_ms']:.1f} ms, "
+            f"95% CI {summary['own_work_vs_worker_ci95_ms']} ms; the render in a Ray worker vs here (paired median): "
+            f"{summary['render_in_worker_vs_direct_ms']} ms {summary['render_in_worker_vs_direct_ci95_ms']}"
         )
     if summary.get("image_transport_ms") is not None:
         print(
