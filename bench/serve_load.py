@@ -421,6 +421,13 @@ def gap(times: dict[str, list[float]], floor_arm: str, direct_arm: str = "direct
     }
 
 
+def put_figure(summary: dict[str, Any], name: str, figure: dict[str, Any]) -> None:
+    """``summary[<name>_ms]`` and ``summary[<name>_ci95_ms]`` from a figure of :func:`gap` (its ``ms``) or
+    :func:`render_difference` (its ``paired_median_ms``)."""
+    summary[f"{name}_ms"] = figure["ms"] if "ms" in figure else figure["paired_median_ms"]
+    summary[f"{name}_ci95_ms"] = figure["ci95_ms"]
+
+
 def interleaved(
     client: httpx.Client, renderer: Any, args: argparse.Namespace, floor: bool, adaptive: bool, worker: Any = None
 ) -> dict[str, Any]:
@@ -528,29 +535,19 @@ def interleaved(
         if "direct_worker" in times:  # the render timed in a Ray worker process, as the replica's is
             gaps["vs_worker"] = gap(times, own, "direct_worker")
             gaps["render_in_worker_vs_direct"] = render_difference(renders, "worker")
-            summary.update(
-                direct_worker_p50_ms=figures["direct_worker"]["p50_ms"],
-                own_work_vs_worker_ms=gaps["vs_worker"]["ms"],
-                own_work_vs_worker_ci95_ms=gaps["vs_worker"]["ci95_ms"],
-                render_in_worker_vs_direct_ms=gaps["render_in_worker_vs_direct"]["paired_median_ms"],
-                render_in_worker_vs_direct_ci95_ms=gaps["render_in_worker_vs_direct"]["ci95_ms"],
-                render_in_replica_vs_direct_ms=gaps["render_in_replica_vs_direct"]["paired_median_ms"],
-            )
+            summary["direct_worker_p50_ms"] = figures["direct_worker"]["p50_ms"]
+            put_figure(summary, "own_work_vs_worker", gaps["vs_worker"])
+            put_figure(summary, "render_in_worker_vs_direct", gaps["render_in_worker_vs_direct"])
+            put_figure(summary, "render_in_replica_vs_direct", gaps["render_in_replica_vs_direct"])
         if adaptive:  # the same figures against the no-wait floor that carries imagegen's bytes
             gaps["floor_sized"] = gap(times, "floor_sized")
             gaps["around_render_sized_floor"] = gap_around_render(times, renders["replica"], "floor_sized")
             gaps["around_render_and_stamp_sized_floor"] = gap_around_render(times, stamped, "floor_sized")
             gaps["image_transport"] = floor_difference(times, "floor_sized", "floor_nowait")
-            summary.update(
-                image_transport_ms=gaps["image_transport"]["ms"],
-                image_transport_ci95_ms=gaps["image_transport"]["ci95_ms"],
-                own_work_sized_floor_ms=gaps["floor_sized"]["ms"],
-                own_work_sized_floor_ci95_ms=gaps["floor_sized"]["ci95_ms"],
-                own_work_around_render_sized_floor_ms=gaps["around_render_sized_floor"]["ms"],
-                own_work_around_render_sized_floor_ci95_ms=gaps["around_render_sized_floor"]["ci95_ms"],
-                own_work_besides_stamp_sized_floor_ms=gaps["around_render_and_stamp_sized_floor"]["ms"],
-                own_work_besides_stamp_sized_floor_ci95_ms=gaps["around_render_and_stamp_sized_floor"]["ci95_ms"],
-            )
+            put_figure(summary, "image_transport", gaps["image_transport"])
+            put_figure(summary, "own_work_sized_floor", gaps["floor_sized"])
+            put_figure(summary, "own_work_around_render_sized_floor", gaps["around_render_sized_floor"])
+            put_figure(summary, "own_work_besides_stamp_sized_floor", gaps["around_render_and_stamp_sized_floor"])
         summary.update(
             replica_render_p50_ms=round(statistics.median(renders["replica"]) * 1000, 2),
             direct_render_p50_ms=round(statistics.median(renders["direct"]) * 1000, 2),
