@@ -243,6 +243,11 @@ def deploy_floor(
     serve.run(app, name=FLOOR_APP, route_prefix=FLOOR_PREFIX, logging_config=logging_config)
 
 
+def request_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """A render body's ``RenderRequest`` fields (the body less its ``preset``)."""
+    return {k: v for k, v in payload.items() if k != "preset"}
+
+
 def worker_renderer(preset: str, threads: int, warm_request: dict[str, Any]) -> Any:
     """A plain Ray actor holding a warm ``Renderer`` with ``threads`` torch threads (the ``direct_worker`` arm).
 
@@ -262,7 +267,6 @@ def worker_renderer(preset: str, threads: int, warm_request: dict[str, Any]) -> 
             torch.set_num_threads(threads)
             self.request_type = RenderRequest
             self.renderer = Renderer(preset)
-            self.renderer.render([RenderRequest(**warm_request)])
 
         def render(self, request: dict[str, Any]) -> tuple[float, float]:
             started = time.perf_counter()
@@ -270,7 +274,7 @@ def worker_renderer(preset: str, threads: int, warm_request: dict[str, Any]) -> 
             return time.perf_counter() - started, result.timings["total_s"]
 
     actor = WorkerRenderer.remote()
-    ray.get(actor.render.remote(warm_request))
+    ray.get(actor.render.remote(warm_request))  # loaded and warm before the rounds start
     return actor
 
 
@@ -459,7 +463,8 @@ def interleaved(
     started = time.monotonic()
     for r in range(args.requests):
         payload = body(args, r)
-        request = RenderRequest(**{k: v for k, v in payload.items() if k != "preset"})
+        fields = request_fields(payload)
+        request = RenderRequest(**fields)
         round_times: dict[str, float] = {}
         round_renders: dict[str, float] = {}
         round_phases: dict[str, float] = {}
@@ -472,9 +477,7 @@ def interleaved(
                 round_renders["direct"] = result.timings["total_s"]
                 continue
             if arm == "direct_worker":
-                round_times[arm], round_renders["worker"] = ray.get(
-                    worker.render.remote({k: v for k, v in payload.items() if k != "preset"})
-                )
+                round_times[arm], round_renders["worker"] = ray.get(worker.render.remote(fields))
                 continue
             elapsed, response = post_timed(client, paths[arm], payload)
             if response.status_code != 200:
@@ -532,13 +535,13 @@ def interleaved(
         stamped = [r + s for r, s in zip(renders["replica"], renders["stamp"], strict=True)]
         gaps["around_render_and_stamp"] = gap_around_render(times, stamped, own)
         gaps["render_in_replica_vs_direct"] = render_difference(renders)
+        put_figure(summary, "render_in_replica_vs_direct", gaps["render_in_replica_vs_direct"])
         if "direct_worker" in times:  # the render timed in a Ray worker process, as the replica's is
             gaps["vs_worker"] = gap(times, own, "direct_worker")
             gaps["render_in_worker_vs_direct"] = render_difference(renders, "worker")
             summary["direct_worker_p50_ms"] = figures["direct_worker"]["p50_ms"]
             put_figure(summary, "own_work_vs_worker", gaps["vs_worker"])
             put_figure(summary, "render_in_worker_vs_direct", gaps["render_in_worker_vs_direct"])
-            put_figure(summary, "render_in_replica_vs_direct", gaps["render_in_replica_vs_direct"])
         if adaptive:  # the same figures against the no-wait floor that carries imagegen's bytes
             gaps["floor_sized"] = gap(times, "floor_sized")
             gaps["around_render_sized_floor"] = gap_around_render(times, renders["replica"], "floor_sized")
@@ -678,7 +681,7 @@ def main() -> None:
     console.print(f"direct Renderer ({args.preset}, {args.size}px, {args.steps} steps) ...")
     torch.set_num_threads(args.replica_threads)
     renderer = Renderer(args.preset)
-    renderer.render([RenderRequest(**{k: v for k, v in body(args, 0).items() if k != "preset"})])
+    renderer.render([RenderRequest(**request_fields(body(args, 0)))])
 
     service = None
     url, key = args.url, args.key
@@ -721,8 +724,7 @@ def main() -> None:
             sized_bytes = imagegen_answer_bytes(url, key, body(args, 0))
             deploy_floor(max_batch, wait, args.floor_bytes, sized_bytes, service.config.get("logging_config"))
             console.print("a plain Ray actor with the same Renderer (the direct_worker arm) ...")
-            warm = {k: v for k, v in body(args, 0).items() if k != "preset"}
-            worker = worker_renderer(args.preset, args.replica_threads, warm)
+            worker = worker_renderer(args.preset, args.replica_threads, request_fields(body(args, 0)))
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
             for i in range(3):  # warm-up: prompt cache, connections
                 client.post("/v1/renders", json=body(args, i)).raise_for_status()

@@ -30,10 +30,14 @@ class ServerTiming:
         self.started = self.last = time.perf_counter()
         self.phases: dict[str, float] = {}
 
-    def mark(self, name: str) -> None:
+    def lap(self) -> float:
+        """Seconds since the previous mark (or the start); moves the mark to now."""
         now = time.perf_counter()
-        self.phases[name] = self.phases.get(name, 0.0) + (now - self.last)
-        self.last = now
+        seconds, self.last = now - self.last, now
+        return seconds
+
+    def mark(self, name: str) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + self.lap()
 
     def add(self, name: str, seconds: float | None) -> None:
         """A phase measured elsewhere (the renderer replica), in seconds."""
@@ -67,8 +71,7 @@ def add_render_phases(timing: ServerTiming, rendered: Any) -> None:
 
     The replica's figures are those of the image whose call to the renderer took longest.
     """
-    now = time.perf_counter()
-    service_s, timing.last = now - timing.last, now
+    service_s = timing.lap()
     out = rendered.out
     renderer_s = out.timings.get("render_s")
     timing.add("ingress", service_s - renderer_s if renderer_s is not None else None)
