@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from serve_load import body, bootstrap_interval, request_fields
+from serve_load import body, bootstrap_interval, request_fields, worker_renderer
 
 console = Console(stderr=True)
 COUNTERS = ("run_ms", "wait_ms", "slices", "voluntary_switches", "involuntary_switches")
@@ -71,32 +71,6 @@ def busiest_thread(pid: int, action: Any) -> int:
     return max(after, key=lambda tid: after[tid] - before.get(tid, 0))
 
 
-def plain_actor(preset: str, threads: int) -> Any:
-    """A plain Ray actor with a warm ``Renderer`` (no Serve): ``pid()`` and ``render(fields) -> timings``."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class PlainRenderer:
-        def __init__(self) -> None:
-            import torch
-
-            from imagegen.pipelines.renderer import Renderer
-            from imagegen.pipelines.types import RenderRequest
-
-            torch.set_num_threads(threads)
-            self.request_type = RenderRequest
-            self.renderer = Renderer(preset)
-
-        def pid(self) -> int:
-            return os.getpid()
-
-        def render(self, fields: dict[str, Any]) -> dict[str, float]:
-            [result] = self.renderer.render([self.request_type(**fields)])
-            return dict(result.timings)
-
-    return PlainRenderer.remote()
-
-
 def replica_pid(client: httpx.Client, preset: str) -> int:
     return int(client.get("/readyz").json()["checks"]["renderers"][preset]["pid"])
 
@@ -131,14 +105,13 @@ def main() -> None:
                 return response.json()["images"][0]["metadata"]["timings"]
 
             health = client.get("/readyz").json()["checks"]["renderers"][args.preset]
-            actor = plain_actor(args.preset, int(health["torch_threads"]))
-            ray.get(actor.render.remote(request_fields(body(args, 0))))
-            actor_pid = ray.get(actor.pid.remote())  # a sync actor renders on its main thread
+            actor = worker_renderer(args.preset, int(health["torch_threads"]), request_fields(body(args, 0)))
+            actor_pid = ray.get(actor.pid.remote())  # it renders on its main thread
             pid = replica_pid(client, args.preset)
             render_tid = busiest_thread(pid, lambda: [via_service(i) for i in range(4)])
 
             def via_actor(i: int) -> dict[str, float]:
-                return ray.get(actor.render.remote(request_fields(body(args, i))))
+                return ray.get(actor.render.remote(request_fields(body(args, i))))[1]
 
             where = {"replica": (via_service, pid, render_tid), "actor": (via_actor, actor_pid, actor_pid)}
             rows: dict[str, list[dict[str, float]]] = {"replica": [], "actor": []}

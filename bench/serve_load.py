@@ -252,7 +252,8 @@ def worker_renderer(preset: str, threads: int, warm_request: dict[str, Any]) -> 
     """A plain Ray actor holding a warm ``Renderer`` with ``threads`` torch threads (the ``direct_worker`` arm).
 
     ``num_cpus=0`` like the replica's placement-free helpers, so it fits beside the service; its
-    ``render(request)`` answers (wall seconds of ``Renderer.render`` inside the actor, ``timings.total_s``).
+    ``render(request)`` answers (wall seconds of ``Renderer.render`` inside the actor, the image's
+    ``timings``) and ``pid()`` its process id (it renders on its main thread, whose id is the pid).
     """
     import ray
 
@@ -268,10 +269,13 @@ def worker_renderer(preset: str, threads: int, warm_request: dict[str, Any]) -> 
             self.request_type = RenderRequest
             self.renderer = Renderer(preset)
 
-        def render(self, request: dict[str, Any]) -> tuple[float, float]:
+        def render(self, request: dict[str, Any]) -> tuple[float, dict[str, float]]:
             started = time.perf_counter()
             [result] = self.renderer.render([self.request_type(**request)])
-            return time.perf_counter() - started, result.timings["total_s"]
+            return time.perf_counter() - started, dict(result.timings)
+
+        def pid(self) -> int:
+            return os.getpid()
 
     actor = WorkerRenderer.remote()
     ray.get(actor.render.remote(warm_request))  # loaded and warm before the rounds start
@@ -477,7 +481,8 @@ def interleaved(
                 round_renders["direct"] = result.timings["total_s"]
                 continue
             if arm == "direct_worker":
-                round_times[arm], round_renders["worker"] = ray.get(worker.render.remote(fields))
+                round_times[arm], timed = ray.get(worker.render.remote(fields))
+                round_renders["worker"] = timed["total_s"]
                 continue
             elapsed, response = post_timed(client, paths[arm], payload)
             if response.status_code != 200:
