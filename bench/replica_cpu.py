@@ -3,13 +3,14 @@
     python bench/replica_cpu.py                  # 150 paired rounds, tiny-flux, 64 px, 4 steps
     python bench/replica_cpu.py --rounds 300 --json out.json
 
-``bench/serve_load.py`` finds the render a few ms slower in the renderer replica than in a plain Ray
-actor. This script starts the service (configs/serve.yaml) and a plain Ray actor holding the same
-``Renderer`` with the replica's torch threads, then sends one render to each per round (the order
-alternating), and reads, around each render, the Linux scheduler's counters of the thread that
-renders (``/proc/<pid>/task/<tid>/schedstat`` and ``status``): CPU time on a core (``run_ms``), time
-runnable but waiting for a core (``wait_ms``), time slices, voluntary and involuntary context switches.
-Each figure is the median over rounds of (replica - actor), with its paired 95% BCa bootstrap interval.
+``bench/serve_load.py`` has found the render a few ms slower in the renderer replica than in a plain
+Ray actor in some runs (and not in others). This script starts the service (configs/serve.yaml) and
+a plain Ray actor holding the same ``Renderer`` with the replica's torch threads, then sends one
+render to each per round (the order alternating), and reads, around each render, the Linux
+scheduler's counters of the thread that renders (``/proc/<pid>/task/<tid>/schedstat`` and
+``status``): CPU time on a core (``run_ms``), time runnable but waiting for a core (``wait_ms``),
+time slices, voluntary and involuntary context switches. Each figure is the median over rounds of
+(replica - actor), with its paired 95% BCa bootstrap interval.
 
 The replica's counters cover its whole request (the render, then the stamp on the same thread);
 ``pipeline_ms`` (``timings.pipeline_s``: the denoising loop alone, timed where it ran) compares the
@@ -71,10 +72,6 @@ def busiest_thread(pid: int, action: Any) -> int:
     return max(after, key=lambda tid: after[tid] - before.get(tid, 0))
 
 
-def replica_pid(client: httpx.Client, preset: str) -> int:
-    return int(client.get("/readyz").json()["checks"]["renderers"][preset]["pid"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny-flux")
@@ -107,7 +104,7 @@ def main() -> None:
             health = client.get("/readyz").json()["checks"]["renderers"][args.preset]
             actor = worker_renderer(args.preset, int(health["torch_threads"]), request_fields(body(args, 0)))
             actor_pid = ray.get(actor.pid.remote())  # it renders on its main thread
-            pid = replica_pid(client, args.preset)
+            pid = int(health["pid"])  # the renderer replica's process
             render_tid = busiest_thread(pid, lambda: [via_service(i) for i in range(4)])
 
             def via_actor(i: int) -> dict[str, float]:
