@@ -210,10 +210,45 @@ def deploy_floor(
         async def _batch(self, items: list[dict[str, Any]]) -> list[bytes]:
             return [self.payload for _ in items]
 
-        async def __call__(self, item: dict[str, Any]) -> bytes:
-            return await self._batch(item)
+        async def __call__(self, item: dict[str, Any]) -> tuple[bytes, float]:
+            """The payload, and the seconds this call spent in the replica (as imagegen's ``replica_s``)."""
+            arrived = time.perf_counter()
+            payload = await self._batch(item)
+            return payload, time.perf_counter() - arrived
+
+    class FloorTiming:
+        """The floor's own account of the phases imagegen's ``Server-Timing`` gives that are Ray's: ``body``
+        (arrival at the ingress to the body received) and ``total`` (arrival to the response's start) here, and
+        from the route ``renderer`` (the handle call) and ``hops`` (of that, what the batch replica did not
+        spend on the call)."""
+
+        def __init__(self, app: Any):
+            self.app = app
+
+        async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            started = time.perf_counter()
+            phases: dict[str, float] = {}
+
+            async def timed_receive() -> dict:
+                message = await receive()
+                if message.get("type") == "http.request" and not message.get("more_body") and "body" not in phases:
+                    phases["body"] = time.perf_counter() - started
+                return message
+
+            async def timed_send(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    phases["total"] = time.perf_counter() - started
+                    header = ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in phases.items())
+                    message = {**message, "headers": [*message.get("headers", []), (b"server-timing", header.encode())]}
+                await send(message)
+
+            await self.app(scope, timed_receive, timed_send)
 
     api = FastAPI()
+    api.add_middleware(FloorTiming)
 
     @serve.deployment(name="FloorIngress", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
@@ -223,17 +258,25 @@ def deploy_floor(
             self.nowait = nowait
             self.sized = sized
 
+        @staticmethod
+        async def call(handle: DeploymentHandle, item: dict) -> Response:
+            started = time.perf_counter()
+            payload, in_replica = await handle.remote(item)
+            renderer = time.perf_counter() - started
+            timing = f"renderer;dur={renderer * 1000:.2f}, hops;dur={(renderer - in_replica) * 1000:.2f}"
+            return Response(payload, media_type="application/octet-stream", headers={"server-timing": timing})
+
         @api.post("/render")
         async def render(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
-            return Response(await self.waiting.remote(item), media_type="application/octet-stream")
+            return await self.call(self.waiting, item)
 
         @api.post("/render-nowait")
         async def render_nowait(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
-            return Response(await self.nowait.remote(item), media_type="application/octet-stream")
+            return await self.call(self.nowait, item)
 
         @api.post("/render-nowait-sized")
         async def render_nowait_sized(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
-            return Response(await self.sized.remote(item), media_type="application/octet-stream")
+            return await self.call(self.sized, item)
 
     app = FloorIngress.bind(
         FloorBatch.options(name="FloorBatch").bind(max_batch_size, batch_wait_timeout_s, payload_bytes),
@@ -386,6 +429,31 @@ def own_work_measured(phases: list[dict[str, float]], without: tuple[str, ...] =
     return {"ms": round(float(np.median(own)), 2), "ci95_ms": bootstrap_interval([np.asarray(own)], np.median)}
 
 
+#: where an HTTP arm's time goes, from its Server-Timing header (imagegen's, or the floor's FloorTiming):
+#: ``outside`` (the latency less the ingress's ``total``: Ray's proxy, its call to the ingress and the answer's
+#: way back), ``body`` (Ray pulling the body from its proxy), ``hops`` (the handle call less the time in the
+#: replica) and ``inside`` (the rest of the ingress's ``total``, less the render and stamp for imagegen: the
+#: app's own work, FastAPI's included)
+SEGMENTS = ("outside", "body", "hops", "inside")
+
+
+def ray_segments(latency_s: float, phases_ms: dict[str, float]) -> dict[str, float]:
+    """One response's :data:`SEGMENTS` in seconds (empty when its header lacks a phase)."""
+    if not all(name in phases_ms for name in ("total", "body", "hops")):
+        return {}
+    total, body, hops = (phases_ms[name] / 1000 for name in ("total", "body", "hops"))
+    replica_work = sum(phases_ms.get(name, 0.0) for name in ("queue", "render", "stamp")) / 1000
+    return {"outside": latency_s - total, "body": body, "hops": hops, "inside": total - body - hops - replica_work}
+
+
+def segment_differences(segments: dict[str, list[dict[str, float]]], arm: str, floor_arm: str) -> dict[str, Any]:
+    """Per segment, ``median(arm) - median(floor_arm)`` in ms with its paired 95% interval: which of Ray's
+    segments (or the app's own) carries what ``arm`` costs over the floor."""
+    pairs = [(a, f) for a, f in zip(segments[arm], segments[floor_arm], strict=True) if a and f]
+    series = {name: {arm: [a[name] for a, _ in pairs], floor_arm: [f[name] for _, f in pairs]} for name in SEGMENTS}
+    return {name: floor_difference(series[name], arm, floor_arm) for name in SEGMENTS}
+
+
 def render_difference(renders: dict[str, list[float]], where: str = "replica") -> dict[str, Any]:
     """The render in the replica (or ``where``) minus the same render in this process (timings.total_s), ms,
     paired."""
@@ -396,7 +464,7 @@ def render_difference(renders: dict[str, list[float]], where: str = "replica") -
 
 
 def floor_difference(times: dict[str, list[float]], larger: str, smaller: str) -> dict[str, Any]:
-    """``<larger>_p50 - <smaller>_p50`` of two floor arms in ms, with its paired 95% interval."""
+    """``<larger>_p50 - <smaller>_p50`` of two arms' seconds in ms, with its paired 95% interval."""
     import numpy as np
 
     larger_ms, smaller_ms = (np.asarray(times[a]) * 1000 for a in (larger, smaller))
@@ -462,6 +530,8 @@ def interleaved(
     renders: dict[str, list[float]] = {"replica": [], "direct": [], "stamp": [], "worker": []}
     # the service's own account of each imagegen request (its Server-Timing header), per complete round
     phases: list[dict[str, float]] = []
+    # Ray's segments of each HTTP arm per complete round (see ray_segments), from its Server-Timing header
+    segments: dict[str, list[dict[str, float]]] = {a: [] for a in arms if a in paths}
     errors: Counter = Counter()
     load_before = load_average()
     started = time.monotonic()
@@ -472,6 +542,7 @@ def interleaved(
         round_times: dict[str, float] = {}
         round_renders: dict[str, float] = {}
         round_phases: dict[str, float] = {}
+        round_segments: dict[str, dict[str, float]] = {}
         order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for arm in order:
             if arm == "direct":
@@ -490,6 +561,7 @@ def interleaved(
                 continue
             round_times[arm] = elapsed
             sizes[arm].append(len(response.content))
+            round_segments[arm] = ray_segments(elapsed, parse_header(response.headers.get("server-timing", "")))
             if arm == "imagegen":
                 timed = response.json()["images"][0]["metadata"]["timings"]
                 held.append(timed.get("batch_wait_s", float("nan")))
@@ -502,6 +574,8 @@ def interleaved(
             for where, value in round_renders.items():
                 renders[where].append(value)
             phases.append(round_phases)
+            for arm, split in round_segments.items():
+                segments[arm].append(split)
     wall = time.monotonic() - started
     figures = {arm: arm_figures(values) for arm, values in times.items()}
     summary: dict[str, Any] = {
@@ -547,6 +621,14 @@ def interleaved(
             summary["direct_worker_p50_ms"] = figures["direct_worker"]["p50_ms"]
             put_figure(summary, "own_work_vs_worker", gaps["vs_worker"])
             put_figure(summary, "render_in_worker_vs_direct", gaps["render_in_worker_vs_direct"])
+        if all(segments.get(a) for a in ("imagegen", "floor_sized")):
+            gaps["ray_segments"] = segment_differences(segments, "imagegen", "floor_sized")
+            summary["ray_segments_p50_ms"] = {
+                arm: {name: round(statistics.median(s[name] for s in splits) * 1000, 2) for name in SEGMENTS}
+                for arm, splits in segments.items()
+                if splits and all(name in splits[0] for name in SEGMENTS)
+            }
+            summary["ray_segments_vs_sized_floor_ms"] = gaps["ray_segments"]
         if adaptive:  # the same figures against the no-wait floor that carries imagegen's bytes
             gaps["floor_sized"] = gap(times, "floor_sized")
             gaps["around_render_sized_floor"] = gap_around_render(times, renders["replica"], "floor_sized")
