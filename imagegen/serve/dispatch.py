@@ -40,6 +40,10 @@ class ServeRenderers:
         self.handles = handles
         self.metrics = metrics
         self.config = config
+        # the two ways to call a renderer, made once: ``handle.render_once`` builds a new handle at every
+        # attribute access (~0.1 ms of the 0.2-0.3 ms a call takes to leave the ingress)
+        self._unary = {preset: handle.options(method_name="render_once") for preset, handle in handles.items()}
+        self._streams = {preset: h.options(method_name="render", stream=True) for preset, h in handles.items()}
 
     async def health(self, preset: str) -> dict[str, Any]:
         return await self.handles[preset].health.remote()
@@ -47,7 +51,7 @@ class ServeRenderers:
     async def render(
         self, preset: str, call: RenderCall, progress: Callable[[int, int], None] | None, dispatch: Dispatch
     ) -> RenderedImage:
-        handle = self.handles[preset]
+        unary, streaming = self._unary[preset], self._streams[preset]
         attempt = 0
         gauge = self.metrics.queue_depth.labels(preset)
         while True:
@@ -55,7 +59,7 @@ class ServeRenderers:
             gauge.inc()
             # a stream only for callers that watch progress: a unary call costs the ingress less
             watched = progress is not None and call.progress
-            stream = handle.options(stream=True).render.remote(call) if watched else handle.render_once.remote(call)
+            stream = streaming.remote(call) if watched else unary.remote(call)
             try:
                 if watched:
                     async for event in stream:
