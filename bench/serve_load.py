@@ -21,6 +21,12 @@ Measures, in this order (so the phases do not compete for the CPU):
      request (a base64 PNG in JSON, ~25 KB at 64 px; read before the floor is deployed), so its hops
      carry what imagegen's carry: ``floor_sized - floor_nowait`` is what moving the image costs Ray
      alone, and ``own_work_*_sized_floor`` are the own-work figures with that taken out;
+   * ``floor_working``: the sized floor whose batch deployment first *works* as long as the direct render
+     (torch matmuls in one executor thread, as a replica renders off its event loop) and reports that work
+     in its ``Server-Timing`` as ``render``: a bare model server's hops, a thread hand-over and a process
+     that just computed included. ``floor_working_net`` is its latency less that work, and
+     ``own_work_working_floor = imagegen_p50 - direct_p50 - floor_working_net_p50``: imagegen's own work
+     against a bare app that also renders (a diagnostic beside the issue's formula, which keeps its floor);
    * ``imagegen``: a sync ``POST /v1/renders`` through the real service (proxy, auth, ingress,
      handle stream, batched renderer deployment, PNG + provenance, audit);
    * ``direct``: the same render on a ``Renderer`` in this process, batch 1, with the replica's torch
@@ -74,6 +80,7 @@ with their intervals, and ``mean_batch_8_clients`` (the mean batch under ``--cli
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
@@ -82,6 +89,7 @@ import statistics
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -185,7 +193,12 @@ def imagegen_answer_bytes(url: str, key: str, request: dict[str, Any]) -> int:
 
 
 def deploy_floor(
-    max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int, sized_bytes: int, logging_config: Any
+    max_batch_size: int,
+    batch_wait_timeout_s: float,
+    payload_bytes: int,
+    sized_bytes: int,
+    work_s: float,
+    logging_config: Any,
 ) -> None:
     """Deploy the floor app on the running Serve instance (its own route prefix, the same proxy).
 
@@ -201,20 +214,35 @@ def deploy_floor(
 
     @serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
     class FloorBatch:
-        def __init__(self, max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int):
+        def __init__(self, max_batch_size: int, batch_wait_timeout_s: float, payload_bytes: int, work_s: float = 0):
             self.payload = os.urandom(payload_bytes)
+            self.work_s = work_s
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="floor-work") if work_s else None
             self._batch.set_max_batch_size(max_batch_size)
             self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-        @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-        async def _batch(self, items: list[dict[str, Any]]) -> list[bytes]:
-            return [self.payload for _ in items]
+        def work(self) -> float:
+            """CPU-bound torch work for ``work_s`` (one torch thread, as the renderer replica's), in seconds."""
+            import torch
 
-        async def __call__(self, item: dict[str, Any]) -> tuple[bytes, float]:
-            """The payload, and the seconds this call spent in the replica (as imagegen's ``replica_s``)."""
+            torch.set_num_threads(1)
+            started = time.perf_counter()
+            matrix = torch.ones(192, 192)
+            while time.perf_counter() - started < self.work_s:
+                matrix @ matrix
+            return time.perf_counter() - started
+
+        @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+        async def _batch(self, items: list[dict[str, Any]]) -> list[tuple[bytes, float]]:
+            worked = await asyncio.get_running_loop().run_in_executor(self.worker, self.work) if self.worker else 0.0
+            return [(self.payload, worked) for _ in items]
+
+        async def __call__(self, item: dict[str, Any]) -> tuple[bytes, float, float]:
+            """The payload, the seconds this call spent in the replica (as imagegen's ``replica_s``) and of those
+            the seconds of work."""
             arrived = time.perf_counter()
-            payload = await self._batch(item)
-            return payload, time.perf_counter() - arrived
+            payload, worked = await self._batch(item)
+            return payload, time.perf_counter() - arrived, worked
 
     class FloorTiming:
         """The floor's own account of the phases imagegen's ``Server-Timing`` gives that are Ray's: ``body``
@@ -253,17 +281,26 @@ def deploy_floor(
     @serve.deployment(name="FloorIngress", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
     class FloorIngress:
-        def __init__(self, waiting: DeploymentHandle, nowait: DeploymentHandle, sized: DeploymentHandle):
+        def __init__(
+            self,
+            waiting: DeploymentHandle,
+            nowait: DeploymentHandle,
+            sized: DeploymentHandle,
+            working: DeploymentHandle,
+        ):
             self.waiting = waiting
             self.nowait = nowait
             self.sized = sized
+            self.working = working
 
         @staticmethod
         async def call(handle: DeploymentHandle, item: dict) -> Response:
             started = time.perf_counter()
-            payload, in_replica = await handle.remote(item)
+            payload, in_replica, worked = await handle.remote(item)
             renderer = time.perf_counter() - started
             timing = f"renderer;dur={renderer * 1000:.2f}, hops;dur={(renderer - in_replica) * 1000:.2f}"
+            if worked:
+                timing += f", render;dur={worked * 1000:.2f}"
             return Response(payload, media_type="application/octet-stream", headers={"server-timing": timing})
 
         @api.post("/render")
@@ -278,10 +315,15 @@ def deploy_floor(
         async def render_nowait_sized(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
             return await self.call(self.sized, item)
 
+        @api.post("/render-nowait-working")
+        async def render_nowait_working(self, item: dict = Body(...)) -> Response:  # noqa: B008 - FastAPI's idiom
+            return await self.call(self.working, item)
+
     app = FloorIngress.bind(
         FloorBatch.options(name="FloorBatch").bind(max_batch_size, batch_wait_timeout_s, payload_bytes),
         FloorBatch.options(name="FloorBatchNoWait").bind(max_batch_size, 0.0, payload_bytes),
         FloorBatch.options(name="FloorBatchSized").bind(max_batch_size, 0.0, sized_bytes),
+        FloorBatch.options(name="FloorBatchWorking").bind(max_batch_size, 0.0, sized_bytes, work_s),
     )
     serve.run(app, name=FLOOR_APP, route_prefix=FLOOR_PREFIX, logging_config=logging_config)
 
@@ -338,7 +380,7 @@ def worker_imagegen_file() -> str:
 
 
 # -- phase 1: floors, imagegen and direct, interleaved ----------------------------------------------
-ARMS = ("floor", "floor_nowait", "floor_sized", "imagegen", "direct", "direct_worker")
+ARMS = ("floor", "floor_nowait", "floor_sized", "floor_working", "imagegen", "direct", "direct_worker")
 
 
 def post_timed(client: httpx.Client, path: str, payload: dict[str, Any]) -> tuple[float, httpx.Response]:
@@ -521,13 +563,14 @@ def interleaved(
         "floor": f"{FLOOR_PREFIX}/render",
         "floor_nowait": f"{FLOOR_PREFIX}/render-nowait",
         "floor_sized": f"{FLOOR_PREFIX}/render-nowait-sized",
+        "floor_working": f"{FLOOR_PREFIX}/render-nowait-working",
         "imagegen": "/v1/renders",
     }
     held: list[float] = []  # timings.batch_wait_s of imagegen's images: how long the replica held each
     # the render itself as timed where it ran (prompt encode + pipeline + decode: timings.total_s),
     # in the replica for imagegen and in this process for the direct arm, per complete round
     # and timings.stamp_s: the replica's watermark, metadata, PNG encode and C2PA signature of that image
-    renders: dict[str, list[float]] = {"replica": [], "direct": [], "stamp": [], "worker": []}
+    renders: dict[str, list[float]] = {"replica": [], "direct": [], "stamp": [], "worker": [], "floor_work": []}
     # the service's own account of each imagegen request (its Server-Timing header), per complete round
     phases: list[dict[str, float]] = []
     # Ray's segments of each HTTP arm per complete round (see ray_segments), from its Server-Timing header
@@ -561,7 +604,10 @@ def interleaved(
                 continue
             round_times[arm] = elapsed
             sizes[arm].append(len(response.content))
-            round_segments[arm] = ray_segments(elapsed, parse_header(response.headers.get("server-timing", "")))
+            timing = parse_header(response.headers.get("server-timing", ""))
+            round_segments[arm] = ray_segments(elapsed, timing)
+            if arm == "floor_working":
+                round_renders["floor_work"] = timing.get("render", float("nan")) / 1000
             if arm == "imagegen":
                 timed = response.json()["images"][0]["metadata"]["timings"]
                 held.append(timed.get("batch_wait_s", float("nan")))
@@ -582,6 +628,7 @@ def interleaved(
         "floor_p50_ms": figures["floor"]["p50_ms"] if floor else None,
         "floor_nowait_p50_ms": figures["floor_nowait"]["p50_ms"] if floor else None,
         "floor_sized_p50_ms": figures["floor_sized"]["p50_ms"] if floor else None,
+        "floor_working_p50_ms": figures["floor_working"]["p50_ms"] if floor else None,
         "imagegen_p50_ms": figures["imagegen"]["p50_ms"],
         "direct_p50_ms": figures["direct"]["p50_ms"],
         "adaptive_batch_wait": adaptive,
@@ -621,14 +668,23 @@ def interleaved(
             summary["direct_worker_p50_ms"] = figures["direct_worker"]["p50_ms"]
             put_figure(summary, "own_work_vs_worker", gaps["vs_worker"])
             put_figure(summary, "render_in_worker_vs_direct", gaps["render_in_worker_vs_direct"])
-        if all(segments.get(a) for a in ("imagegen", "floor_sized")):
+        if all(segments.get(a) for a in ("imagegen", "floor_sized", "floor_working")):
             gaps["ray_segments"] = segment_differences(segments, "imagegen", "floor_sized")
+            gaps["ray_segments_working"] = segment_differences(segments, "imagegen", "floor_working")
             summary["ray_segments_p50_ms"] = {
                 arm: {name: round(statistics.median(s[name] for s in splits) * 1000, 2) for name in SEGMENTS}
                 for arm, splits in segments.items()
                 if splits and all(name in splits[0] for name in SEGMENTS)
             }
             summary["ray_segments_vs_sized_floor_ms"] = gaps["ray_segments"]
+            summary["ray_segments_vs_working_floor_ms"] = gaps["ray_segments_working"]
+        if renders["floor_work"]:  # the working floor less its work: a bare app that renders, without the render
+            net = [t - w for t, w in zip(times["floor_working"], renders["floor_work"], strict=True)]
+            times["floor_working_net"] = net
+            gaps["floor_working"] = gap(times, "floor_working_net")
+            put_figure(summary, "own_work_working_floor", gaps["floor_working"])
+            summary["floor_working_net_p50_ms"] = round(statistics.median(times["floor_working_net"]) * 1000, 2)
+            summary["floor_work_p50_ms"] = round(statistics.median(renders["floor_work"]) * 1000, 2)
         if adaptive:  # the same figures against the no-wait floor that carries imagegen's bytes
             gaps["floor_sized"] = gap(times, "floor_sized")
             gaps["around_render_sized_floor"] = gap_around_render(times, renders["replica"], "floor_sized")
@@ -769,6 +825,13 @@ def main() -> None:
     torch.set_num_threads(args.replica_threads)
     renderer = Renderer(args.preset)
     renderer.render([RenderRequest(**request_fields(body(args, 0)))])
+    walls = []
+    for _ in range(7):  # how long the working floor works: the direct render's wall time (prompt encoded once)
+        started = time.perf_counter()
+        renderer.render([RenderRequest(**request_fields(body(args, 0)))])
+        walls.append(time.perf_counter() - started)
+    work_s = statistics.median(walls)
+    console.print(f"the direct render takes {work_s * 1000:.1f} ms: the working floor works as long")
 
     service = None
     url, key = args.url, args.key
@@ -809,7 +872,8 @@ def main() -> None:
                 f"the renderer's wait is {'adaptive' if adaptive else 'fixed'} ..."
             )
             sized_bytes = imagegen_answer_bytes(url, key, body(args, 0))
-            deploy_floor(max_batch, wait, args.floor_bytes, sized_bytes, service.config.get("logging_config"))
+            logging_config = service.config.get("logging_config")
+            deploy_floor(max_batch, wait, args.floor_bytes, sized_bytes, work_s, logging_config)
             console.print("a plain Ray actor with the same Renderer (the direct_worker arm) ...")
             worker = worker_renderer(args.preset, args.replica_threads, request_fields(body(args, 0)))
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
@@ -819,6 +883,7 @@ def main() -> None:
                     client.post(f"{FLOOR_PREFIX}/render", json=body(args, i)).raise_for_status()
                     client.post(f"{FLOOR_PREFIX}/render-nowait", json=body(args, i)).raise_for_status()
                     client.post(f"{FLOOR_PREFIX}/render-nowait-sized", json=body(args, i)).raise_for_status()
+                    client.post(f"{FLOOR_PREFIX}/render-nowait-working", json=body(args, i)).raise_for_status()
             console.print(f"interleaved {' / '.join(ARMS)}, {args.requests} rounds ...")
             paired = interleaved(client, renderer, args, floor=service is not None, adaptive=adaptive, worker=worker)
             console.print(json.dumps(paired["summary"]), soft_wrap=True)
@@ -893,6 +958,7 @@ def main() -> None:
         ("floor", "bare Serve floor, same wait (interleaved)"),
         ("floor_nowait", "bare Serve floor, no wait (interleaved)"),
         ("floor_sized", "bare Serve floor, no wait, imagegen's bytes (interleaved)"),
+        ("floor_working", "bare Serve floor, no wait, imagegen's bytes, a render's work (interleaved)"),
         ("imagegen", "HTTP imagegen (interleaved)"),
     ):
         figures = paired["arms"].get(arm)
@@ -956,6 +1022,12 @@ def main() -> None:
             f"{summary['own_work_around_render_sized_floor_ci95_ms']}, besides the stamp "
             f"{summary['own_work_besides_stamp_sized_floor_ms']:.1f} ms "
             f"{summary['own_work_besides_stamp_sized_floor_ci95_ms']}"
+        )
+    if summary.get("own_work_working_floor_ms") is not None:
+        print(
+            f"against a floor that works as long as the render (its latency less its {summary['floor_work_p50_ms']} ms "
+            f"of work: {summary['floor_working_net_p50_ms']} ms): own work {summary['own_work_working_floor_ms']} ms "
+            f"{summary['own_work_working_floor_ci95_ms']}"
         )
     print(f"per-request overhead over the direct render (imagegen p50 - direct p50): {ms(overhead)} ms")
     if single.get("cpu_ms_per_request"):
