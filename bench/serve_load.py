@@ -9,7 +9,7 @@ Measures, in this order (so the phases do not compete for the CPU):
 
 1. **Interleaved, concurrency 1** (``--requests`` rounds, 200 by default). Each round sends, one
    after the other and in an order that rotates every round, the same request (prompt, seed,
-   size, steps) to six arms:
+   size, steps) to seven arms:
 
    * ``floor``: a bare Ray Serve app deployed by this script on the *same* local Ray, as a second
      application (``/floor``, sharing the HTTP proxy): HTTP proxy -> FastAPI ingress deployment ->
@@ -74,7 +74,10 @@ with the headline figures: ``floor_p50_ms``, ``floor_nowait_p50_ms``, ``imagegen
 ``direct_p50_ms``, ``own_work_ms`` and its interval, ``own_work_around_render_ms`` and its interval,
 ``own_work_measured_ms`` and its interval, ``own_work_vs_worker_ms`` and its interval,
 ``nowait_gap_ms`` and its interval, ``image_transport_ms`` and the ``*_sized_floor_ms`` figures
-with their intervals, and ``mean_batch_8_clients`` (the mean batch under ``--clients`` clients).
+with their intervals, ``own_work_working_floor_ms`` and its interval, Ray's segments per arm
+(``ray_segments_p50_ms``) and imagegen's excess per segment over the sized and the working floor
+(``ray_segments_vs_sized_floor_ms``, ``ray_segments_vs_working_floor_ms``), and
+``mean_batch_8_clients`` (the mean batch under ``--clients`` clients).
 """
 
 from __future__ import annotations
