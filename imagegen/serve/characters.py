@@ -85,6 +85,9 @@ class CharacterService:
     async def delete(self, caller: Caller, character_id: str) -> tuple[Any, dict[str, int]]:
         """Delete the character, then everything the service rendered of it: (registry report, purge counts)."""
         await self.db(character_for, self.registry, character_id, caller)
+        # rows of renders this replica already answered are written before the tombstone, so the
+        # purge redacts and counts them; rows queued after it are redacted as they are written
+        await self.audit.flush()
         report = await self.db(self.registry.characters.delete, character_id)
         await self.audit.flush()  # this replica's queued rows are redacted by the purge, not after it
         purged = await self.db(self.store.purge_character, character_id)

@@ -160,3 +160,36 @@ def test_close_writes_what_is_queued(store, pool):
     (pending, before), after = asyncio.run(queue_then_stop())
     assert pending == 1 and before is None and after == 0
     assert store.audit_for_image(f"{7:032x}")["seed"] == 7
+
+
+def test_a_delete_counts_the_rows_still_queued_for_renders_it_answered(isolated_home, pool):
+    """A render answered just before its character's deletion has its audit row still queued (the
+    writer waits ``delay_s``): the delete writes it before the tombstone, so the purge redacts it and
+    the report counts it — the count a user reads is every render of the character, not a race."""
+    from imagegen.identity.registry import Registry
+    from imagegen.serve.characters import CharacterService
+    from imagegen.serve.tenancy import Caller
+
+    from ..identity._helpers import make_character, make_refs
+
+    async def scenario(registry: Registry, store: ServeStore):
+        async def db(fn, *args):
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+        writer = writer_for(store, pool, delay_s=60)  # nothing is written unless someone flushes
+        version = registry.characters.get("mia").version
+        await writer.submit([{**row(9), "character": "mia", "character_version": version, "method": "pulid-flux"}])
+        queued = writer.pending
+        service = CharacterService(registry, store, db, writer)
+        caller = Caller(key_id="k1", tenant="default", scopes=("characters:write",))
+        _, purged = await service.delete(caller, "mia")
+        return queued, purged, writer.status()
+
+    with Registry.open() as registry:
+        registry.characters.register(make_character("mia"), make_refs(1))
+        with ServeStore.open() as store:
+            queued, purged, status = asyncio.run(scenario(registry, store))
+            record = store.audit_for_image(f"{9:032x}")
+    assert queued == 1 and status["pending"] == 0
+    assert purged["audit_redacted"] == 1
+    assert record["character"] is None and record["redacted_at"] is not None and record["watermark_tag"] == 9
