@@ -141,6 +141,25 @@ def test_flux_true_cfg_batch_equals_each_sample_alone(renderers):
         assert np.abs(pixels(together) - pixels(alone)).max() <= 2
 
 
+def test_the_image_projection_runs_once_per_render_not_per_step(case):
+    """The model calls its ``encoder_hid_proj`` at every step on the same embeddings; the projected tokens are kept
+    for the batch (FaceID-Plus's projection is dozens of layers: paid per step, it was a third of SDXL's identity
+    overhead on a GPU), and a new batch projects its own embeddings."""
+    renderer, name = case
+    render(renderer, prompt="warm", seed=1, character="mia", method=name)
+    projection = renderer.identity_method(name).handle.projection
+    calls = []
+    hook = projection.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        first = render(renderer, prompt="a cafe", seed=5, character="mia", method=name, steps=3)
+        assert len(calls) == 1
+        other = render(renderer, prompt="a cafe", seed=5, character="grace", method=name, steps=3)
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+    assert np.abs(pixels(first) - pixels(other)).sum() > 0  # the second batch did not reuse the first one's tokens
+
+
 def test_embeddings_are_cached_and_face_models_stay_off_the_hot_path(registry, case):
     renderer, name = case
     render(renderer, prompt="warm", seed=1, character="grace", method=name)

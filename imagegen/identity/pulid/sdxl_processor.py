@@ -191,6 +191,8 @@ class PulidSDXLCall:
         #: ``[R, 1, 1]`` scales, float32 (the ortho modes' math) and the processors' dtype (the plain mode's)
         self.scale = phase.values_on(self.device, torch.float32)[:, None, None]
         self.scale_model = phase.values_on(self.device, self.dtype)[:, None, None]
+        #: ``-scale``: ortho v2's ``(a - 1) * scale`` is one ``addcmul(-scale, a, scale)``
+        self.neg_scale = -self.scale
         #: ``[R, 1, 1]``: rows that take identity at this step (the others keep the plain output exactly)
         self.on = self.scale != 0
 
@@ -199,12 +201,21 @@ class PulidSDXLAttnProcessor(nn.Module):
     """PuLID v1.1's cross-attention processor for a diffusers ``Attention`` (the text attention computed like
     ``AttnProcessor2_0``, plus the id attention)."""
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, handle: PulidSDXLHandle | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        cross_attention_dim: int,
+        handle: PulidSDXLHandle | None = None,
+        heads: int | None = None,
+    ):
         super().__init__()
         self.id_to_k = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.id_to_v = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        # plain attributes, not submodules or buffers: the handle is shared by every processor of a UNet; the id
-        # keys / values ``[R, N + num_zero, hidden]`` of the current batch are set by ``PulidSDXLHandle.prepare``
+        #: the attention's head count (None: read from the ``Attention`` at the first call): the kept keys and values
+        #: are stored in its ``[R, heads, N + num_zero, head_dim]`` layout, so a step does not re-lay them out
+        self.heads = heads
+        # plain attributes, not submodules or buffers: the handle is shared by every processor of a UNet; the id keys
+        # and values ``[R, heads, N + num_zero, head_dim]`` of the current batch are set by ``PulidSDXLHandle.prepare``
         self.__dict__["handle"] = handle
         self._id_key: torch.Tensor | None = None
         self._id_value: torch.Tensor | None = None
@@ -303,42 +314,51 @@ class PulidSDXLAttnProcessor(nn.Module):
         tokens = id_embedding.to(device=weight.device, dtype=weight.dtype)
         return PulidSDXLCall(tokens, gate, ortho, num_zero, weight.device, weight.dtype)
 
-    def project(self, call: PulidSDXLCall) -> tuple[torch.Tensor, torch.Tensor]:
-        """The id keys and values ``[R, N + num_zero, hidden]`` of ``call``'s tokens (zero tokens: zero keys and
-        values, as the bias-free projections make them)."""
+    def project(self, call: PulidSDXLCall, heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The id keys and values ``[R, heads, N + num_zero, head_dim]`` of ``call``'s tokens (zero tokens: zero keys
+        and values, as the bias-free projections make them)."""
+        heads = heads or self.heads
         key, value = self.id_to_k(call.tokens), self.id_to_v(call.tokens)
         if call.num_zero:
             key, value = F.pad(key, (0, 0, 0, call.num_zero)), F.pad(value, (0, 0, 0, call.num_zero))
-        return key, value
+        rows, width, hidden = key.shape
+        return (
+            key.view(rows, width, heads, hidden // heads).transpose(1, 2),
+            value.view(rows, width, heads, hidden // heads).transpose(1, 2),
+        )
 
     def keep_projection(self, call: PulidSDXLCall | None) -> None:
         """Project ``call``'s tokens now and keep the keys and values for its calls (None: forget them)."""
-        if call is None:
+        if call is None or self.heads is None:  # the head count comes with the first call (see ``__call__``)
             self._id_key = self._id_value = self._projected_for = None
         else:
             self._id_key, self._id_value = self.project(call)
             self._projected_for = call
 
-    def _key_value(self, call: PulidSDXLCall) -> tuple[torch.Tensor, torch.Tensor]:
+    def _key_value(self, call: PulidSDXLCall, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not call.kept:
-            return self.project(call)
+            return self.project(call, heads)
         if torch.compiler.is_compiling():
             # kept by the pre-hook when the weights were on the call's device; projected here otherwise (a UNet
             # whose weights an offload hook moves in only after the pre-hook)
             if self._id_key is None:
-                return self.project(call)
+                return self.project(call, heads)
             return self._id_key, self._id_value
+        if self.heads is None:
+            self.heads = heads
         if self._projected_for is not call:
             self.keep_projection(call)
         return self._id_key, self._id_value
 
     def _add_identity(self, attn, query, hidden_states, call: PulidSDXLCall) -> torch.Tensor:
+        """The identity added to the text attention's output. In eager mode every aten op here is paid on the host at
+        every layer and step (70 layers on SDXL), so nothing is converted or re-laid out that could be kept."""
         batch, heads, _, head_dim = query.shape
-        key, value = self._key_value(call)
-        id_key = key.to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
-        id_value = value.to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
+        id_key, id_value = self._key_value(call, heads)
+        if id_key.dtype != query.dtype:
+            id_key, id_value = id_key.to(query.dtype), id_value.to(query.dtype)
         h_id = F.scaled_dot_product_attention(query, id_key, id_value, attn_mask=None, dropout_p=0.0, is_causal=False)
-        h_id = h_id.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        h_id = h_id.transpose(1, 2).reshape(batch, -1, heads * head_dim)
         h = hidden_states
         if call.ortho is None:
             scale = call.scale_model if call.scale_model.dtype == h.dtype else call.scale.to(h.dtype)
@@ -347,7 +367,7 @@ class PulidSDXLAttnProcessor(nn.Module):
             attention = None
             if call.ortho == "v2":
                 attention = _leading_attention(query, id_key, call.indicator)
-            out = _orthogonal(h, h_id, call.scale, attention)
+            out = _orthogonal(h, h_id, call.scale, attention, call.neg_scale)
         # rows without identity at this step keep the plain output bit for bit (always masked when compiled: the
         # rows taking identity are a property of the batch, which the graph must not depend on)
         if torch.compiler.is_compiling() or not call.every_row:
@@ -371,31 +391,40 @@ def _leading_attention(query: torch.Tensor, id_key: torch.Tensor, indicator: tor
 
 def _leading_attention_fused(query: torch.Tensor, id_key: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
     batch, heads, _, _ = query.shape
-    values = indicator.to(query.dtype).expand(batch, heads, -1, -1)
+    values = (indicator if indicator.dtype == query.dtype else indicator.to(query.dtype)).expand(batch, heads, -1, -1)
     out = F.scaled_dot_product_attention(query, id_key, values, dropout_p=0.0, is_causal=False, scale=1.0)
     return out[..., :1].mean(dim=1)
 
 
-def _orthogonal(h: torch.Tensor, h_id: torch.Tensor, scale: torch.Tensor, attention: torch.Tensor | None):
+def _orthogonal(
+    h: torch.Tensor,
+    h_id: torch.Tensor,
+    scale: torch.Tensor,
+    attention: torch.Tensor | None,
+    neg_scale: torch.Tensor | None = None,
+):
     """``h + scale * (h_id - (1 - a) * parallel)`` in float32 (as PuLID computes the ortho modes), back in ``h``'s
     dtype; ``parallel`` is ``h_id``'s projection on ``h`` per sample and channel over the tokens, ``a`` ortho v2's
-    leading-token attention ``[R, L, 1]`` (v1: ``a = 0``).
+    leading-token attention ``[R, L, 1]`` (v1: ``a = 0``); ``neg_scale``: ``-scale`` when the caller keeps it.
 
     Rearranged as ``h + scale * h_id - scale * (1 - a) * coef * h`` with the per-channel coefficient
     ``coef = <h, h_id> / <h, h>`` ``[R, 1, C]``: two full-size passes after the reductions (three for v2) instead
-    of five, and no full-size ``projection`` / ``orthogonal`` temporaries.
+    of five, and no full-size ``projection`` / ``orthogonal`` temporaries; few ops, as each one costs host time at
+    every layer and step in eager mode.
     """
     h32, id32 = h.float(), h_id.float()  # no copies when the model runs in float32
     numerator = (h32 * id32).sum(dim=-2, keepdim=True)
     denominator = (h32 * h32).sum(dim=-2, keepdim=True)
     # a channel whose text attention output is all zero (the zeroed empty negative prompt of SDXL's CFG) has no
-    # parallel part (upstream divides 0 by 0 there)
-    coefficient = (numerator / denominator).masked_fill_(denominator == 0, 0.0)
+    # parallel part (upstream divides 0 by 0 there): 0 / 0 is the only NaN, as <h, h_id> is 0 wherever <h, h> is
+    coefficient = (numerator / denominator).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
     out = torch.addcmul(h32, id32, scale)
     if attention is None:
         out.addcmul_(h32, coefficient * scale, value=-1.0)
     else:
-        out.addcmul_(h32, coefficient * ((attention.float() - 1.0) * scale))
+        # (a - 1) * scale as -scale + a * scale (a, in the model's dtype, is promoted exactly)
+        weight = torch.addcmul(-scale if neg_scale is None else neg_scale, attention, scale)
+        out.addcmul_(h32, coefficient * weight)
     return out.to(h.dtype)
 
 
@@ -556,7 +585,7 @@ def attach_pulid_sdxl(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], m
     for index, name, module in layers:
         sub = {k[len(f"{index}.") :]: v for k, v in weights.items() if k.startswith(f"{index}.")}
         hidden, cross = module.to_k.out_features, module.to_k.in_features
-        processor = PulidSDXLAttnProcessor(hidden, cross, handle)
+        processor = PulidSDXLAttnProcessor(hidden, cross, handle, heads=module.heads)
         try:
             processor.load_state_dict(sub, strict=True, assign=True)
         except RuntimeError as exc:
