@@ -7,6 +7,8 @@ it fits):
     python bench/gpu_check.py --out out/gpu_check.json     # + out/gpu_check.md (for docs/benchmarks.md) + a table
     python bench/gpu_check.py --families flux --skip-tests  # only the FLUX timings
     python bench/gpu_check.py --flux-profiles quality fastest --keep-step-cache --methods all   # another plan
+    python bench/gpu_check.py --families flux --flux-profiles quality fastest --skip-tests --budget-s 560 \
+        --flux-budget-s 560   # FLUX fastest + PuLID: its fp8 compile warm-up alone took 336 s on an H200
 
 Without a GPU:
 
@@ -491,6 +493,9 @@ DEFAULT_PROFILES = {"flux": ["quality", "fast", "fastest"], "sdxl": ["quality", 
 DEFAULT_METHODS = {"flux": ["pulid-flux-v0.9.1"], "sdxl": ["pulid-sdxl-v1.1", "ipadapter-faceid-plusv2-sdxl"]}
 #: first-call seconds assumed for a compiling profile before one was measured in this family (budget estimates)
 COMPILE_GUESS_S = {"cuda": 75.0, "cpu": 90.0}
+#: the same for a compiling profile that also quantises: FLUX.1-dev under ``fastest`` (fp8-dynamic) took 336 s to
+#: compile on an H200 (2026-12-04), against 9 s for ``fast``; a guess below that lets it eat every later row's budget
+QUANTISED_COMPILE_GUESS_S = {"cuda": 340.0, "cpu": 90.0}
 
 
 def method_class(name: str):
@@ -561,7 +566,11 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
     }
     sequence = opts.max_sequence_length or preset.max_sequence_length
     per_step: dict[tuple[str, int], float] = {}  # (profile, batch) -> plain seconds per step, for the budget
-    first_guess = {"eager": 0.0, "compiled": COMPILE_GUESS_S[device.type]}
+    first_guess = {
+        "eager": 0.0,
+        "compiled": COMPILE_GUESS_S[device.type],
+        "quantised": QUANTISED_COMPILE_GUESS_S[device.type],
+    }
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=opts.workdir))
     try:
         for label, names, batch in row_plan(family, opts, preset):
@@ -570,10 +579,11 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
             except ProfileError as exc:
                 report["skipped"].append(f"{family} {label}: {exc}")
                 continue
-            kind = "compiled" if profile.compile is not None else "eager"
+            kind = "eager" if profile.compile is None else "compiled" if profile.quantize == "none" else "quantised"
             plain_step = per_step.get(("quality", 1), 0.0) * batch
             if clock.left() < first_guess[kind] + plain_step * (steps + 2) * 1.5 + 5:
-                report["skipped"].append(f"{family} {label} batch {batch}: would not fit the time budget")
+                guess = f" (first call guessed at {first_guess[kind]:.0f} s)" if first_guess[kind] else ""
+                report["skipped"].append(f"{family} {label} batch {batch}: would not fit the time budget{guess}")
                 continue
             built = time.perf_counter()
             pipe = build_pipeline(family, configs, device, dtype)
@@ -642,8 +652,8 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                     if name == "plain":
                         per_step[(label, batch)] = run.denoise_s / steps
                         per_step.setdefault(("quality", 1), run.denoise_s / steps / batch)
-                    if kind == "compiled" and name == "plain":
-                        first_guess["compiled"] = max(first.total_s, 1.0)
+                    if kind != "eager" and name == "plain":
+                        first_guess[kind] = max(first.total_s, 1.0)
                     rows.append(
                         {
                             **row,
@@ -662,6 +672,10 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                     shown = f"{run.total_s:.2f} s (first call {first.total_s:.1f} s)"
                     print(f"  {family} {label} {name} batch {batch}: {shown}", flush=True)
             finally:
+                # every reference to this profile's pipeline (the last identity's closures, the applied profile's
+                # compiled blocks) goes before the next one is built: its weights must not count in the next rows'
+                # peak memory (they did: 34.5 GiB allocated after FLUX's fp8 model was applied)
+                identity = applied = None  # noqa: F841
                 del pipe, embeds
                 release(device)
     finally:
