@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 
 from imagegen.blobstore import BlobStore
+from imagegen.identity.registry import Registry
 from imagegen.serve.audit import AuditWriter
+from imagegen.serve.characters import CharacterService
 from imagegen.serve.store import ServeStore
+from imagegen.serve.tenancy import Caller
+
+from ..identity._helpers import make_character, make_refs
 
 
 @pytest.fixture
@@ -166,11 +171,6 @@ def test_a_delete_counts_the_rows_still_queued_for_renders_it_answered(isolated_
     """A render answered just before its character's deletion has its audit row still queued (the
     writer waits ``delay_s``): the delete writes it before the tombstone, so the purge redacts it and
     the report counts it — the count a user reads is every render of the character, not a race."""
-    from imagegen.identity.registry import Registry
-    from imagegen.serve.characters import CharacterService
-    from imagegen.serve.tenancy import Caller
-
-    from ..identity._helpers import make_character, make_refs
 
     async def scenario(registry: Registry, store: ServeStore):
         async def db(fn, *args):

@@ -401,11 +401,11 @@ def _orthogonal(
     h_id: torch.Tensor,
     scale: torch.Tensor,
     attention: torch.Tensor | None,
-    neg_scale: torch.Tensor | None = None,
+    neg_scale: torch.Tensor,
 ):
     """``h + scale * (h_id - (1 - a) * parallel)`` in float32 (as PuLID computes the ortho modes), back in ``h``'s
     dtype; ``parallel`` is ``h_id``'s projection on ``h`` per sample and channel over the tokens, ``a`` ortho v2's
-    leading-token attention ``[R, L, 1]`` (v1: ``a = 0``); ``neg_scale``: ``-scale`` when the caller keeps it.
+    leading-token attention ``[R, L, 1]`` (v1: ``a = 0``); ``neg_scale``: ``-scale`` (kept per step by the call).
 
     Rearranged as ``h + scale * h_id - scale * (1 - a) * coef * h`` with the per-channel coefficient
     ``coef = <h, h_id> / <h, h>`` ``[R, 1, C]``: two full-size passes after the reductions (three for v2) instead
@@ -423,7 +423,7 @@ def _orthogonal(
         out.addcmul_(h32, coefficient * scale, value=-1.0)
     else:
         # (a - 1) * scale as -scale + a * scale (a, in the model's dtype, is promoted exactly)
-        weight = torch.addcmul(-scale if neg_scale is None else neg_scale, attention, scale)
+        weight = torch.addcmul(neg_scale, attention, scale)
         out.addcmul_(h32, coefficient * weight)
     return out.to(h.dtype)
 
