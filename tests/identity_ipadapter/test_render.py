@@ -160,6 +160,58 @@ def test_the_image_projection_runs_once_per_render_not_per_step(case):
     assert np.abs(pixels(first) - pixels(other)).sum() > 0  # the second batch did not reuse the first one's tokens
 
 
+def test_faceid_lora_is_merged_for_whole_batch_calls_and_the_weights_come_back(renderers):
+    """FaceID's LoRA on every attention projection is a hook per Linear per step, unless every row of a UNet call
+    takes it: then the hooks are off and the weights merged for the batch. Rows that do not take it (a plain row, a
+    start step not reached) get the hooks on the original weights; after the batch, and after a render that fails,
+    the UNet holds its very own Parameter objects and every hook again."""
+    renderer, name = renderers["tiny-sdxl"], "ipadapter-faceid-plusv2-sdxl"
+    render(renderer, prompt="warm", seed=1, character="mia", method=name)
+    lora = renderer.identity_method(name).handle.lora
+    unet = renderer.pipe.unet
+    weights = {key: param for key, param in unet.named_parameters()}
+    seen: list[tuple[bool, int]] = []
+    probe = unet.register_forward_pre_hook(lambda module, args: seen.append((lora.merged, lora.hooked)))
+    try:
+        alone = render(renderer, prompt="a cafe", seed=5, character="mia", method=name, steps=3)
+        assert seen == [(True, 0)] * 3  # CFG in one call per step: negative and positive rows both take it
+        seen.clear()
+        late = render(renderer, prompt="a cafe", seed=5, character="mia", method=name, steps=3, identity_start_step=1)
+        assert seen == [(False, len(lora.targets)), (True, 0), (True, 0)]
+        seen.clear()
+        mixed = renderer.render(
+            [
+                RenderRequest(prompt="a cafe", seed=5, character="mia", method=name, **{**SMALL, "steps": 3}),
+                RenderRequest(prompt="a street", seed=3, **{**SMALL, "steps": 3}),
+            ]
+        )
+        assert [r.timings["batch_size"] for r in mixed] == [2, 2]
+        assert {state for state in seen} == {(False, len(lora.targets))}
+    finally:
+        probe.remove()
+    assert lora.hooked == len(lora.targets) == 64 and not lora.merged
+    assert all(param is weights[key] for key, param in unet.named_parameters())
+    # the merged weights give what the hooks give (float32 here: rounding only)
+    assert np.abs(pixels(alone) - pixels(mixed[0])).max() <= 2
+    assert np.abs(pixels(alone) - pixels(late)).sum() > 0
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the VAE broke")
+
+    decoder = renderer.pipe.vae.decode
+    renderer.pipe.vae.decode = fail
+    try:
+        with pytest.raises(RuntimeError, match="the VAE broke"):
+            render(renderer, prompt="a cafe", seed=5, character="mia", method=name)
+    finally:
+        renderer.pipe.vae.decode = decoder
+    assert lora.hooked == 64 and not lora.merged
+    assert all(param is weights[key] for key, param in unet.named_parameters())
+    assert np.array_equal(
+        pixels(render(renderer, prompt="a cafe", seed=5, character="mia", method=name, steps=3)), pixels(alone)
+    )
+
+
 def test_embeddings_are_cached_and_face_models_stay_off_the_hot_path(registry, case):
     renderer, name = case
     render(renderer, prompt="warm", seed=1, character="grace", method=name)

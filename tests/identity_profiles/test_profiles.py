@@ -315,6 +315,6 @@ def test_identity_modules_keep_their_precision_on_a_quantised_denoiser(registry,
         odd = {n: type(p).__name__ for n, p in params.items() if type(p) is not torch.nn.Parameter}
         assert not odd, (method, list(odd.items())[:3])
         assert {p.dtype for p in params.values()} == {renderer.dtype}, method
-        lora = [h for h in getattr(conditioner.handle, "_hooks", []) if "faceid" in method]
-        assert bool(lora) == ("faceid" in method)
+        lora = getattr(conditioner.handle, "lora", None)
+        assert (lora is not None and lora.hooked > 0) == ("faceid" in method)
     renderer.detach_identity()

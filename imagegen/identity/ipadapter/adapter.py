@@ -16,7 +16,8 @@ wraps what it built, without forking any of it:
   a row at scale 1 *is* diffusers' output. :class:`PerSampleFluxProcessor` scales the IP output diffusers' FLUX
   processor returns separately. When no row of a call takes the adapter, only the original processor runs.
 - **FaceID's LoRA per sample.** diffusers would load it through PEFT for the whole batch; it is applied here by
-  forward hooks on ``to_q``/``to_k``/``to_v``/``to_out.0`` for the rows whose identity is on at that step.
+  forward hooks on ``to_q``/``to_k``/``to_v``/``to_out.0`` for the rows whose identity is on at that step, or, in
+  eager mode while every row of the calls takes it, merged into the weights for the batch (:mod:`.lora`).
 - **armed per batch only.** Outside :meth:`IPAdapterHandle.armed` the model has no ``encoder_hid_proj`` and every
   processor falls back to the original one, so a plain render with the adapter attached is the plain pipeline.
 
@@ -39,9 +40,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from imagegen.identity.ipadapter.lora import GATES, FaceIDLoRA, FusedRowLoRA, RowLoRA
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
 from imagegen.identity.steps import Phase, StepGatedState, per_sample, pick
 from imagegen.pipelines.profiles import compute_step_when_changed
@@ -166,7 +167,8 @@ class IPAdapterHandle:
         self._config_attrs: dict[str, object] = {}
         self._pipe_components: dict[str, object] = {}
         self._pipe_config = None
-        self._hooks: list = []
+        #: FaceID's LoRA (None for adapters without one)
+        self.lora: FaceIDLoRA | None = None
         self._call_hook = None
         #: the rows of the model call running that take the adapter (set by :meth:`_before_call`)
         self.gate = CallGate()
@@ -179,6 +181,8 @@ class IPAdapterHandle:
             return None
         hidden = kwargs.get("hidden_states" if self.family == "flux" else "sample", args[0] if args else None)
         phase = self.gate.begin(state, hidden.shape[0], hidden.device)
+        if self.lora is not None:
+            self.lora.for_call(self.gate, hidden.device)
         # a sample's adapter switching on at this step: a step cache must not answer this call with the residual of a
         # step computed before (it would lack that sample's identity)
         compute_step_when_changed(module, phase)
@@ -245,6 +249,8 @@ class IPAdapterHandle:
         finally:
             self.state = None
             self.gate.clear()
+            if self.lora is not None:
+                self.lora.end_batch()
             self._restore_model()
             # FLUX's transformer leaves the projected IP tokens in the pipeline's joint_attention_kwargs (the next
             # call resets them): drop them now rather than keep the last batch's tensors alive
@@ -257,16 +263,16 @@ class IPAdapterHandle:
         """Put back everything the pipeline and the model had before :func:`attach_ip_adapter`."""
         if not self.attached:
             return
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        if self.lora is not None:
+            self.lora.remove()
+            self.lora = None
         if self._call_hook is not None:
             self._call_hook.remove()
             self._call_hook = None
         self.state = None
         self.gate.clear()
-        if _GATES.get(id(self.model)) is self.gate:
-            _GATES.pop(id(self.model))
+        if GATES.get(id(self.model)) is self.gate:
+            GATES.pop(id(self.model))
         self.model.set_attn_processor(dict(self._processors))
         self._restore_model()
         if getattr(self.model, ATTACHED_ATTR, None) is self:
@@ -399,58 +405,6 @@ class PerSampleFluxProcessor(_PerSampleProcessor):
         # x * 1 is x exactly: rows at scale 1 are diffusers' output, rows at 0 add exactly nothing
         s = gate.scale.to(ip_out.dtype).view((-1,) + (1,) * (ip_out.ndim - 1))
         return hidden, context, ip_out * s
-
-
-#: the :class:`CallGate` LoRA hooks read, by key (the model's ``id``): hooks look their gate up here, not through an
-#: attribute of their own (dynamo gives tensors reached through a module's hooks static shapes, so each batch size
-#: would recompile a compiled block; reached through a global they follow the batch like the block's inputs). Keyed
-#: by model, so attaching the adapter again to the same model (a method switch) reuses the compiled blocks.
-_GATES: dict[int, CallGate] = {}
-
-
-class RowLoRA:
-    """A forward hook adding ``up(down(x))`` (FaceID's LoRA, at 1.0) to a Linear's output, for active rows only.
-
-    ``gate`` is registered under ``key`` (default: its own ``id``) in a module-level table the hook reads.
-    """
-
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, gate: CallGate, key: int | None = None):
-        self.down = down
-        self.up = up
-        self.gate_id = id(gate) if key is None else key
-        _GATES[self.gate_id] = gate
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.down), self.up)
-
-    def __call__(self, module, args, output):
-        gate = _GATES[self.gate_id]
-        if not gate.active:
-            return None
-        x = args[0]
-        if torch.compiler.is_compiling() or gate.rows is None:
-            # every row computed (compiled code keeps shapes independent of which rows take identity); rows that do
-            # not take it at this step get 0 x delta, exactly nothing
-            delta = self.delta(x)
-            if delta.dtype != output.dtype:  # a no-op .to() still costs host time at ~560 hooks per SDXL step
-                delta = delta.to(output.dtype)
-            if not torch.compiler.is_compiling() and gate.rows is None:
-                return output + delta
-            return output + gate.on.to(output.dtype).view((-1,) + (1,) * (output.ndim - 1)) * delta
-        rows = gate.rows
-        return output.index_add(0, rows, self.delta(x.index_select(0, rows)).to(output.dtype))
-
-
-class FusedRowLoRA(RowLoRA):
-    """:class:`RowLoRA` on a fused projection (``to_qkv`` / ``to_kv`` after diffusers' ``fuse_qkv_projections``): the
-    LoRAs of its parts, their outputs concatenated in the fused layer's order."""
-
-    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], gate: CallGate, key: int | None = None):
-        super().__init__(parts[0][0], parts[0][1], gate, key)
-        self.parts = list(parts)
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.linear(F.linear(x, down), up) for down, up in self.parts], dim=-1)
 
 
 @dataclass
@@ -622,8 +576,9 @@ def attach_ip_adapter(pipe, family: str, spec: LoadSpec) -> IPAdapterHandle:
 
 
 def _install_lora(handle: IPAdapterHandle, lora: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
-    """FaceID's LoRA as per-row forward hooks, on the attention layers the released indices name."""
+    """FaceID's LoRA (:class:`FaceIDLoRA`) on the attention layers the released indices name."""
     model = handle.model
+    handle.lora = FaceIDLoRA(model)
     names = list(handle._processors)
     if set(lora) - set(range(len(names))):
         handle.detach()
@@ -647,7 +602,7 @@ def _install_lora(handle: IPAdapterHandle, lora: Mapping[int, Mapping[str, tuple
                 down.to(device=param.device, dtype=param.dtype),
                 up.to(device=param.device, dtype=param.dtype),
             )
-            handle._hooks.append(linear.register_forward_hook(RowLoRA(*moved[layer], handle.gate, id(model))))
+            handle.lora.add(linear, RowLoRA(*moved[layer], handle.gate, id(model)))
         # fused projections (an optimisation profile's fuse_qkv): the original processors compute q, k, v through
         # to_qkv (self-attention) or k, v through to_kv (cross-attention); the IP processors still use to_q/k/v
         for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
@@ -660,9 +615,7 @@ def _install_lora(handle: IPAdapterHandle, lora: Mapping[int, Mapping[str, tuple
                     f"FaceID LoRA of processor {index} lacks {sorted(set(parts) - set(moved))} for the fused "
                     f"{fused} of {names[index]}: render with a profile without fuse_qkv"
                 )
-            handle._hooks.append(
-                linear.register_forward_hook(FusedRowLoRA([moved[p] for p in parts], handle.gate, id(model)))
-            )
+            handle.lora.add(linear, FusedRowLoRA([moved[p] for p in parts], handle.gate, id(model)))
 
 
 def describe(handle: IPAdapterHandle) -> dict[str, object]:
@@ -677,7 +630,7 @@ def describe(handle: IPAdapterHandle) -> dict[str, object]:
         "ip_processors": sorted({type(p.ip).__name__ for p in wrapped}),
         "wrapped_layers": len(wrapped),
         "projections": [type(layer).__name__ for layer in handle.projection.image_projection_layers],
-        "lora_hooks": len(handle._hooks),
+        "lora_hooks": len(handle.lora.targets) if handle.lora is not None else 0,
     }
 
 
