@@ -512,13 +512,24 @@ def method_class(name: str):
 
 def resolve_profile(preset, label: str, keep_step_cache: bool):
     """The ``Profile`` of ``label`` for ``preset``; random weights: its step cache dropped unless asked to keep it
-    (whether a cached step is skipped depends on real weights' outputs; report cache speed-ups from real runs)."""
-    from imagegen.pipelines.profiles import profile_for
+    (whether a cached step is skipped depends on real weights' outputs; report cache speed-ups from real runs).
+
+    ``<profile>:graphs`` is the profile with its compiled blocks in CUDA graphs (``torch.compile`` mode
+    ``reduce-overhead``): SDXL's identity overhead is kernel launches, which graphs replay without the host; a measure
+    of what a graph-captured step would give, not a shipped profile yet."""
+    from imagegen.pipelines.profiles import CompileOptions, ProfileError, profile_for
 
     name, _, variant = label.partition(":")
+    if variant not in ("", "no-step-cache", "graphs"):
+        raise ProfileError(f"unknown variant {variant!r} of profile {name!r}: no-step-cache or graphs")
     profile = profile_for(preset, name)
     if profile.step_cache is not None and (variant == "no-step-cache" or not keep_step_cache):
         profile = profile.model_copy(update={"step_cache": None})
+    if variant == "graphs":
+        compile_options = profile.compile or CompileOptions()
+        profile = profile.model_copy(
+            update={"name": label, "compile": compile_options.model_copy(update={"mode": "reduce-overhead"})}
+        )
     return profile
 
 
@@ -979,13 +990,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--flux-profiles",
         nargs="*",
         default=None,
-        help=f"FLUX profiles, eager first (default: {' '.join(DEFAULT_PROFILES['flux'])}; <name>:no-step-cache too)",
+        help=f"FLUX profiles, eager first (default: {' '.join(DEFAULT_PROFILES['flux'])}; <name>:no-step-cache, "
+        "<name>:graphs too)",
     )
     parser.add_argument(
         "--sdxl-profiles",
         nargs="*",
         default=None,
-        help=f"SDXL profiles (default: {' '.join(DEFAULT_PROFILES['sdxl'])})",
+        help=f"SDXL profiles (default: {' '.join(DEFAULT_PROFILES['sdxl'])}; <name>:graphs: its compiled blocks in "
+        "CUDA graphs)",
     )
     parser.add_argument(
         "--keep-step-cache",

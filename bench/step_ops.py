@@ -9,7 +9,8 @@ views included) and, on CUDA, kernel launches per step.
 
     python bench/step_ops.py                                  # tiny SDXL on the CPU, eager: plain, PuLID, IP FaceID
     python bench/step_ops.py --families sdxl flux --profiles quality fast
-    python bench/step_ops.py --device cuda --full-size        # the launches of a full-size step (GPU)
+    python bench/step_ops.py --proxy --families sdxl          # real widths, few blocks, 128 px (CPU)
+    python bench/step_ops.py --device cuda --full-size --profiles quality fast fast:graphs   # launches (GPU)
 
 Prints a table and one JSON line per row (``aten_ops_per_step``, ``over_plain``, ``launches_per_step``).
 """
@@ -33,6 +34,9 @@ from imagegen.pipelines.presets import get_preset  # noqa: E402
 from imagegen.pipelines.profiles import apply_profile  # noqa: E402
 from imagegen.pipelines.types import RenderRequest  # noqa: E402
 
+#: CUDA runtime / driver calls that launch work (eager kernels, Triton's, a captured graph's replay)
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
 
 def count_step(pipe, family: str, request: RenderRequest, embeds: dict, identity, device) -> dict[str, float]:
     """Aten operators and kernel launches per step of one call (after two calls that warm everything up)."""
@@ -45,7 +49,7 @@ def count_step(pipe, family: str, request: RenderRequest, embeds: dict, identity
         check.render(pipe, family, request, embeds, 1, identity, device)
     events = prof.key_averages()
     aten = sum(e.count for e in events if e.key.startswith("aten::"))
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    launches = sum(e.count for e in events if e.key in LAUNCHES)
     return {
         "aten_ops_per_step": round(aten / request.steps, 1),
         "launches_per_step": round(launches / request.steps, 1) if device.type == "cuda" else None,
@@ -54,14 +58,14 @@ def count_step(pipe, family: str, request: RenderRequest, embeds: dict, identity
 
 def rows_for(family: str, profile_name: str, opts: argparse.Namespace) -> list[dict]:
     device = torch.device(opts.device)
-    tiny = not opts.full_size
+    tiny = not (opts.full_size or opts.proxy)
     preset = get_preset(check.PRESETS[(family, tiny)])
     dtype = getattr(torch, preset.dtype) if device.type == "cuda" else torch.float32
     profile = check.resolve_profile(preset, profile_name, keep_step_cache=False)
-    pipe = check.build_pipeline(family, check.model_configs(family, tiny), device, dtype)
+    pipe = check.build_pipeline(family, check.model_configs(family, tiny, opts.proxy), device, dtype)
     apply_profile(pipe, profile, family, device)
     embeds = check.prompt_embeds(pipe, family, 1, preset.max_sequence_length)
-    size = opts.size or (64 if tiny else preset.defaults.width)
+    size = opts.size or (64 if tiny else 128 if opts.proxy else preset.defaults.width)
     request = RenderRequest(
         prompt="step ops", width=size, height=size, steps=opts.steps, guidance=preset.defaults.guidance
     )
@@ -92,9 +96,12 @@ def rows_for(family: str, profile_name: str, opts: argparse.Namespace) -> list[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="*", default=["sdxl"], choices=["flux", "sdxl"])
-    parser.add_argument("--profiles", nargs="*", default=["quality"])
+    parser.add_argument(
+        "--profiles", nargs="*", default=["quality"], help="profiles (<name>:graphs: compiled blocks in CUDA graphs)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--full-size", action="store_true", help="full-size random-weight models (a GPU's work)")
+    parser.add_argument("--proxy", action="store_true", help="the full-width CPU proxy: real widths, few blocks")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=None, help="square size (default: 64 tiny, the preset's full)")
     opts = parser.parse_args()
