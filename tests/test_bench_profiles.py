@@ -3,6 +3,7 @@ step cache dropped for random weights, ratios and the issue's goals (the timing 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import gpu_check  # noqa: E402
 from profile_bench import add_ratios, parse_profiles  # noqa: E402
 
 from imagegen.pipelines.presets import get_preset  # noqa: E402
+from imagegen.pipelines.profiles import ProfileError  # noqa: E402
 
 
 def test_profile_choices_put_eager_first_and_know_the_no_step_cache_variant():
@@ -44,6 +46,29 @@ def test_gpu_check_plans_every_profile_at_batch_one_then_eager_at_larger_batches
     # random weights: the step cache is dropped unless kept
     assert gpu_check.resolve_profile(get_preset("flux-dev"), "fastest", keep_step_cache=False).step_cache is None
     assert gpu_check.resolve_profile(get_preset("flux-dev"), "fastest", keep_step_cache=True).step_cache is not None
+
+
+def test_gpu_check_graphs_variant_is_the_profile_in_cuda_graphs():
+    fast = gpu_check.resolve_profile(get_preset("sdxl-base"), "fast", keep_step_cache=False)
+    graphs = gpu_check.resolve_profile(get_preset("sdxl-base"), "fast:graphs", keep_step_cache=False)
+    assert graphs.compile.mode == "reduce-overhead" and fast.compile.mode is None
+    assert graphs.model_copy(update={"name": "fast", "compile": fast.compile}) == fast  # nothing else changes
+    eager = gpu_check.resolve_profile(get_preset("sdxl-base"), "quality:graphs", keep_step_cache=False)
+    assert eager.compile is not None and eager.compile.mode == "reduce-overhead"
+    with pytest.raises(ProfileError, match="no-step-cache or graphs"):
+        gpu_check.resolve_profile(get_preset("sdxl-base"), "fast:cudagraphs", keep_step_cache=False)
+
+
+def test_step_ops_counts_what_identity_adds_to_an_eager_step():
+    """bench/step_ops.py on tiny SDXL: FaceID-PlusV2 renders from step 0, so its LoRA is merged and adds no operator
+    per step; what is left is of the size of PuLID's (its 64 LoRA hooks added ~1,360 operators a step before)."""
+    import step_ops
+
+    opts = argparse.Namespace(device="cpu", full_size=False, proxy=False, size=None, steps=2)
+    rows = {row["method"]: row for row in step_ops.rows_for("sdxl", "quality", opts)}
+    assert rows["plain"]["over_plain"] == 0 and rows["plain"]["launches_per_step"] is None
+    pulid, faceid = rows["pulid-sdxl-v1.1"]["over_plain"], rows["ipadapter-faceid-plusv2-sdxl"]["over_plain"]
+    assert 0 < pulid and 0 < faceid < 1.5 * pulid, rows
 
 
 def test_gpu_check_proxy_is_full_width_with_few_blocks():
