@@ -515,21 +515,25 @@ def resolve_profile(preset, label: str, keep_step_cache: bool):
     (whether a cached step is skipped depends on real weights' outputs; report cache speed-ups from real runs).
 
     ``<profile>:graphs`` is the profile with its compiled blocks in CUDA graphs (``torch.compile`` mode
-    ``reduce-overhead``): SDXL's identity overhead is kernel launches, which graphs replay without the host; a measure
-    of what a graph-captured step would give, not a shipped profile yet."""
+    ``reduce-overhead``), ``<profile>:cpp`` with inductor's C++ wrapper (``cpp_wrapper``: kernels launched from C++,
+    not Python): SDXL's identity overhead is host time per kernel, which the first replays without the host and the
+    second shortens; measures of those two levers, not shipped profiles yet."""
     from imagegen.pipelines.profiles import CompileOptions, ProfileError, profile_for
 
     name, _, variant = label.partition(":")
-    if variant not in ("", "no-step-cache", "graphs"):
-        raise ProfileError(f"unknown variant {variant!r} of profile {name!r}: no-step-cache or graphs")
+    if variant not in ("", "no-step-cache", "graphs", "cpp"):
+        raise ProfileError(f"unknown variant {variant!r} of profile {name!r}: no-step-cache, graphs or cpp")
     profile = profile_for(preset, name)
     if profile.step_cache is not None and (variant == "no-step-cache" or not keep_step_cache):
         profile = profile.model_copy(update={"step_cache": None})
+    compile_options = profile.compile or CompileOptions()
     if variant == "graphs":
-        compile_options = profile.compile or CompileOptions()
         profile = profile.model_copy(
             update={"name": label, "compile": compile_options.model_copy(update={"mode": "reduce-overhead"})}
         )
+    if variant == "cpp":
+        cpp = CompileOptions(**{**compile_options.model_dump(), "mode": None, "options": {"cpp_wrapper": True}})
+        profile = profile.model_copy(update={"name": label, "compile": cpp})
     return profile
 
 
@@ -998,7 +1002,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=None,
         help=f"SDXL profiles (default: {' '.join(DEFAULT_PROFILES['sdxl'])}; <name>:graphs: its compiled blocks in "
-        "CUDA graphs)",
+        "CUDA graphs; <name>:cpp: inductor's C++ wrapper)",
     )
     parser.add_argument(
         "--keep-step-cache",

@@ -48,14 +48,16 @@ def test_gpu_check_plans_every_profile_at_batch_one_then_eager_at_larger_batches
     assert gpu_check.resolve_profile(get_preset("flux-dev"), "fastest", keep_step_cache=True).step_cache is not None
 
 
-def test_gpu_check_graphs_variant_is_the_profile_in_cuda_graphs():
+def test_gpu_check_graphs_and_cpp_variants_change_only_how_the_blocks_compile():
     fast = gpu_check.resolve_profile(get_preset("sdxl-base"), "fast", keep_step_cache=False)
     graphs = gpu_check.resolve_profile(get_preset("sdxl-base"), "fast:graphs", keep_step_cache=False)
     assert graphs.compile.mode == "reduce-overhead" and fast.compile.mode is None
     assert graphs.model_copy(update={"name": "fast", "compile": fast.compile}) == fast  # nothing else changes
     eager = gpu_check.resolve_profile(get_preset("sdxl-base"), "quality:graphs", keep_step_cache=False)
     assert eager.compile is not None and eager.compile.mode == "reduce-overhead"
-    with pytest.raises(ProfileError, match="no-step-cache or graphs"):
+    cpp = gpu_check.resolve_profile(get_preset("sdxl-base"), "fast:cpp", keep_step_cache=False)
+    assert cpp.compile.options == {"cpp_wrapper": True} and cpp.compile.mode is None and cpp.compile.fullgraph
+    with pytest.raises(ProfileError, match="no-step-cache, graphs or cpp"):
         gpu_check.resolve_profile(get_preset("sdxl-base"), "fast:cudagraphs", keep_step_cache=False)
 
 

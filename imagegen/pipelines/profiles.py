@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imagegen.errors import ConfigError
 from imagegen.pipelines.presets import Preset, read_yaml_config
@@ -62,6 +62,29 @@ class CompileOptions(BaseModel):
     #: symbolic shapes from the start (None: torch marks a dimension dynamic the second time it changes, so a
     #: new batch size costs one recompile, then none)
     dynamic: bool | None = None
+    #: inductor options (``torch.compile``'s ``options``, e.g. ``{cpp_wrapper: true}``: the generated code launches
+    #: its kernels from C++ rather than Python, less host time per kernel); torch takes these or ``mode``, not both
+    options: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _mode_or_options(self) -> CompileOptions:
+        if self.options:
+            if self.mode is not None:
+                raise ValueError("set compile.mode or compile.options, not both (torch.compile takes one of them)")
+            from typing import get_origin
+
+            from torch._inductor import config
+
+            known = config.get_config_copy()
+            unknown = sorted(key for key in self.options if key.replace("-", "_") not in known)
+            if unknown:
+                raise ValueError(f"unknown inductor option(s) {unknown} (torch._inductor.list_options() has them all)")
+            for key, value in self.options.items():
+                expected = config.get_type(key.replace("-", "_"))
+                if get_origin(expected) is None and not isinstance(value, expected):
+                    kind = type(known[key.replace("-", "_")]).__name__
+                    raise ValueError(f"inductor option {key} takes a {kind}, got {value!r} ({type(value).__name__})")
+        return self
 
 
 class StepCacheOptions(BaseModel):
@@ -301,7 +324,9 @@ def apply_profile(pipe, profile: Profile, family: str, device: torch.device) -> 
     if profile.compile is not None:
         options = profile.compile
         raise_recompile_limit()
-        denoiser.compile_repeated_blocks(fullgraph=options.fullgraph, dynamic=options.dynamic, mode=options.mode)
+        denoiser.compile_repeated_blocks(
+            fullgraph=options.fullgraph, dynamic=options.dynamic, mode=options.mode, options=options.options
+        )
         result.applied.append("compile")
     if profile.step_cache is not None:
         denoiser.enable_cache(step_cache_config(profile))

@@ -114,6 +114,33 @@ def test_unknown_profile_and_bad_options_are_refused_before_loading():
     preset = get_preset("tiny-flux").model_copy(update={"profile_overrides": {"fast": {"quantize": "int3"}}})
     with pytest.raises(ProfileError, match="profile 'fast' for preset 'tiny-flux' is invalid: quantize"):
         profile_for(preset, "fast")
+    for compile_options, words in (
+        ({"mode": "reduce-overhead", "options": {"cpp_wrapper": True}}, "set compile.mode or compile.options"),
+        ({"options": {"cpp_wraper": True}}, "unknown inductor option(s) ['cpp_wraper']"),
+        ({"options": {"cpp_wrapper": "yes"}}, "inductor option cpp_wrapper takes a bool, got 'yes'"),
+    ):
+        overrides = {"fast": {"compile": compile_options}}
+        preset = get_preset("tiny-sdxl").model_copy(update={"profile_overrides": overrides})
+        with pytest.raises(ProfileError) as info:
+            profile_for(preset, "fast")
+        assert words in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_inductor_options_reach_the_compiled_blocks(tmp_path):
+    """A profile's ``compile.options`` go to torch.compile with the blocks (here: inductor's trace of what it
+    generated, written to a folder, which only these options ask for)."""
+    trace = {"trace.enabled": True, "trace.debug_dir": str(tmp_path), "fx_graph_cache": False}
+    preset = get_preset("tiny-sdxl").model_copy(update={"profile_overrides": {"fast": {"compile": {"options": trace}}}})
+    profile = profile_for(preset, "fast")
+    assert profile.compile.options == trace and profile.compile.fullgraph
+    renderer = Renderer(preset, device="cpu", profile=profile)
+    blocks = [m for m in renderer.pipe.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert blocks and "compile" in renderer.applied_profile.applied
+    request = RenderRequest(prompt="options", seed=3, width=32, height=32, steps=2)
+    eager = Renderer("tiny-sdxl", device="cpu", profile="quality").render([request])[0]
+    [compiled] = renderer.render([request])
+    assert np.abs(np.asarray(compiled.image, np.int16) - np.asarray(eager.image, np.int16)).max() <= 2
+    assert list(tmp_path.rglob("output_code.py")), sorted(p.name for p in tmp_path.rglob("*"))[:20]
 
 
 #: a First-Block cache that skips every step it can (eager, to stay quick): its residuals always win over computing
