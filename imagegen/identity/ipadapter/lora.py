@@ -187,6 +187,8 @@ def _has_room(device: torch.device, nbytes: int) -> bool:
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
+    # what torch's caching allocator holds but does not use is free for this process too
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return free > 2 * nbytes
 
 
