@@ -336,6 +336,12 @@ def apply_profile(pipe, profile: Profile, family: str, device: torch.device) -> 
     return result
 
 
+def has_compiled_blocks(model: torch.nn.Module) -> bool:
+    """Whether ``model`` or any of its submodules was compiled in place (``Module.compile``: a profile's regional
+    compile). Eager-only shortcuts of the identity hooks check it: compiled code must not see them."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 #: the most compiled variants dynamo keeps per code object once a profile compiles (its default is 8)
 RECOMPILE_LIMIT = 64
 

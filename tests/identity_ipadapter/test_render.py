@@ -160,6 +160,35 @@ def test_the_image_projection_runs_once_per_render_not_per_step(case):
     assert np.abs(pixels(first) - pixels(other)).sum() > 0  # the second batch did not reuse the first one's tokens
 
 
+def test_image_token_keys_and_values_are_projected_once_per_render_not_per_step(case):
+    """diffusers' IP processors project the image tokens to keys and values in every layer at every step; the
+    tokens are the same all through a batch, so each projection is computed once per render whatever the steps, and
+    the pixels are those of projecting at every step (the same arithmetic on the same tensors)."""
+    renderer, name = case
+    render(renderer, prompt="warm", seed=1, character="mia", method=name)
+    kept = renderer.identity_method(name).handle.kept
+    assert kept and len(kept) % 2 == 0  # to_k_ip and to_v_ip of every IP processor
+
+    def computed(steps: int) -> tuple[int, object]:
+        before = sum(k.computed for k in kept)
+        result = render(renderer, prompt="a cafe", seed=5, character="mia", method=name, steps=steps)
+        return sum(k.computed for k in kept) - before, result
+
+    three, _ = computed(3)
+    five, image = computed(5)
+    assert three == five == len(kept), (three, five, len(kept))
+    for k in kept:  # what a step would have computed, compared with what the renders used
+        assert not k._kept  # forgotten when the batch ended: nothing of a render outlives it
+    for k in kept:
+        k.remove()
+    try:
+        again = render(renderer, prompt="a cafe", seed=5, character="mia", method=name, steps=5)
+    finally:
+        for k in kept:
+            k.linear.forward = k
+    assert np.array_equal(pixels(image), pixels(again))
+
+
 def test_faceid_lora_is_merged_for_whole_batch_calls_and_the_weights_come_back(renderers):
     """FaceID's LoRA on every attention projection is a hook per Linear per step, unless every row of a UNet call
     takes it: then the hooks are off and the weights merged for the batch. Rows that do not take it (a plain row, a

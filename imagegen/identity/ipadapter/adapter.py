@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from imagegen.identity.ipadapter.keep import KeptProjection, keep_projections
 from imagegen.identity.ipadapter.lora import GATES, FaceIDLoRA, FusedRowLoRA, RowLoRA
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
 from imagegen.identity.steps import Phase, StepGatedState, per_sample, pick
@@ -169,6 +170,8 @@ class IPAdapterHandle:
         self._pipe_config = None
         #: FaceID's LoRA (None for adapters without one)
         self.lora: FaceIDLoRA | None = None
+        #: the IP processors' image-token projections, kept per batch (:mod:`.keep`)
+        self.kept: list[KeptProjection] = []
         self._call_hook = None
         #: the rows of the model call running that take the adapter (set by :meth:`_before_call`)
         self.gate = CallGate()
@@ -251,6 +254,8 @@ class IPAdapterHandle:
             self.gate.clear()
             if self.lora is not None:
                 self.lora.end_batch()
+            for kept in self.kept:
+                kept.forget()
             self._restore_model()
             # FLUX's transformer leaves the projected IP tokens in the pipeline's joint_attention_kwargs (the next
             # call resets them): drop them now rather than keep the last batch's tensors alive
@@ -266,6 +271,9 @@ class IPAdapterHandle:
         if self.lora is not None:
             self.lora.remove()
             self.lora = None
+        for kept in self.kept:
+            kept.remove()
+        self.kept.clear()
         if self._call_hook is not None:
             self._call_hook.remove()
             self._call_hook = None
@@ -565,7 +573,11 @@ def attach_ip_adapter(pipe, family: str, spec: LoadSpec) -> IPAdapterHandle:
     processors = {}
     for name, original in handle._processors.items():
         current = loaded[name]
-        processors[name] = wrapper(original, current, handle) if isinstance(current, ip_types) else original
+        if isinstance(current, ip_types):
+            processors[name] = wrapper(original, current, handle)
+            handle.kept += keep_projections(current, model)
+        else:
+            processors[name] = original
     model.set_attn_processor(processors)
     handle._call_hook = model.register_forward_pre_hook(handle._before_call, with_kwargs=True)
     handle.attached = True

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagegen.pipelines.profiles import has_compiled_blocks
+
 
 class Gate(Protocol):
     """What the hooks read of the adapter's per-call gate (``adapter.CallGate``)."""
@@ -148,13 +150,12 @@ class FaceIDLoRA:
 
     def _may_merge(self, device: torch.device) -> bool:
         if self._mergeable is None:
-            modules = list(self.model.modules())
             self._mergeable = (
                 bool(self.targets)
                 # a compiled block (regional compile) would be compiled again per variant and batch composition
-                and not any(getattr(m, "_compiled_call_impl", None) is not None for m in modules)
+                and not has_compiled_blocks(self.model)
                 # accelerate's offload hooks move the parameters themselves
-                and not any(hasattr(m, "_hf_hook") for m in modules)
+                and not any(hasattr(m, "_hf_hook") for m in self.model.modules())
                 and all(_plain_weight(linear.weight, device) for linear, _ in self.targets)
                 and _has_room(device, sum(linear.weight.nbytes for linear, _ in self.targets))
             )
