@@ -526,14 +526,10 @@ def resolve_profile(preset, label: str, keep_step_cache: bool):
     profile = profile_for(preset, name)
     if profile.step_cache is not None and (variant == "no-step-cache" or not keep_step_cache):
         profile = profile.model_copy(update={"step_cache": None})
-    compile_options = profile.compile or CompileOptions()
-    if variant == "graphs":
-        profile = profile.model_copy(
-            update={"name": label, "compile": compile_options.model_copy(update={"mode": "reduce-overhead"})}
-        )
-    if variant == "cpp":
-        cpp = CompileOptions(**{**compile_options.model_dump(), "mode": None, "options": {"cpp_wrapper": True}})
-        profile = profile.model_copy(update={"name": label, "compile": cpp})
+    lever = {"graphs": {"mode": "reduce-overhead"}, "cpp": {"mode": None, "options": {"cpp_wrapper": True}}}
+    if variant in lever:
+        compile_options = (profile.compile or CompileOptions()).model_copy(update=lever[variant])
+        profile = profile.model_copy(update={"name": label, "compile": compile_options})
     return profile
 
 
@@ -995,7 +991,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=None,
         help=f"FLUX profiles, eager first (default: {' '.join(DEFAULT_PROFILES['flux'])}; <name>:no-step-cache, "
-        "<name>:graphs too)",
+        "<name>:graphs, <name>:cpp too)",
     )
     parser.add_argument(
         "--sdxl-profiles",

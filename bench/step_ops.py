@@ -97,7 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="*", default=["sdxl"], choices=["flux", "sdxl"])
     parser.add_argument(
-        "--profiles", nargs="*", default=["quality"], help="profiles (<name>:graphs: compiled blocks in CUDA graphs)"
+        "--profiles",
+        nargs="*",
+        default=["quality"],
+        help="profiles (<name>:graphs / <name>:cpp: bench/gpu_check.py's variants)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--full-size", action="store_true", help="full-size random-weight models (a GPU's work)")

@@ -75,14 +75,15 @@ class CompileOptions(BaseModel):
 
             from torch._inductor import config
 
-            known = config.get_config_copy()
-            unknown = sorted(key for key in self.options if key.replace("-", "_") not in known)
+            known = config.get_config_copy()  # what torch.compile accepts (as it spells them: '-' read as '_')
+            names = {key: key.replace("-", "_") for key in self.options}
+            unknown = sorted(key for key, name in names.items() if name not in known)
             if unknown:
                 raise ValueError(f"unknown inductor option(s) {unknown} (torch._inductor.list_options() has them all)")
             for key, value in self.options.items():
-                expected = config.get_type(key.replace("-", "_"))
+                expected = config.get_type(names[key])
                 if get_origin(expected) is None and not isinstance(value, expected):
-                    kind = type(known[key.replace("-", "_")]).__name__
+                    kind = type(known[names[key]]).__name__
                     raise ValueError(f"inductor option {key} takes a {kind}, got {value!r} ({type(value).__name__})")
         return self
 
