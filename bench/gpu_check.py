@@ -1026,8 +1026,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--tests", nargs="*", default=None, help=f"test paths (default: {' '.join(TEST_PATHS)})")
     parser.add_argument("--budget-s", type=float, default=None, help="the whole run (default 480; dry run 1800)")
-    parser.add_argument("--flux-budget-s", type=float, default=None, help="FLUX timings (default 250)")
-    parser.add_argument("--sdxl-budget-s", type=float, default=None, help="SDXL timings (default 150)")
+    parser.add_argument("--flux-budget-s", type=float, default=None, help="FLUX timings (default 250; alone: all)")
+    parser.add_argument("--sdxl-budget-s", type=float, default=None, help="SDXL timings (default 150; alone: all)")
     parser.add_argument("--tests-budget-s", type=float, default=None, help="tests (default: what is left, <= 120)")
     parser.add_argument("--workdir", default=None, help="scratch folder for the random adapter files")
     opts = parser.parse_args(argv)
@@ -1046,6 +1046,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         opts.batches, opts.repeats = opts.batches or [1], opts.repeats or 2
         opts.skip_tests = True
         budgets = {"budget_s": 1800, "flux_budget_s": 900, "sdxl_budget_s": 900, "tests_budget_s": 0}
+    if len(opts.families) == 1:  # one family: its timings may take the whole budget (less the tests')
+        family_budget = opts.budget_s or budgets["budget_s"]
+        tests = 0 if opts.skip_tests else opts.tests_budget_s or budgets["tests_budget_s"]
+        budgets[f"{opts.families[0]}_budget_s"] = max(family_budget - tests, 0)
     for name, default in budgets.items():
         if getattr(opts, name) is None:
             setattr(opts, name, default)

@@ -49,8 +49,9 @@ def test_gpu_check_plans_every_profile_at_batch_one_then_eager_at_larger_batches
 
 
 def test_gpu_check_graphs_and_cpp_variants_change_only_how_the_blocks_compile():
-    fast = gpu_check.resolve_profile(get_preset("sdxl-base"), "fast", keep_step_cache=False)
-    graphs = gpu_check.resolve_profile(get_preset("sdxl-base"), "fast:graphs", keep_step_cache=False)
+    # FLUX's fast compiles without CUDA graphs (SDXL's fast has them already)
+    fast = gpu_check.resolve_profile(get_preset("flux-dev"), "fast", keep_step_cache=False)
+    graphs = gpu_check.resolve_profile(get_preset("flux-dev"), "fast:graphs", keep_step_cache=False)
     assert graphs.compile.mode == "reduce-overhead" and fast.compile.mode is None
     assert graphs.model_copy(update={"name": "fast", "compile": fast.compile}) == fast  # nothing else changes
     eager = gpu_check.resolve_profile(get_preset("sdxl-base"), "quality:graphs", keep_step_cache=False)
@@ -120,3 +121,16 @@ def test_ratios_and_goals():
     ]
     add_ratios(bench_rows)
     assert bench_rows[2]["x_eager_plain"] == 0.6 and bench_rows[2]["x_plain"] == 1.2
+
+
+def test_gpu_check_gives_one_family_the_whole_budget():
+    """A GPU session that times only SDXL gets all of --budget-s for it (the default split left rows out)."""
+    base = ["--device", "cpu", "--tiny", "--budget-s", "330"]
+    alone = gpu_check.parse_args([*base, "--families", "sdxl", "--skip-tests"])
+    assert alone.sdxl_budget_s == 330
+    with_tests = gpu_check.parse_args([*base, "--families", "sdxl", "--tests-budget-s", "60"])
+    assert with_tests.sdxl_budget_s == 270
+    both = gpu_check.parse_args([*base, "--skip-tests"])
+    assert (both.flux_budget_s, both.sdxl_budget_s) == (250, 150)
+    chosen = gpu_check.parse_args([*base, "--families", "sdxl", "--sdxl-budget-s", "100", "--skip-tests"])
+    assert chosen.sdxl_budget_s == 100

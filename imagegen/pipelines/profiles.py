@@ -87,6 +87,13 @@ class CompileOptions(BaseModel):
                     raise ValueError(f"inductor option {key} takes a {kind}, got {value!r} ({type(value).__name__})")
         return self
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled blocks run in CUDA graphs (mode ``reduce-overhead``, or inductor's
+        ``triton.cudagraphs`` option)."""
+        options = {key.replace("-", "_"): value for key, value in (self.options or {}).items()}
+        return self.mode == "reduce-overhead" or bool(options.get("triton.cudagraphs"))
+
 
 class StepCacheOptions(BaseModel):
     """A diffusers step cache: later steps reuse (parts of) earlier steps' transformer outputs."""
@@ -248,6 +255,17 @@ def check_profile(profile: Profile, family: str, device: torch.device) -> Quanti
                 "blocks (one sync in the first block), which a fullgraph compile refuses; set compile.fullgraph: false "
                 "with step_cache"
             )
+    if profile.compile is not None and profile.compile.cuda_graphs:
+        if profile.step_cache is not None:
+            raise ProfileError(
+                f"profile '{profile.name}': a step cache keeps block outputs from one denoiser call to the next, and "
+                "CUDA graphs (compile mode reduce-overhead) replay over them; drop step_cache or the CUDA graphs"
+            )
+        if profile.offload != "none":
+            raise ProfileError(
+                f"profile '{profile.name}': offload moves the weights between calls, and CUDA graphs (compile mode "
+                "reduce-overhead) are captured on their addresses; use offload: none with CUDA graphs"
+            )
     if profile.offload == "sequential" and profile.compile is not None:
         raise ProfileError(
             f"profile '{profile.name}': sequential offload moves every weight at every call, which compiled blocks "
@@ -329,12 +347,32 @@ def apply_profile(pipe, profile: Profile, family: str, device: torch.device) -> 
             fullgraph=options.fullgraph, dynamic=options.dynamic, mode=options.mode, options=options.options
         )
         result.applied.append("compile")
+        if options.cuda_graphs:
+            # marked on every device (harmless where inductor runs no graphs), reported where graphs exist
+            denoiser.register_forward_pre_hook(_new_cuda_graph_step)
+            if device.type == "cuda":
+                result.applied.append("cuda_graphs")
+            else:
+                result.skipped["cuda_graphs"] = f"CUDA graphs need a CUDA device; this is {_describe(device)}"
     if profile.step_cache is not None:
         denoiser.enable_cache(step_cache_config(profile))
         result.applied.append(f"step_cache:{profile.step_cache.kind}")
     if result.skipped:
         log.info("profile %s: not applied here: %s", profile.name, result.skipped)
     return result
+
+
+def _new_cuda_graph_step(module: torch.nn.Module, args) -> None:
+    """A denoiser call begins: the CUDA graphs of the previous call's blocks may be replayed over.
+
+    Regional compilation makes every block call a call of a compiled function, and torch's CUDA graph trees treat
+    each such call as a new iteration unless told where iterations begin: block ``k + 1`` then replays into the
+    memory holding block ``k``'s output, and the next read of it fails ("accessing tensor output of CUDAGraphs that
+    has been overwritten", seen on an H200). Marked once per denoiser call, the blocks of one call form one path of
+    graphs whose outputs stay valid until the next call; nothing a block returns outlives the call (the denoiser's
+    own output comes from eager layers after the last block).
+    """
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def has_compiled_blocks(model: torch.nn.Module) -> bool:

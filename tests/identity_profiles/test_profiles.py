@@ -29,6 +29,8 @@ where it starts). TaylorSeer is refused by both FLUX methods.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -104,8 +106,13 @@ def registry(tmp_path_factory):
         yield registry
 
 
+#: CPU here and in CI; ``IMAGEGEN_DEVICE=cuda`` runs the same checks on a GPU (``bench/gpu_check.py --tests``), where
+#: ``fast`` on SDXL replays its compiled blocks as CUDA graphs
+DEVICE = os.environ.get("IMAGEGEN_DEVICE", "cpu")
+
+
 def renderer_for(registry, preset: str, profile: str | Profile) -> Renderer:
-    return Renderer(preset, device="cpu", identity=RegistryIdentity(registry), profile=profile)
+    return Renderer(preset, device=DEVICE, identity=RegistryIdentity(registry), profile=profile)
 
 
 def moved(before: dict[str, int]) -> dict[str, int]:
@@ -113,28 +120,38 @@ def moved(before: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in after}
 
 
-@pytest.fixture(scope="module")
-def renders(registry):
-    """Per (preset, profile, method): every render of :func:`requests` and what each compiled.
+class Renders:
+    """Per (preset, profile, method): every render of :func:`requests` and what each compiled, rendered when a test
+    first asks for that preset and profile (so ``-k`` selects work, not only assertions).
 
     Each renderer is first warmed up as a serving replica is (``warm_up``: plain renders, then one identity render
     per method with the method's ``example_tensors``, at 32 px, batch 1).
     """
-    out: dict[tuple[str, str, str], dict] = {}
-    for preset, methods in METHODS.items():
-        for profile in PROFILES:
-            renderer = renderer_for(registry, preset, profile)
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.done: dict[tuple[str, str, str], dict] = {}
+
+    def __getitem__(self, key: tuple[str, str, str]) -> dict:
+        preset, profile, _ = key
+        if key not in self.done:
+            renderer = renderer_for(self.registry, preset, profile)
             warm_up(renderer, sizes=[(SMALL["width"], SMALL["height"])], batch_sizes=(1,), steps=SMALL["steps"])
-            for method in methods:
+            for method in METHODS[preset]:
                 got: dict = {"compiled": {}}
                 for name, batch in requests(method).items():
                     before = compile_counters()
                     got[name] = renderer.render(batch)
                     got["compiled"][name] = moved(before)
                 got["applied"] = renderer.applied_profile
-                out[(preset, profile, method)] = got
+                self.done[(preset, profile, method)] = got
             del renderer
-    return out
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def renders(registry) -> Renders:
+    return Renders(registry)
 
 
 @pytest.mark.parametrize("profile", PROFILES)

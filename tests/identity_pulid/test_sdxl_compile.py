@@ -3,6 +3,8 @@ and the processors inside ``torch.compile``'d UNet blocks: no graph break, one g
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
@@ -153,3 +155,74 @@ def test_compiled_blocks_do_not_break_or_recompile_per_batch(tiny_unet):
     for expected, got in zip(eager, compiled, strict=True):
         for a, b in zip(expected, got, strict=True):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+#: the device of the CUDA-graph check (``IMAGEGEN_DEVICE=cuda``, as ``bench/gpu_check.py`` runs this folder on a GPU)
+DEVICE = torch.device(os.environ.get("IMAGEGEN_DEVICE", "cpu"))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device (IMAGEGEN_DEVICE=cuda)")
+def test_cuda_graphs_of_the_fast_profile_replay_every_batch_composition_as_eager(isolated_home):
+    """SDXL's ``fast`` replays its compiled blocks as CUDA graphs: the identity state of each batch (scales, start
+    steps, samples without identity, no negatives) reaches the replayed graphs, whose outputs match eager's; nothing
+    makes inductor fall back from the graphs. A stale replay (an earlier batch's identity, or a block output
+    overwritten by the next block's replay) would differ from eager by the identity's whole effect."""
+    from torch._dynamo.utils import counters
+
+    from imagegen.pipelines.loading import load_pipeline
+    from imagegen.pipelines.presets import get_preset
+    from imagegen.pipelines.profiles import apply_profile, profile_for
+
+    preset = get_preset("tiny-sdxl")
+    weights = tiny_method_files("tiny-sdxl", "pulid-sdxl-v1.1")["weights"]
+    generator = torch.Generator().manual_seed(0)
+
+    def attached(profile: str):
+        pipe = load_pipeline(preset, DEVICE, torch.float32)
+        applied = apply_profile(pipe, profile_for(preset, profile), "sdxl", DEVICE)
+        return pipe.unet, load_pulid_sdxl(weights).attach(pipe.unet), applied
+
+    unet, handle, _ = attached("quality")
+    width = unet.config.cross_attention_dim
+    extra = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    inputs = {
+        "sample": torch.randn(4, 4, 8, 8, generator=generator).to(DEVICE),
+        "encoder_hidden_states": torch.randn(4, 7, width, generator=generator).to(DEVICE),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(4, extra, generator=generator).to(DEVICE),
+            "time_ids": torch.randn(4, 6, generator=generator).to(DEVICE),
+        },
+    }
+    tokens, uncond = (5 * torch.randn(2, 32, width, generator=generator).to(DEVICE) for _ in range(2))
+
+    def states():
+        return [
+            None,
+            PulidSDXLState(tokens, [0.8, 0.5], uncond_id_tokens=uncond),
+            PulidSDXLState(tokens, [0.3, 0.0], uncond_id_tokens=uncond),
+            PulidSDXLState(tokens, [1.0, 0.6], uncond_id_tokens=uncond, start_step=[0, 2]),
+            None,
+            PulidSDXLState(uncond, 0.7),  # no negative id tokens: the negative half without identity
+        ]
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions: eager and graphs differ by summation order
+    try:
+        eager = [denoise(unet, handle, inputs, state) for state in states()]
+        effect = max((a - b).abs().max().item() for a, b in zip(eager[1], eager[0], strict=True))
+        assert effect > 0.02  # the identity's effect, far above the tolerance below
+        handle.detach()
+        del unet, handle
+
+        unet, handle, applied = attached("fast")
+        assert "cuda_graphs" in applied.applied
+        skips = counters["inductor"]["cudagraph_skips"]
+        for _ in range(2):  # the first pass warms up and records the graphs, the second replays them
+            replayed = [denoise(unet, handle, inputs, state) for state in states()]
+        assert counters["inductor"]["cudagraph_skips"] == skips, "inductor ran the blocks without CUDA graphs"
+        handle.detach()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    for expected, got in zip(eager, replayed, strict=True):
+        for a, b in zip(expected, got, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch._inductor.cudagraph_trees import MarkStepBox
 
 from imagegen.pipelines.presets import get_preset
 from imagegen.pipelines.profiles import Profile, ProfileError, check_profile, profile_for
@@ -40,9 +41,17 @@ def renders():
     for preset in PRESETS:
         for name in PROFILES:
             renderer = Renderer(preset, device="cpu", profile=name)
+            marks = MarkStepBox.mark_step_counter
             [alone] = renderer.render([TARGET])
+            marks = marks - MarkStepBox.mark_step_counter  # torch counts user-marked iterations downwards
             batch = renderer.render([OTHERS[0], TARGET, OTHERS[1]])
-            out[(preset, name)] = {"alone": alone, "batch": batch, "applied": renderer.applied_profile}
+            out[(preset, name)] = {
+                "alone": alone,
+                "batch": batch,
+                "applied": renderer.applied_profile,
+                "cuda_graph_steps": marks,
+                "steps": renderer.preset.defaults.steps,
+            }
             del renderer
     return out
 
@@ -70,6 +79,18 @@ def test_profiles_apply_what_they_say_on_this_device(renders):
     assert {"compile", "channels_last", "fuse_qkv"} <= set(fast_sdxl.applied)
     low = renders[("tiny-sdxl", "low-memory")]["applied"]
     assert "offload" in low.skipped and {"vae_tiling", "vae_slicing"} <= set(low.applied)
+
+
+def test_cuda_graph_profiles_begin_a_graph_step_at_every_denoiser_call(renders):
+    """SDXL's ``fast`` replays its compiled blocks as CUDA graphs on a GPU (skipped on this CPU, and said so). Each
+    denoiser call (one per step: CFG is one batched call) tells torch's graph trees that a new iteration begins, so
+    one call's blocks replay as one path and never over each other's outputs; profiles without graphs mark nothing."""
+    fast = renders[("tiny-sdxl", "fast")]
+    assert "CUDA device" in fast["applied"].skipped["cuda_graphs"]
+    assert fast["cuda_graph_steps"] == fast["steps"]
+    for key, got in renders.items():
+        if key != ("tiny-sdxl", "fast"):
+            assert got["cuda_graph_steps"] == 0, key
 
 
 def test_preset_default_profile_and_environment_override(monkeypatch):
@@ -100,6 +121,12 @@ CPU = torch.device("cpu")
         ({"compile": {}, "step_cache": {"kind": "first-block"}}, "flux", "compile.fullgraph: false"),
         ({"step_cache": {"kind": "first-block", "options": {"treshold": 0.1}}}, "flux", "options invalid"),
         ({"compile": {"fullgraph": False}, "offload": "sequential"}, "sdxl", "sequential offload"),
+        (
+            {"compile": {"fullgraph": False, "mode": "reduce-overhead"}, "step_cache": {"kind": "first-block"}},
+            "flux",
+            "drop step_cache or the CUDA graphs",
+        ),
+        ({"compile": {"options": {"triton.cudagraphs": True}}, "offload": "model"}, "sdxl", "offload: none with CUDA"),
     ],
 )
 def test_combinations_this_device_or_model_cannot_run_are_refused_in_one_line(options, family, words):
