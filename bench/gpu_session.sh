@@ -10,7 +10,7 @@
 # versions of this checkout's .venv (pure Python or manylinux, for the machine's Python 3.12), `run` installs them
 # into /tmp/site without touching the machine's torch (facexlib / filterpy: the tiny stand-ins' builder, which the
 # tests need). What `run` checks: that SDXL's `fast` (compiled blocks in CUDA graphs) replays every batch composition
-# as eager does (the parity test, skipped on CPUs), then the open timings of issue 13: `fast` at batch 1 and 4 (the
+# as eager does (the parity test; on CPUs it runs without graphs), then the open timings of issue 13: `fast` at batch 1 and 4 (the
 # identity overhead under graphs; `fastest:graphs`, fp8 in CUDA graphs, needs a session of its own: ~6 min compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +45,7 @@ case "${1:-}" in
     ;;
   dry)
     out="${OUT:-/tmp/gpu_session}" && mkdir -p "$out"
-    .venv/bin/python -m pytest -q -p no:cacheprovider "$PARITY_TEST"  # skipped here: no CUDA
+    .venv/bin/python -m pytest -q -p no:cacheprovider "$PARITY_TEST"  # here: the compiled blocks without graphs
     .venv/bin/python bench/gpu_check.py --dry-run --families sdxl --sdxl-profiles "${SDXL_PROFILES[@]}" \
       --batches 1 4 --skip-tests --out "$out/gpu_check.json" --markdown "$out/gpu_check.md"
     ;;

@@ -85,14 +85,14 @@ class CompileOptions(BaseModel):
                 if get_origin(expected) is None and not isinstance(value, expected):
                     kind = type(known[names[key]]).__name__
                     raise ValueError(f"inductor option {key} takes a {kind}, got {value!r} ({type(value).__name__})")
+            self.options = {names[key]: value for key, value in self.options.items()}  # as torch spells them
         return self
 
     @property
     def cuda_graphs(self) -> bool:
         """Whether the compiled blocks run in CUDA graphs (mode ``reduce-overhead``, or inductor's
         ``triton.cudagraphs`` option)."""
-        options = {key.replace("-", "_"): value for key, value in (self.options or {}).items()}
-        return self.mode == "reduce-overhead" or bool(options.get("triton.cudagraphs"))
+        return self.mode == "reduce-overhead" or bool((self.options or {}).get("triton.cudagraphs"))
 
 
 class StepCacheOptions(BaseModel):

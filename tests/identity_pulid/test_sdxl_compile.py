@@ -157,16 +157,17 @@ def test_compiled_blocks_do_not_break_or_recompile_per_batch(tiny_unet):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-#: the device of the CUDA-graph check (``IMAGEGEN_DEVICE=cuda``, as ``bench/gpu_check.py`` runs this folder on a GPU)
+#: the device of the profile check below: the CPU here and in CI; ``IMAGEGEN_DEVICE=cuda`` (``bench/gpu_session.sh``)
+#: runs it where SDXL's ``fast`` replays its compiled blocks as CUDA graphs
 DEVICE = torch.device(os.environ.get("IMAGEGEN_DEVICE", "cpu"))
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device (IMAGEGEN_DEVICE=cuda)")
 def test_cuda_graphs_of_the_fast_profile_replay_every_batch_composition_as_eager(isolated_home):
-    """SDXL's ``fast`` replays its compiled blocks as CUDA graphs: the identity state of each batch (scales, start
-    steps, samples without identity, no negatives) reaches the replayed graphs, whose outputs match eager's; nothing
-    makes inductor fall back from the graphs. A stale replay (an earlier batch's identity, or a block output
-    overwritten by the next block's replay) would differ from eager by the identity's whole effect."""
+    """SDXL's ``fast`` (inductor-compiled blocks; on a CUDA device replayed as CUDA graphs): the identity state of
+    each batch (scales, start steps, samples without identity, no negatives) reaches the compiled blocks, whose outputs
+    match eager's. On CUDA nothing makes inductor fall back from the graphs, and a stale replay (an earlier batch's
+    identity, or a block output overwritten by the next block's replay) would differ from eager by the identity's
+    whole effect; elsewhere the profile says the graphs were skipped."""
     from torch._dynamo.utils import counters
 
     from imagegen.pipelines.loading import load_pipeline
@@ -215,12 +216,15 @@ def test_cuda_graphs_of_the_fast_profile_replay_every_batch_composition_as_eager
         del unet, handle
 
         unet, handle, applied = attached("fast")
-        assert "cuda_graphs" in applied.applied
         skips = counters["inductor"]["cudagraph_skips"]
         for _ in range(2):  # the first pass warms up and records the graphs, the second replays them
             replayed = [denoise(unet, handle, inputs, state) for state in states()]
-        assert counters["inductor"]["cudagraph_skips"] == skips, "inductor ran the blocks without CUDA graphs"
         handle.detach()
+        if DEVICE.type == "cuda":
+            assert "cuda_graphs" in applied.applied
+            assert counters["inductor"]["cudagraph_skips"] == skips, "inductor ran the blocks without CUDA graphs"
+        else:
+            assert "cuda_graphs" in applied.skipped
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     for expected, got in zip(eager, replayed, strict=True):
