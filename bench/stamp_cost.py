@@ -8,7 +8,7 @@ measured here on a real photo (scikit-image's astronaut, upscaled), best of ``--
 
 Prints a table and a JSON line: ``watermark_ms``, ``png_level6_ms`` / ``png_level1_ms`` / ``png_served_ms``
 (PIL's default level, the level served PNGs use, and that level with their zlib strategy) with their sizes,
-``sign_ms``, ``sign_busy_ms`` (the signature while another Python thread is busy: ``provenance.c2pa_gil``),
+``sign_ms``, ``sign_busy_ms`` (the signature while another Python thread is busy: ``provenance.c2pa_embed``),
 ``stamp_ms`` (the whole ``provenance.stamp``),
 ``batch_serial_ms`` and ``batch_threads_ms`` (``--batch`` images one after another against ``STAMP_THREADS``).
 """
@@ -54,7 +54,7 @@ def main() -> None:
     from skimage import data
 
     import imagegen.provenance.stamp  # noqa: F401 - the module, not the package's re-exported function
-    from imagegen.provenance import c2pa_gil, manifest, watermark
+    from imagegen.provenance import c2pa_embed, manifest, watermark
     from imagegen.provenance.keys import signer_material
     from imagegen.serve.actors import STAMP_THREADS
 
@@ -94,7 +94,7 @@ def main() -> None:
     finally:
         busy.set()
         spinner.join()
-    figures["sign_holds_gil"] = c2pa_gil.signs_holding_gil()
+    figures["sign_holds_gil"] = c2pa_embed.holds_gil()
 
     def stamp(index: int) -> bytes:
         image_id = f"{index:08x}" + "0" * 24

@@ -18,9 +18,10 @@ import io
 import json
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any
 
-from imagegen.provenance.c2pa_gil import hold_gil_while_signing
+from imagegen.provenance.c2pa_embed import sign_into
 from imagegen.provenance.keys import ALGORITHM, SignerConfigError, SignerMaterial, signer_material, trust_anchors
 
 log = logging.getLogger(__name__)
@@ -81,21 +82,32 @@ def sign(data: bytes, fmt: str, record: dict[str, Any], material: SignerMaterial
     signature's time): the thread's signer proved once, when it was made, that what it signs
     validates (``_thread_signing``), and nothing that could break it changes between images.
     """
-    signer, context = _thread_signing(material or signer_material())
-    return _sign_with(signer, context, data, fmt, record)
+    return _sign_with(_thread_signing(material or signer_material()), data, fmt, record)
 
 
-def _sign_with(signer: Any, context: Any, data: bytes, fmt: str, record: dict[str, Any]) -> bytes:
-    import c2pa
-
-    with c2pa.Builder(manifest_definition(record, fmt), context) as builder:
-        out = io.BytesIO()
-        builder.sign(signer, MIME[fmt], io.BytesIO(data), out)
-    return out.getvalue()
+def _sign_with(signing: ThreadSigning, data: bytes, fmt: str, record: dict[str, Any]) -> bytes:
+    # by data hash, the manifest placed here: see imagegen.provenance.c2pa_embed
+    definition = manifest_definition(record, fmt)
+    return sign_into(signing.context, signing.signer, signing.reserve_size, definition, data, MIME[fmt])
 
 
 class SignerCheckFailed(SignerConfigError):
     """The signing pair makes manifests that do not validate (a key that does not match its certificate)."""
+
+
+@dataclass(frozen=True)
+class ThreadSigning:
+    """One thread's native signer and signing context for a signing pair (``_thread_signing``)."""
+
+    material: SignerMaterial
+    signer: Any
+    context: Any
+    #: bytes the signer's signature needs in a manifest (a native call: asked once)
+    reserve_size: int
+
+    def close(self) -> None:
+        self.signer.close()
+        self.context.close()
 
 
 _signers = threading.local()
@@ -103,7 +115,7 @@ _signers = threading.local()
 SIGNING_SETTINGS = {"builder": {"thumbnail": {"enabled": False}}, "verify": {"verify_after_sign": False}}
 
 
-def _thread_signing(material: SignerMaterial) -> tuple[Any, Any]:
+def _thread_signing(material: SignerMaterial) -> ThreadSigning:
     """This thread's ``c2pa.Signer`` and signing context for ``material``.
 
     Parsing the key and chain costs ~0.4 ms a signature, and a replica signs every image it serves
@@ -113,27 +125,26 @@ def _thread_signing(material: SignerMaterial) -> tuple[Any, Any]:
     """
     import c2pa
 
-    cached = getattr(_signers, "pair", None)
-    if cached is None or cached[0] is not material:
-        hold_gil_while_signing()  # once per process: see imagegen.provenance.c2pa_gil
+    cached: ThreadSigning | None = getattr(_signers, "pair", None)
+    if cached is None or cached.material is not material:
         if cached is not None:  # never left cached once closed, even if the new pair fails its check
             _signers.pair = None
-            cached[1].close()
-            cached[2].close()
+            cached.close()
         info = c2pa.C2paSignerInfo(ALGORITHM, material.chain_pem.encode(), material.key_pem.encode(), None)
         try:
             signer = c2pa.Signer.from_info(info)
         except c2pa.C2paError as exc:
             raise SignerCheckFailed(f"the C2PA signing pair ({material.source}) is refused by c2pa: {exc}") from None
-        context = c2pa.Context(settings=c2pa.Settings.from_dict(SIGNING_SETTINGS))
+        signing = ThreadSigning(
+            material, signer, c2pa.Context(settings=c2pa.Settings.from_dict(SIGNING_SETTINGS)), signer.reserve_size()
+        )
         try:
-            _check_signer(signer, context, material)
+            _check_signer(signing)
         except BaseException:
-            signer.close()
-            context.close()
+            signing.close()
             raise
-        cached = _signers.pair = (material, signer, context)
-    return cached[1], cached[2]
+        cached = _signers.pair = signing
+    return cached
 
 
 def verify_signer(material: SignerMaterial | None = None) -> None:
@@ -143,19 +154,19 @@ def verify_signer(material: SignerMaterial | None = None) -> None:
     _thread_signing(material or signer_material())
 
 
-def _check_signer(signer: Any, context: Any, material: SignerMaterial) -> None:
-    """Sign a probe PNG with ``signer`` and validate it: a pair that cannot make a valid manifest fails here."""
+def _check_signer(signing: ThreadSigning) -> None:
+    """Sign a probe PNG with ``signing`` and validate it: a pair that cannot make a valid manifest fails here."""
     from PIL import Image
 
     probe = io.BytesIO()
     Image.new("RGB", (8, 8), (128, 128, 128)).save(probe, "PNG")
     record = {"image_id": "signer-check", "preset": "signer-check", "method": "none"}
-    signed = _sign_with(signer, context, probe.getvalue(), "png", record)
+    signed = _sign_with(signing, probe.getvalue(), "png", record)
     report = read_manifest(signed, MIME["png"])
     if not report.get("valid"):
         failures = ", ".join(report.get("failures") or []) or report.get("state")
         raise SignerCheckFailed(
-            f"the C2PA signing pair ({material.source}) makes manifests that do not validate: {failures}; "
+            f"the C2PA signing pair ({signing.material.source}) makes manifests that do not validate: {failures}; "
             "check that IMAGEGEN_C2PA_KEY is the key of IMAGEGEN_C2PA_CERT's first certificate"
         )
 

@@ -3,6 +3,9 @@ validation with ``c2pa-python``, and failure after the pixels are edited."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -10,11 +13,11 @@ from typer.testing import CliRunner
 
 from imagegen import provenance, samples
 from imagegen.cli import app
-from imagegen.provenance import c2pa_gil, keys
+from imagegen.provenance import c2pa_embed, keys, manifest
 from imagegen.provenance.manifest import IPTC_AI_GENERATED, read_manifest
 from imagegen.settings import get_settings
 from tests.provenance.edits import edit_jpeg_pixels, edit_png_pixels
-from tests.provenance.helpers import stamp_photo
+from tests.provenance.helpers import decode, encode, stamp_photo
 from tests.test_cli import run_cli
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg"}
@@ -74,7 +77,7 @@ def test_configured_signer_signs_png_and_jpeg_and_an_edit_fails_validation(confi
     assert manifest["generator"]["name"] == "imagegen" and manifest["generator"]["version"]
     assert stamped.record["c2pa"]["signer"] == "configured"
     assert not (configured.parent / "home" / "provenance").exists()  # no development pair was made
-    assert c2pa_gil.signs_holding_gil()  # signing never waits on other threads for the GIL (c2pa_gil)
+    assert c2pa_embed.holds_gil()  # signing never waits on other threads for the GIL (c2pa_embed)
 
     edited = (edit_png_pixels if fmt == "png" else edit_jpeg_pixels)(stamped.png)
     broken = read_manifest(edited, MIME[fmt])
@@ -84,6 +87,51 @@ def test_configured_signer_signs_png_and_jpeg_and_an_edit_fails_validation(confi
     assert report["layers"]["manifest"] is False and report["manifest"]["state"] == "Invalid"
     if fmt == "png":  # one row edited: the metadata and the watermark are still there
         assert report["survived"] == ["text_chunks", "watermark"]
+
+
+def _hash_assertion(data: bytes, mime: str) -> dict:
+    import c2pa
+
+    with c2pa.Context(settings=c2pa.Settings.from_dict({"verify": {"verify_trust": False}})) as context:
+        reader = c2pa.Reader.try_create(mime, io.BytesIO(data), None, context)
+        with reader:
+            store = json.loads(reader.detailed_json())
+    return store["manifests"][store["active_manifest"]]["assertion_store"]["c2pa.hash.data"]
+
+
+def _without_jfif(jpeg: bytes) -> bytes:
+    assert jpeg[2:4] == b"\xff\xe0"
+    return jpeg[:2] + jpeg[4 + int.from_bytes(jpeg[4:6], "big") :]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "strip_jfif", "expected_at"),
+    [("png", False, 33), ("jpeg", False, 20), ("jpeg", True, 2)],
+    ids=["png-after-IHDR", "jpeg-after-JFIF", "jpeg-without-JFIF"],
+)
+def test_the_manifest_sits_where_its_hash_excludes_it_and_every_other_byte_is_bound(
+    configured, fmt, strip_jfif, expected_at
+):
+    """Signing by data hash places the manifest itself (after a PNG's IHDR, after a JPEG's SOI and JFIF APP0, as
+    c2pa-rs does): the exclusion is exactly the manifest's bytes, the rest of the file is the unsigned one byte
+    for byte, a change to any of it fails validation, and bytes that are no PNG / JPEG are refused unsigned."""
+    photo = samples.astronaut().resize((96, 96))
+    unsigned = encode(photo, "PNG" if fmt == "png" else "JPEG")
+    if strip_jfif:
+        unsigned = _without_jfif(unsigned)
+    record = {"image_id": "0123abcd" * 4, "request_id": "placement", "preset": "tiny-flux", "method": "none"}
+    signed = manifest.sign(unsigned, fmt, record)
+    exclusions = _hash_assertion(signed, MIME[fmt])["exclusions"]
+    assert len(exclusions) == 1 and exclusions[0]["start"] == expected_at
+    length = exclusions[0]["length"]
+    assert signed[:expected_at] + signed[expected_at + length :] == unsigned
+    assert read_manifest(signed, MIME[fmt])["state"] == "Trusted"
+    assert decode(signed).size == (96, 96)  # still an image every decoder opens
+    tampered = bytearray(signed)
+    tampered[-3] ^= 0x01  # a byte after the manifest (the IEND chunk / the JPEG scan)
+    assert read_manifest(bytes(tampered), MIME[fmt])["state"] == "Invalid"
+    with pytest.raises(c2pa_embed.ManifestPlacementError, match="not a PNG"):
+        manifest.sign(b"GIF89a" + unsigned[6:], "png", record)
 
 
 def test_without_trust_the_signature_is_valid_but_not_trusted(pair, isolated_home, monkeypatch):
