@@ -46,7 +46,10 @@ JSON and Markdown are rewritten after every part, so a run cut short still leave
    row is a first call (1 step; under a compiling profile it traces and compiles: reported apart, with the dynamo
    counters) and ``--repeats`` timed calls (all steps + VAE decode): total seconds, seconds per denoising step,
    decode seconds, the ratio to the eager plain row and to the same profile's plain row at the same batch size
-   (measured in the same run), recompiles, and peak GPU memory. Every profile runs at batch 1; the first profile
+   (measured in the same run), recompiles, and peak GPU memory; with ``--busy``, one more call under
+   ``torch.profiler`` gives the device's working time (CUDA: kernels and copies, graph replays included), its
+   share of the row's time and its ratio to the plain row's: whether an identity method's overhead is device work
+   or host work. Every profile runs at batch 1; the first profile
    (eager) also at the other ``--batches`` (identity overhead at batch > 1). The goals of issue 13 are checked
    against the rows: PuLID within 3% of plain of the same profile; ``fastest`` FLUX.1-dev + PuLID, 1024², 28 steps
    under 3 s on an H100-class GPU.
@@ -487,6 +490,24 @@ def render(pipe, family: str, request, embeds: dict, batch: int, identity: Ident
     return Run(finished - started, (marks[-1] if marks else finished) - started, peak)
 
 
+def device_busy(pipe, family: str, request, embeds: dict, batch: int, identity: Identity, device) -> tuple[float, int]:
+    """One more call under ``torch.profiler``: the seconds the device spent working in it, and in how many events.
+
+    On CUDA the kernels' and copies' own time (CUPTI records the kernels of a CUDA graph replay one by one); on the
+    CPU the time inside aten ops. Against the call's wall time it says whether a row's time is the device's work or
+    the host's (Python, launches, a graph's input copies): where an identity method's overhead under CUDA graphs
+    comes from. The profiled call itself is slower and is not timed.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        render(pipe, family, request, embeds, batch, identity, device)
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    busy_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
+    return busy_us / 1e6, sum(e.count for e in events)
+
+
 #: the default plan at full size (a row only starts when it fits the time budget): every profile at batch 1 with
 #: plain and the methods below, then the eager profile at the larger batch sizes (identity overhead at batch > 1)
 DEFAULT_PROFILES = {"flux": ["quality", "fast", "fastest"], "sdxl": ["quality", "fast"]}
@@ -622,7 +643,8 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                         except ProfileError as exc:
                             rows.append({**row, "steps": steps, "note": f"refused: {exc}"})
                             continue
-                    estimate = per_step.get((label, batch), plain_step) * (steps + 2) * (opts.repeats + 0.5)
+                    calls = opts.repeats + 0.5 + (1.5 if opts.busy else 0)  # a profiled call is slower
+                    estimate = per_step.get((label, batch), plain_step) * (steps + 2) * calls
                     if clock.left() < estimate + first_guess[kind] * 0.5:
                         report["skipped"].append(
                             f"{family} {label} {name} batch {batch}: would not fit the time budget"
@@ -652,6 +674,9 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                             render(pipe, family, request, embeds, batch, identity, device) for _ in range(opts.repeats)
                         ]
                         after = compile_counters()
+                        busy = (
+                            device_busy(pipe, family, request, embeds, batch, identity, device) if opts.busy else None
+                        )
                     except Exception as exc:  # out of memory, or a method failing at this size: report, go on
                         traceback.print_exc()
                         rows.append({**row, "steps": steps, "note": f"{type(exc).__name__}: {str(exc)[:300]}"})
@@ -676,6 +701,9 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                             "step_s": round(run.denoise_s / steps, 4),
                             "decode_s": round(run.total_s - run.denoise_s, 3),
                             "peak_gib": run.peak_gib,
+                            "busy_s": None if busy is None else round(busy[0], 3),
+                            "busy_events": None if busy is None else busy[1],
+                            "busy_share": None if busy is None else round(busy[0] / run.total_s, 3),
                             "first_compile": {k: v for k, v in counter_delta(before, middle).items() if v},
                             "steady_compile": {k: v for k, v in counter_delta(middle, after).items() if v},
                         }
@@ -710,7 +738,8 @@ def release(device: torch.device) -> None:
 
 def add_ratios(rows: list[dict]) -> None:
     """``x_eager_plain``: s/image over the eager (quality) plain row's, same family and batch; ``x_plain``: over the
-    same profile's plain row (the identity overhead under that profile); the same two per denoising step."""
+    same profile's plain row (the identity overhead under that profile); the same two per denoising step;
+    ``x_plain_busy``: the device's working time over the same profile's plain row's (``--busy``)."""
 
     def plain(row: dict, profile: str) -> dict | None:
         return next(
@@ -731,6 +760,8 @@ def add_ratios(rows: list[dict]) -> None:
         row["x_eager_plain"] = round(row["total_s"] / eager["total_s"], 3) if eager else None
         row["x_plain"] = round(row["total_s"] / same["total_s"], 3) if same else None
         row["x_plain_step"] = round(row["step_s"] / same["step_s"], 3) if same else None
+        busy, plain_busy = row.get("busy_s"), (same or {}).get("busy_s")
+        row["x_plain_busy"] = round(busy / plain_busy, 3) if busy and plain_busy else None
 
 
 # tests ----------------------------------------------------------------------------------------------------------
@@ -828,6 +859,8 @@ def table_rows(report: dict) -> list[list[str]]:
             fmt(r.get("x_plain_step"), ".3f"),
             compiles(r),
             fmt(r.get("peak_gib"), ".1f"),
+            fmt(r.get("busy_share"), ".2f"),
+            fmt(r.get("x_plain_busy"), ".3f"),
             r.get("note", ""),
         ]
         for r in report["timings"]
@@ -849,6 +882,8 @@ HEADER = [
     "x plain/step",
     "graphs/recompiles/steady",
     "peak GiB",
+    "device busy share",
+    "x plain busy",
     "note",
 ]
 #: left-aligned columns of the table
@@ -1018,6 +1053,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "profile only (default: 1 4; dry run and proxy: 1)"
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 1; proxy 2)")
+    parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="one more call per row under torch.profiler: the device's working time, its share of the row's time "
+        "and its ratio to the plain row's (is an identity method's overhead device work or host work?)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument("--size", type=int, default=None, help="square size (default: the preset's; proxy 128)")
     parser.add_argument(

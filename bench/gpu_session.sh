@@ -39,7 +39,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
     IMAGEGEN_DEVICE=cuda timeout "${PARITY_S:-150}" python3 -m pytest -q -p no:cacheprovider -W ignore "$PARITY_TEST" \
       2>&1 | tee "$out/parity.txt" || true
-    python3 bench/gpu_check.py --families sdxl --sdxl-profiles "${SDXL_PROFILES[@]}" --batches 1 4 --repeats 2 \
+    python3 bench/gpu_check.py --families sdxl --sdxl-profiles "${SDXL_PROFILES[@]}" --batches 1 4 --repeats 2 --busy \
       --skip-tests --budget-s "${BUDGET_S:-330}" --sdxl-budget-s "${BUDGET_S:-330}" --out "$out/gpu_check.json" \
       --markdown "$out/gpu_check.md" 2>&1 | tee "$out/gpu_check.log"
     ;;
@@ -47,7 +47,7 @@ case "${1:-}" in
     out="${OUT:-/tmp/gpu_session}" && mkdir -p "$out"
     .venv/bin/python -m pytest -q -p no:cacheprovider "$PARITY_TEST"  # here: the compiled blocks without graphs
     .venv/bin/python bench/gpu_check.py --dry-run --families sdxl --sdxl-profiles "${SDXL_PROFILES[@]}" \
-      --batches 1 4 --skip-tests --out "$out/gpu_check.json" --markdown "$out/gpu_check.md"
+      --batches 1 4 --busy --skip-tests --out "$out/gpu_check.json" --markdown "$out/gpu_check.md"
     ;;
   *)
     echo "usage: bash bench/gpu_session.sh wheels|run|dry"

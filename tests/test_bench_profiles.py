@@ -134,3 +134,22 @@ def test_gpu_check_gives_one_family_the_whole_budget():
     assert (both.flux_budget_s, both.sdxl_budget_s) == (250, 150)
     chosen = gpu_check.parse_args([*base, "--families", "sdxl", "--sdxl-budget-s", "100", "--skip-tests"])
     assert chosen.sdxl_budget_s == 100
+
+
+def test_gpu_check_busy_gives_each_row_the_devices_working_time(tmp_path):
+    """``--busy`` (what the next GPU session runs, to tell device work from host work under CUDA graphs): every timed
+    row gets the device's working time from one profiled call, its share of the row's time, and the identity rows
+    their working time over the plain row's; rows without ``--busy`` carry none."""
+    base = ["--device", "cpu", "--tiny", "--families", "sdxl", "--sdxl-profiles", "quality", "--batches", "1"]
+    base += ["--methods", "pulid-sdxl-v1.1", "--steps", "2", "--skip-tests", "--workdir", str(tmp_path)]
+    report = {"timings": [], "families": {}, "skipped": []}
+    gpu_check.time_family("sdxl", gpu_check.parse_args([*base, "--busy"]), gpu_check.Clock(600), report)
+    plain, pulid = report["timings"]
+    assert (plain["method"], pulid["method"]) == ("plain", "pulid-sdxl-v1.1"), report["timings"]
+    for row in (plain, pulid):
+        # aten ops' own time on the CPU: some of the call, never more than all of it (the profiled call is slower)
+        assert 0 < row["busy_s"] and row["busy_events"] > 0 and 0 < row["busy_share"] < 3, row
+    assert plain["x_plain_busy"] == 1.0 and pulid["x_plain_busy"] == round(pulid["busy_s"] / plain["busy_s"], 3)
+    quiet = {"timings": [], "families": {}, "skipped": []}
+    gpu_check.time_family("sdxl", gpu_check.parse_args(base), gpu_check.Clock(600), quiet)
+    assert all(row["busy_s"] is None and row["x_plain_busy"] is None for row in quiet["timings"])

@@ -454,7 +454,13 @@ def iso(value: Any) -> str | None:
 
 
 async def _gather_or_cancel(coroutines: list) -> list:
-    """``asyncio.gather`` that cancels the others when one fails (no orphan renders)."""
+    """``asyncio.gather`` that cancels the others when one fails (no orphan renders).
+
+    One coroutine (a one-image request, the common case) is awaited in the caller's task: a task of its own and a
+    gather would add two event-loop turns between the renderer's answer and the response.
+    """
+    if len(coroutines) == 1:
+        return [await coroutines[0]]
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         return await asyncio.gather(*tasks)
@@ -484,7 +490,9 @@ class SyncRenders:
             )
         self.inflight += 1
         try:
-            return await asyncio.wait_for(service.execute(plan, SYNC), timeout=cfg.sync_timeout_s)
+            # in this task (``asyncio.wait_for`` would run the render in a task of its own: a loop turn more)
+            async with asyncio.timeout(cfg.sync_timeout_s):
+                return await service.execute(plan, SYNC)
         except TimeoutError:
             raise ApiError(504, "timeout", f"the render took longer than {cfg.sync_timeout_s:.0f}s") from None
         except RendererDied as exc:
