@@ -38,10 +38,14 @@ Measures, in this order (so the phases do not compete for the CPU):
      the kind of process that serves it, and ``render_in_worker_vs_direct`` is that difference alone.
 
    Interleaving makes the arms share the machine's noise (other processes, CPU frequency), so
-   their differences are fair on a busy machine. imagegen's own per-request work is
-   ``own_work = imagegen_p50 - direct_p50 - floor_p50`` against the floor that batches like the
-   renderer does at concurrency 1: the fixed-wait floor with ``--fixed-wait``; with the adaptive
-   wait (the default) a lone request is never held (each image's ``timings.batch_wait_s`` says so;
+   their differences are fair on a busy machine. Every arm starts after the same quiet gap (``--gap-ms``,
+   30 by default): a request that follows a long arm (a 50 ms batch wait, a render) took ~1 ms longer
+   to reach its ingress than one that follows a 14 ms arm (the processes on its path had gone idle),
+   and with the order rotating, each arm always followed the same one, so that difference landed on
+   some arms only (it was most of imagegen's "outside" excess over the sized floor, 2026-12-04).
+   imagegen's own per-request work is ``own_work = imagegen_p50 - direct_p50 - floor_p50`` against the
+   floor that batches like the renderer does at concurrency 1: the fixed-wait floor with ``--fixed-wait``;
+   with the adaptive wait (the default) a lone request is never held (each image's ``timings.batch_wait_s`` says so;
    the bench reports the largest it saw), so its floor is ``floor_nowait``. ``nowait_gap =
    imagegen_p50 - direct_p50 - floor_nowait_p50`` is printed either way. The 95% intervals are
    paired BCa bootstraps over rounds (``scipy.stats.bootstrap``) of those differences of medians.
@@ -591,6 +595,7 @@ def interleaved(
         round_segments: dict[str, dict[str, float]] = {}
         order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for arm in order:
+            time.sleep(args.gap_ms / 1000)  # every arm meets the same idle machine (see the module docstring)
             if arm == "direct":
                 t0 = time.perf_counter()
                 [result] = renderer.render([request])
@@ -642,6 +647,7 @@ def interleaved(
         "nowait_gap_ci95_ms": None,
         "imagegen_batch_wait_max_ms": round(max(held) * 1000, 3) if held else None,
         "rounds": len(times["imagegen"]),
+        "gap_ms": args.gap_ms,
         "server_timing_p50_ms": {
             name: round(statistics.median(p[name] for p in phases if name in p), 2)
             for name in dict.fromkeys(name for p in phases for name in p)
@@ -812,6 +818,9 @@ def main() -> None:
     parser.add_argument("--replica-threads", type=int, default=1, help="torch threads of the direct arm")
     parser.add_argument("--requests", type=int, default=200, help="interleaved rounds (requests per arm)")
     parser.add_argument("--floor-bytes", type=int, default=5120, help="bytes the floor app returns")
+    parser.add_argument(
+        "--gap-ms", type=float, default=30.0, help="quiet gap before every arm of the interleaved phase (ms)"
+    )
     parser.add_argument("--single-duration", type=float, default=8.0, help="seconds of the CPU-split phase")
     parser.add_argument("--json", help="also write the JSON document here")
     args = parser.parse_args()
