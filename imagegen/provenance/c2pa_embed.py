@@ -139,7 +139,8 @@ class Native:
     def builder(self, context: Any, definition: bytes) -> Iterator[int]:
         """A native builder of ``definition`` in ``context``, freed on leaving."""
         builder = _checked(self.from_context(context.execution_context), "C2PA builder failed: {}")
-        # consumes the builder it is given, whatever the outcome
+        # consumes the builder it is given, refused definition or not (it keeps it only for a string that is not
+        # UTF-8, and json.dumps writes ASCII)
         builder = _checked(self.with_definition(builder, definition), "C2PA manifest definition refused: {}")
         try:
             yield builder

@@ -134,6 +134,20 @@ def test_the_manifest_sits_where_its_hash_excludes_it_and_every_other_byte_is_bo
         manifest.sign(b"GIF89a" + unsigned[6:], "png", record)
 
 
+def test_a_manifest_c2pa_refuses_raises_its_error_and_the_next_signature_is_fine(configured):
+    """The native calls of a signature report c2pa's own error (as c2pa-python raises it), free what they made,
+    and leave the thread's signer usable."""
+    import c2pa
+
+    signing = manifest._thread_signing(keys.signer_material())
+    unsigned = encode(samples.astronaut().resize((32, 32)))
+    refused = {"assertions": "not a list"}
+    with pytest.raises(c2pa.C2paError, match="expected a sequence"):
+        c2pa_embed.sign_into(signing.context, signing.signer, signing.reserve_size, refused, unsigned, "image/png")
+    record = {"image_id": "4567cdef" * 4, "request_id": "after-error", "preset": "tiny-flux", "method": "none"}
+    assert read_manifest(manifest.sign(unsigned, "png", record), "image/png")["state"] == "Trusted"
+
+
 def test_without_trust_the_signature_is_valid_but_not_trusted(pair, isolated_home, monkeypatch):
     monkeypatch.setenv("IMAGEGEN_C2PA_CERT", str(pair["out"] / keys.CHAIN_FILE))
     monkeypatch.setenv("IMAGEGEN_C2PA_KEY", str(pair["out"] / keys.KEY_FILE))
