@@ -8,8 +8,8 @@
 Measures, in this order (so the phases do not compete for the CPU):
 
 1. **Interleaved, concurrency 1** (``--requests`` rounds, 200 by default). Each round sends, one
-   after the other and in an order that rotates every round, the same request (prompt, seed,
-   size, steps) to seven arms:
+   after the other and in a shuffled order (seeded: every run draws the same orders), the same request
+   (prompt, seed, size, steps) to seven arms:
 
    * ``floor``: a bare Ray Serve app deployed by this script on the *same* local Ray, as a second
      application (``/floor``, sharing the HTTP proxy): HTTP proxy -> FastAPI ingress deployment ->
@@ -38,11 +38,13 @@ Measures, in this order (so the phases do not compete for the CPU):
      the kind of process that serves it, and ``render_in_worker_vs_direct`` is that difference alone.
 
    Interleaving makes the arms share the machine's noise (other processes, CPU frequency), so
-   their differences are fair on a busy machine. Every arm starts after the same quiet gap (``--gap-ms``,
-   30 by default): a request that follows a long arm (a 50 ms batch wait, a render) took ~1 ms longer
-   to reach its ingress than one that follows a 14 ms arm (the processes on its path had gone idle),
-   and with the order rotating, each arm always followed the same one, so that difference landed on
-   some arms only (it was most of imagegen's "outside" excess over the sized floor, 2026-12-04).
+   their differences are fair on a busy machine. The order is shuffled, not rotated: a request that
+   follows a long arm (a 50 ms batch wait, a render) took ~1 ms longer to reach its ingress than one
+   that follows a 14 ms arm (the processes on its path had gone idle), and in a rotation each arm always
+   follows the same one, so that difference landed on some arms only (it was most of imagegen's
+   "outside" excess over the sized floor, 2026-12-04). ``--gap-ms`` sleeps before every arm (each
+   request then meets an idle machine, as a lone request at low load does; the render in the replica
+   then ran 1.5-2.4 ms slower than the direct one).
    imagegen's own per-request work is ``own_work = imagegen_p50 - direct_p50 - floor_p50`` against the
    floor that batches like the renderer does at concurrency 1: the fixed-wait floor with ``--fixed-wait``;
    with the adaptive wait (the default) a lone request is never held (each image's ``timings.batch_wait_s`` says so;
@@ -92,6 +94,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import threading
 import time
@@ -556,7 +559,7 @@ def put_figure(summary: dict[str, Any], name: str, figure: dict[str, Any]) -> No
 def interleaved(
     client: httpx.Client, renderer: Any, args: argparse.Namespace, floor: bool, adaptive: bool, worker: Any = None
 ) -> dict[str, Any]:
-    """``--requests`` rounds of one request per arm, the arms' order rotating every round (``worker``: the
+    """``--requests`` rounds of one request per arm, the arms' order shuffled every round (``worker``: the
     ``direct_worker`` arm's actor, None without it)."""
     import ray
 
@@ -585,6 +588,7 @@ def interleaved(
     errors: Counter = Counter()
     load_before = load_average()
     started = time.monotonic()
+    shuffled = random.Random(0)
     for r in range(args.requests):
         payload = body(args, r)
         fields = request_fields(payload)
@@ -593,9 +597,9 @@ def interleaved(
         round_renders: dict[str, float] = {}
         round_phases: dict[str, float] = {}
         round_segments: dict[str, dict[str, float]] = {}
-        order = arms[r % len(arms) :] + arms[: r % len(arms)]
+        order = shuffled.sample(arms, len(arms))  # each arm after any other (see the module docstring)
         for arm in order:
-            time.sleep(args.gap_ms / 1000)  # every arm meets the same idle machine (see the module docstring)
+            time.sleep(args.gap_ms / 1000)
             if arm == "direct":
                 t0 = time.perf_counter()
                 [result] = renderer.render([request])
@@ -819,7 +823,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="interleaved rounds (requests per arm)")
     parser.add_argument("--floor-bytes", type=int, default=5120, help="bytes the floor app returns")
     parser.add_argument(
-        "--gap-ms", type=float, default=30.0, help="quiet gap before every arm of the interleaved phase (ms)"
+        "--gap-ms", type=float, default=0.0, help="quiet gap before every arm of the interleaved phase (ms)"
     )
     parser.add_argument("--single-duration", type=float, default=8.0, help="seconds of the CPU-split phase")
     parser.add_argument("--json", help="also write the JSON document here")
