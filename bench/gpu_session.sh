@@ -10,8 +10,9 @@
 # versions of this checkout's .venv (pure Python or manylinux, for the machine's Python 3.12), `run` installs them
 # into /tmp/site without touching the machine's torch (facexlib / filterpy: the tiny stand-ins' builder, which the
 # tests need). What `run` checks: that SDXL's `fast` (compiled blocks in CUDA graphs) replays every batch composition
-# as eager does (the parity test; on CPUs it runs without graphs), then the open timings of issue 13: `fast` at batch 1 and 4 (the
-# identity overhead under graphs; `fastest:graphs`, fp8 in CUDA graphs, needs a session of its own: ~6 min compile).
+# as eager does (the parity test; on CPUs it runs without graphs), then the open timings of issue 13: `quality` and
+# `fast` at batch 1 and 4 with `--busy` (the device's working time per row: is the identity overhead under graphs GPU
+# work or host work?). `fastest:graphs`, fp8 in CUDA graphs, needs a session of its own (~6 min compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

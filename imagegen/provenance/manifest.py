@@ -116,7 +116,7 @@ SIGNING_SETTINGS = {"builder": {"thumbnail": {"enabled": False}}, "verify": {"ve
 
 
 def _thread_signing(material: SignerMaterial) -> ThreadSigning:
-    """This thread's ``c2pa.Signer`` and signing context for ``material``.
+    """This thread's ``c2pa.Signer``, signing context and the signer's reserve size for ``material``.
 
     Parsing the key and chain costs ~0.4 ms a signature, and a replica signs every image it serves
     with the same pair: one signer per thread (a native handle, not shared between threads). A new

@@ -9,6 +9,7 @@ does it.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -114,3 +115,20 @@ def assert_error_shape(response: httpx.Response, status: int | tuple[int, ...] |
     assert isinstance(error["code"], str) and error["code"]
     assert isinstance(error["message"], str) and error["message"]
     return error
+
+
+def deploy_user_config(service, deployment: str, user_config: dict) -> None:
+    """Give one deployment of the session service a new ``user_config`` the way ``serve deploy`` of an edited
+    serve.yaml does: Serve keeps the replicas and calls their ``reconfigure`` (returns before they have)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = next(a for a in service.config["applications"] if a["name"] == "imagegen")
+    next(d for d in app["deployments"] if d["name"] == deployment)["user_config"] = user_config
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(service.config), _blocking=False)
+
+
+def cancelled_total(metrics: str, preset: str) -> float:
+    """``imagegen_renders_cancelled_total`` of ``preset`` in a ``/metrics`` text (0 before the first)."""
+    match = re.search(rf'^imagegen_renders_cancelled_total{{preset="{preset}"}} (\S+)$', metrics, re.M)
+    return float(match.group(1)) if match else 0.0

@@ -24,7 +24,7 @@ from imagegen.pipelines.warmup import WarmupError, warm_up
 from imagegen.serve.actors import RenderCall, RenderedImage, RenderError, request_tag
 from imagegen.serve.config import RendererConfig
 from imagegen.serve.renderer_deployment import BatchPolicy, RendererDeployment, StepProgress
-from tests.serve.conftest import wait_ready
+from tests.serve.conftest import deploy_user_config, wait_ready
 
 PRESET = "tiny-flux"
 #: a bound no test should ever sit through: a batch held for it shows in batch_wait_s
@@ -254,17 +254,8 @@ def renderer_health(url: str, preset: str) -> dict:
 
 
 def redeploy_renderer_config(service, preset: str, user_config: dict) -> None:
-    """Change one renderer's ``user_config`` the way ``serve deploy`` of an edited serve.yaml does.
-
-    Only a user_config changes, so Serve keeps the replicas and calls their ``reconfigure``.
-    """
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    app = next(a for a in service.config["applications"] if a["name"] == "imagegen")
-    entry = next(d for d in app["deployments"] if d["name"] == f"renderer-{preset}")
-    entry["user_config"] = user_config
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(service.config), _blocking=False)
+    """Change one renderer's ``user_config`` (``deploy_user_config``) and wait until its replica has taken it."""
+    deploy_user_config(service, f"renderer-{preset}", user_config)
     for _ in range(600):
         health = renderer_health(service.url, preset)
         if all(health.get(k) == v for k, v in user_config.items() if not isinstance(v, list)):

@@ -9,7 +9,6 @@ step counts, not on wall time; the waits only bound how long a broken service ma
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 import uuid
@@ -18,7 +17,7 @@ from urllib.parse import urlparse
 import httpx
 
 from imagegen.serve.actors import request_tag
-from tests.serve.conftest import wait_ready
+from tests.serve.conftest import cancelled_total, wait_ready
 
 STEPS = 50  # the tiny presets' max_steps: a render long enough to be caught in the middle
 
@@ -42,11 +41,6 @@ def cancel_record(url: str, preset: str, request_id: str) -> dict | None:
     """The renderer's record of ``request_id``'s cancellation (health names requests by tag)."""
     records = renderer_health(url, preset)["recent_cancels"]
     return next((r for r in records if r["request"] == request_tag(request_id)), None)
-
-
-def cancelled_total(metrics: str, preset: str) -> float:
-    match = re.search(rf'^imagegen_renders_cancelled_total{{preset="{preset}"}} (\S+)$', metrics, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_a_deleted_job_stops_its_render_and_frees_the_renderer(service, keys, renderer_client, admin):

@@ -24,7 +24,7 @@ from imagegen.serve.http.jsonlimits import DepthScanner, JsonTooDeep, parse_json
 from imagegen.serve.launcher import check_ingress, prepare_config
 from imagegen.serve.limits import KeyLimiter
 from imagegen.serve.store import ApiKey, ServeStore
-from tests.serve.conftest import assert_error_shape
+from tests.serve.conftest import assert_error_shape, cancelled_total, deploy_user_config
 
 #: a job that keeps a renderer busy for a while (so its event streams stay open)
 LONG_JOB = {"preset": "tiny-sdxl", "prompt": "a long job", "seed": 5, "steps": 50, "width": 256, "height": 256}
@@ -300,24 +300,10 @@ def test_a_stream_past_its_lifetime_says_reconnect_and_resumes(service, http):
         _cancel(http, key, job["job_id"])
 
 
-def _redeploy_ingress_config(service, user_config: dict) -> None:
-    """Change the ingress's ``user_config`` as ``serve deploy`` of an edited serve.yaml does (Serve keeps the
-    replica and calls its ``reconfigure``)."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    from imagegen.serve.config import INGRESS_NAME
-
-    app = next(a for a in service.config["applications"] if a["name"] == "imagegen")
-    next(d for d in app["deployments"] if d["name"] == INGRESS_NAME)["user_config"] = user_config
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(service.config), _blocking=False)
-
-
 def test_a_sync_render_past_its_time_limit_is_a_504_and_the_service_goes_on(service, keys, http, admin):
     """``sync_timeout_s``: a synchronous render still running at the limit ends with 504 ``timeout`` in the usual
     error shape, its call to the renderer is cancelled (no orphan render), and the next request renders as before."""
     from imagegen.serve.config import INGRESS_NAME
-    from tests.serve.test_cancel import cancelled_total
 
     app = next(a for a in service.config["applications"] if a["name"] == "imagegen")
     original = dict(next(d for d in app["deployments"] if d["name"] == INGRESS_NAME).get("user_config") or {})
@@ -332,13 +318,13 @@ def test_a_sync_render_past_its_time_limit_is_a_504_and_the_service_goes_on(serv
         raise AssertionError(f"never {status}: {response.status_code} {response.text[:300]}")
 
     cancelled = cancelled_total(admin.metrics(), "tiny-flux")
-    _redeploy_ingress_config(service, {**original, "sync_timeout_s": 0.05})
+    deploy_user_config(service, INGRESS_NAME, {**original, "sync_timeout_s": 0.05})
     try:
         late = until(504)
         error = assert_error_shape(late, 504)
         assert error["code"] == "timeout" and "longer than" in error["message"], error
         assert cancelled_total(admin.metrics(), "tiny-flux") > cancelled
     finally:
-        _redeploy_ingress_config(service, original)
+        deploy_user_config(service, INGRESS_NAME, original)
     again = until(200)
     assert again.json()["images"][0]["png_base64"]
