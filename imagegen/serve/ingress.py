@@ -56,6 +56,8 @@ class Ingress:
         self.store = ServeStore.open()
         self.registry = Registry.open()
         self.verifier = KeyVerifier(self.store, ttl_s=self.cfg.auth_cache_s)
+        #: key refreshes running off the requests' path (a reference keeps each task alive until it ends)
+        self._key_refreshes: set[asyncio.Task] = set()
         self.limits = KeyLimiter(lambda: self.cfg, on_refused=lambda code: self.metrics.rejected.labels(code).inc())
         self.service = RenderService(
             ServeRenderers(renderers, self.metrics, lambda: self.cfg),
@@ -149,9 +151,22 @@ class Ingress:
         known, key = self.verifier.cached(token)
         if not known:
             key = await self.service.db(self.verifier.verify, token)
+        elif key is not None and self.verifier.claim_refresh(token):
+            self._refresh_key(token)
         if key is None:
             raise ApiError(401, "unauthorized", "the API key is unknown, revoked or malformed", headers=challenge)
         return key
+
+    def _refresh_key(self, token: str) -> None:
+        """Re-read a key in use in the background; the request that claimed it goes on with the cached answer."""
+        task = asyncio.get_running_loop().create_task(self.service.db(self.verifier.refresh, token))
+        self._key_refreshes.add(task)
+        task.add_done_callback(self._key_refreshed)
+
+    def _key_refreshed(self, task: asyncio.Task) -> None:
+        self._key_refreshes.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the cached answer expires as it would have
+            log.warning("refreshing an API key from the database failed: %s", task.exception())
 
     def notify_job(self, job_id: str) -> None:
         """Wake the SSE streams of this replica (a job of theirs may have a new event).

@@ -38,6 +38,67 @@ def test_keys_are_stored_hashed_and_verified(store, isolated_home):
     assert verifier.verify(plaintext) is None
 
 
+def test_a_key_in_use_is_refreshed_ahead_and_a_revocation_still_applies_within_the_cache_time(store):
+    now = [100.0]
+    verifier = KeyVerifier(store, ttl_s=2.0, clock=lambda: now[0])
+    record, plaintext = create_key(store, "busy-backend", ["render"])
+    assert verifier.cached(plaintext) == (False, None)  # never read: its first request reads the database
+    assert verifier.verify(plaintext).id == record.id
+    now[0] += 0.5
+    assert verifier.cached(plaintext)[1].id == record.id
+    assert not verifier.claim_refresh(plaintext)  # young: nothing to do
+    now[0] += 0.6  # past half its life
+    assert verifier.claim_refresh(plaintext)
+    assert not verifier.claim_refresh(plaintext)  # one refresh at a time
+    revoke_key(store, record.id)
+    assert verifier.cached(plaintext)[1].id == record.id  # requests go on with the cached answer meanwhile
+    assert verifier.refresh(plaintext) is None
+    assert verifier.cached(plaintext) == (True, None)  # refused from now on, before the old answer would expire
+    assert not verifier.claim_refresh(plaintext)  # a refused key is never refreshed ahead
+    now[0] += 2.0
+    assert verifier.cached(plaintext) == (False, None)  # and every answer expires after ttl_s, refreshed or not
+
+
+def test_the_ingress_refreshes_a_key_in_use_off_the_request_path_and_picks_up_its_revocation(isolated_home):
+    """``Ingress.authenticate`` (the class itself, in one process): the request that finds its key half expired
+    is answered from the cache and starts one background read; the next read sees the revocation."""
+    import asyncio
+
+    from imagegen.serve.errors import ApiError
+    from imagegen.serve.ingress import Ingress
+
+    async def scenario() -> None:
+        ingress_class = Ingress.func_or_class.__mro__[1]  # the class under @serve.ingress's ASGI wrapper
+        ingress = object.__new__(ingress_class)
+        ingress_class.__init__(ingress, {}, [])
+        now = [0.0]
+        ingress.verifier.ttl_s, ingress.verifier.clock = 2.0, lambda: now[0]
+        record, plaintext = create_key(ingress.store, "busy-backend", ["render"])
+        headers = {"authorization": f"Bearer {plaintext}"}
+        try:
+            assert (await ingress.authenticate(headers)).id == record.id  # read inline: nothing cached yet
+            assert not ingress._key_refreshes
+            now[0] = 1.2
+            assert (await ingress.authenticate(headers)).id == record.id
+            assert (await ingress.authenticate(headers)).id == record.id
+            refreshes = list(ingress._key_refreshes)
+            assert len(refreshes) == 1  # one background read for both requests
+            await asyncio.gather(*refreshes)
+            revoke_key(ingress.store, record.id)
+            now[0] = 2.5  # the first answer has expired; the refreshed one (read at 1.2) is still fresh
+            assert (await ingress.authenticate(headers)).id == record.id
+            await asyncio.gather(*ingress._key_refreshes)  # claimed by that request: it reads the revocation
+            with pytest.raises(ApiError) as refused:
+                await ingress.authenticate(headers)
+            assert refused.value.status == 401
+        finally:
+            ingress.runner.shutdown()
+            ingress.designs.shutdown()
+            ingress.provenance.shutdown()
+
+    asyncio.run(scenario())
+
+
 def test_scopes_and_refusals(store):
     assert allows(["admin"], "render") and allows(["render"], None)
     assert not allows(["render"], "characters:write")
