@@ -15,6 +15,9 @@ than left to Ray's default of the day: ``RAY_AUTH_MODE=token`` and a 256-bit tok
 ``$IMAGEGEN_HOME/ray/auth_token`` (0600), unless the deployer gives one with ``RAY_AUTH_TOKEN`` or
 ``RAY_AUTH_TOKEN_PATH``. Another node joins with the same token: ``RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN_PATH=<a copy of that file> ray start --address=<head>:6379``.
+
+A Ray started here also runs Ray Serve's throughput-optimised data plane (``imagegen.serve.data_plane``: gRPC
+between the replicas, user code on the replicas' own loops), unless the deployer's environment says otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from imagegen.errors import ConfigError
+from imagegen.serve import data_plane
 from imagegen.serve.config import (
     APP_NAME,
     INGRESS_MAX_ONGOING_REQUESTS,
@@ -232,6 +236,8 @@ def start_service(
         if address is not None:
             check_reachable(address)
         enable_ray_token_auth(joining=address is not None)
+        if address is None:  # the processes of the Ray started here inherit it (a joined cluster has its own)
+            data_plane.apply()
         kwargs: dict[str, Any] = {
             "address": address or "local",
             "namespace": "serve",

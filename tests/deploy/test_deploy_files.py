@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from imagegen.serve import data_plane
 from imagegen.serve.config import AppArgs, app_deployments, custom_resources, replica_bounds
 from imagegen.settings import Settings
 
@@ -245,6 +246,8 @@ def test_every_secret_the_pods_read_is_defined_and_names_a_real_setting(manifest
             assert ref["key"] in secrets.get(ref["name"], set()), f"{name}: secret {ref['name']}/{ref['key']}"
         if name.startswith("IMAGEGEN_"):
             assert name[len("IMAGEGEN_") :].lower() in Settings.model_fields, f"{name} is no imagegen setting"
+    # every pod runs the data plane a Ray that `imagegen serve` starts runs
+    assert {name: env[name].get("value") for name in data_plane.ENVIRONMENT} == data_plane.ENVIRONMENT
     mounts = {m["mountPath"]: m["name"] for c in containers(manifest) for m in c["volumeMounts"]}
     for pod in pod_specs(manifest):
         for volume in pod["volumes"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 import time
 
@@ -35,6 +36,15 @@ def test_health_routes_need_no_key(http):
     assert set(checks["renderers"]) == {"tiny-flux", "tiny-sdxl"}
     assert all(r["ok"] for r in checks["renderers"].values())
     assert "x-request-id" in ready.headers
+    # the session's Ray was started by the launcher, as `imagegen serve` starts one: its replicas run Ray Serve's
+    # throughput-optimised data plane (unless whoever runs the tests turned it off), without direct ingress ports
+    optimized = os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert checks["data_plane"] == {
+        "throughput_optimized": optimized,
+        "grpc_between_deployments": optimized,
+        "user_code_on_replica_loop": optimized,
+        "direct_ingress": False,
+    }
 
 
 def test_openapi_and_docs_need_a_key(http, keys):

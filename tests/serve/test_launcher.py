@@ -1,5 +1,5 @@
 """The launcher sizes a local Ray so every replica of the config can be scheduled, and turns Ray's token
-authentication on for every cluster it starts."""
+authentication and Ray Serve's throughput-optimised data plane on for every cluster it starts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 
+from imagegen.serve import data_plane
 from imagegen.serve.launcher import cpus_requested, local_cpus, prepare_config
 
 
@@ -93,3 +94,12 @@ def test_the_service_cluster_refuses_a_driver_without_its_token(service, tmp_pat
     ours = {k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")}
     right = _python(CONNECT, {**env, **ours}, gcs)
     assert "CONNECTED" in right.stdout, (right.stdout + right.stderr)[-3000:]
+
+
+def test_a_ray_started_here_gets_serves_throughput_optimised_data_plane_and_a_deployers_choice_wins():
+    environ: dict[str, str] = {}
+    assert data_plane.apply(environ) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert environ == data_plane.ENVIRONMENT
+    kept = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}  # the deployer keeps Ray's default data plane
+    assert data_plane.apply(kept)["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    assert kept["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"

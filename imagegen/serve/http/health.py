@@ -20,6 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 
 from imagegen import __version__ as imagegen_version
+from imagegen.serve import data_plane
 from imagegen.serve.errors import error_body
 from imagegen.serve.http.deps import AUTH, ingress_of, key_of, scoped
 
@@ -61,6 +62,7 @@ class Readiness:
 
         # the write-behind audit trail: rows queued, and why they are not written when the database refuses
         checks["audit"] = service.audit.status()
+        checks["data_plane"] = data_plane.status()  # Ray Serve's throughput-optimised mode, as this replica runs it
 
         async def probe(preset: str) -> tuple[str, Any]:
             try:
