@@ -4,8 +4,9 @@ Ray Serve (>= 2.55) has a documented mode, ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``,
 another over a direct gRPC connection between the replicas instead of a Ray actor task (the ingress's call to
 its renderer replica and the image coming back), user code runs on the replica's own event loop (one thread
 hop less a call), the garbage collector is frozen once a replica has started, and request logs are buffered.
-Measured on the development machine (``bench/serve_load.py``, docs/benchmarks.md), the ingress's call to its
-renderer and back took ~3.5 ms instead of ~5.2 ms, and a lone request was ~1.5 ms faster end to end.
+Measured on the 2-core development machine (``bench/serve_load.py``, docs/benchmarks.md), the ingress's call to
+its renderer and back took 3.4-3.7 ms of Ray's instead of 5.0-5.2 ms; 8 clients' throughput, bound by the renders
+there, did not change.
 
 The mode also turns on Serve's *direct ingress* (each ingress replica opening HTTP and gRPC ports of its own,
 for an HAProxy in front of them); imagegen turns that part off: requests reach the ingress through Serve's

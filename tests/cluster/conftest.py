@@ -54,10 +54,12 @@ def cluster(_session_home):
     import ray
     from ray.cluster_utils import Cluster
 
+    from imagegen.serve import data_plane
     from imagegen.serve.launcher import enable_ray_token_auth
 
     assert not ray.is_initialized(), "a cluster test must start from a process without Ray"
     enable_ray_token_auth(joining=False)  # the nodes inherit RAY_AUTH_MODE=token and the token's path
+    data_plane.apply()  # and the data plane deploy/rayservice.yaml gives every pod
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
