@@ -31,6 +31,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from serve_load import body as request_body  # the same request as the served bench's (bench/ is on the path)
+from serve_load import percentile
 
 
 class InProcessRenderer:
@@ -64,11 +66,6 @@ class InProcessRenderer:
         return image
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
@@ -93,19 +90,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://imagegen", headers=headers) as client:
             for i in range(args.warmup + args.requests):
-                body = {
-                    "preset": args.preset,
-                    "prompt": f"a photo of character {i % 4} at a cafe",
-                    "seed": i,
-                    "steps": args.steps,
-                    "width": args.size,
-                    "height": args.size,
-                }
                 measured = i >= args.warmup
                 if measured and profiler is not None:
                     profiler.enable()
                 started = time.perf_counter()
-                response = await client.post("/v1/renders", json=body)
+                response = await client.post("/v1/renders", json=request_body(args, i))
                 elapsed = time.perf_counter() - started
                 if measured and profiler is not None:
                     profiler.disable()
