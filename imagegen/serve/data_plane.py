@@ -10,7 +10,8 @@ there, did not change.
 
 The mode also turns on Serve's *direct ingress* (each ingress replica opening HTTP and gRPC ports of its own,
 for an HAProxy in front of them); imagegen turns that part off: requests reach the ingress through Serve's
-proxy only, as before, and no replica listens on a port of its own. The gRPC servers between replicas take
+proxy only, as before, and no replica listens on a port of its own. It keeps the replicas' logs on stderr too
+(see :data:`ENVIRONMENT`). The gRPC servers between replicas take
 Ray's token authentication (every Ray imagegen starts has it: ``launcher.enable_ray_token_auth``), so a
 renderer replica answers only the cluster's own processes.
 
@@ -31,6 +32,10 @@ from typing import Any
 ENVIRONMENT = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    # the mode would also turn replicas' stderr and print() into INFO records of Serve's own log files, which the
+    # WARNING level of configs/serve.yaml drops: imagegen's warnings would vanish from `imagegen serve`'s console
+    # and the workers' logs. Logging at WARNING costs a request nothing, so the replicas keep logging to stderr.
+    "RAY_SERVE_LOG_TO_STDERR": "1",
 }
 
 
@@ -58,4 +63,5 @@ def status() -> dict[str, Any]:
         "grpc_between_deployments": flag("RAY_SERVE_USE_GRPC_BY_DEFAULT"),
         "user_code_on_replica_loop": None if separate_thread is None else not separate_thread,
         "direct_ingress": flag("RAY_SERVE_ENABLE_DIRECT_INGRESS"),
+        "logs_to_stderr": flag("RAY_SERVE_LOG_TO_STDERR"),
     }

@@ -44,6 +44,7 @@ def test_health_routes_need_no_key(http):
         "grpc_between_deployments": optimized,
         "user_code_on_replica_loop": optimized,
         "direct_ingress": False,
+        "logs_to_stderr": True,
     }
 
 

@@ -98,7 +98,11 @@ def test_the_service_cluster_refuses_a_driver_without_its_token(service, tmp_pat
 
 def test_a_ray_started_here_gets_serves_throughput_optimised_data_plane_and_a_deployers_choice_wins():
     environ: dict[str, str] = {}
-    assert data_plane.apply(environ) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert data_plane.apply(environ) == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+        "RAY_SERVE_LOG_TO_STDERR": "1",  # imagegen's warnings stay in the console and the workers' logs
+    }
     assert environ == data_plane.ENVIRONMENT
     kept = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}  # the deployer keeps Ray's default data plane
     assert data_plane.apply(kept)["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
