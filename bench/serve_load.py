@@ -830,8 +830,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import imagegen
+    from imagegen.serve import data_plane
 
     console.print(f"imagegen imported from {imagegen.__file__}")
+    # before this process imports Ray Serve: the floor's handles are made here and take this process's data plane,
+    # so the floor runs on the one the launcher gives imagegen (a bare app with the same hops, on the same Ray)
+    data_plane.apply()
     import torch
 
     from imagegen.pipelines.renderer import Renderer
