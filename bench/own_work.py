@@ -52,17 +52,16 @@ class InProcessRenderer:
         return self._render(call)
 
     async def _render(self, call: Any) -> Any:
-        if self.canned and self.result is not None:
-            result = copy.copy(self.result)
-            result.timings = dict(self.result.timings)
-            [image] = self.actor.finish_all([call], [result], isolate=True)
-            self.renders.append(0.0)
+        if not self.canned:
+            [image] = self.actor.render_isolated([call])
+            self.renders.append(image.timings.get("total_s", 0.0))
             return image
-        if self.canned:
+        if self.result is None:  # the one render a canned run makes
             self.result = self.actor.renderer.render([call.request])[0]
-            return await self._render(call)
-        [image] = self.actor.render_isolated([call])
-        self.renders.append(image.timings.get("total_s", 0.0))
+        result = copy.copy(self.result)
+        result.timings = dict(self.result.timings)
+        [image] = self.actor.finish_all([call], [result], isolate=True)
+        self.renders.append(0.0)
         return image
 
 
@@ -73,21 +72,18 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen.serve.auth import create_key
     from imagegen.serve.http.app import build_api
     from imagegen.serve.http.timing import parse_header
-    from imagegen.serve.ingress import Ingress
+    from imagegen.serve.ingress import in_one_process
 
     renderer = InProcessRenderer(RendererActor(args.preset), args.canned)
-    ingress_class = Ingress.func_or_class.__mro__[1]  # the class under @serve.ingress's ASGI wrapper
-    ingress = object.__new__(ingress_class)
-    ingress_class.__init__(ingress, {args.preset: renderer}, [args.preset])
-    # one key sends every request, back to back (canned ones by the hundred a second): no per-key rate limit
-    ingress.reconfigure({"key_rate_per_s": 1e6, "key_burst": 1_000_000})
-    _, secret = create_key(ingress.store, "own-work-bench", ["render"])
-    transport = httpx.ASGITransport(app=build_api(ingress))
-    headers = {"Authorization": f"Bearer {secret}"}
     profiler = cProfile.Profile() if args.cprofile else None
     latencies: list[float] = []
     phases: list[dict[str, float]] = []
-    try:
+    with in_one_process({args.preset: renderer}, [args.preset]) as ingress:
+        # one key sends every request, back to back (canned ones by the hundred a second): no per-key rate limit
+        ingress.reconfigure({"key_rate_per_s": 1e6, "key_burst": 1_000_000})
+        _, secret = create_key(ingress.store, "own-work-bench", ["render"])
+        transport = httpx.ASGITransport(app=build_api(ingress))
+        headers = {"Authorization": f"Bearer {secret}"}
         async with httpx.AsyncClient(transport=transport, base_url="http://imagegen", headers=headers) as client:
             for i in range(args.warmup + args.requests):
                 measured = i >= args.warmup
@@ -104,10 +100,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     latencies.append(elapsed)
                     phases.append(parse_header(response.headers.get("server-timing", "")))
         await ingress.service.audit.flush()
-    finally:
-        ingress.runner.shutdown()
-        ingress.designs.shutdown()
-        ingress.provenance.shutdown()
     renders = renderer.renders[-len(latencies) :]
     own = [(latency - render) * 1000 for latency, render in zip(latencies, renders, strict=True)]
     if profiler is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -120,13 +121,17 @@ class Ingress:
         self.cfg = cfg
         self.verifier.ttl_s = self.cfg.auth_cache_s
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Write the audit rows still queued (a graceful stop loses none) and stop the background loops."""
         with contextlib.suppress(Exception):
-            self.service.audit.close()  # the rows still queued: a graceful stop loses none
+            self.service.audit.close()
         with contextlib.suppress(Exception):
             self.runner.shutdown()
             self.designs.shutdown()
             self.provenance.shutdown()
+
+    def __del__(self) -> None:
+        self.close()
 
     async def run_job(self, job: Any, emit: Any) -> dict:
         """The job runner's executor: a design's step (``kind: design``) or a render job."""
@@ -188,6 +193,19 @@ class Ingress:
         self.metrics.inflight.set(self.sync.inflight)
         self.metrics.audit_pending.set(self.service.audit.pending)
         return self.metrics.render()
+
+
+@contextlib.contextmanager
+def in_one_process(renderers: dict, presets: list[str]) -> Iterator[Any]:
+    """The ingress replica's state built outside Serve, on the running event loop, closed on leaving: for a bench or
+    a test that drives its app in one process (``renderers``: objects that answer as the deployment handles do)."""
+    replica_class = Ingress.func_or_class.__mro__[1]  # the class under @serve.ingress's ASGI wrapper
+    ingress = object.__new__(replica_class)
+    replica_class.__init__(ingress, renderers, presets)
+    try:
+        yield ingress
+    finally:
+        ingress.close()
 
 
 def _max_ongoing_requests() -> int:

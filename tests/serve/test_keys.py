@@ -65,17 +65,14 @@ def test_the_ingress_refreshes_a_key_in_use_off_the_request_path_and_picks_up_it
     import asyncio
 
     from imagegen.serve.errors import ApiError
-    from imagegen.serve.ingress import Ingress
+    from imagegen.serve.ingress import in_one_process
 
     async def scenario() -> None:
-        ingress_class = Ingress.func_or_class.__mro__[1]  # the class under @serve.ingress's ASGI wrapper
-        ingress = object.__new__(ingress_class)
-        ingress_class.__init__(ingress, {}, [])
-        now = [0.0]
-        ingress.verifier.ttl_s, ingress.verifier.clock = 2.0, lambda: now[0]
-        record, plaintext = create_key(ingress.store, "busy-backend", ["render"])
-        headers = {"authorization": f"Bearer {plaintext}"}
-        try:
+        with in_one_process({}, []) as ingress:
+            now = [0.0]
+            ingress.verifier.ttl_s, ingress.verifier.clock = 2.0, lambda: now[0]
+            record, plaintext = create_key(ingress.store, "busy-backend", ["render"])
+            headers = {"authorization": f"Bearer {plaintext}"}
             assert (await ingress.authenticate(headers)).id == record.id  # read inline: nothing cached yet
             assert not ingress._key_refreshes
             now[0] = 1.2
@@ -91,10 +88,6 @@ def test_the_ingress_refreshes_a_key_in_use_off_the_request_path_and_picks_up_it
             with pytest.raises(ApiError) as refused:
                 await ingress.authenticate(headers)
             assert refused.value.status == 401
-        finally:
-            ingress.runner.shutdown()
-            ingress.designs.shutdown()
-            ingress.provenance.shutdown()
 
     asyncio.run(scenario())
 
