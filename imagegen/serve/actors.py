@@ -52,6 +52,14 @@ STAMP_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: progress of one pipeline call inside ``render_isolated``: (indices of the requests in it, done, total)
 GroupProgress = Callable[[list[int], int, int], None]
 
+#: runs the finishing of one pipeline call's images (scores, stamps, ``on_result``), given as a job: at once in
+#: the render thread (``finish_now``), or handed to another thread so the next pipeline call can start
+Finisher = Callable[[Callable[[], None]], None]
+
+
+def finish_now(job: Callable[[], None]) -> None:
+    job()
+
 
 @dataclass(frozen=True)
 class GateTarget:
@@ -205,6 +213,7 @@ class RendererActor:
         cancelled: Sequence[Cancelled | None] | None = None,
         timings: Sequence[dict[str, float]] | None = None,
         batch_info: dict[str, Any] | None = None,
+        finish: Finisher = finish_now,
     ) -> list[RenderedImage | RenderError]:
         """Render calls from independent callers; one bad request never fails the others.
 
@@ -221,6 +230,11 @@ class RendererActor:
         ``timings`` (one dict per item) are added to each image's timings, and ``batch_info`` to
         every image's ``batch``, before the image is stamped: the Serve replica records there how
         long each request queued and how long its batch was held open for company.
+
+        ``finish`` runs each group's finishing (scores, stamps, then ``settle`` and ``on_result``). By default it
+        runs at once, in this thread, and the returned list holds every outcome. The Serve replica hands it to a
+        thread of its own when another batch waits for the renderer, so that batch renders while these images are
+        stamped; outcomes of groups still finishing when this returns reach the caller only through ``on_result``.
         """
         calls = [as_call(i) for i in items]
         flags = list(cancelled) if cancelled is not None else [None] * len(calls)
@@ -261,7 +275,7 @@ class RendererActor:
         for index, request in prepared.items():
             groups.setdefault(request.batch_key(), []).append(index)
         for indices in groups.values():
-            self._render_group(indices, calls, prepared, progress, settle, flags, extra)
+            self._render_group(indices, calls, prepared, progress, settle, flags, extra, finish)
         return [o for o in outcomes if o is not None]
 
     def _render_group(
@@ -273,6 +287,7 @@ class RendererActor:
         settle: Callable[[int, RenderedImage | RenderError], None],
         flags: Sequence[Cancelled | None],
         extra: _Extra,
+        finish: Finisher,
     ) -> None:
         tags = [request_tag(calls[i].request_id) for i in indices]
 
@@ -292,7 +307,7 @@ class RendererActor:
                 return
             log.warning("a batch of %d failed (%s); rendering its members one by one", len(indices), exc)
             for index in indices:
-                self._render_group([index], calls, prepared, progress, settle, flags, extra)
+                self._render_group([index], calls, prepared, progress, settle, flags, extra, finish)
             return
         finally:
             self._rendering = None
@@ -306,9 +321,15 @@ class RendererActor:
             result.timings.update(extra.timings[index])
             result.batch.update(extra.batch)
             finishing.append((index, result))
-        finished = self.finish_all([calls[i] for i, _ in finishing], [r for _, r in finishing], isolate=True)
-        for (index, _), outcome in zip(finishing, finished, strict=True):
-            settle(index, outcome)
+        if not finishing:
+            return
+
+        def finish_group() -> None:
+            finished = self.finish_all([calls[i] for i, _ in finishing], [r for _, r in finishing], isolate=True)
+            for (index, _), outcome in zip(finishing, finished, strict=True):
+                settle(index, outcome)
+
+        finish(finish_group)
 
     def _count(self, results: list[RenderResult]) -> None:
         self.rendered += len(results)

@@ -193,6 +193,9 @@ class RendererConfig(BaseModel):
     adaptive_batch_wait: bool = True
     #: how long after a batch ends its callers count as expected back (the evidence of load)
     adaptive_window_s: float = Field(default=1.0, ge=0, le=60)
+    #: stamp a batch's images (score, watermark, PNG, C2PA) in a thread of their own while the next batch renders,
+    #: when one is queued (False: the renderer waits for the stamps, as before)
+    overlap_finishing: bool = True
     #: sizes (width, height) each replica renders once at start, before it takes traffic (None: the
     #: preset's default size); a size requests use but warm-up did not see pays its compile on first use
     warmup_sizes: list[tuple[int, int]] | None = None

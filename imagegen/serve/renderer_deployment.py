@@ -19,6 +19,14 @@ exactly 0 when it was not held).
 The pipeline runs in a worker thread, so the replica keeps answering health checks while it
 renders.
 
+Finishing behind the next batch: every image is scored, watermarked, encoded and signed in its
+replica (``RendererActor.finish_all``), ~85 CPU ms per 1024 px image. When another batch is queued
+as a pipeline call ends, that work goes to a finishing thread and the renderer takes the next batch
+at once, so the accelerator does not wait for the CPU (``RendererConfig.overlap_finishing``). At most
+one batch finishes behind the renderer; a lone request is finished in the pipeline thread (no hop).
+The stamp's costly parts (zlib, OpenCV, numpy) release the GIL, and its C2PA signature holds it
+for ~1 ms.
+
 Cancellation: when a caller goes away (its HTTP client disconnected, its job was deleted, or it
 cancelled the handle call), Serve cancels this replica's ``render`` for it: ``CancelledError`` is
 raised inside the generator. The call's ``threading.Event`` is set and the call leaves the queue:
@@ -40,8 +48,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,10 +122,13 @@ class BatchPolicy:
 class AdaptiveBatcher:
     """The replica's queue of calls and the one consumer loop that renders them in batches.
 
-    ``run_batch(batch, timings, info)`` renders a list of pending calls in the pipeline thread,
-    delivers each call's events (see :meth:`deliver`) and returns the ``time.monotonic()`` at which
-    it delivered the batch's first outcome (no caller of the batch can be back before that); it is
-    awaited, so one batch renders while the next one forms.
+    ``run_batch(batch, timings, info)`` renders a list of pending calls in the pipeline thread and
+    delivers each call's events (see :meth:`deliver`). It returns when the renderer is free for the
+    next batch, with ``(answered, finishing)``: the ``time.monotonic()`` at which it delivered the
+    batch's first outcome (None when none was yet; no caller of the batch can be back before that),
+    and None, or an awaitable that completes once the batch's images still being stamped are
+    delivered. It is awaited, so one batch renders while the next one forms, and the next batch
+    renders while the previous one's images are stamped.
     ``config()`` is read at every batch, so a reconfigure applies to the next one. Times are
     ``time.monotonic()`` throughout (the pipeline thread reads the same clock).
     """
@@ -129,6 +140,8 @@ class AdaptiveBatcher:
         self.queue: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        #: one task per batch whose images are still being stamped (it delivers what never came as errors)
+        self._settling: set[asyncio.Task] = set()
         #: counters for health checks: batches formed, batches held open, calls dropped while queued
         self.batches = 0
         self.held_batches = 0
@@ -198,21 +211,41 @@ class AdaptiveBatcher:
             self.batches += 1
             self.held_batches += held > 0
             self.last_batch = {"size": len(batch), **info}
-            answered = None
+            answered, finishing = None, None
             try:
-                answered = await self.run_batch(batch, timings, info)
+                answered, finishing = await self.run_batch(batch, timings, info)
             except Exception as exc:  # noqa: BLE001 - every caller still waiting gets the error; the loop goes on
                 log.error("render batch failed: %r", exc)
                 error = RenderError.from_exception(exc)
                 for pending in batch:
                     self.deliver(pending, error)
-            for pending in batch:  # a result that never came is an error, never a hang
-                self.deliver(pending, RenderError("render_failed", "the renderer ended the batch without a result"))
             # the backlog is what was queued before the batch answered its first caller: a caller that
-            # got its result and came back before this line runs is a returning caller, not backlog
-            answered = answered if answered is not None else time.monotonic()
-            backlog = [p.call for p in self.queue if p.arrived < answered]
-            self.policy.batch_ended([p.call for p in batch], backlog, time.monotonic())
+            # got its result and came back before this line runs is a returning caller, not backlog (when the
+            # batch's images are still being stamped, nobody can have come back yet)
+            now = time.monotonic()
+            backlog = [p.call for p in self.queue if p.arrived < (answered if answered is not None else now)]
+            self.policy.batch_ended([p.call for p in batch], backlog, now)
+            if finishing is None:
+                self._settle(batch)
+            else:  # the renderer takes the next batch while this one's images are stamped
+                task = asyncio.get_running_loop().create_task(self._settle_after(finishing, batch))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+
+    def _settle(self, batch: list[_Pending]) -> None:
+        """A result that never came is an error, never a hang."""
+        for pending in batch:
+            self.deliver(pending, RenderError("render_failed", "the renderer ended the batch without a result"))
+
+    async def _settle_after(self, finishing: Awaitable[Any], batch: list[_Pending]) -> None:
+        try:
+            await finishing
+        except Exception as exc:  # noqa: BLE001 - the callers still waiting get the error
+            log.error("finishing a batch failed: %r", exc)
+            error = RenderError.from_exception(exc)
+            for pending in batch:
+                self.deliver(pending, error)
+        self._settle(batch)
 
     async def _gather(self) -> tuple[list[_Pending], float, int]:
         """The next batch: (pending calls, seconds it was held open, how many it waited for)."""
@@ -240,6 +273,8 @@ class AdaptiveBatcher:
 
     async def close(self) -> None:
         """Stop the consumer loop (calls still queued are dropped with their callers)."""
+        for task in list(self._settling):
+            task.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
@@ -254,6 +289,7 @@ class AdaptiveBatcher:
             "batches": self.batches,
             "held_batches": self.held_batches,
             "dropped_while_queued": self.dropped_queued,
+            "batches_finishing": len(self._settling),
             "expected_next": self.policy.expected,
             "last_batch": self.last_batch,
         }
@@ -270,6 +306,12 @@ class RendererDeployment:
         #: warm up before taking traffic (``AppArgs.warmup``; False only for development)
         self.warmup_enabled = warmup
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"render-{preset}")
+        #: stamps a batch's images while the next batch renders (``RendererConfig.overlap_finishing``)
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"finish-{preset}")
+        #: the jobs of the last batch handed to the finishing thread (read and written in the pipeline thread)
+        self._finishing: list[Future] = []
+        #: batches whose images were stamped while the next batch rendered
+        self.finished_behind = 0
         self.batcher = AdaptiveBatcher(self._render_batch, lambda: self.config)
         #: (width, height, batch) shapes warmed so far, and every warm-up's report
         self._warmed: set[tuple[int, int, int]] = set()
@@ -327,7 +369,7 @@ class RendererDeployment:
             "warmups": self.warmups,
             "warmup_error": self._warm_error,
             "ready": self.warm or not self.warmup_enabled,
-            "batching": self.batcher.health(),
+            "batching": {**self.batcher.health(), "finished_behind_next": self.finished_behind},
         }
 
     async def check_health(self) -> None:
@@ -374,13 +416,18 @@ class RendererDeployment:
             log.info("render %s cancelled by its caller", item.request_id)
             raise
 
-    async def _render_batch(self, batch: list[_Pending], timings: list[dict[str, float]], info: dict) -> float:
+    async def _render_batch(
+        self, batch: list[_Pending], timings: list[dict[str, float]], info: dict
+    ) -> tuple[float | None, Awaitable[Any] | None]:
         """Render ``batch`` in the pipeline thread; each call's events go to its own queue as they happen.
 
-        Returns the ``time.monotonic()`` at which the first outcome was handed over (see ``AdaptiveBatcher``)."""
+        Returns when the renderer is free (see ``AdaptiveBatcher``): the ``time.monotonic()`` of the first
+        outcome handed over (None if none yet), and what completes when the images handed to the finishing
+        thread (:meth:`_finish`) are delivered (None when every image was finished in the pipeline thread)."""
         loop = asyncio.get_running_loop()
         deliver = self.batcher.deliver
         answered: list[float] = []
+        handed: list[Future] = []
 
         def progress(indices: list[int], done: int, total: int) -> None:
             for i in indices:
@@ -393,7 +440,7 @@ class RendererDeployment:
                 answered.append(time.monotonic())
             loop.call_soon_threadsafe(deliver, batch[index], outcome)
 
-        def work() -> float:
+        def work() -> float | None:
             self.actor.render_isolated(
                 [p.call for p in batch],
                 progress,
@@ -401,10 +448,30 @@ class RendererDeployment:
                 [p.cancelled.is_set for p in batch],
                 timings=timings,
                 batch_info={"wait": info},
+                finish=lambda job: self._finish(job, handed),
             )
-            return answered[0] if answered else time.monotonic()
+            return answered[0] if answered else None
 
-        return await loop.run_in_executor(self._executor, work)
+        first = await loop.run_in_executor(self._executor, work)
+        if not handed:
+            return (first if first is not None else time.monotonic()), None
+        self.finished_behind += 1
+        return first, asyncio.gather(*(asyncio.wrap_future(f) for f in handed))
+
+    def _finish(self, job: Callable[[], None], handed: list[Future]) -> None:
+        """Run one pipeline call's finishing (in the pipeline thread): hand it to the finishing thread when a batch
+        waits for the renderer and ``overlap_finishing`` is on, so that batch renders while these images are
+        stamped (a thread hop a lone request does not pay); else at once.
+
+        At most one batch finishes behind the renderer: its jobs are waited for before the next batch's are
+        handed over, so the stamps never pile up behind a renderer that is faster than them."""
+        if not (self.config.overlap_finishing and self.batcher.queue):
+            job()
+            return
+        if not handed:
+            wait(self._finishing)
+            self._finishing = handed
+        handed.append(self._finisher.submit(job))
 
 
 def _spanned(event: RenderEvent, arrived: float) -> RenderEvent:

@@ -195,6 +195,35 @@ def test_requests_arriving_during_a_batch_form_the_next_and_wait_only_for_expect
     assert e.timings["queue_s"] < b.timings["queue_s"]  # E joined a batch that waited for it
 
 
+def test_a_batch_is_stamped_while_the_next_one_renders_and_a_lone_request_in_the_render_thread(loop, replica):
+    """A renders while B and C queue: A's image is stamped in the finishing thread while B and C render (the
+    replica counts the batch), every image arrives stamped and signed, and a lone request is stamped where it
+    rendered. With ``overlap_finishing`` off the renderer stamps before it takes the next batch."""
+
+    async def scenario():
+        events: list = []
+        first = asyncio.ensure_future(outcome(replica, call("A", steps=LONG_STEPS, progress=True), events))
+        await started(events)
+        others = [asyncio.ensure_future(outcome(replica, call(p))) for p in "BC"]
+        while len(replica.batcher.queue) < 2:
+            await asyncio.sleep(0.01)
+        return [await first] + [await o for o in others]
+
+    for overlap in (True, False):
+        configure(loop, replica, overlap_finishing=overlap)
+        quiet(loop, replica)
+        before = replica.health()["batching"]["finished_behind_next"]
+        images = loop.run_until_complete(scenario())
+        assert all(isinstance(i, RenderedImage) and i.png and i.provenance for i in images), images
+        assert images[0].batch["size"] == 1 and images[1].batch["id"] == images[2].batch["id"]
+        assert all(i.png.startswith(b"\x89PNG") and b"caBX" in i.png for i in images)  # each with its C2PA chunk
+        quiet(loop, replica)
+        health = replica.health()
+        assert health["batching"]["finished_behind_next"] == before + overlap  # A's batch only, never a lone one
+        assert health["batching"]["batches_finishing"] == 0  # nothing is left behind
+    configure(loop, replica)
+
+
 def test_requests_arriving_together_share_a_batch_and_a_bad_one_fails_alone(loop, replica):
     configure(loop, replica)
     quiet(loop, replica)
