@@ -49,7 +49,10 @@ JSON and Markdown are rewritten after every part, so a run cut short still leave
    (measured in the same run), recompiles, and peak GPU memory; with ``--busy``, one more call under
    ``torch.profiler`` gives the device's working time (CUDA: kernels and copies, graph replays included), its
    share of the row's time and its ratio to the plain row's: whether an identity method's overhead is device work
-   or host work. Every profile runs at batch 1; the first profile
+   or host work; with ``--stamp-beside``, each plain row one more call while ``min(batch, 4)`` threads stamp
+   ``--stamp-size`` images without pause (imagegen's ``provenance.stamp`` where OpenCV and c2pa are installed,
+   else CPU work shaped like it): the cost of a replica's stamps behind the next batch to the render they overlap
+   (``x_beside_stamps``). Every profile runs at batch 1; the first profile
    (eager) also at the other ``--batches`` (identity overhead at batch > 1). The goals of issue 13 are checked
    against the rows: PuLID within 3% of plain of the same profile; ``fastest`` FLUX.1-dev + PuLID, 1024², 28 steps
    under 3 s on an H100-class GPU.
@@ -508,6 +511,70 @@ def device_busy(pipe, family: str, request, embeds: dict, batch: int, identity: 
     return busy_us / 1e6, sum(e.count for e in events)
 
 
+def stamp_work(size: int) -> tuple[str, Callable[[], None]]:
+    """One served image's stamp as CPU work: imagegen's own (``provenance.stamp``: watermark, PNG, C2PA) where its
+    libraries are installed, else work shaped like it (the PNG encode at the served zlib level and strategy, which
+    lets go of the GIL, then its SHA-256 fed in 2 KiB pieces and a JSON record, which hold it, as the C2PA step
+    does). Returns which, and the work."""
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    noise = np.random.default_rng(0).normal(0, 8, (size, size, 3)).astype(np.float32)
+    pixels = (ramp[None, :, None] * 0.6 + ramp[:, None, None] * 0.4 + noise).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    try:
+        from imagegen.provenance.stamp import stamp
+
+        stamp(image, {"seed": 1}, image_id="0" * 32, request_id="gpu-check")  # the signer made before timing
+        return "imagegen", lambda: stamp(image, {"seed": 1}, image_id="0" * 32, request_id="gpu-check")
+    except Exception as exc:  # noqa: BLE001 - a GPU machine without OpenCV / c2pa: the shaped work instead
+        print(f"  stamp beside: imagegen's stamp unavailable ({type(exc).__name__}: {exc}); shaped work", flush=True)
+
+    def shaped() -> None:
+        import hashlib
+        import io
+
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+        data, digest = buffer.getvalue(), hashlib.sha256()
+        for start in range(0, len(data), 2047):
+            digest.update(data[start : start + 2047])
+        json.dumps({"digest": digest.hexdigest(), "record": {str(i): i for i in range(200)}})
+
+    return "shaped", shaped
+
+
+def beside_stamps(
+    pipe, family: str, request, embeds: dict, batch: int, identity: Identity, device, work: Callable[[], None]
+) -> tuple[Run, int]:
+    """One more timed call while ``min(batch, 4)`` threads stamp images without pause (what the replica's finishing
+    thread and stamp threads do while the next batch renders, ``RendererConfig.overlap_finishing``): does their
+    CPU work, and the GIL its Python parts take, slow the thread that launches the kernels? Returns the call and how
+    many stamps ran beside it."""
+    import threading
+
+    stop, done = threading.Event(), [0]
+
+    def loop() -> None:
+        while not stop.is_set():
+            work()
+            done[0] += 1
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(min(batch, 4))]
+    for thread in threads:
+        thread.start()
+    try:
+        run = render(pipe, family, request, embeds, batch, identity, device)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return run, done[0]
+
+
 #: the default plan at full size (a row only starts when it fits the time budget): every profile at batch 1 with
 #: plain and the methods below, then the eager profile at the larger batch sizes (identity overhead at batch > 1)
 DEFAULT_PROFILES = {"flux": ["quality", "fast", "fastest"], "sdxl": ["quality", "fast"]}
@@ -604,6 +671,9 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
         "quantised": QUANTISED_COMPILE_GUESS_S[device.type],
     }
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=opts.workdir))
+    stamping = stamp_work(opts.stamp_size) if opts.stamp_beside else None
+    if stamping is not None:
+        report["stamp_beside"] = {"work": stamping[0], "size": opts.stamp_size}
     try:
         for label, names, batch in row_plan(family, opts, preset):
             try:
@@ -643,7 +713,9 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                         except ProfileError as exc:
                             rows.append({**row, "steps": steps, "note": f"refused: {exc}"})
                             continue
-                    calls = opts.repeats + 0.5 + (1.5 if opts.busy else 0)  # a profiled call is slower
+                    calls = (
+                        opts.repeats + 0.5 + (1.5 if opts.busy else 0) + (1.2 if stamping and name == "plain" else 0)
+                    )
                     estimate = per_step.get((label, batch), plain_step) * (steps + 2) * calls
                     if clock.left() < estimate + first_guess[kind] * 0.5:
                         report["skipped"].append(
@@ -677,6 +749,11 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                         busy = (
                             device_busy(pipe, family, request, embeds, batch, identity, device) if opts.busy else None
                         )
+                        beside = (
+                            beside_stamps(pipe, family, request, embeds, batch, identity, device, stamping[1])
+                            if stamping is not None and name == "plain"
+                            else None
+                        )
                     except Exception as exc:  # out of memory, or a method failing at this size: report, go on
                         traceback.print_exc()
                         rows.append({**row, "steps": steps, "note": f"{type(exc).__name__}: {str(exc)[:300]}"})
@@ -704,6 +781,9 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                             "busy_s": None if busy is None else round(busy[0], 3),
                             "busy_events": None if busy is None else busy[1],
                             "busy_share": None if busy is None else round(busy[0] / run.total_s, 3),
+                            "beside_stamps_s": None if beside is None else round(beside[0].total_s, 3),
+                            "stamps_beside": None if beside is None else beside[1],
+                            "x_beside_stamps": None if beside is None else round(beside[0].total_s / run.total_s, 3),
                             "first_compile": {k: v for k, v in counter_delta(before, middle).items() if v},
                             "steady_compile": {k: v for k, v in counter_delta(middle, after).items() if v},
                         }
@@ -861,6 +941,7 @@ def table_rows(report: dict) -> list[list[str]]:
             fmt(r.get("peak_gib"), ".1f"),
             fmt(r.get("busy_share"), ".2f"),
             fmt(r.get("x_plain_busy"), ".3f"),
+            fmt(r.get("x_beside_stamps"), ".3f"),
             r.get("note", ""),
         ]
         for r in report["timings"]
@@ -884,6 +965,7 @@ HEADER = [
     "peak GiB",
     "device busy share",
     "x plain busy",
+    "x beside stamps",
     "note",
 ]
 #: left-aligned columns of the table
@@ -959,7 +1041,10 @@ def markdown(report: dict) -> str:
         "eager (quality) plain row's at the same batch size; *x plain*: over the same profile's plain row (identity "
         "overhead under that profile); *x plain/step*: the same per denoising step. *graphs/recompiles/steady*: "
         "dynamo graphs compiled and recompiles in the first call, recompiles in the timed calls (should be 0). "
-        f"Step caches {cache}. *peak GiB*: `torch.cuda.max_memory_allocated` during the timed call.",
+        f"Step caches {cache}. *peak GiB*: `torch.cuda.max_memory_allocated` during the timed call. *x beside "
+        "stamps* (`--stamp-beside`, plain rows): one more call while min(batch, 4) threads stamp images without pause "
+        f"({(report.get('stamp_beside') or {}).get('work', '-')} stamp work), over the row's total: what a replica's "
+        "stamps behind the next batch cost the render they overlap.",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---" if i < TEXT_COLUMNS or c == "note" else "---:" for i, c in enumerate(HEADER)) + "|",
@@ -1059,6 +1144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one more call per row under torch.profiler: the device's working time, its share of the row's time "
         "and its ratio to the plain row's (is an identity method's overhead device work or host work?)",
     )
+    parser.add_argument(
+        "--stamp-beside",
+        action="store_true",
+        help="plain rows: one more call while stamp threads work without pause (the replica's stamps behind the next "
+        "batch): does the CPU work beside it slow the thread launching kernels?",
+    )
+    parser.add_argument("--stamp-size", type=int, default=1024, help="the stamped images' side (--stamp-beside)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument("--size", type=int, default=None, help="square size (default: the preset's; proxy 128)")
     parser.add_argument(

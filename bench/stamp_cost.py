@@ -10,7 +10,9 @@ Prints a table and a JSON line: ``watermark_ms``, ``png_level6_ms`` / ``png_leve
 (PIL's default level, the level served PNGs use, and that level with their zlib strategy) with their sizes,
 ``sign_ms``, ``sign_busy_ms`` (the signature while another Python thread is busy: ``provenance.c2pa_embed``),
 ``stamp_ms`` (the whole ``provenance.stamp``),
-``batch_serial_ms`` and ``batch_threads_ms`` (``--batch`` images one after another against ``STAMP_THREADS``).
+``batch_serial_ms`` and ``batch_threads_ms`` (``--batch`` images one after another against ``STAMP_THREADS``),
+``launch_op_us`` / ``launch_op_beside_stamps_us`` (a small torch op, alone and while a thread stamps without pause:
+the GIL the stamps take from the thread launching a render's kernels when they run behind it).
 """
 
 from __future__ import annotations
@@ -40,6 +42,43 @@ def best_ms(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
         out = fn()
         best = min(best, time.perf_counter() - started)
     return round(best * 1000, 1), out
+
+
+def launch_loop_beside(work: Callable[[], Any], ops: int = 100_000) -> tuple[float, float]:
+    """Microseconds per small torch op, alone and while another thread stamps without pause: what a replica's stamps
+    behind the next batch (``RendererConfig.overlap_finishing``) cost the thread that launches a render's kernels.
+    Each torch call lets go of the GIL and takes it back, so it waits whenever the stamp's Python parts hold it. One
+    torch thread: the measure is the GIL, not this machine's two cores shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x = torch.randn(64, 64)
+
+    def loop() -> float:
+        y, started = x, time.perf_counter()
+        for _ in range(ops):
+            y = y * 1.0001
+        return round((time.perf_counter() - started) / ops * 1e6, 3)
+
+    try:
+        alone = min(loop() for _ in range(3))
+        stop = threading.Event()
+
+        def stamping() -> None:
+            while not stop.is_set():
+                work()
+
+        stamper = threading.Thread(target=stamping, daemon=True)
+        stamper.start()
+        try:
+            beside = min(loop() for _ in range(3))
+        finally:
+            stop.set()
+            stamper.join()
+    finally:
+        torch.set_num_threads(threads)
+    return alone, beside
 
 
 def main() -> None:
@@ -104,6 +143,7 @@ def main() -> None:
     figures["batch_serial_ms"], _ = best_ms(lambda: [stamp(i) for i in range(args.batch)], args.repeat)
     with ThreadPoolExecutor(STAMP_THREADS) as pool:
         figures["batch_threads_ms"], _ = best_ms(lambda: list(pool.map(stamp, range(args.batch))), args.repeat)
+    figures["launch_op_us"], figures["launch_op_beside_stamps_us"] = launch_loop_beside(lambda: stamp(0))
     figures["load_average_1m"] = round(os.getloadavg()[0], 2)
 
     table = Table(title=f"stamping a {args.size} px photo (best of {args.repeat})")
