@@ -143,13 +143,20 @@ def test_gpu_check_busy_gives_each_row_the_devices_working_time(tmp_path):
     base = ["--device", "cpu", "--tiny", "--families", "sdxl", "--sdxl-profiles", "quality", "--batches", "1"]
     base += ["--methods", "pulid-sdxl-v1.1", "--steps", "2", "--skip-tests", "--workdir", str(tmp_path)]
     report = {"timings": [], "families": {}, "skipped": []}
-    gpu_check.time_family("sdxl", gpu_check.parse_args([*base, "--busy"]), gpu_check.Clock(600), report)
+    beside = ["--stamp-beside", "--stamp-size", "64"]
+    gpu_check.time_family("sdxl", gpu_check.parse_args([*base, "--busy", *beside]), gpu_check.Clock(600), report)
     plain, pulid = report["timings"]
     assert (plain["method"], pulid["method"]) == ("plain", "pulid-sdxl-v1.1"), report["timings"]
     for row in (plain, pulid):
         # aten ops' own time on the CPU: some of the call, never more than all of it (the profiled call is slower)
         assert 0 < row["busy_s"] and row["busy_events"] > 0 and 0 < row["busy_share"] < 3, row
     assert plain["x_plain_busy"] == 1.0 and pulid["x_plain_busy"] == round(pulid["busy_s"] / plain["busy_s"], 3)
+    # --stamp-beside: the plain row timed again beside imagegen's own stamps (installed here), the others not
+    assert report["stamp_beside"] == {"work": "imagegen", "size": 64}
+    assert plain["beside_stamps_s"] > 0 and plain["stamps_beside"] >= 0
+    assert plain["x_beside_stamps"] == pytest.approx(plain["beside_stamps_s"] / plain["total_s"], rel=0.02)
+    assert pulid["x_beside_stamps"] is None
     quiet = {"timings": [], "families": {}, "skipped": []}
     gpu_check.time_family("sdxl", gpu_check.parse_args(base), gpu_check.Clock(600), quiet)
     assert all(row["busy_s"] is None and row["x_plain_busy"] is None for row in quiet["timings"])
+    assert all(row["x_beside_stamps"] is None for row in quiet["timings"]) and "stamp_beside" not in quiet
