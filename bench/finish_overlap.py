@@ -1,6 +1,6 @@
 """Throughput of a busy renderer replica with its images stamped behind the next batch, against stamped in line.
 
-Every served image is scored, watermarked, PNG-encoded and C2PA-signed in its replica (~85 CPU ms at 1024 px).
+Every served image is scored, watermarked, PNG-encoded and C2PA-signed in its replica (~70 CPU ms at 1024 px).
 With ``overlap_finishing`` (the default) a batch's stamps run in a finishing thread while the next queued batch
 renders; without it the renderer stamps before it takes the next batch, and the accelerator waits. This bench
 drives the real ``RendererDeployment`` in one process (no Ray: the batcher, the pipeline thread, the finishing
