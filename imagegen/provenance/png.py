@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from imagegen.provenance.c2pa_embed import PNG_SIGNATURE
+from imagegen.provenance.c2pa_embed import manifest_offset
 
 #: zlib level of served PNGs: level 1 encodes a 1024 px render several times faster than the default 6 for ~13% more
 #: bytes; the encode runs on the render's critical path
@@ -58,9 +58,7 @@ def encode(image: Image.Image, info: PngImagePlugin.PngInfo | None = None) -> by
     others = sorted({bytes(kind) for kind, *_ in info.chunks} - TEXT_CHUNKS)
     if others:
         raise ValueError(f"served PNGs carry text chunks only, not {b', '.join(others).decode(errors='replace')}")
-    if data[12:16] != b"IHDR":
-        raise ValueError("OpenCV's PNG does not start with its IHDR chunk")
-    header_end = len(PNG_SIGNATURE) + 12 + struct.unpack(">I", data[8:12])[0]
+    header_end = manifest_offset(data, "image/png")  # right after IHDR (checked), where the C2PA manifest goes too
     text = b"".join(chunk(kind, body) for kind, body, *_ in info.chunks)
     return data[:header_end] + text + data[header_end:]
 

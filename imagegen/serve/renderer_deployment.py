@@ -215,10 +215,7 @@ class AdaptiveBatcher:
             try:
                 answered, finishing = await self.run_batch(batch, timings, info)
             except Exception as exc:  # noqa: BLE001 - every caller still waiting gets the error; the loop goes on
-                log.error("render batch failed: %r", exc)
-                error = RenderError.from_exception(exc)
-                for pending in batch:
-                    self.deliver(pending, error)
+                self._fail(batch, "render batch failed", exc)
             # the backlog is what was queued before the batch answered its first caller: a caller that
             # got its result and came back before this line runs is a returning caller, not backlog (when the
             # batch's images are still being stamped, nobody can have come back yet)
@@ -232,6 +229,13 @@ class AdaptiveBatcher:
                 self._settling.add(task)
                 task.add_done_callback(self._settling.discard)
 
+    def _fail(self, batch: list[_Pending], what: str, exc: Exception) -> None:
+        """Every caller of ``batch`` still waiting gets ``exc`` as its error."""
+        log.error("%s: %r", what, exc)
+        error = RenderError.from_exception(exc)
+        for pending in batch:
+            self.deliver(pending, error)
+
     def _settle(self, batch: list[_Pending]) -> None:
         """A result that never came is an error, never a hang."""
         for pending in batch:
@@ -241,10 +245,7 @@ class AdaptiveBatcher:
         try:
             await finishing
         except Exception as exc:  # noqa: BLE001 - the callers still waiting get the error
-            log.error("finishing a batch failed: %r", exc)
-            error = RenderError.from_exception(exc)
-            for pending in batch:
-                self.deliver(pending, error)
+            self._fail(batch, "finishing a batch failed", exc)
         self._settle(batch)
 
     async def _gather(self) -> tuple[list[_Pending], float, int]:
@@ -454,7 +455,7 @@ class RendererDeployment:
 
         first = await loop.run_in_executor(self._executor, work)
         if not handed:
-            return (first if first is not None else time.monotonic()), None
+            return first, None
         self.finished_behind += 1
         return first, asyncio.gather(*(asyncio.wrap_future(f) for f in handed))
 
