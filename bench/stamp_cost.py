@@ -8,10 +8,12 @@ measured here on a real photo (scikit-image's astronaut, upscaled), best of ``--
 
 Prints a table and a JSON line: ``watermark_ms``, ``png_pil_level6_ms`` / ``png_pil_level1_ms`` /
 ``png_pil_level1_rle_ms`` (PIL, which picks a filter per row: its default level, the served level, and that level with
-the served zlib strategy) and ``png_served_ms`` (what is served: ``imagegen.provenance.png``) with their sizes,
+the served zlib strategy) and ``png_served_ms`` (what is served: ``imagegen.provenance.png``, in strips on
+``png_strip_threads`` threads when large; ``png_served_one_piece_ms`` on one) with their sizes,
 ``sign_ms``, ``sign_busy_ms`` (the signature while another Python thread is busy: ``provenance.c2pa_embed``),
-``stamp_ms`` (the whole ``provenance.stamp``),
-``batch_serial_ms`` and ``batch_threads_ms`` (``--batch`` images one after another against ``STAMP_THREADS``),
+``stamp_ms`` (the whole ``provenance.stamp`` of a lone image; ``stamp_one_piece_ms`` with its PNG in one piece),
+``batch_serial_ms`` and ``batch_threads_ms`` (``--batch`` images one after another, in one piece, against
+``STAMP_THREADS`` side by side with the strip threads divided between them, as a replica stamps a batch),
 ``launch_op_us`` / ``launch_op_beside_stamps_us`` (a small torch op, alone and while a thread stamps without pause:
 the GIL the stamps take from the thread launching a render's kernels when they run behind it).
 """
@@ -97,12 +99,17 @@ def main() -> None:
     from imagegen.provenance import c2pa_embed, manifest, watermark
     from imagegen.provenance import png as served_png
     from imagegen.provenance.keys import signer_material
-    from imagegen.serve.actors import STAMP_THREADS
+    from imagegen.serve.actors import STAMP_THREADS, encode_threads
 
     stamp_module = sys.modules["imagegen.provenance.stamp"]
     photo = Image.fromarray(data.astronaut()).resize((args.size, args.size), Image.LANCZOS)
     signer = signer_material()
-    figures: dict[str, Any] = {"size": args.size, "batch": args.batch, "stamp_threads": STAMP_THREADS}
+    figures: dict[str, Any] = {
+        "size": args.size,
+        "batch": args.batch,
+        "stamp_threads": STAMP_THREADS,
+        "png_strip_threads": served_png.STRIP_THREADS,
+    }
 
     figures["watermark_ms"], marked = best_ms(lambda: watermark.embed(photo, 0x1234ABCD), args.repeat)
 
@@ -118,6 +125,7 @@ def main() -> None:
         "png_pil_level6": lambda: pil_encode(6),
         f"png_pil_level{level}": lambda: pil_encode(level),
         f"png_pil_level{level}_rle": lambda: pil_encode(level, zlib.Z_RLE),
+        "png_served_one_piece": lambda: served_png.encode(marked, threads=1),
         "png_served": lambda: served_png.encode(marked),
     }.items():
         figures[f"{name}_ms"], png = best_ms(encode, args.repeat)
@@ -140,14 +148,20 @@ def main() -> None:
         spinner.join()
     figures["sign_holds_gil"] = c2pa_embed.holds_gil()
 
-    def stamp(index: int) -> bytes:
+    def stamp(index: int, threads: int | None = None) -> bytes:
         image_id = f"{index:08x}" + "0" * 24
-        return stamp_module.stamp(photo, {"preset": "bench"}, image_id=image_id, request_id="bench")[0]
+        metadata = {"preset": "bench"}
+        return stamp_module.stamp(photo, metadata, image_id=image_id, request_id="bench", encode_threads=threads)[0]
 
-    figures["stamp_ms"], _ = best_ms(lambda: stamp(0), args.repeat)
-    figures["batch_serial_ms"], _ = best_ms(lambda: [stamp(i) for i in range(args.batch)], args.repeat)
+    figures["stamp_one_piece_ms"], _ = best_ms(lambda: stamp(0, 1), args.repeat)
+    figures["stamp_ms"], _ = best_ms(lambda: stamp(0, encode_threads(1)), args.repeat)
+    figures["batch_serial_ms"], _ = best_ms(lambda: [stamp(i, 1) for i in range(args.batch)], args.repeat)
+    # as a replica stamps a batch: STAMP_THREADS side by side, the strip threads divided between them
     with ThreadPoolExecutor(STAMP_THREADS) as pool:
-        figures["batch_threads_ms"], _ = best_ms(lambda: list(pool.map(stamp, range(args.batch))), args.repeat)
+        threads = encode_threads(args.batch)
+        figures["batch_threads_ms"], _ = best_ms(
+            lambda: list(pool.map(lambda i: stamp(i, threads), range(args.batch))), args.repeat
+        )
     figures["launch_op_us"], figures["launch_op_beside_stamps_us"] = launch_loop_beside(lambda: stamp(0))
     figures["load_average_1m"] = round(os.getloadavg()[0], 2)
 

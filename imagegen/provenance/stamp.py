@@ -94,8 +94,11 @@ def stamp(
     include_prompt: bool | None = None,
     fmt: str = "png",
     quality: int = 92,
+    encode_threads: int | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Watermark ``image``, encode it as ``fmt`` with its metadata and sign it; returns (bytes, record).
+
+    ``encode_threads``: the most threads a large PNG's encode may use (``imagegen.provenance.png.encode``).
 
     Images get shared: the file carries the request id and the recipe (seed, steps, sizes,
     character, method) but the prompt only as its SHA-256, unless ``include_prompt`` (default:
@@ -140,7 +143,7 @@ def stamp(
         for key, value in chunks.items():
             if value is not None:
                 info.add_itxt(key, str(value))
-        encoded = png.encode(marked, info)  # zlib level 1, run-length, Paeth rows: imagegen.provenance.png
+        encoded = png.encode(marked, info, encode_threads)  # level 1, run-length, Paeth rows, in strips when large
     else:
         text = {k: str(v) for k, v in chunks.items() if v is not None}
         text[RECORD_KEY] = json.dumps(full, sort_keys=True, default=str)

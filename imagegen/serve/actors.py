@@ -39,6 +39,7 @@ from imagegen.pipelines.presets import get_preset
 from imagegen.pipelines.renderer import CANCELLED, Progress
 from imagegen.pipelines.types import RenderRequest, RenderResult
 from imagegen.pipelines.warmup import WarmupReport, profile_name, warm_up
+from imagegen.provenance.png import STRIP_THREADS as PNG_STRIP_THREADS
 from imagegen.serve.gate import GateScorer
 from imagegen.settings import get_settings
 
@@ -48,6 +49,13 @@ log = logging.getLogger(__name__)
 #: and at 1024 px each image costs a few hundred CPU ms that would otherwise run one after another while the
 #: accelerator waits for the next batch
 STAMP_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def encode_threads(images: int) -> int:
+    """The threads each of ``images`` PNGs stamped side by side may encode its strips on: the strip pool divided
+    between them (strips cost ~20% more CPU than one encode: worth it only on cores that would otherwise idle)."""
+    return max(1, PNG_STRIP_THREADS // max(1, min(images, STAMP_THREADS)))
+
 
 #: progress of one pipeline call inside ``render_isolated``: (indices of the requests in it, done, total)
 GroupProgress = Callable[[list[int], int, int], None]
@@ -337,7 +345,7 @@ class RendererActor:
 
     def finish(self, call: RenderCall, result: RenderResult) -> RenderedImage:
         """Score (when gated), watermark, stamp and encode one image: the only PNG encode it gets."""
-        return self._stamp(call, result, self._score(call, result))
+        return self._stamp(call, result, self._score(call, result), encode_threads(1))
 
     def finish_all(
         self, calls: Sequence[RenderCall], results: Sequence[RenderResult], isolate: bool = False
@@ -356,8 +364,9 @@ class RendererActor:
                 return RenderError.from_exception(exc)
 
         scores = [guarded(lambda c=c, r=r: self._score(c, r)) for c, r in zip(calls, results, strict=True)]
+        threads = encode_threads(sum(not isinstance(s, RenderError) for s in scores))
         jobs = [
-            (lambda c=c, r=r, s=s: self._stamp(c, r, s))
+            (lambda c=c, r=r, s=s: self._stamp(c, r, s, threads))
             for c, r, s in zip(calls, results, scores, strict=True)
             if not isinstance(s, RenderError)
         ]
@@ -379,7 +388,9 @@ class RendererActor:
             return None
         return self._gate(call.gate.backend).score(result.image, call.gate.centroid)
 
-    def _stamp(self, call: RenderCall, result: RenderResult, similarity: float | None) -> RenderedImage:
+    def _stamp(
+        self, call: RenderCall, result: RenderResult, similarity: float | None, encode_threads: int
+    ) -> RenderedImage:
         metadata = {**result.metadata(), **call.metadata}
         image_id = uuid.uuid4().hex
         batch = {**result.batch, "pid": os.getpid()}
@@ -396,6 +407,7 @@ class RendererActor:
             request_id=call.request_id,
             character_version=call.character_version,
             extra=extra,
+            encode_threads=encode_threads,
         )
         # watermark + metadata + the PNG encode + the C2PA signature: the replica's own work on each image
         # (in the response's timings; the PNG, already signed, keeps the render's)

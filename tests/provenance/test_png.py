@@ -76,3 +76,51 @@ def test_a_photo_is_as_small_as_pils_at_the_served_level():
     buffer = io.BytesIO()
     photo.save(buffer, format="PNG", compress_level=png.COMPRESS_LEVEL, compress_type=zlib.Z_RLE)
     assert len(png.encode(photo)) <= 1.03 * len(buffer.getvalue())
+
+
+def idat_rows(data: bytes) -> bytes:
+    """The filtered rows a PNG carries (its IDAT chunks' zlib stream, inflated: the checksum is checked too)."""
+    return zlib.decompress(png._ihdr_and_data(data)[1])
+
+
+@pytest.mark.parametrize(("mode", "size"), [("RGB", (1024, 1024)), ("RGBA", (700, 333)), ("L", (512, 517))])
+def test_a_large_image_encoded_in_strips_carries_the_rows_of_one_encode(mode, size):
+    """Strips on several threads: every pixel back, and byte for byte the filtered rows libpng writes in one piece
+    (each strip's first row filtered against the real row above it), at the same size."""
+    image = samples.astronaut().convert("RGB").resize(size).convert(mode)
+    if mode == "RGBA":
+        image.putalpha(Image.linear_gradient("L").resize(image.size))
+    in_one_piece = png.encode(image, threads=1)
+    for threads in (2, 3, 8):
+        assert png.strip_count(size[1], size[0], threads) == min(threads, size[1] // png.STRIP_MIN_ROWS) > 1
+        data = png.encode(image, threads=threads)
+        assert chunk_types(data) == [b"IHDR", b"IDAT", b"IEND"]
+        decoded = Image.open(io.BytesIO(data))
+        assert decoded.mode == mode and decoded.size == image.size
+        assert np.array_equal(np.asarray(decoded), np.asarray(image))
+        assert idat_rows(data) == idat_rows(in_one_piece)
+        assert abs(len(data) - len(in_one_piece)) <= 0.002 * len(in_one_piece)
+
+
+def test_strips_keep_the_text_chunks_where_one_encode_puts_them():
+    image = samples.astronaut().convert("RGB")
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("imagegen", '{"seed": 7}')
+    data = png.encode(image, info, threads=2)
+    assert chunk_types(data) == chunk_types(png.encode(image, info, threads=1)) == [b"IHDR", b"iTXt", b"IDAT", b"IEND"]
+    assert Image.open(io.BytesIO(data)).text == {"imagegen": '{"seed": 7}'}
+
+
+def test_small_images_and_thin_strips_stay_in_one_piece():
+    """A strip is an encode of its own: below the size where threads pay, or thinner than STRIP_MIN_ROWS, none."""
+    assert png.strip_count(64, 64, 8) == 1
+    assert png.strip_count(png.STRIP_MIN_ROWS * 3, 4096, 8) == 3
+    assert png.strip_count(1024, 1024, 1) == 1
+
+
+def test_adler32_checksums_combine_as_one_over_both():
+    rng = np.random.default_rng(0)
+    for first_len, second_len in [(0, 10), (10, 0), (1, 65521), (70_000, 200_001), (3, 5)]:
+        first, second = rng.bytes(first_len), rng.bytes(second_len)
+        combined = png.adler32_combine(zlib.adler32(first), zlib.adler32(second), second_len)
+        assert combined == zlib.adler32(first + second)

@@ -112,3 +112,18 @@ def test_the_embedding_moves_each_block_by_its_svd_triple():
     np.testing.assert_allclose(largest, s_svd[:, 0], rtol=1e-9)
     rank_one = left[:, :, None] * right[:, None, :]
     np.testing.assert_allclose(rank_one, u_svd[:, :, :1] * vt_svd[:, :1, :], atol=1e-6)
+
+
+def test_the_change_lands_in_u_rounded_and_saturated_as_the_pixel_formula_says():
+    """The marked pixels are ``clip(rint(channel + delta))`` for B and G (the change to U spread so that Y and V
+    stay), R untouched: the fast path computes exactly the formula, ties and saturation included."""
+    rgb = np.asarray(samples.astronaut().resize((300, 200)))
+    delta_u = np.random.default_rng(3).normal(0, 40, rgb.shape[:2]).astype(np.float32)  # saturates some pixels
+    delta_u[0, :8] = np.float32(0.5 / watermark.B_PER_U)  # halves: rounded to even
+    delta_b = delta_u * np.float32(watermark.B_PER_U)
+    expected = rgb.copy()
+    expected[..., 2] = np.clip(np.rint(rgb[..., 2] + delta_b), 0, 255)
+    expected[..., 1] = np.clip(np.rint(rgb[..., 1] + delta_b * np.float32(watermark.G_PER_B)), 0, 255)
+    marked = watermark._add_to_u(rgb, delta_u)
+    assert marked.dtype == np.uint8 and np.array_equal(marked, expected)
+    assert (marked[..., 2] == 255).any() and (marked[..., 2] == 0).any()
