@@ -12,7 +12,10 @@
 # tests need). What `run` checks: that SDXL's `fast` (compiled blocks in CUDA graphs) replays every batch composition
 # as eager does (the parity test; on CPUs it runs without graphs), then the open timings of issue 13: `quality` and
 # `fast` at batch 1 and 4 with `--busy` (the device's working time per row: is the identity overhead under graphs GPU
-# work or host work?) and `--stamp-beside` (do a replica's stamps behind the next batch slow the render they overlap?). `fastest:graphs`, fp8 in CUDA graphs, needs a session of its own (~6 min compile).
+# work or host work?) and `--stamp-beside` (do a replica's stamps behind the next batch slow the render they overlap?),
+# then, in the time left, bench/step_ops.py on SDXL `fast`: per step graph replays, input copies, device time and the
+# host's top operators of plain, PuLID and FaceID. `fastest:graphs`, fp8 in CUDA graphs, needs a session of its own
+# (~6 min compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,14 +44,24 @@ case "${1:-}" in
     IMAGEGEN_DEVICE=cuda timeout "${PARITY_S:-150}" python3 -m pytest -q -p no:cacheprovider -W ignore "$PARITY_TEST" \
       2>&1 | tee "$out/parity.txt" || true
     python3 bench/gpu_check.py --families sdxl --sdxl-profiles "${SDXL_PROFILES[@]}" --batches 1 4 --repeats 2 --busy \
-      --stamp-beside --skip-tests --budget-s "${BUDGET_S:-330}" --sdxl-budget-s "${BUDGET_S:-330}" --out "$out/gpu_check.json" \
+      --stamp-beside --skip-tests --budget-s "${BUDGET_S:-280}" --sdxl-budget-s "${BUDGET_S:-280}" --out "$out/gpu_check.json" \
       --markdown "$out/gpu_check.md" 2>&1 | tee "$out/gpu_check.log"
+    # where SDXL `fast`'s identity overhead goes (graph replays, input copies, device time, top host operators), in
+    # what is left of the command's 600 s
+    left=$(( ${SESSION_S:-570} - SECONDS ))
+    if [ "$left" -gt 90 ]; then
+      timeout "$left" python3 bench/step_ops.py --device cuda --full-size --families sdxl --profiles fast --steps 3 \
+        2>&1 | tee "$out/step_ops.txt" || true
+    else
+      echo "step_ops skipped: ${left} s left" | tee "$out/step_ops.txt"
+    fi
     ;;
   dry)
     out="${OUT:-/tmp/gpu_session}" && mkdir -p "$out"
     .venv/bin/python -m pytest -q -p no:cacheprovider "$PARITY_TEST"  # here: the compiled blocks without graphs
     .venv/bin/python bench/gpu_check.py --dry-run --families sdxl --sdxl-profiles "${SDXL_PROFILES[@]}" \
       --batches 1 4 --busy --stamp-beside --skip-tests --out "$out/gpu_check.json" --markdown "$out/gpu_check.md"
+    .venv/bin/python bench/step_ops.py --families sdxl --profiles fast --steps 2
     ;;
   *)
     echo "usage: bash bench/gpu_session.sh wheels|run|dry"

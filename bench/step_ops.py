@@ -11,8 +11,13 @@ views included) and, on CUDA, kernel launches per step.
     python bench/step_ops.py --families sdxl flux --profiles quality fast
     python bench/step_ops.py --proxy --families sdxl          # real widths, few blocks, 128 px (CPU)
     python bench/step_ops.py --device cuda --full-size --profiles quality fast fast:graphs   # launches (GPU)
+    python bench/step_ops.py --device cuda --full-size --profiles fast --steps 3 # where PuLID's time goes (GPU)
 
-Prints a table and one JSON line per row (``aten_ops_per_step``, ``over_plain``, ``launches_per_step``).
+Prints a table and one JSON line per row (``aten_ops_per_step``, ``over_plain``, ``launches_per_step``,
+``graph_replays_per_step``, ``copies_per_step``: a CUDA-graph replay copies every input whose address is not static;
+``wall_ms_per_step`` un-profiled, ``device_ms_per_step``: the kernels' time, and ``top_host_ops_ms_per_step``: the
+operators the host spent longest in). Where a step's wall time exceeds its device time, the device waited for the
+host, and the top host operators say on what.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,21 +45,49 @@ from imagegen.pipelines.types import RenderRequest  # noqa: E402
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
-def count_step(pipe, family: str, request: RenderRequest, embeds: dict, identity, device) -> dict[str, float]:
-    """Aten operators and kernel launches per step of one call (after two calls that warm everything up)."""
+GRAPH_REPLAY = "cudaGraphLaunch"
+#: calls that copy memory: a graph replay copies each input whose address is not static into its placeholder
+COPIES = ("aten::copy_", "aten::_foreach_copy_", "cudaMemcpyAsync", "cuMemcpyAsync")
+#: the host operators reported per row, by their own (self) CPU time
+TOP_HOST_OPS = 8
+
+
+def count_step(pipe, family: str, request: RenderRequest, embeds: dict, identity, device) -> dict[str, Any]:
+    """Per step of one call (after two calls that warm everything up): aten operators, kernel launches, graph
+    replays and copies; the call's wall time un-profiled, the device's kernel time, and the operators that took
+    the host longest (where a step's time goes when the device waits for the host)."""
     for _ in range(2):
         check.render(pipe, family, request, embeds, 1, identity, device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    check.render(pipe, family, request, embeds, 1, identity, device)
+    synchronize()
+    wall = time.perf_counter() - started
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         check.render(pipe, family, request, embeds, 1, identity, device)
     events = prof.key_averages()
+    steps = request.steps
+
+    def per_step(value: float) -> float:
+        return round(value / steps, 1)
+
     aten = sum(e.count for e in events if e.key.startswith("aten::"))
     launches = sum(e.count for e in events if e.key in LAUNCHES)
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    hosts = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:TOP_HOST_OPS]
+    cuda = device.type == "cuda"
     return {
-        "aten_ops_per_step": round(aten / request.steps, 1),
-        "launches_per_step": round(launches / request.steps, 1) if device.type == "cuda" else None,
+        "aten_ops_per_step": per_step(aten),
+        "launches_per_step": per_step(launches) if cuda else None,
+        "graph_replays_per_step": per_step(sum(e.count for e in events if e.key == GRAPH_REPLAY)) if cuda else None,
+        "copies_per_step": per_step(sum(e.count for e in events if e.key in COPIES)),
+        "wall_ms_per_step": round(wall * 1000 / steps, 2),
+        "device_ms_per_step": round(device_us / 1000 / steps, 2) if cuda else None,
+        "top_host_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 2) for e in hosts},
     }
 
 
@@ -109,13 +144,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="square size (default: 64 tiny, the preset's full)")
     opts = parser.parse_args()
     rows = [row for family in opts.families for profile in opts.profiles for row in rows_for(family, profile, opts)]
-    header = ["family", "profile", "method", "aten ops/step", "over plain", "launches/step"]
+    header = ["family", "profile", "method", "aten ops/step", "over plain", "launches/step", "graph replays/step"]
+    header += ["copies/step", "wall ms/step", "device ms/step", "host's top operator (ms/step)"]
     print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * 3 + "---:|" * 3)
+    print("|" + "---|" * 3 + "---:|" * 7 + "---|")
     for row in rows:
-        launches = "-" if row["launches_per_step"] is None else f"{row['launches_per_step']:.0f}"
         cells = [row["family"], row["profile"], row["method"], f"{row['aten_ops_per_step']:.0f}"]
-        print("| " + " | ".join([*cells, f"{row['over_plain']:+.0f}", launches]) + " |")
+        cells.append(f"{row['over_plain']:+.0f}")
+        for key in ("launches_per_step", "graph_replays_per_step", "copies_per_step"):
+            cells.append("-" if row[key] is None else f"{row[key]:.0f}")
+        cells.append(f"{row['wall_ms_per_step']:.1f}")
+        cells.append("-" if row["device_ms_per_step"] is None else f"{row['device_ms_per_step']:.1f}")
+        top = next(iter(row["top_host_ops_ms_per_step"].items()), ("-", 0.0))
+        cells.append(f"{top[0][:48]} ({top[1]:.2f})")
+        print("| " + " | ".join(cells) + " |")
     for row in rows:
         print(json.dumps(row))
 

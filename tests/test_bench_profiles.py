@@ -72,6 +72,11 @@ def test_step_ops_counts_what_identity_adds_to_an_eager_step():
     assert rows["plain"]["over_plain"] == 0 and rows["plain"]["launches_per_step"] is None
     pulid, faceid = rows["pulid-sdxl-v1.1"]["over_plain"], rows["ipadapter-faceid-plusv2-sdxl"]["over_plain"]
     assert 0 < pulid and 0 < faceid < 1.5 * pulid, rows
+    # where a step's time goes: its wall time, and the host operators it spent longest in (the device's on CUDA)
+    for row in rows.values():
+        assert row["wall_ms_per_step"] > 0 and row["device_ms_per_step"] is None and row["copies_per_step"] > 0
+        top = list(row["top_host_ops_ms_per_step"].values())
+        assert len(top) == step_ops.TOP_HOST_OPS and top == sorted(top, reverse=True) and top[0] > 0
 
 
 def test_gpu_check_proxy_is_full_width_with_few_blocks():
