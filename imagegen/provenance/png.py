@@ -63,6 +63,7 @@ _ZLIB_HEADER = b"\x78\x01"
 _STORED = [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, ROW_FILTER]
 _ADLER_BASE = 65521
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
@@ -169,8 +170,9 @@ def adler32_combine(first: int, second: int, second_length: int) -> int:
 
 
 def _strip_pool() -> ThreadPoolExecutor:
-    global _pool
+    """The process's strip threads (made anew in a forked child, which inherits the pool but not its threads)."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(STRIP_THREADS, thread_name_prefix="png-strip")
+        if _pool is None or _pool_pid != os.getpid():
+            _pool, _pool_pid = ThreadPoolExecutor(STRIP_THREADS, thread_name_prefix="png-strip"), os.getpid()
         return _pool

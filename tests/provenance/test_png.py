@@ -4,7 +4,9 @@ chunks where PIL puts them, and about PIL's size at the served zlib level."""
 from __future__ import annotations
 
 import io
+import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -124,3 +126,25 @@ def test_adler32_checksums_combine_as_one_over_both():
         first, second = rng.bytes(first_len), rng.bytes(second_len)
         combined = png.adler32_combine(zlib.adler32(first), zlib.adler32(second), second_len)
         assert combined == zlib.adler32(first + second)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_child_encodes_strips_on_threads_of_its_own():
+    """A child forked after the parent encoded in strips inherits the pool but not its threads: it must not hang."""
+    image = samples.astronaut().convert("RGB")
+    expected = png.encode(image, threads=2)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, b"1" if png.encode(image, threads=2) == expected else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 30
+    while os.waitpid(child, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            pytest.fail("the forked child hung encoding strips")
+        time.sleep(0.05)
+    assert os.read(read, 1) == b"1"
