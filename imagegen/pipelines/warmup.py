@@ -14,7 +14,10 @@ What it does, on the calling thread (the replica's render thread):
    first step and a later one take every code path, step caches included);
 2. loads every identity method of the preset (``renderer.conditioner``); a conditioner that offers
    ``example_tensors()`` (identity tensors of the right shapes that need no registered character)
-   also renders one identity sample at the first size, so its hooks are traced and compiled too;
+   also renders one identity sample at the first size, so its hooks are traced and compiled too, and,
+   under a compiling profile, a batch of two samples and a batch of a sample and a plain request (the
+   compiled blocks' variants for "every row takes identity" and "some rows do", each at a second batch
+   size, which makes the batch dimension dynamic);
 3. returns a :class:`WarmupReport`: seconds per step of the above, and the ``torch._dynamo``
    counters that moved (graphs compiled, recompiles, graph breaks) so a profile that recompiles per
    batch composition shows up at start rather than in production latency.
@@ -71,6 +74,12 @@ class WarmupReport:
         data = asdict(self)
         data["seconds"] = round(self.seconds, 3)
         return data
+
+
+def compiles(renderer: Any) -> bool:
+    """Whether ``renderer``'s profile compiled its denoiser's blocks (``torch.compile``: variants to warm up)."""
+    applied = getattr(renderer, "applied_profile", None)
+    return applied is not None and "compile" in applied.applied
 
 
 def profile_name(renderer: Any) -> str | None:
@@ -155,11 +164,16 @@ def _warm_method(renderer: Any, method: str, width: int, height: int, steps: int
     t0 = time.perf_counter()
     request = _request(renderer.preset, width, height, steps, seed=0, character=WARMUP_CHARACTER, method=method)
     plain = _request(renderer.preset, width, height, steps, seed=0)
+    batches = [[request], [plain]]  # a plain request while the method stays attached runs the hooks' other branch
+    if compiles(renderer):
+        # a compiled block has a variant per state the identity puts it in: every row taking it (FaceID's LoRA merged
+        # into the weights, no hooks) and some rows only (hooks on); a second batch size of each makes its batch
+        # dimension dynamic, so no later batch size or composition compiles in the middle of a request
+        batches += [[request, request.model_copy(update={"seed": 1})], [request, plain]]
     with _example_identity(renderer, examples()):
         try:
-            renderer.render([request])
-            # a plain request while the method stays attached runs the hooks' other branch: compile it now too
-            renderer.render([plain])
+            for batch in batches:
+                renderer.render(batch)
         except ImagegenError as exc:
             raise WarmupError(f"warm-up identity render with '{method}' failed: {exc}") from exc
     entry.update(rendered=True, render_s=round(time.perf_counter() - t0, 3))

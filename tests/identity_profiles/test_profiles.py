@@ -335,3 +335,41 @@ def test_identity_modules_keep_their_precision_on_a_quantised_denoiser(registry,
         lora = getattr(conditioner.handle, "lora", None)
         assert (lora is not None and lora.hooked > 0) == ("faceid" in method)
     renderer.detach_identity()
+
+
+def test_faceid_lora_merges_into_compiled_blocks_in_place_and_the_weights_come_back(registry):
+    """Under ``fast`` (regional compile) FaceID's LoRA is merged for calls whose every row takes it, as in eager mode:
+    no hooks in those calls, the weights changed in place (the same Parameter objects, which a CUDA graph reads at
+    fixed addresses) and put back bit for bit after the batch; a batch where some rows do not take it runs the
+    hooks. Renders match eager within ``fast``'s tolerance either way."""
+    method = "ipadapter-faceid-plusv2-sdxl"
+    renderer = renderer_for(registry, "tiny-sdxl", "fast")
+    mia = RenderRequest(prompt="a woman at a cafe", seed=42, character="mia", method=method, **SMALL)
+    renderer.render([mia])  # loads the method; compiles
+    lora = renderer.identity_method(method).handle.lora
+    unet = renderer.pipe.unet
+    before = {name: (param, param.detach().clone()) for name, param in unet.named_parameters()}
+    seen: list[tuple[bool, int, bool]] = []
+
+    addresses = [linear.weight.data_ptr() for linear, _ in lora.targets]
+
+    def probe(module, args):
+        same_addresses = [linear.weight.data_ptr() for linear, _ in lora.targets] == addresses
+        seen.append((lora.merged, lora.hooked, same_addresses))
+
+    handle = unet.register_forward_pre_hook(probe)
+    try:
+        alone = renderer.render([mia])
+        assert [(merged, hooked) for merged, hooked, _ in seen] == [(True, 0)] * SMALL["steps"]
+        assert all(same_address for _, _, same_address in seen)
+        seen.clear()
+        mixed = renderer.render([mia, RenderRequest(prompt="a street", seed=3, **SMALL)])
+        assert {(merged, hooked) for merged, hooked, _ in seen} == {(False, len(lora.targets))}
+    finally:
+        handle.remove()
+    assert not lora.merged and lora.hooked == len(lora.targets) > 0
+    for name, param in unet.named_parameters():
+        original, values = before[name]
+        assert param is original and torch.equal(param.detach(), values), name
+    assert np.abs(pixels(alone[0]) - pixels(mixed[0])).max() <= BATCH_TOLERANCE["fast"]
+    renderer.detach_identity()

@@ -7,15 +7,17 @@ mode each of those ~1,700 kernels a step is also paid on the host, and SDXL at 1
 host already (docs/benchmarks.md: the IP-Adapter's overhead there was mostly this).
 
 When every row of a model call takes the adapter (a batch of FaceID renders from step 0, CFG negatives included:
-the common case), :class:`FaceIDLoRA` takes the hooks off and swaps each Linear's weight for ``W + up @ down`` (what
-diffusers' ``fuse_lora`` does): no extra work per step at all. The merged weights are made for the batch (once, when
-a call first needs them) and dropped when it ends; the original ``Parameter`` objects are put back, so a render
-after it, or a call where only some rows take the adapter, uses the very same weights bit for bit.
+the common case), :class:`FaceIDLoRA` takes the hooks off and adds ``up @ down`` to each Linear's weight in place
+(what diffusers' ``fuse_lora`` does): no extra work per step at all. The original weights are copied aside when a call
+first needs the merge and copied back when a call does not, or the batch ends: the same ``Parameter`` objects, at the
+same addresses, with the very same values bit for bit, so a render after it, or a call where only some rows take the
+adapter, uses the original weights.
 
-Merging is for eager denoisers with plain floating-point weights only: a compiled block would be compiled again for
-each variant (hooks on, merged) and batch composition; a quantised weight cannot take a float delta; an offloading
-hook (``accelerate``) moves parameters itself; a GPU without room for the copy (twice its size free) keeps the
-hooks. Everywhere else the hooks do the work, as they always may.
+In place, merging works in compiled blocks too (regional compile, CUDA graphs): a block's code without the hooks is
+compiled once more per shape, like any other variant, while the weights it reads stay the graph's static inputs,
+their values changed between calls as an optimiser changes them between training steps. A quantised weight cannot
+take a float delta; an offloading hook (``accelerate``) moves parameters itself; a GPU without room for the copy
+(twice its size free) keeps the hooks. Everywhere else the hooks do the work, as they always may.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from imagegen.pipelines.profiles import has_compiled_blocks
 
 
 class Gate(Protocol):
@@ -111,8 +111,8 @@ class FaceIDLoRA:
         #: ``(linear, hook)`` per LoRA'd projection
         self.targets: list[tuple[nn.Linear, RowLoRA]] = []
         self._handles: list = []
-        #: while merged: ``(original weight, merged weight)`` per target; the merged ones are kept for the batch
-        self._weights: list[tuple[nn.Parameter, nn.Parameter]] | None = None
+        #: the original weights' values, copied aside at the batch's first merge (kept until it ends)
+        self._originals: list[torch.Tensor] | None = None
         self.merged = False
         #: whether this batch may merge (worked out at its first whole-batch call; None: not yet)
         self._mergeable: bool | None = None
@@ -138,7 +138,7 @@ class FaceIDLoRA:
         """The batch is over: the original weights and the hooks back, the merged weights dropped."""
         if self.merged:
             self._unmerge()
-        self._weights = None
+        self._originals = None
         self._mergeable = None
 
     def remove(self) -> None:
@@ -152,8 +152,6 @@ class FaceIDLoRA:
         if self._mergeable is None:
             self._mergeable = (
                 bool(self.targets)
-                # a compiled block (regional compile) would be compiled again per variant and batch composition
-                and not has_compiled_blocks(self.model)
                 # accelerate's offload hooks move the parameters themselves
                 and not any(hasattr(m, "_hf_hook") for m in self.model.modules())
                 and all(_plain_weight(linear.weight, device) for linear, _ in self.targets)
@@ -162,29 +160,27 @@ class FaceIDLoRA:
         return self._mergeable
 
     def _merge(self) -> None:
-        if self._weights is None:
-            with torch.no_grad():
-                self._weights = [
-                    (linear.weight, nn.Parameter(linear.weight + hook.weight_delta(), requires_grad=False))
-                    for linear, hook in self.targets
-                ]
+        with torch.no_grad():
+            if self._originals is None:
+                self._originals = [linear.weight.detach().clone() for linear, _ in self.targets]
+            for linear, hook in self.targets:
+                linear.weight.add_(hook.weight_delta())  # W + up @ down, in the weight's dtype
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for (linear, _), (_, merged) in zip(self.targets, self._weights, strict=True):
-            linear._parameters["weight"] = merged
         self.merged = True
 
     def _unmerge(self) -> None:
-        for (linear, hook), (original, _) in zip(self.targets, self._weights, strict=True):
-            linear._parameters["weight"] = original
-            self._handles.append(linear.register_forward_hook(hook))
+        with torch.no_grad():
+            for (linear, hook), original in zip(self.targets, self._originals, strict=True):
+                linear.weight.copy_(original)
+                self._handles.append(linear.register_forward_hook(hook))
         self.merged = False
 
 
 def _has_room(device: torch.device, nbytes: int) -> bool:
-    """Whether a GPU has room for the merged copy (1.8 GiB for SDXL in fp16) and as much again for the render's
-    activations; a small GPU keeps the hooks instead of running out of memory mid-render."""
+    """Whether a GPU has room for the original weights' copy (1.8 GiB for SDXL in fp16) and as much again for the
+    render's activations; a small GPU keeps the hooks instead of running out of memory mid-render."""
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
