@@ -299,3 +299,27 @@ def test_a_file_with_extra_or_missing_keys_is_refused_and_changes_nothing(render
         attach_ip_adapter(pipe, "sdxl", spec)
     assert all(pipe.unet.attn_processors[n] is p for n, p in processors.items())
     assert dict(pipe.config) == config and getattr(pipe.unet, "encoder_hid_proj", None) is None
+
+
+def test_a_merge_that_fails_half_way_leaves_the_weights_as_they_were(renderers):
+    """FaceID's merge adds to the weights in place; one that fails part-way (out of memory on a delta) must not leave
+    the projections it reached merged under the hooks: the render fails, and the UNet's weights are its own, bit for
+    bit, for the next render."""
+    renderer, name = renderers["tiny-sdxl"], "ipadapter-faceid-plusv2-sdxl"
+    render(renderer, prompt="warm", seed=1, character="mia", method=name)
+    lora = renderer.identity_method(name).handle.lora
+    unet = renderer.pipe.unet
+    before = {key: param.detach().clone() for key, param in unet.named_parameters()}
+    hook = lora.targets[len(lora.targets) // 2][1]
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    hook.weight_delta = out_of_memory
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            render(renderer, prompt="a cafe", seed=5, character="mia", method=name, steps=2)
+    finally:
+        del hook.weight_delta
+    assert not lora.merged and lora.hooked == len(lora.targets)
+    assert all(torch.equal(param.detach(), before[key]) for key, param in unet.named_parameters())

@@ -16,7 +16,7 @@ wraps what it built, without forking any of it:
   a row at scale 1 *is* diffusers' output. :class:`PerSampleFluxProcessor` scales the IP output diffusers' FLUX
   processor returns separately. When no row of a call takes the adapter, only the original processor runs.
 - **FaceID's LoRA per sample.** diffusers would load it through PEFT for the whole batch; it is applied here by
-  forward hooks on ``to_q``/``to_k``/``to_v``/``to_out.0`` for the rows whose identity is on at that step, or, in
+  forward hooks on ``to_q``/``to_k``/``to_v``/``to_out.0`` for the rows whose identity is on at that step, or,
   while every row of the calls takes it, merged into the weights in place for the batch (:mod:`.lora`).
 - **armed per batch only.** Outside :meth:`IPAdapterHandle.armed` the model has no ``encoder_hid_proj`` and every
   processor falls back to the original one, so a plain render with the adapter attached is the plain pipeline.

@@ -163,19 +163,28 @@ class FaceIDLoRA:
         with torch.no_grad():
             if self._originals is None:
                 self._originals = [linear.weight.detach().clone() for linear, _ in self.targets]
-            for linear, hook in self.targets:
-                linear.weight.add_(hook.weight_delta())  # W + up @ down, in the weight's dtype
+            try:
+                for linear, hook in self.targets:
+                    linear.weight.add_(hook.weight_delta())  # W + up @ down, in the weight's dtype
+            except BaseException:  # out of memory half-way: no weight may stay merged with the hooks still on
+                self._restore()
+                raise
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self.merged = True
 
     def _unmerge(self) -> None:
-        with torch.no_grad():
-            for (linear, hook), original in zip(self.targets, self._originals, strict=True):
-                linear.weight.copy_(original)
-                self._handles.append(linear.register_forward_hook(hook))
+        self._restore()
+        for linear, hook in self.targets:
+            self._handles.append(linear.register_forward_hook(hook))
         self.merged = False
+
+    def _restore(self) -> None:
+        """The original values back into the weights (the same tensors: compiled code keeps its addresses)."""
+        with torch.no_grad():
+            for (linear, _), original in zip(self.targets, self._originals, strict=True):
+                linear.weight.copy_(original)
 
 
 def _has_room(device: torch.device, nbytes: int) -> bool:
