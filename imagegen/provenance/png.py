@@ -24,6 +24,7 @@ import struct
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -116,18 +117,30 @@ def encode_strips(pixels: np.ndarray, strips: int) -> bytes:
     rows = pixels.shape[0]
     edges = [rows * i // strips for i in range(strips + 1)]
     pieces = list(_strip_pool().map(_strip, [(pixels, edges[i], edges[i + 1], i == strips - 1) for i in range(strips)]))
-    header = pieces[0][0]
-    checksum = pieces[0][2]
-    for _, _, adler, length in pieces[1:]:
-        checksum = adler32_combine(checksum, adler, length)
-    stream = b"".join([_ZLIB_HEADER, *(piece for _, piece, _, _ in pieces), struct.pack(">I", checksum)])
+    checksum = pieces[0].adler
+    for piece in pieces[1:]:
+        checksum = adler32_combine(checksum, piece.adler, piece.length)
+    stream = b"".join([_ZLIB_HEADER, *(piece.deflate for piece in pieces), struct.pack(">I", checksum)])
+    header = pieces[0].header
     ihdr = header[:4] + struct.pack(">I", rows) + header[8:]
     return b"".join([PNG_SIGNATURE, chunk(b"IHDR", ihdr), chunk(b"IDAT", stream), chunk(b"IEND", b"")])
 
 
-def _strip(task: tuple[np.ndarray, int, int, bool]) -> tuple[bytes, bytes, int, int]:
-    """One strip's (IHDR data, deflate piece, Adler-32 of its filtered rows, their length): rows ``start:end``,
-    encoded with the row above on top so that libpng filters the first against its real neighbour."""
+class _Strip(NamedTuple):
+    """One strip's part of the file."""
+
+    #: the strip's own ``IHDR`` data (its height is replaced by the image's)
+    header: bytes
+    #: its filtered rows as a piece of the image's deflate stream
+    deflate: bytes
+    #: Adler-32 of its filtered rows, and their length (what combining the checksums needs)
+    adler: int
+    length: int
+
+
+def _strip(task: tuple[np.ndarray, int, int, bool]) -> _Strip:
+    """Rows ``start:end`` as a :class:`_Strip`, encoded with the row above on top so that libpng filters the first
+    against its real neighbour."""
     pixels, start, end, last = task
     above = 1 if start > 0 else 0
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels[start - above : end]), _STORED)
@@ -140,7 +153,7 @@ def _strip(task: tuple[np.ndarray, int, int, bool]) -> tuple[bytes, bytes, int, 
         filtered = filtered[row_bytes:]  # the row above: filtered against nothing, it is the previous strip's
     deflate = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, 8, zlib.Z_RLE)
     piece = deflate.compress(filtered) + deflate.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
-    return header, piece, zlib.adler32(filtered), len(filtered)
+    return _Strip(header, piece, zlib.adler32(filtered), len(filtered))
 
 
 def _ihdr_and_data(data: bytes) -> tuple[bytes, bytes]:

@@ -364,12 +364,12 @@ class RendererActor:
                 return RenderError.from_exception(exc)
 
         scores = [guarded(lambda c=c, r=r: self._score(c, r)) for c, r in zip(calls, results, strict=True)]
-        threads = encode_threads(sum(not isinstance(s, RenderError) for s in scores))
         jobs = [
             (lambda c=c, r=r, s=s: self._stamp(c, r, s, threads))
             for c, r, s in zip(calls, results, scores, strict=True)
             if not isinstance(s, RenderError)
         ]
+        threads = encode_threads(len(jobs))  # read by the jobs when they run
         if len(jobs) > 1:
             stamped = iter(list(self._stamp_pool().map(guarded, jobs)))
         else:
@@ -388,9 +388,7 @@ class RendererActor:
             return None
         return self._gate(call.gate.backend).score(result.image, call.gate.centroid)
 
-    def _stamp(
-        self, call: RenderCall, result: RenderResult, similarity: float | None, encode_threads: int
-    ) -> RenderedImage:
+    def _stamp(self, call: RenderCall, result: RenderResult, similarity: float | None, threads: int) -> RenderedImage:
         metadata = {**result.metadata(), **call.metadata}
         image_id = uuid.uuid4().hex
         batch = {**result.batch, "pid": os.getpid()}
@@ -407,7 +405,7 @@ class RendererActor:
             request_id=call.request_id,
             character_version=call.character_version,
             extra=extra,
-            encode_threads=encode_threads,
+            encode_threads=threads,
         )
         # watermark + metadata + the PNG encode + the C2PA signature: the replica's own work on each image
         # (in the response's timings; the PNG, already signed, keeps the render's)

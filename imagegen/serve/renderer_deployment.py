@@ -20,7 +20,7 @@ The pipeline runs in a worker thread, so the replica keeps answering health chec
 renders.
 
 Finishing behind the next batch: every image is scored, watermarked, encoded and signed in its
-replica (``RendererActor.finish_all``), ~70 CPU ms per 1024 px image. When another batch is queued
+replica (``RendererActor.finish_all``), 55-70 CPU ms per 1024 px image. When another batch is queued
 as a pipeline call ends, that work goes to a finishing thread and the renderer takes the next batch
 at once, so the accelerator does not wait for the CPU (``RendererConfig.overlap_finishing``). At most
 one batch finishes behind the renderer; a lone request is finished in the pipeline thread (no hop).

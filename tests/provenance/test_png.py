@@ -128,7 +128,6 @@ def test_adler32_checksums_combine_as_one_over_both():
         assert combined == zlib.adler32(first + second)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
 def test_a_forked_child_encodes_strips_on_threads_of_its_own():
     """A child forked after the parent encoded in strips inherits the pool but not its threads: it must not hang."""
     image = samples.astronaut().convert("RGB")
