@@ -638,7 +638,7 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
     and each identity method attached by imagegen's code; a 1-step first call (compile warm-up under a compiling
     profile, reported apart) and ``--repeats`` timed calls of all steps + VAE decode."""
     from imagegen.pipelines.presets import get_preset
-    from imagegen.pipelines.profiles import ProfileError, apply_profile, compile_counters
+    from imagegen.pipelines.profiles import ProfileError, apply_profile, compile_counters, cuda_graphs_recorded
     from imagegen.pipelines.types import RenderRequest
 
     device, tiny = torch.device(opts.device), opts.tiny
@@ -739,13 +739,13 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                         name, {"attach_s": round(time.perf_counter() - attached, 1), **identity.info}
                     )
                     try:
-                        before = compile_counters()
+                        before, graphs_before = compile_counters(), cuda_graphs_recorded(device)
                         first = render(pipe, family, warmup, embeds, batch, identity, device)
-                        middle = compile_counters()
+                        middle, graphs_middle = compile_counters(), cuda_graphs_recorded(device)
                         runs = [
                             render(pipe, family, request, embeds, batch, identity, device) for _ in range(opts.repeats)
                         ]
-                        after = compile_counters()
+                        after, graphs_after = compile_counters(), cuda_graphs_recorded(device)
                         busy = (
                             device_busy(pipe, family, request, embeds, batch, identity, device) if opts.busy else None
                         )
@@ -786,6 +786,10 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                             "x_beside_stamps": None if beside is None else round(beside[0].total_s / run.total_s, 3),
                             "first_compile": {k: v for k, v in counter_delta(before, middle).items() if v},
                             "steady_compile": {k: v for k, v in counter_delta(middle, after).items() if v},
+                            # CUDA graphs recorded by the first call and by the timed calls (which should record none:
+                            # a recording per call is a static input at a new address: identity/fixed_address.py)
+                            "cuda_graphs_first": None if graphs_before is None else graphs_middle - graphs_before,
+                            "cuda_graphs_steady": None if graphs_before is None else graphs_after - graphs_middle,
                         }
                     )
                     shown = f"{run.total_s:.2f} s (first call {first.total_s:.1f} s)"
@@ -938,6 +942,7 @@ def table_rows(report: dict) -> list[list[str]]:
             fmt(r.get("x_plain"), ".3f"),
             fmt(r.get("x_plain_step"), ".3f"),
             compiles(r),
+            f"{fmt(r.get('cuda_graphs_first'), 'd')}/{fmt(r.get('cuda_graphs_steady'), 'd')}",
             fmt(r.get("peak_gib"), ".1f"),
             fmt(r.get("busy_share"), ".2f"),
             fmt(r.get("x_plain_busy"), ".3f"),
@@ -962,6 +967,7 @@ HEADER = [
     "x plain",
     "x plain/step",
     "graphs/recompiles/steady",
+    "CUDA graphs recorded first/steady",
     "peak GiB",
     "device busy share",
     "x plain busy",

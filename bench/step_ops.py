@@ -15,7 +15,8 @@ views included) and, on CUDA, kernel launches per step.
 
 Prints a table and one JSON line per row (``aten_ops_per_step``, ``over_plain``, ``launches_per_step``,
 ``graph_replays_per_step``, ``copies_per_step``: a CUDA-graph replay copies every input whose address is not static;
-``wall_ms_per_step`` un-profiled, ``device_ms_per_step``: the kernels' time, and ``top_host_ops_ms_per_step``: the
+``wall_ms_per_step`` un-profiled, ``cuda_graphs_recorded_in_call`` (a graph recorded again each call: a static input
+at a new address), ``device_ms_per_step``: the kernels' time, and ``top_host_ops_ms_per_step``: the
 operators the host spent longest in). Where a step's wall time exceeds its device time, the device waited for the
 host, and the top host operators say on what.
 """
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check as check  # noqa: E402
 
 from imagegen.pipelines.presets import get_preset  # noqa: E402
-from imagegen.pipelines.profiles import apply_profile  # noqa: E402
+from imagegen.pipelines.profiles import apply_profile, cuda_graphs_recorded  # noqa: E402
 from imagegen.pipelines.types import RenderRequest  # noqa: E402
 
 #: CUDA runtime / driver calls that launch work (eager kernels, Triton's, a captured graph's replay)
@@ -60,10 +61,12 @@ def count_step(pipe, family: str, request: RenderRequest, embeds: dict, identity
         check.render(pipe, family, request, embeds, 1, identity, device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     synchronize()
+    recorded = cuda_graphs_recorded(device)
     started = time.perf_counter()
     check.render(pipe, family, request, embeds, 1, identity, device)
     synchronize()
     wall = time.perf_counter() - started
+    recorded = None if recorded is None else cuda_graphs_recorded(device) - recorded
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -86,6 +89,8 @@ def count_step(pipe, family: str, request: RenderRequest, embeds: dict, identity
         "graph_replays_per_step": per_step(sum(e.count for e in events if e.key == GRAPH_REPLAY)) if cuda else None,
         "copies_per_step": per_step(sum(e.count for e in events if e.key in COPIES)),
         "wall_ms_per_step": round(wall * 1000 / steps, 2),
+        # CUDA graphs recorded by that (third) call: 0 when every graph input a block reads as static kept its address
+        "cuda_graphs_recorded_in_call": recorded,
         "device_ms_per_step": round(device_us / 1000 / steps, 2) if cuda else None,
         "top_host_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 2) for e in hosts},
     }
@@ -145,15 +150,17 @@ def main() -> None:
     opts = parser.parse_args()
     rows = [row for family in opts.families for profile in opts.profiles for row in rows_for(family, profile, opts)]
     header = ["family", "profile", "method", "aten ops/step", "over plain", "launches/step", "graph replays/step"]
-    header += ["copies/step", "wall ms/step", "device ms/step", "host's top operator (ms/step)"]
+    header += ["copies/step", "wall ms/step", "CUDA graphs recorded in a call", "device ms/step"]
+    header += ["host's top operator (ms/step)"]
     print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * 3 + "---:|" * 7 + "---|")
+    print("|" + "---|" * 3 + "---:|" * 8 + "---|")
     for row in rows:
         cells = [row["family"], row["profile"], row["method"], f"{row['aten_ops_per_step']:.0f}"]
         cells.append(f"{row['over_plain']:+.0f}")
         for key in ("launches_per_step", "graph_replays_per_step", "copies_per_step"):
             cells.append("-" if row[key] is None else f"{row[key]:.0f}")
         cells.append(f"{row['wall_ms_per_step']:.1f}")
+        cells.append("-" if row["cuda_graphs_recorded_in_call"] is None else str(row["cuda_graphs_recorded_in_call"]))
         cells.append("-" if row["device_ms_per_step"] is None else f"{row['device_ms_per_step']:.1f}")
         top = next(iter(row["top_host_ops_ms_per_step"].items()), ("-", 0.0))
         cells.append(f"{top[0][:48]} ({top[1]:.2f})")

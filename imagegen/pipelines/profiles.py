@@ -535,6 +535,25 @@ def compute_step_when_changed(denoiser: torch.nn.Module, key: object) -> None:
 _NO_KEY = object()
 
 
+def cuda_graphs_recorded(device: torch.device) -> int | None:
+    """CUDA graphs torch's graph trees have recorded so far on ``device`` in this thread (the trees are per thread);
+    None off CUDA. A graph recorded again adds one: after the warm-up, a replica's calls should record none (a call
+    that does reads a static input at a new address, see :mod:`imagegen.identity.fixed_address`)."""
+    if device.type != "cuda":
+        return None
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+    if manager is None:
+        return 0
+    count, pending = 0, [node for nodes in manager.roots.values() for node in nodes]
+    while pending:
+        node = pending.pop()
+        count += 1
+        pending.extend(child for children in node.children.values() for child in children)
+    return count
+
+
 def compile_counters() -> dict[str, int]:
     """Process-wide ``torch.compile`` counters so far: take two readings and subtract.
 

@@ -373,3 +373,45 @@ def test_faceid_lora_merges_into_compiled_blocks_in_place_and_the_weights_come_b
         assert param is original and torch.equal(param.detach(), values), name
     assert np.abs(pixels(alone[0]) - pixels(mixed[0])).max() <= BATCH_TOLERANCE["fast"]
     renderer.detach_identity()
+
+
+@pytest.mark.parametrize("preset,method", CASES)
+def test_identity_inputs_of_compiled_blocks_keep_their_addresses_from_batch_to_batch(
+    registry, monkeypatch, preset, method
+):
+    """Under a compiling profile the tensors a block reads from identity processors and handles (PuLID's kept keys,
+    values and scales, IP-Adapter's scales) are static inputs of its graph. CUDA graphs need each at the address it
+    was recorded with, else they record the block again, every batch; they stay put across batches of other
+    characters, weights, start steps and compositions (the largest batch first: a larger one would grow the slots
+    once). Checked with a backend that records the addresses, as CUDA graph trees compare them, under SDXL's
+    ``fast`` (CUDA graphs) and FLUX's ``fast`` with CUDA graphs chosen (``compile.mode: reduce-overhead``)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from imagegen.pipelines.profiles import profile_for
+    from tests.static_inputs import StaticInputAddresses
+
+    recorder = StaticInputAddresses()
+    denoiser = UNet2DConditionModel if preset == "tiny-sdxl" else FluxTransformer2DModel
+    profile = profile_for(get_preset(preset), "fast")
+    graphs = profile.compile.model_copy(update={"mode": "reduce-overhead", "options": None})
+    profile = profile.model_copy(update={"name": "fast-graphs", "compile": graphs})
+    compile_blocks = denoiser.compile_repeated_blocks
+
+    def compile_recording(self, *args, mode=None, options=None, **kwargs):
+        return compile_blocks(self, *args, backend=recorder, **kwargs)
+
+    mark_step_begin = torch.compiler.cudagraph_mark_step_begin
+
+    def step_begin():
+        recorder.step_begin()
+        mark_step_begin()
+
+    monkeypatch.setattr(denoiser, "compile_repeated_blocks", compile_recording)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", step_begin)
+    renderer = renderer_for(registry, preset, profile)
+    batches = requests(method)
+    for name in ("batch", "alone", "other", "zero", "batch", "alone", "other"):
+        renderer.render(batches[name])
+    renderer.detach_identity()
+    assert recorder.graphs > 0 and recorder.static_inputs() > 0 and recorder.paths > len(batches)
+    assert recorder.readdressed() == {}

@@ -172,7 +172,7 @@ def test_cuda_graphs_of_the_fast_profile_replay_every_batch_composition_as_eager
 
     from imagegen.pipelines.loading import load_pipeline
     from imagegen.pipelines.presets import get_preset
-    from imagegen.pipelines.profiles import apply_profile, profile_for
+    from imagegen.pipelines.profiles import apply_profile, cuda_graphs_recorded, profile_for
 
     preset = get_preset("tiny-sdxl")
     weights = tiny_method_files("tiny-sdxl", "pulid-sdxl-v1.1")["weights"]
@@ -217,12 +217,16 @@ def test_cuda_graphs_of_the_fast_profile_replay_every_batch_composition_as_eager
 
         unet, handle, applied = attached("fast")
         skips = counters["inductor"]["cudagraph_skips"]
+        recorded = []
         for _ in range(2):  # the first pass warms up and records the graphs, the second replays them
             replayed = [denoise(unet, handle, inputs, state) for state in states()]
+            recorded.append(cuda_graphs_recorded(DEVICE))
         handle.detach()
         if DEVICE.type == "cuda":
             assert "cuda_graphs" in applied.applied
             assert counters["inductor"]["cudagraph_skips"] == skips, "inductor ran the blocks without CUDA graphs"
+            # new batches (new id keys, values and scales) replay the graphs: none is recorded again
+            assert recorded[1] == recorded[0] > 0, recorded
         else:
             assert "cuda_graphs" in applied.skipped
     finally:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from imagegen.identity.fixed_address import FixedSlots
 from imagegen.identity.ipadapter.keep import KeptProjection, keep_projections
 from imagegen.identity.ipadapter.lora import GATES, FaceIDLoRA, FusedRowLoRA, RowLoRA
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
@@ -111,13 +112,18 @@ class CallGate:
 
     A forward pre-hook on the model (:meth:`IPAdapterHandle._before_call`, eager: the model itself is not compiled,
     only its repeated blocks are) works it out once per model call from the armed state's step phase (see
-    :mod:`imagegen.identity.steps`: views of tables already on the device, no host traffic). The layers inside the
+    :mod:`imagegen.identity.steps`: tables already on the device, no host traffic). The layers inside the
     blocks then read only these attributes of one long-lived object: two booleans and tensors whose shapes depend on
     the number of rows only, so blocks compiled by ``torch.compile`` are neither recompiled per character, weight or
-    start step nor broken up by the state's Python bookkeeping.
+    start step nor broken up by the state's Python bookkeeping. The tensors are copied into fixed slots when the
+    phase changes (:mod:`imagegen.identity.fixed_address`): a compiled block reads them as static inputs, which CUDA
+    graphs need at the addresses they were recorded with.
     """
 
     def __init__(self):
+        #: the scales of the phase last begun, at fixed addresses (see :mod:`imagegen.identity.fixed_address`)
+        self.slots = FixedSlots()
+        self._held: tuple[Phase, torch.device, torch.Tensor, torch.Tensor] | None = None
         self.clear()
 
     def clear(self) -> None:
@@ -142,8 +148,7 @@ class CallGate:
         if phase.rows:
             self.active = True
             self.all_one = all(v == 1 for v in phase.values)
-            self.scale = phase.values_on(device, torch.float32)
-            self.on = (self.scale != 0).float()  # on the device: no host traffic
+            self.scale, self.on = self._scales(phase, device)
             self.rows = None if phase.all else phase.rows_on(device)
             # the row count is the model's batch: dynamo may treat it as symbolic, as it does the batch itself when a
             # second batch size comes (these tensors, read through hook objects, would otherwise stay static and pin
@@ -151,6 +156,21 @@ class CallGate:
             torch._dynamo.maybe_mark_dynamic(self.scale, 0)
             torch._dynamo.maybe_mark_dynamic(self.on, 0)
         return phase
+
+    def _scales(self, phase: Phase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, on)`` of ``phase`` held in the slots: copied on the device when the phase changes (a new batch or
+        a start step reached), the same tensors for the other calls of a phase."""
+        held = self._held
+        if held is None or held[0] is not phase or held[1] != device:
+            scale = self.slots.hold("scale", phase.values_on(device, torch.float32))
+            on = self.slots.hold("on", (scale != 0).float())  # on the device: no host traffic
+            held = self._held = (phase, device, scale, on)
+        return held[2], held[3]
+
+    def forget(self) -> None:
+        """Drop what a batch left (the slots and their addresses stay for the next one)."""
+        self._held = None
+        self.clear()
 
 
 class IPAdapterHandle:
@@ -251,7 +271,7 @@ class IPAdapterHandle:
             yield state
         finally:
             self.state = None
-            self.gate.clear()
+            self.gate.forget()
             if self.lora is not None:
                 self.lora.end_batch()
             for kept in self.kept:
@@ -278,7 +298,8 @@ class IPAdapterHandle:
             self._call_hook.remove()
             self._call_hook = None
         self.state = None
-        self.gate.clear()
+        self.gate.forget()
+        self.gate.slots.clear()
         if GATES.get(id(self.model)) is self.gate:
             GATES.pop(id(self.model))
         self.model.set_attn_processor(dict(self._processors))

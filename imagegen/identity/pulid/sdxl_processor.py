@@ -21,7 +21,10 @@ UNet (:meth:`PulidSDXLHandle.prepare`) picks the step's per-row scales (device t
 zero tokens are zero keys and values: padded, never projected). The processors then read tensors only: no host
 value that changes per batch or per step is read inside them, so ``torch.compile`` of the UNet's blocks traces them
 without a graph break and reuses one graph for every batch composition and step (rows that take no identity at a
-step are masked with ``torch.where``, exactly as the plain processor leaves them).
+step are masked with ``torch.where``, exactly as the plain processor leaves them). The tensors they read from the
+processors and the handle (keys, values, scales) keep one device address from batch to batch
+(:mod:`imagegen.identity.fixed_address`): a compiled block reads them as static inputs, and under CUDA graphs a new
+address would record the block's graph again.
 
 In the released ``pulid_v1.1.safetensors`` the processors' weights are ``id_adapter_attn_layers.{i}.id_to_k|v``
 where ``i`` counts **all** processors of the UNet in diffusers' ``attn_processors`` order (self-attention ones hold
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagegen.identity.fixed_address import FixedSlots
 from imagegen.identity.steps import RowGate, StepGatedState, per_sample, pick
 
 PREFIX = "id_adapter_attn_layers."
@@ -140,8 +144,9 @@ class PulidSDXLCall:
     per-row scales, as tensors on the call's device, plus the mode (host constants of the batch).
 
     Built once per batch and row layout (``B`` rows, or ``2B`` under CFG) by :meth:`PulidSDXLHandle.prepare`;
-    :meth:`at_step` swaps in the scales of a step only when its phase differs from the previous step's (views of
-    the gate's device tables: no copy). The processors never read the state, the step or a Python scale.
+    :meth:`at_step` swaps in the scales of a step only when its phase differs from the previous step's (copied on the
+    device from the gate's tables into the handle's fixed slots: four tiny copies per phase, and the same addresses
+    for every batch). The processors never read the state, the step or a Python scale.
     """
 
     def __init__(
@@ -153,8 +158,11 @@ class PulidSDXLCall:
         device: torch.device,
         dtype: torch.dtype,
         state: PulidSDXLState | None = None,
+        slots: FixedSlots | None = None,
     ):
         self.state = state
+        #: where the step's scales are held at fixed addresses (the handle's; None: per-call tensors)
+        self.slots = slots
         #: the processors keep their keys / values of this call across steps (a handle's call, not per-call
         #: keyword arguments)
         self.kept = state is not None
@@ -167,11 +175,7 @@ class PulidSDXLCall:
         self.ortho = ortho
         self.num_zero = num_zero
         #: ortho v2 reads the attention paid to the leading id tokens as an attention whose values are 1 there
-        self.indicator = None
-        if ortho == "v2":
-            width = tokens.shape[1] + num_zero
-            self.indicator = (torch.arange(width, device=device) < ORTHO_V2_TOKENS).to(dtype)
-            self.indicator = self.indicator[None, None, :, None].expand(1, 1, width, _INDICATOR_WIDTH)
+        self.indicator = _indicator(tokens.shape[1] + num_zero, device, dtype) if ortho == "v2" else None
         #: whether the processors' keys and values for these tokens were projected (``PulidSDXLHandle.prepare``)
         self.projected = False
         self.step: int | None = None
@@ -188,13 +192,14 @@ class PulidSDXLCall:
         self.active = bool(phase.rows)
         #: every row does (no masking needed)
         self.every_row = phase.all
+        hold = (lambda name, value: value) if self.slots is None else self.slots.hold
         #: ``[R, 1, 1]`` scales, float32 (the ortho modes' math) and the processors' dtype (the plain mode's)
-        self.scale = phase.values_on(self.device, torch.float32)[:, None, None]
-        self.scale_model = phase.values_on(self.device, self.dtype)[:, None, None]
+        self.scale = hold("scale", phase.values_on(self.device, torch.float32)[:, None, None])
+        self.scale_model = hold("scale_model", phase.values_on(self.device, self.dtype)[:, None, None])
         #: ``-scale``: ortho v2's ``(a - 1) * scale`` is one ``addcmul(-scale, a, scale)``
-        self.neg_scale = -self.scale
+        self.neg_scale = hold("neg_scale", -self.scale)
         #: ``[R, 1, 1]``: rows that take identity at this step (the others keep the plain output exactly)
-        self.on = self.scale != 0
+        self.on = hold("on", self.scale != 0)
 
 
 class PulidSDXLAttnProcessor(nn.Module):
@@ -221,6 +226,8 @@ class PulidSDXLAttnProcessor(nn.Module):
         self._id_value: torch.Tensor | None = None
         #: the call the keys / values belong to (read outside compiled code only)
         self._projected_for: PulidSDXLCall | None = None
+        #: the kept keys and values live here, at one address for every batch (a compiled block's static inputs)
+        self._slots = FixedSlots()
 
     def __call__(
         self,
@@ -317,22 +324,24 @@ class PulidSDXLAttnProcessor(nn.Module):
     def project(self, call: PulidSDXLCall, heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The id keys and values ``[R, heads, N + num_zero, head_dim]`` of ``call``'s tokens (zero tokens: zero keys
         and values, as the bias-free projections make them)."""
-        heads = heads or self.heads
+        key, value = self._padded_projection(call)
+        return _in_heads(key, heads or self.heads), _in_heads(value, heads or self.heads)
+
+    def _padded_projection(self, call: PulidSDXLCall) -> tuple[torch.Tensor, torch.Tensor]:
         key, value = self.id_to_k(call.tokens), self.id_to_v(call.tokens)
         if call.num_zero:
             key, value = F.pad(key, (0, 0, 0, call.num_zero)), F.pad(value, (0, 0, 0, call.num_zero))
-        rows, width, hidden = key.shape
-        return (
-            key.view(rows, width, heads, hidden // heads).transpose(1, 2),
-            value.view(rows, width, heads, hidden // heads).transpose(1, 2),
-        )
+        return key, value
 
     def keep_projection(self, call: PulidSDXLCall | None) -> None:
-        """Project ``call``'s tokens now and keep the keys and values for its calls (None: forget them)."""
+        """Project ``call``'s tokens now and keep the keys and values for its calls (None: forget them; their slots,
+        and so their addresses, stay for the next batch)."""
         if call is None or self.heads is None:  # the head count comes with the first call (see ``__call__``)
             self._id_key = self._id_value = self._projected_for = None
         else:
-            self._id_key, self._id_value = self.project(call)
+            key, value = self._padded_projection(call)
+            self._id_key = _in_heads(self._slots.hold("key", key), self.heads)
+            self._id_value = _in_heads(self._slots.hold("value", value), self.heads)
             self._projected_for = call
 
     def _key_value(self, call: PulidSDXLCall, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,6 +382,20 @@ class PulidSDXLAttnProcessor(nn.Module):
         if torch.compiler.is_compiling() or not call.every_row:
             out = torch.where(call.on, out, h)
         return out
+
+
+def _in_heads(projected: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[R, W, heads * head_dim]`` keys or values in the attention's layout ``[R, heads, W, head_dim]`` (a view)."""
+    rows, width, hidden = projected.shape
+    return projected.view(rows, width, heads, hidden // heads).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _indicator(width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Ortho v2's indicator values ``[1, 1, width, 8]``: 1 on the leading id tokens. One tensor per width, device and
+    dtype, so a compiled block reads it at one address."""
+    indicator = (torch.arange(width, device=device) < ORTHO_V2_TOKENS).to(dtype)
+    return indicator[None, None, :, None].expand(1, 1, width, _INDICATOR_WIDTH)
 
 
 def _leading_attention(query: torch.Tensor, id_key: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
@@ -446,6 +469,8 @@ class PulidSDXLHandle:
         self._prepared: PulidSDXLCall | None = None
         #: what the processors of the running UNet call read: ``_prepared`` when a row takes identity at this step
         self.call: PulidSDXLCall | None = None
+        #: the step's scales at fixed addresses (see :mod:`imagegen.identity.fixed_address`)
+        self.slots = FixedSlots()
         self._hooks: list = []
 
     def set_state(self, state: PulidSDXLState | None) -> None:
@@ -496,7 +521,7 @@ class PulidSDXLHandle:
             tokens, gate = state.for_batch(rows)
             dtype = dtype or self._dtype(tokens)
             tokens = state.tokens_on(tokens, device, dtype)
-            prepared = PulidSDXLCall(tokens, gate, state.ortho, state.num_zero, device, dtype, state)
+            prepared = PulidSDXLCall(tokens, gate, state.ortho, state.num_zero, device, dtype, state, self.slots)
             self._prepared = prepared
         elif prepared.step != state.step:
             prepared.at_step(state.step)
@@ -539,6 +564,7 @@ class PulidSDXLHandle:
             hook.remove()
         self._hooks.clear()
         self._forget()
+        self.slots.clear()
         self.unet.set_attn_processor(dict(self.originals))
         self.attached = False
         self.state = None
