@@ -114,6 +114,29 @@ def test_mixed_batch_equals_each_sample_alone(case):
         assert np.abs(pixels(together) - pixels(alone)).max() <= 2
 
 
+@pytest.mark.parametrize("name", ["ipadapter-plus-face-sdxl", "ipadapter-faceid-plusv2-sdxl"])
+def test_sdxl_rows_at_any_weight_share_one_pass_of_each_cross_attention(renderers, name):
+    """SDXL: rows at weight 1, at another weight and without identity go through one pass of diffusers' IP processor,
+    each row's image-token values scaled by its weight (attention is linear in them): the text attention runs once
+    per layer and step, not once for the IP output and again for a plain one to mix with."""
+    renderer = renderers["tiny-sdxl"]
+    render(renderer, prompt="a cafe", seed=5, character="mia", method=name)  # the method loaded
+    cross = [module for path, module in renderer.pipe.unet.named_modules() if path.endswith("attn2")]
+    calls = []
+    hooks = [module.to_q.register_forward_hook(lambda *args: calls.append(1)) for module in cross]
+    try:
+        requests = [
+            RenderRequest(prompt="a cafe", seed=1, character="mia", method=name, **SMALL),
+            RenderRequest(prompt="a park", seed=2, character="grace", method=name, identity_weight=0.6, **SMALL),
+            RenderRequest(prompt="a street", seed=3, **SMALL),
+        ]
+        renderer.render(requests)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == len(cross) * SMALL["steps"]  # CFG's two halves in one UNet call a step
+
+
 def test_sdxl_without_cfg_batch_equals_each_sample_alone(renderers):
     renderer = renderers["tiny-sdxl"]
     common = {"guidance": 1.0, "method": "ipadapter-faceid-plusv2-sdxl", **SMALL}  # B rows, no negative half

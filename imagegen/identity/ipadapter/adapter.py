@@ -10,11 +10,13 @@ wraps what it built, without forking any of it:
   (``[1, B, ...]``, ``[2, B, ...]`` with SDXL's CFG negatives first); :class:`PerSampleProjection` (installed as
   the model's ``encoder_hid_proj``) keeps, for every row of the model's batch, the image of its own sample, and
   runs diffusers' projection on that: each row attends to its own character only.
-- **scale per sample.** :class:`PerSampleSDXLProcessor` runs diffusers' ``IPAdapterAttnProcessor2_0`` at scale 1
-  and the layer's original processor, and mixes them per row: ``plain + s * (ip - plain)``. The attention output
-  projection is affine, so this is exactly the IP term scaled by ``s``; a row at scale 0 *is* the plain output and
-  a row at scale 1 *is* diffusers' output. :class:`PerSampleFluxProcessor` scales the IP output diffusers' FLUX
-  processor returns separately. When no row of a call takes the adapter, only the original processor runs.
+- **scale per sample.** diffusers' ``IPAdapterAttnProcessor2_0`` adds its IP attention to the text attention
+  before the output projection. A forward hook on its ``to_v_ip`` (:class:`RowScaledValues`) multiplies each row's
+  image-token values by that row's scale; attention is linear in its values, so one pass of diffusers' own code
+  computes ``to_out(text + s * ip)`` for every row, which is diffusers' scale ``s`` (a row at scale 1 *is* diffusers'
+  output; at scale 0 it adds exactly nothing to the text attention). :class:`PerSampleFluxProcessor` scales the IP
+  output diffusers' FLUX processor returns separately. When no row of a call takes the adapter, only the original
+  processor runs.
 - **FaceID's LoRA per sample.** diffusers would load it through PEFT for the whole batch; it is applied here by
   forward hooks on ``to_q``/``to_k``/``to_v``/``to_out.0`` for the rows whose identity is on at that step, or,
   while every row of the calls takes it, merged into the weights in place for the batch (:mod:`.lora`).
@@ -25,7 +27,7 @@ wraps what it built, without forking any of it:
 pipeline components the model and pipeline had before, and removes every hook.
 
 Under an optimisation profile: the wrapped processors and LoRA hooks run inside blocks ``torch.compile`` traces, so
-they read nothing but a :class:`CallGate` (two booleans and per-row tensors) that a forward pre-hook on the model fills
+they read nothing but a :class:`CallGate` (a boolean and per-row tensors) that a forward pre-hook on the model fills
 once per model call: no recompile per character, weight or start step, no graph break. The IP processors sit inside
 the blocks a residual step cache skips, so a skipped step's residual carries their output (and a step where a
 sample's adapter starts is always computed). On a quantised denoiser the adapter's own modules keep the pipeline's
@@ -113,7 +115,7 @@ class CallGate:
     A forward pre-hook on the model (:meth:`IPAdapterHandle._before_call`, eager: the model itself is not compiled,
     only its repeated blocks are) works it out once per model call from the armed state's step phase (see
     :mod:`imagegen.identity.steps`: tables already on the device, no host traffic). The layers inside the
-    blocks then read only these attributes of one long-lived object: two booleans and tensors whose shapes depend on
+    blocks then read only these attributes of one long-lived object: a boolean and tensors whose shapes depend on
     the number of rows only, so blocks compiled by ``torch.compile`` are neither recompiled per character, weight or
     start step nor broken up by the state's Python bookkeeping. The tensors are copied into fixed slots when the
     phase changes (:mod:`imagegen.identity.fixed_address`): a compiled block reads them as static inputs, which CUDA
@@ -123,24 +125,28 @@ class CallGate:
     def __init__(self):
         #: the scales of the phase last begun, at fixed addresses (see :mod:`imagegen.identity.fixed_address`)
         self.slots = FixedSlots()
-        self._held: tuple[Phase, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._held: tuple[Phase, torch.device, torch.dtype, tuple[torch.Tensor, ...]] | None = None
         self.clear()
 
     def clear(self) -> None:
         #: any row of this call takes the adapter (False: the wrapped layers run the original processor only)
         self.active = False
-        #: every row takes it at scale exactly 1 (eager shortcut: the IP processor's output as it is)
+        #: every row takes it at scale exactly 1 (eager shortcut: diffusers' values as they are)
         self.all_one = False
         #: ``[R]`` float32 scale per row at this step (0: the row renders as without the adapter)
         self.scale: torch.Tensor | None = None
+        #: ``[R]``: the same in the model call's dtype (what :class:`RowScaledValues` multiplies by)
+        self.scale_rows: torch.Tensor | None = None
         #: ``[R]`` float32, 1 for the rows that take the adapter at this step, else 0 (FaceID's LoRA)
         self.on: torch.Tensor | None = None
         #: indices of the rows that take it, None when all do (eager paths only)
         self.rows: torch.Tensor | None = None
 
-    def begin(self, state: IPAdapterState | None, count: int, device: torch.device) -> Phase | None:
-        """The gate of a model call on ``count`` rows at ``state``'s current step (cleared without a state); the
-        step phase it was made from."""
+    def begin(
+        self, state: IPAdapterState | None, count: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Phase | None:
+        """The gate of a model call on ``count`` rows of ``dtype`` at ``state``'s current step (cleared without a
+        state); the step phase it was made from."""
         self.clear()
         if state is None:
             return None
@@ -148,24 +154,28 @@ class CallGate:
         if phase.rows:
             self.active = True
             self.all_one = all(v == 1 for v in phase.values)
-            self.scale, self.on = self._scales(phase, device)
+            self.scale, self.on, self.scale_rows = self._scales(phase, device, dtype)
             self.rows = None if phase.all else phase.rows_on(device)
             # the row count is the model's batch: dynamo may treat it as symbolic, as it does the batch itself when a
             # second batch size comes (these tensors, read through hook objects, would otherwise stay static and pin
             # the batch, so every batch size would recompile)
             torch._dynamo.maybe_mark_dynamic(self.scale, 0)
             torch._dynamo.maybe_mark_dynamic(self.on, 0)
+            torch._dynamo.maybe_mark_dynamic(self.scale_rows, 0)
         return phase
 
-    def _scales(self, phase: Phase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, on)`` of ``phase`` held in the slots: copied on the device when the phase changes (a new batch or
-        a start step reached), the same tensors for the other calls of a phase."""
+    def _scales(
+        self, phase: Phase, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scale, on, scale_rows)`` of ``phase`` held in the slots: copied on the device when the phase changes (a
+        new batch or a start step reached), the same tensors for the other calls of a phase."""
         held = self._held
-        if held is None or held[0] is not phase or held[1] != device:
+        if held is None or held[0] is not phase or held[1] != device or held[2] != dtype:
             scale = self.slots.hold("scale", phase.values_on(device, torch.float32))
             on = self.slots.hold("on", (scale != 0).float())  # on the device: no host traffic
-            held = self._held = (phase, device, scale, on)
-        return held[2], held[3]
+            rows = self.slots.hold("scale_rows", phase.values_on(device, dtype))
+            held = self._held = (phase, device, dtype, (scale, on, rows))
+        return held[3]
 
     def forget(self) -> None:
         """Drop what a batch left (the slots and their addresses stay for the next one)."""
@@ -192,6 +202,8 @@ class IPAdapterHandle:
         self.lora: FaceIDLoRA | None = None
         #: the IP processors' image-token projections, kept per batch (:mod:`.keep`)
         self.kept: list[KeptProjection] = []
+        #: SDXL: the hooks scaling each row's image-token values (:class:`RowScaledValues`)
+        self._value_hooks: list = []
         self._call_hook = None
         #: the rows of the model call running that take the adapter (set by :meth:`_before_call`)
         self.gate = CallGate()
@@ -203,7 +215,7 @@ class IPAdapterHandle:
             self.gate.clear()
             return None
         hidden = kwargs.get("hidden_states" if self.family == "flux" else "sample", args[0] if args else None)
-        phase = self.gate.begin(state, hidden.shape[0], hidden.device)
+        phase = self.gate.begin(state, hidden.shape[0], hidden.device, hidden.dtype)
         if self.lora is not None:
             self.lora.for_call(self.gate, hidden.device)
         # a sample's adapter switching on at this step: a step cache must not answer this call with the residual of a
@@ -294,6 +306,9 @@ class IPAdapterHandle:
         for kept in self.kept:
             kept.remove()
         self.kept.clear()
+        for hook in self._value_hooks:
+            hook.remove()
+        self._value_hooks.clear()
         if self._call_hook is not None:
             self._call_hook.remove()
             self._call_hook = None
@@ -384,8 +399,38 @@ class _PerSampleProcessor(nn.Module):
         self.__dict__["handle"] = handle
 
 
+class RowScaledValues:
+    """A forward hook on an SDXL IP processor's ``to_v_ip``: the image tokens' values of each row times that row's
+    scale at this step. Attention is linear in its values, so diffusers' processor (at its own scale, 1) then adds
+    ``s * ip`` to each row's text attention before the output projection: diffusers' scale ``s``, per row, in one
+    pass. A row at scale 1 is diffusers' output bit for bit (``v * 1``), a row at scale 0 adds exactly nothing.
+
+    The gate is looked up in :data:`~imagegen.identity.ipadapter.lora.GATES` (by the model's ``id``), as FaceID's
+    LoRA hooks do: reached through a module's hook, its tensors would pin the batch size of a compiled block.
+    """
+
+    def __init__(self, key: int):
+        self.key = key
+
+    def __call__(self, module, args, output: torch.Tensor) -> torch.Tensor | None:
+        gate = GATES[self.key]
+        if not torch.compiler.is_compiling() and gate.all_one:  # compiled code does not branch on weights
+            return None
+        rows = gate.scale_rows
+        if rows.dtype != output.dtype:
+            rows = rows.to(output.dtype)
+        # values [R, tokens, width], or [R, images, tokens, width]: one scale per row either way
+        return output * rows.view((-1,) + (1,) * (output.ndim - 1))
+
+
 class PerSampleSDXLProcessor(_PerSampleProcessor):
-    """A UNet cross-attention: diffusers' IP-Adapter processor and the original one, mixed per row by scale."""
+    """A UNet cross-attention: diffusers' IP-Adapter processor, its IP attention scaled per row by the values of its
+    image tokens (:class:`RowScaledValues`), or the original processor for calls where no row takes the adapter.
+
+    One pass computes ``to_out(text + s * ip)`` for every row (it used to run both processors and mix their outputs:
+    the text attention twice per layer under compile). A row at scale 0 runs the original processor's operations
+    plus exactly nothing, unless that one runs fused projections (``fuse_qkv`` profiles: within their tolerance).
+    """
 
     def __call__(
         self,
@@ -395,21 +440,10 @@ class PerSampleSDXLProcessor(_PerSampleProcessor):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        gate = self.handle.gate
-        text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
-        if not gate.active or not isinstance(encoder_hidden_states, tuple):
+        if not self.handle.gate.active or not isinstance(encoder_hidden_states, tuple):
+            text = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
             return self.plain(attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb)
-        ip_out = self.ip(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask, temb=temb)
-        if not torch.compiler.is_compiling() and gate.all_one:  # compiled code does not branch on weights
-            return ip_out
-        plain_out = self.plain(
-            attn, hidden_states, encoder_hidden_states=text, attention_mask=attention_mask, temb=temb
-        )
-        s = gate.scale.view((-1,) + (1,) * (plain_out.ndim - 1))
-        mixed = (plain_out.float() + s * (ip_out.float() - plain_out.float())).to(plain_out.dtype)
-        # rows at scale 1 / 0 are exactly diffusers' / the plain output (masks computed on the device)
-        mixed = torch.where(s == 1, ip_out, mixed)
-        return torch.where(s == 0, plain_out, mixed)
+        return self.ip(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask, temb=temb)
 
 
 class PerSampleFluxProcessor(_PerSampleProcessor):
@@ -597,6 +631,9 @@ def attach_ip_adapter(pipe, family: str, spec: LoadSpec) -> IPAdapterHandle:
         if isinstance(current, ip_types):
             processors[name] = wrapper(original, current, handle)
             handle.kept += keep_projections(current, model)
+            if family == "sdxl":
+                GATES[id(model)] = handle.gate
+                handle._value_hooks += [v.register_forward_hook(RowScaledValues(id(model))) for v in current.to_v_ip]
         else:
             processors[name] = original
     model.set_attn_processor(processors)
