@@ -180,7 +180,7 @@ def _top_singular(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     value and left vector from ``M v``: the same marks as ``np.linalg.svd``'s first triple (at most a
     pixel in 10^5 one level apart at 1024 px), 3x faster over a whole embedding.
     """
-    right = _right_vector(np.einsum("nki,nkj->nij", matrices, matrices))
+    right = _right_vector(_gram(matrices))
     image = np.einsum("nij,nj->ni", matrices, right)
     largest = np.linalg.norm(image, axis=1)
     return image / (largest[:, None] + 1e-300), largest, right
@@ -189,18 +189,34 @@ def _top_singular(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 def _largest_singular(matrices: np.ndarray, iterations: int = 12) -> np.ndarray:
     """Largest singular value of each 4x4 matrix by power iteration on M^T M (vectorised; the DC term
     dominates these blocks, so a few iterations reach float precision): 30x faster than batched SVD."""
-    gram = np.einsum("nki,nkj->nij", matrices, matrices)
+    gram = _gram(matrices)
     vector = _right_vector(gram, iterations)
     return np.sqrt(np.maximum(np.einsum("ni,nij,nj->n", vector, gram, vector), 0.0))
 
 
+def _gram(matrices: np.ndarray) -> np.ndarray:
+    """``M^T M`` of each 4x4 matrix (a batched matmul: half the time of the equivalent ``einsum``)."""
+    return np.matmul(np.swapaxes(matrices, 1, 2), matrices)
+
+
 def _right_vector(gram: np.ndarray, iterations: int = 12) -> np.ndarray:
-    """Each Gram matrix's leading eigenvector (power iteration from (1/2, ...)): a matrix's top right
-    singular vector."""
+    """Each Gram matrix's leading eigenvector: ``G^iterations`` applied to (1/2, ...), normalised, i.e. that many
+    steps of power iteration, a matrix's top right singular vector.
+
+    The power is taken by squaring (``G^12 v = G^8 (G^4 v)``: three 4x4 products and two products with the vector
+    instead of twelve), each power scaled by its trace so nothing overflows; the same vector to ~1e-16.
+    """
     vector = np.full(gram.shape[:2], 0.5)
-    for _ in range(iterations):
-        vector = np.einsum("nij,nj->ni", gram, vector)
-        vector /= np.linalg.norm(vector, axis=1, keepdims=True) + 1e-300
+    power = gram / (np.einsum("nii->n", gram)[:, None, None] + 1e-300)
+    remaining = iterations
+    while remaining:
+        if remaining & 1:
+            vector = np.einsum("nij,nj->ni", power, vector)
+            vector /= np.linalg.norm(vector, axis=1, keepdims=True) + 1e-300
+        remaining >>= 1
+        if remaining:
+            power = np.matmul(power, power)
+            power /= np.einsum("nii->n", power)[:, None, None] + 1e-300
     return vector
 
 
@@ -220,16 +236,17 @@ def _soft_votes(u: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
 
 def embed(image: Image.Image, tag: int) -> Image.Image:
     """``image`` (RGB) carrying ``tag``; the caller checks :func:`watermarkable` first."""
-    rgb = np.asarray(image.convert("RGB"))
+    rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     height, width = rgb.shape[:2]
     bits = codeword_bits(tag)
     u = _u_channel(rgb)
     # each pass changes U alone (Y and V stay), so a pass reads U + the changes so far: the pixels are
     # touched once, at the end, in the two channels that move
-    total = np.zeros_like(u)
+    total = None
     for _ in range(PASSES):
-        canonical = _resize(u + total, CANONICAL, CANONICAL).astype(np.float64)
-        total += _resize(_embed_canonical(canonical, bits).astype(np.float32), width, height)
+        canonical = _resize(u if total is None else u + total, CANONICAL, CANONICAL).astype(np.float64)
+        change = _resize(_embed_canonical(canonical, bits).astype(np.float32), width, height)
+        total = change if total is None else np.add(total, change, out=total)
     return Image.fromarray(_add_to_u(rgb, total))
 
 
