@@ -466,7 +466,8 @@ class PerSampleFluxProcessor(_PerSampleProcessor):
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, ip_hidden_states
         )
         # x * 1 is x exactly: rows at scale 1 are diffusers' output, rows at 0 add exactly nothing
-        s = gate.scale.to(ip_out.dtype).view((-1,) + (1,) * (ip_out.ndim - 1))
+        rows = gate.scale_rows if gate.scale_rows.dtype == ip_out.dtype else gate.scale.to(ip_out.dtype)
+        s = rows.view((-1,) + (1,) * (ip_out.ndim - 1))
         return hidden, context, ip_out * s
 
 
