@@ -12,6 +12,9 @@ its own (compile warm-up under a compiling profile) and the median of ``--repeat
   (what imagegen does);
 - ``<method>`` with ``mix`` > 1: the batch mixes ``--mixed`` characters (per-sample identity tensors); compare with
   the single-character row of the same batch size;
+- ``methods in turn`` (presets with several methods): every call renders with the next method, so the renderer
+  switches methods before each; ``x_one_method`` and ``switch_ms`` compare it with the mean of the same methods'
+  single-character rows (a switch puts back the layers the method's first attach built: imagegen.identity.reattach);
 - ``recompute <method>`` (batch 1, first profile only; ``--no-recompute`` skips it): the id embedding recomputed for
   every request from the reference images (face detection, alignment, parsing, encoders: what the reference
   implementations do).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import platform
 import statistics
@@ -125,6 +129,10 @@ def recompute_row(renderer: Renderer, registry: Registry, method_name: str, repe
     return statistics.median(times)
 
 
+#: the ``method`` of the rows whose calls take the preset's methods in turn (a switch before every call)
+IN_TURN = "methods in turn"
+
+
 def bench_profile(
     name: str,
     choice,
@@ -160,15 +168,25 @@ def bench_profile(
             for i in range(batch)
         ]
 
-    shapes = [(None, b, 1) for b in opts.batch]
+    shapes: list[tuple[str | tuple[str, ...] | None, int, int]] = [(None, b, 1) for b in opts.batch]
     for method in methods:
         shapes += [(method, b, 1) for b in opts.batch]
         shapes += [(method, b, min(opts.mixed, b)) for b in opts.batch if min(opts.mixed, b) > 1]
+    if len(methods) > 1:
+        # each call with the next method: what a replica serving several methods pays to switch between batches
+        shapes += [(tuple(methods), b, 1) for b in opts.batch]
     for method, batch, mix in shapes:
-        row = {**base, "method": method or "none", "batch": batch, "mix": mix}
-        batch_requests = requests(batch, method, mix)
+        in_turn = isinstance(method, tuple)
+        row = {**base, "method": IN_TURN if in_turn else method or "none", "batch": batch, "mix": mix}
+        turns = [requests(batch, m, mix) for m in (method if in_turn else [method])]
+        calls = itertools.count()
+        batch_requests = turns[0]
         try:
-            timing = time_calls(lambda: renderer.render(batch_requests, strict=True), opts.repeats, device)  # noqa: B023
+            timing = time_calls(
+                lambda: renderer.render(turns[next(calls) % len(turns)], strict=True),  # noqa: B023
+                opts.repeats,
+                device,
+            )
         except ImagegenError as exc:
             rows.append({**row, "note": f"refused: {exc}"})
             print(f"  {name} {choice.label} {row['method']} batch {batch}: refused: {exc}", flush=True)
@@ -187,7 +205,7 @@ def bench_profile(
                 "size": f"{prepared.width}x{prepared.height}",
                 "device": f"{device} {str(renderer.dtype).replace('torch.', '')}",
                 "applied": renderer.applied_profile.summary(),
-                "note": f"{mix} characters" if mix > 1 else "",
+                "note": f"{mix} characters" if mix > 1 else ", ".join(method) if in_turn else "",
             }
         )
         shown = f"{rows[-1]['s_per_image']:.4f} s/image (first call {timing.first_s:.2f} s)"
@@ -257,6 +275,13 @@ def main() -> None:
         one = single.get((row["preset"], row["profile"], row["method"], row["batch"]))
         if row.get("mix", 1) > 1 and row.get("s_per_image") and one:
             row["x_single_character"] = round(row["s_per_image"] / one, 3)
+        if row["method"] == IN_TURN and row.get("s_per_image"):
+            # against the same methods' batches each after one of its own (their mean)
+            ones = [single.get((row["preset"], row["profile"], m, row["batch"])) for m in row["note"].split(", ")]
+            if all(ones):
+                row["x_one_method"] = round(row["s_per_image"] / statistics.fmean(ones), 3)
+                row["switch_ms"] = round((row["s_per_image"] - statistics.fmean(ones)) * row["batch"] * 1e3, 1)
+                row["note"] += f"; {row['x_one_method']}x one method, {row['switch_ms']} ms a switch"
     report = {
         "command": "python bench/identity_overhead.py " + " ".join(sys.argv[1:]),
         "machine": {

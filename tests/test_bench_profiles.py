@@ -166,3 +166,16 @@ def test_gpu_check_busy_gives_each_row_the_devices_working_time(tmp_path):
     gpu_check.time_family("sdxl", gpu_check.parse_args(base), gpu_check.Clock(600), quiet)
     assert all(row["busy_s"] is None and row["x_plain_busy"] is None for row in quiet["timings"])
     assert all(row["x_beside_stamps"] is None for row in quiet["timings"]) and "stamp_beside" not in quiet
+
+
+def test_method_switch_times_the_first_attach_and_the_switches_back_of_every_sdxl_method():
+    """bench/method_switch.py on tiny SDXL: each method attached once from its weights, then switched away and back
+    (the same layers put back); what it prints comes from these rows."""
+    import method_switch
+
+    opts = argparse.Namespace(device="cpu", dtype="float32", tiny=True, repeats=2)
+    rows = {row["method"]: row for row in method_switch.bench(opts)}
+    assert set(rows) == {*method_switch.IP_METHODS, "pulid-sdxl-v1.1"}
+    for row in rows.values():
+        assert row["attach_s"] > 0 and row["detach_ms"] > 0 and row["reattach_ms"] > 0 and row["params"] > 0
+    assert all(rows[m]["file_mb"] is not None for m in method_switch.IP_METHODS)

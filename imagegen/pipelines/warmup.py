@@ -17,7 +17,9 @@ What it does, on the calling thread (the replica's render thread):
    also renders one identity sample at the first size, so its hooks are traced and compiled too, and,
    under a compiling profile, a batch of two samples and a batch of a sample and a plain request (the
    compiled blocks' variants for "every row takes identity" and "some rows do", each at a second batch
-   size, which makes the batch dimension dynamic);
+   size, which makes the batch dimension dynamic), and first of all a batch of the largest configured
+   size, which sizes the buffers that keep identity values at fixed addresses for CUDA graphs
+   (``imagegen.identity.fixed_address``) once, before any graph reads them;
 3. returns a :class:`WarmupReport`: seconds per step of the above, and the ``torch._dynamo``
    counters that moved (graphs compiled, recompiles, graph breaks) so a profile that recompiles per
    batch composition shows up at start rather than in production latency.
@@ -125,7 +127,7 @@ def warm_up(
     if identity and getattr(renderer, "identity", None) is not None:
         width, height = shapes[0]
         for method in preset.methods:
-            report.identity.append(_warm_method(renderer, method, width, height, steps))
+            report.identity.append(_warm_method(renderer, method, width, height, steps, largest=batches[-1]))
     report.compile = _counter_delta(before, _dynamo_counters())
     report.seconds = time.perf_counter() - started
     log.info(
@@ -148,8 +150,9 @@ def _request(preset: Any, width: int, height: int, steps: int, seed: int, **extr
         raise WarmupError(f"warm-up size {width}x{height} is not a valid request: {exc}") from None
 
 
-def _warm_method(renderer: Any, method: str, width: int, height: int, steps: int) -> dict[str, Any]:
-    """Load ``method``'s conditioner; render one identity sample when it has ``example_tensors()``."""
+def _warm_method(renderer: Any, method: str, width: int, height: int, steps: int, largest: int = 1) -> dict[str, Any]:
+    """Load ``method``'s conditioner; render one identity sample when it has ``example_tensors()`` (under a
+    compiling profile also the batches described in the module docstring, the last one ``largest`` samples)."""
     t0 = time.perf_counter()
     try:
         conditioner = renderer.conditioner(method)
@@ -170,6 +173,11 @@ def _warm_method(renderer: Any, method: str, width: int, height: int, steps: int
         # into the weights, no hooks) and some rows only (hooks on); a second batch size of each makes its batch
         # dimension dynamic, so no later batch size or composition compiles in the middle of a request
         batches += [[request, request.model_copy(update={"seed": 1})], [request, plain]]
+        if largest > 2:
+            # the largest batch first: it sizes the buffers that hold identity values at fixed addresses (FixedSlots)
+            # once and for all, before any graph reads them; growing them later would move every value the graphs
+            # recorded so far read, and CUDA graphs would record each identity block again
+            batches.insert(0, [request.model_copy(update={"seed": seed}) for seed in range(largest)])
     with _example_identity(renderer, examples()):
         try:
             for batch in batches:

@@ -1,4 +1,5 @@
-"""Switching identity methods on a loaded pipeline: no reload of the base model, no residue after detaching."""
+"""Switching identity methods on a loaded pipeline: no reload of the base model nor of a method's layers, no residue
+after detaching."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_switching_methods_keeps_the_model_and_leaves_no_residue(registry, prese
     config, pipe_config = dict(model.config), dict(pipe.config)
     before = plain(renderer)
 
-    rendered = {}
+    rendered, installed = {}, {}
     for name in ROUNDS[preset]:
         [result] = renderer.render([RenderRequest(prompt="a cafe", seed=3, character="mia", method=name, **SMALL)])
         assert renderer.pipe is pipe and (pipe.unet if renderer.preset.family == "sdxl" else pipe.transformer) is model
@@ -64,6 +65,12 @@ def test_switching_methods_keeps_the_model_and_leaves_no_residue(registry, prese
         image = np.asarray(result.image)
         assert name not in rendered or np.array_equal(rendered[name], image)  # switching back renders the same
         rendered[name] = image
+        # switching back installs the very layers of the first attach: nothing is loaded or built again, and their
+        # weights and identity slots keep their addresses (what compiled blocks and CUDA graphs were made with)
+        layers = {n: p for n, p in model.attn_processors.items() if p is not processors[n]}
+        on = [h for m in model.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+        layers["hooks"] = sorted(id(getattr(h, "__self__", h)) for h in on)  # a bound method: its object
+        assert installed.setdefault(name, layers) == layers
     assert len({img.tobytes() for img in rendered.values()}) == len(rendered)  # every method did something
 
     renderer.detach_identity()

@@ -48,6 +48,7 @@ from imagegen.identity.fixed_address import FixedSlots
 from imagegen.identity.ipadapter.keep import KeptProjection, keep_projections
 from imagegen.identity.ipadapter.lora import GATES, FaceIDLoRA, FusedRowLoRA, RowLoRA
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
+from imagegen.identity.reattach import processors_unchanged
 from imagegen.identity.steps import Phase, StepGatedState, per_sample, pick
 from imagegen.pipelines.profiles import compute_step_when_changed
 
@@ -202,7 +203,10 @@ class IPAdapterHandle:
         self.lora: FaceIDLoRA | None = None
         #: the IP processors' image-token projections, kept per batch (:mod:`.keep`)
         self.kept: list[KeptProjection] = []
-        #: SDXL: the hooks scaling each row's image-token values (:class:`RowScaledValues`)
+        #: the processors installed while attached (diffusers' IP processors wrapped, the others as they were)
+        self._installed: dict = {}
+        #: SDXL: ``(to_v_ip linear, hook)`` scaling each row's image-token values (:class:`RowScaledValues`)
+        self._scaled_values: list[tuple[nn.Linear, RowScaledValues]] = []
         self._value_hooks: list = []
         self._call_hook = None
         #: the rows of the model call running that take the adapter (set by :meth:`_before_call`)
@@ -297,15 +301,15 @@ class IPAdapterHandle:
                 leftover.pop("ip_adapter_image_embeds", None)
 
     def detach(self) -> None:
-        """Put back everything the pipeline and the model had before :func:`attach_ip_adapter`."""
+        """Put back everything the pipeline and the model had before :func:`attach_ip_adapter`. What diffusers built
+        (processors, projection) and the LoRA, the hooks and the gate's fixed slots stay with the handle for
+        :meth:`reattach` (see :mod:`imagegen.identity.reattach`)."""
         if not self.attached:
             return
         if self.lora is not None:
-            self.lora.remove()
-            self.lora = None
+            self.lora.unhook()
         for kept in self.kept:
             kept.remove()
-        self.kept.clear()
         for hook in self._value_hooks:
             hook.remove()
         self._value_hooks.clear()
@@ -314,7 +318,6 @@ class IPAdapterHandle:
             self._call_hook = None
         self.state = None
         self.gate.forget()
-        self.gate.slots.clear()
         if GATES.get(id(self.model)) is self.gate:
             GATES.pop(id(self.model))
         self.model.set_attn_processor(dict(self._processors))
@@ -322,6 +325,34 @@ class IPAdapterHandle:
         if getattr(self.model, ATTACHED_ATTR, None) is self:
             delattr(self.model, ATTACHED_ATTR)
         self.attached = False
+
+    def reattach(self) -> bool:
+        """Install the same layers again after :meth:`detach`: no file read, no module built; False (nothing changed)
+        when the model's processors are no longer the ones they were built around."""
+        if self.attached:
+            return True
+        if getattr(self.model, ATTACHED_ATTR, None) is not None or not processors_unchanged(
+            self.model, self._processors
+        ):
+            return False
+        self._install()
+        if self.lora is not None:
+            self.lora.hook()
+        return True
+
+    def _install(self) -> None:
+        """The wrapped processors, the value-scaling hooks, the kept projections and the gate's pre-hook on the model
+        (the LoRA's hooks are the LoRA's own)."""
+        model = self.model
+        model.set_attn_processor(dict(self._installed))
+        for kept in self.kept:
+            kept.install()
+        if self._scaled_values:
+            GATES[id(model)] = self.gate
+            self._value_hooks = [linear.register_forward_hook(hook) for linear, hook in self._scaled_values]
+        self._call_hook = model.register_forward_pre_hook(self._before_call, with_kwargs=True)
+        setattr(model, ATTACHED_ATTR, self)
+        self.attached = True
 
 
 class PerSampleProjection(nn.Module):
@@ -626,21 +657,16 @@ def attach_ip_adapter(pipe, family: str, spec: LoadSpec) -> IPAdapterHandle:
             setattr(layer, name, value)
     wrapper = PerSampleSDXLProcessor if family == "sdxl" else PerSampleFluxProcessor
     ip_types = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, FluxIPAdapterAttnProcessor)
-    processors = {}
     for name, original in handle._processors.items():
         current = loaded[name]
         if isinstance(current, ip_types):
-            processors[name] = wrapper(original, current, handle)
+            handle._installed[name] = wrapper(original, current, handle)
             handle.kept += keep_projections(current, model)
             if family == "sdxl":
-                GATES[id(model)] = handle.gate
-                handle._value_hooks += [v.register_forward_hook(RowScaledValues(id(model))) for v in current.to_v_ip]
+                handle._scaled_values += [(v, RowScaledValues(id(model))) for v in current.to_v_ip]
         else:
-            processors[name] = original
-    model.set_attn_processor(processors)
-    handle._call_hook = model.register_forward_pre_hook(handle._before_call, with_kwargs=True)
-    handle.attached = True
-    setattr(model, ATTACHED_ATTR, handle)
+            handle._installed[name] = original
+    handle._install()
     if spec.lora:
         _install_lora(handle, spec.lora)
     return handle

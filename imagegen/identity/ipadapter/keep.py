@@ -33,7 +33,7 @@ class KeptProjection:
         self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         #: projections computed (not answered from what was kept): per batch and layer, once per distinct input
         self.computed = 0
-        linear.forward = self
+        self.install()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
@@ -49,6 +49,9 @@ class KeptProjection:
 
     def forget(self) -> None:
         self._kept = []
+
+    def install(self) -> None:
+        self.linear.forward = self
 
     def remove(self) -> None:
         self.forget()

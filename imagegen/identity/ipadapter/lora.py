@@ -103,7 +103,7 @@ class FaceIDLoRA:
 
     :meth:`for_call` (from the adapter's forward pre-hook on the model, once per model call) switches between the two
     only when the call's rows change that (host values: no tensor is read); :meth:`end_batch` puts the original
-    weights and the hooks back; :meth:`remove` takes everything off.
+    weights and the hooks back; :meth:`unhook` takes everything off the model until :meth:`hook`.
     """
 
     def __init__(self, model: nn.Module):
@@ -141,12 +141,17 @@ class FaceIDLoRA:
         self._originals = None
         self._mergeable = None
 
-    def remove(self) -> None:
+    def unhook(self) -> None:
+        """Off the model (the original weights back, no hook), the targets kept for :meth:`hook`."""
         self.end_batch()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.targets.clear()
+
+    def hook(self) -> None:
+        """The targets' hooks on the model again after :meth:`unhook`."""
+        if not self._handles:
+            self._handles = [linear.register_forward_hook(hook) for linear, hook in self.targets]
 
     def _may_merge(self, device: torch.device) -> bool:
         if self._mergeable is None:

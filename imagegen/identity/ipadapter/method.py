@@ -198,7 +198,8 @@ class IPAdapterMethod(IdentityMethod):
         return self._weights_hash
 
     def attach(self, pipe) -> None:
-        if self.handle is None:
+        # a switch back to this method puts the layers of its first attach back (imagegen.identity.reattach)
+        if self.handle is None or not self.handle.reattach():
             self.handle = attach_ip_adapter(pipe, self.family, self._load_spec())
             # the negatives are computed now, so a render never loads the image encoder (it is freed again)
             self.release_encoders()
@@ -206,7 +207,6 @@ class IPAdapterMethod(IdentityMethod):
     def detach(self, pipe) -> None:
         if self.handle is not None:
             self.handle.detach()
-            self.handle = None
 
     @contextmanager
     def conditioning(self, pipe, samples: list[IdentitySample], cfg: bool = False) -> Iterator[BatchConditioning]:

@@ -187,6 +187,7 @@ class PulidFluxHandle:
         #: ``(state, id tokens, phase)`` of the transformer call running, None when no sample takes identity in it
         self._current: tuple[PulidFluxState, torch.Tensor, Phase] | None = None
         self._hooks: list = []
+        self._block_hooks: list[_BlockHook] = []
 
     @property
     def attached(self) -> bool:
@@ -208,7 +209,8 @@ class PulidFluxHandle:
             self._current = None
 
     def detach(self) -> None:
-        """Remove every hook; the transformer computes exactly what it did before :func:`attach_pulid_flux`."""
+        """Remove every hook; the transformer computes exactly what it did before :func:`attach_pulid_flux` (the
+        cross-attentions stay with the handle for :meth:`reattach`)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -216,6 +218,27 @@ class PulidFluxHandle:
         self._current = None
         if getattr(self.transformer, ATTACHED_ATTR, None) is self:
             delattr(self.transformer, ATTACHED_ATTR)
+
+    def reattach(self) -> bool:
+        """Hook the same cross-attentions in again after :meth:`detach` (False while another PuLID is attached)."""
+        if self.attached:
+            return True
+        if getattr(self.transformer, ATTACHED_ATTR, None) is not None:
+            return False
+        self._install()
+        return True
+
+    def _install(self) -> None:
+        transformer = self.transformer
+        doubles, singles = transformer.transformer_blocks, transformer.single_transformer_blocks
+        positions = ca_positions(len(doubles), len(singles), self.double_interval, self.single_interval)
+        self._hooks.append(transformer.register_forward_pre_hook(self._before_call, with_kwargs=True))
+        self._hooks.append(transformer.register_forward_hook(self._after_call))
+        self._block_hooks = self._block_hooks or [_BlockHook(self, index) for index in range(len(positions))]
+        for (kind, block_index), hook in zip(positions, self._block_hooks, strict=True):
+            block = (doubles if kind == "double" else singles)[block_index]
+            self._hooks.append(block.register_forward_hook(hook))
+        setattr(transformer, ATTACHED_ATTR, self)
 
     # hooks -----------------------------------------------------------------------------------------------
 
@@ -337,10 +360,5 @@ def attach_pulid_flux(
         cross_attentions.to(device=param.device, dtype=param.dtype)
     cross_attentions.eval()
     handle = PulidFluxHandle(transformer, cross_attentions, double_interval, single_interval)
-    handle._hooks.append(transformer.register_forward_pre_hook(handle._before_call, with_kwargs=True))
-    handle._hooks.append(transformer.register_forward_hook(handle._after_call))
-    for index, (kind, block_index) in enumerate(positions):
-        block = (doubles if kind == "double" else singles)[block_index]
-        handle._hooks.append(block.register_forward_hook(_BlockHook(handle, index)))
-    setattr(transformer, ATTACHED_ATTR, handle)
+    handle._install()
     return handle

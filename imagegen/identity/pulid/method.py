@@ -153,9 +153,13 @@ class PulidMethod(IdentityMethod):
         return tokens.to(device=self.device, dtype=self.dtype)
 
     def detach(self, pipe) -> None:
+        # the handle keeps its processors for the next attach (imagegen.identity.reattach)
         if self.handle is not None:
             self.handle.detach()
-            self.handle = None
+
+    def _reattached(self) -> bool:
+        """Whether the handle of an earlier attach is on the model again (False: build a new one)."""
+        return self.handle is not None and self.handle.reattach()
 
 
 class PulidFluxMethod(PulidMethod):
@@ -169,7 +173,7 @@ class PulidFluxMethod(PulidMethod):
         return pulid_weights.load_pulid_flux(self.files["weights"], dtype=self.dtype, device=self.device)
 
     def attach(self, pipe) -> None:
-        if self.handle is None:
+        if not self._reattached():
             self.handle = self.weights.attach(pipe.transformer)
 
     @contextmanager
@@ -194,7 +198,7 @@ class PulidSDXLMethod(PulidMethod):
         return weights
 
     def attach(self, pipe) -> None:
-        if self.handle is None:
+        if not self._reattached():
             self.handle = self.weights.attach(pipe.unet)
 
     @contextmanager

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagegen.identity.fixed_address import FixedSlots
+from imagegen.identity.reattach import processors_unchanged
 from imagegen.identity.steps import RowGate, StepGatedState, per_sample, pick
 
 PREFIX = "id_adapter_attn_layers."
@@ -464,7 +465,7 @@ class PulidSDXLHandle:
         self.originals = originals
         self.processors = processors
         self.state: PulidSDXLState | None = None
-        self.attached = True
+        self.attached = False
         #: the prepared call of the current batch and row layout (whatever the step)
         self._prepared: PulidSDXLCall | None = None
         #: what the processors of the running UNet call read: ``_prepared`` when a row takes identity at this step
@@ -557,19 +558,37 @@ class PulidSDXLHandle:
         return None
 
     def detach(self) -> None:
-        """Put back the very processor objects the UNet had before :func:`attach_pulid_sdxl`."""
+        """Put back the very processor objects the UNet had before :func:`attach_pulid_sdxl`. The PuLID processors
+        and their fixed slots are kept for :meth:`reattach` (see :mod:`imagegen.identity.reattach`)."""
         if not self.attached:
             return
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         self._forget()
-        self.slots.clear()
         self.unet.set_attn_processor(dict(self.originals))
         self.attached = False
         self.state = None
         if getattr(self.unet, ATTACHED_ATTR, None) is self:
             delattr(self.unet, ATTACHED_ATTR)
+
+    def reattach(self) -> bool:
+        """Install the same processors again after :meth:`detach`; False (nothing changed) when the UNet's processors
+        are no longer the ones they were built around."""
+        if self.attached:
+            return True
+        if getattr(self.unet, ATTACHED_ATTR, None) is not None or not processors_unchanged(self.unet, self.originals):
+            return False
+        self._install()
+        return True
+
+    def _install(self) -> None:
+        unet = self.unet
+        unet.set_attn_processor({name: self.processors.get(name, proc) for name, proc in self.originals.items()})
+        # the step's scales and the batch's keys / values are prepared here, outside the blocks torch.compile traces
+        self._hooks.append(unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
+        setattr(unet, ATTACHED_ATTR, self)
+        self.attached = True
 
 
 ATTACHED_ATTR = "_imagegen_pulid_sdxl"
@@ -611,7 +630,8 @@ def attach_pulid_sdxl(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], m
     for index, name, module in layers:
         sub = {k[len(f"{index}.") :]: v for k, v in weights.items() if k.startswith(f"{index}.")}
         hidden, cross = module.to_k.out_features, module.to_k.in_features
-        processor = PulidSDXLAttnProcessor(hidden, cross, handle, heads=module.heads)
+        with torch.device("meta"):  # no random init of weights the file's replace (1 s for SDXL's 340 M on a CPU)
+            processor = PulidSDXLAttnProcessor(hidden, cross, handle, heads=module.heads)
         try:
             processor.load_state_dict(sub, strict=True, assign=True)
         except RuntimeError as exc:
@@ -620,8 +640,5 @@ def attach_pulid_sdxl(unet: nn.Module, state_dict: Mapping[str, torch.Tensor], m
             processor.to(device=param.device, dtype=param.dtype)
         processor.eval().requires_grad_(False)
         handle.processors[name] = processor
-    unet.set_attn_processor({name: handle.processors.get(name, proc) for name, proc in originals.items()})
-    # the step's scales and the batch's keys / values are prepared here, outside the blocks torch.compile traces
-    handle._hooks.append(unet.register_forward_pre_hook(handle._before_unet, with_kwargs=True))
-    setattr(unet, ATTACHED_ATTR, handle)
+    handle._install()
     return handle
