@@ -17,8 +17,8 @@ What it does, on the calling thread (the replica's render thread):
    also renders one identity sample at the first size, so its hooks are traced and compiled too, and,
    under a compiling profile, a batch of two samples and a batch of a sample and a plain request (the
    compiled blocks' variants for "every row takes identity" and "some rows do", each at a second batch
-   size, which makes the batch dimension dynamic), and first of all a batch of the largest configured
-   size, which sizes the buffers that keep identity values at fixed addresses for CUDA graphs
+   size, which makes the batch dimension dynamic), and first of all a batch of the largest size the
+   renderer will be given (a replica's ``max_batch_size``), which sizes the buffers that keep identity values at fixed addresses for CUDA graphs
    (``imagegen.identity.fixed_address``) once, before any graph reads them;
 3. returns a :class:`WarmupReport`: seconds per step of the above, and the ``torch._dynamo``
    counters that moved (graphs compiled, recompiles, graph breaks) so a profile that recompiles per
@@ -96,12 +96,15 @@ def warm_up(
     *,
     steps: int = 2,
     identity: bool = True,
+    largest_batch: int | None = None,
 ) -> WarmupReport:
     """Render ``renderer``'s configured shapes once and load its identity methods (see the module docstring).
 
     ``sizes``: (width, height) pairs; None or empty means the preset's default size. ``batch_sizes``:
     batch sizes rendered at every size. ``identity``: also load (and, where the conditioner has
-    ``example_tensors()``, render with) every identity method of the preset.
+    ``example_tensors()``, render with) every identity method of the preset. ``largest_batch``: the largest batch
+    the renderer will be given (default: the largest of ``batch_sizes``), the size of the first identity batch under
+    a compiling profile.
     """
     started = time.perf_counter()
     preset = renderer.preset
@@ -127,7 +130,8 @@ def warm_up(
     if identity and getattr(renderer, "identity", None) is not None:
         width, height = shapes[0]
         for method in preset.methods:
-            report.identity.append(_warm_method(renderer, method, width, height, steps, largest=batches[-1]))
+            largest = max(batches[-1], largest_batch or 0)
+            report.identity.append(_warm_method(renderer, method, width, height, steps, largest=largest))
     report.compile = _counter_delta(before, _dynamo_counters())
     report.seconds = time.perf_counter() - started
     log.info(

@@ -199,9 +199,12 @@ class RendererActor:
         *,
         steps: int = 2,
         identity: bool = True,
+        largest_batch: int | None = None,
     ) -> WarmupReport:
         """Warm the renderer up (``imagegen.pipelines.warmup.warm_up``) and keep the report for health checks."""
-        self.warmup = warm_up(self.renderer, sizes, batch_sizes, steps=steps, identity=identity)
+        self.warmup = warm_up(
+            self.renderer, sizes, batch_sizes, steps=steps, identity=identity, largest_batch=largest_batch
+        )
         return self.warmup
 
     def render(

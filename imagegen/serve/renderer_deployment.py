@@ -345,7 +345,11 @@ class RendererDeployment:
             report = await asyncio.get_running_loop().run_in_executor(
                 self._executor,
                 lambda: self.actor.warm(
-                    missing or sizes, batches, steps=config.warmup_steps, identity=first and config.warmup_identity
+                    missing or sizes,
+                    batches,
+                    steps=config.warmup_steps,
+                    identity=first and config.warmup_identity,
+                    largest_batch=config.max_batch_size,
                 ),
             )
         except Exception as exc:

@@ -382,7 +382,7 @@ def test_identity_inputs_of_compiled_blocks_keep_their_addresses_from_batch_to_b
     """Under a compiling profile the tensors a block reads from identity processors and handles (PuLID's kept keys,
     values and scales, IP-Adapter's scales) are static inputs of its graph. CUDA graphs need each at the address it
     was recorded with, else they record the block again, every batch; they stay put across batches of other
-    characters, weights, start steps and compositions. The renderer is warmed up as a replica of largest batch 3 is,
+    characters, weights, start steps and compositions. The renderer is warmed up as a replica of max batch 3 is,
     and its traffic then comes smallest batch first: the warm-up's largest identity batch has sized the slots, so a
     larger batch than any before moves nothing that smaller ones recorded. Checked with a backend that records the
     addresses, as CUDA graph trees compare them, under SDXL's ``fast`` (CUDA graphs) and FLUX's ``fast`` with CUDA
@@ -412,7 +412,8 @@ def test_identity_inputs_of_compiled_blocks_keep_their_addresses_from_batch_to_b
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", step_begin)
     renderer = renderer_for(registry, preset, profile)
     batches = requests(method)
-    warm_up(renderer, sizes=[(SMALL["width"], SMALL["height"])], batch_sizes=(1, 3), steps=SMALL["steps"])
+    size = (SMALL["width"], SMALL["height"])
+    warm_up(renderer, sizes=[size], batch_sizes=(1,), steps=SMALL["steps"], largest_batch=3)
     for name in ("alone", "zero", "batch", "alone", "other", "zero", "batch", "other"):
         renderer.render(batches[name])
     renderer.detach_identity()
