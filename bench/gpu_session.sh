@@ -14,14 +14,14 @@
 # `fast` at batch 1 and 4 with `--busy` (the device's working time per row: is the identity overhead under graphs GPU
 # work or host work?) and `--stamp-beside` (do a replica's stamps behind the next batch slow the render they overlap?),
 # then, in the time left, bench/step_ops.py on SDXL `fast`: per step graph replays, input copies, device time and the
-# host's top operators of plain, PuLID and FaceID. `fastest:graphs`, fp8 in CUDA graphs, needs a session of its own
-# (~6 min compile).
+# host's top operators of plain, PuLID and FaceID. SDXL `fastest` (fp8 in CUDA graphs since 2026-12-05) needs a
+# session of its own (its fp8 compile may take minutes: 336 s on FLUX): SDXL_PROFILES="quality fast fastest".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(diffusers torchao pydantic pydantic_core pydantic-settings annotated-types typing-inspection python-dotenv
         SQLAlchemy alembic Mako PyWavelets invisible-watermark obstore facexlib filterpy)
-SDXL_PROFILES=(quality fast)
+read -r -a SDXL_PROFILES <<<"${SDXL_PROFILES:-quality fast}"
 PARITY_TEST="tests/identity_pulid/test_sdxl_compile.py::test_cuda_graphs_of_the_fast_profile_replay_every_batch_composition_as_eager"
 
 case "${1:-}" in

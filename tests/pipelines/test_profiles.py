@@ -82,14 +82,17 @@ def test_profiles_apply_what_they_say_on_this_device(renders):
 
 
 def test_cuda_graph_profiles_begin_a_graph_step_at_every_denoiser_call(renders):
-    """SDXL's ``fast`` replays its compiled blocks as CUDA graphs on a GPU (skipped on this CPU, and said so). Each
-    denoiser call (one per step: CFG is one batched call) tells torch's graph trees that a new iteration begins, so
-    one call's blocks replay as one path and never over each other's outputs; profiles without graphs mark nothing."""
-    fast = renders[("tiny-sdxl", "fast")]
-    assert "CUDA device" in fast["applied"].skipped["cuda_graphs"]
-    assert fast["cuda_graph_steps"] == fast["steps"]
+    """SDXL's ``fast`` and ``fastest`` replay their compiled blocks as CUDA graphs on a GPU (skipped on this CPU, and
+    said so). Each denoiser call (one per step: CFG is one batched call) tells torch's graph trees that a new
+    iteration begins, so one call's blocks replay as one path and never over each other's outputs; profiles without
+    graphs mark nothing."""
+    graphed = [("tiny-sdxl", "fast"), ("tiny-sdxl", "fastest")]
+    for key in graphed:
+        got = renders[key]
+        assert "CUDA device" in got["applied"].skipped["cuda_graphs"], key
+        assert got["cuda_graph_steps"] == got["steps"], key
     for key, got in renders.items():
-        if key != ("tiny-sdxl", "fast"):
+        if key not in graphed:
             assert got["cuda_graph_steps"] == 0, key
 
 
