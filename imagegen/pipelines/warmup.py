@@ -18,8 +18,9 @@ What it does, on the calling thread (the replica's render thread):
    under a compiling profile, a batch of two samples and a batch of a sample and a plain request (the
    compiled blocks' variants for "every row takes identity" and "some rows do", each at a second batch
    size, which makes the batch dimension dynamic), and first of all a batch of the largest size the
-   renderer will be given (a replica's ``max_batch_size``), which sizes the buffers that keep identity values at fixed addresses for CUDA graphs
-   (``imagegen.identity.fixed_address``) once, before any graph reads them;
+   renderer will be given (a replica's ``max_batch_size``), which sizes the buffers that keep identity
+   values at fixed addresses for CUDA graphs (``imagegen.identity.fixed_address``) once, before any
+   graph reads them;
 3. returns a :class:`WarmupReport`: seconds per step of the above, and the ``torch._dynamo``
    counters that moved (graphs compiled, recompiles, graph breaks) so a profile that recompiles per
    batch composition shows up at start rather than in production latency.
