@@ -346,3 +346,31 @@ def test_a_merge_that_fails_half_way_leaves_the_weights_as_they_were(renderers):
         del hook.weight_delta
     assert not lora.merged and lora.hooked == len(lora.targets)
     assert all(torch.equal(param.detach(), before[key]) for key, param in unet.named_parameters())
+
+
+def test_a_switch_back_onto_replaced_processors_builds_the_adapter_anew(renderers):
+    """A detached adapter's layers wrap the processors the model had when it was built. If something replaced those
+    processors meanwhile, putting the old layers back would call stale processors: the handle refuses, changes
+    nothing, and the conditioner builds the adapter again around the processors the model has now."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    renderer, name = renderers["tiny-sdxl"], "ipadapter-plus-face-sdxl"
+    before = pixels(render(renderer, prompt="a cafe", seed=3, character="mia", method=name))
+    handle = renderer.identity_method(name).handle
+    renderer.detach_identity()
+    unet = renderer.pipe.unet
+    originals = dict(unet.attn_processors)
+    unet.set_attn_processor(AttnProcessor2_0())  # new objects of the same kind everywhere
+    replaced = dict(unet.attn_processors)
+    try:
+        assert not handle.reattach() and not handle.attached
+        assert all(unet.attn_processors[n] is p for n, p in replaced.items())
+        again = pixels(render(renderer, prompt="a cafe", seed=3, character="mia", method=name))
+        rebuilt = renderer.identity_method(name).handle
+        assert rebuilt is not handle and np.array_equal(again, before)
+        current = replaced.values()
+        wrapped = [p for p in unet.attn_processors.values() if not any(p is r for r in current)]
+        assert wrapped and all(any(p.plain is r for r in current) for p in wrapped)  # around today's processors
+    finally:
+        renderer.detach_identity()
+        unet.set_attn_processor(originals)

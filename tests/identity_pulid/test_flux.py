@@ -147,8 +147,19 @@ def test_attach_checks(reference):
         attach_pulid_flux(transformer, cas)
     handle.detach()
     handle.detach()  # idempotent
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     assert not transformer._forward_hooks and not transformer._forward_pre_hooks
-    assert not any(b._forward_hooks for b in [*transformer.transformer_blocks, *transformer.single_transformer_blocks])
+    assert not any(b._forward_hooks for b in blocks)
+    with pytest.raises(RuntimeError, match="detached"), handle.use(PulidFluxState(torch.zeros(1, 32, 8), 1.0)):
+        pass  # a detached handle refuses a batch rather than render it without identity
+    # a switch back hooks the same cross-attentions in at the same blocks; another PuLID attached meanwhile wins
+    assert handle.reattach() and handle.attached
+    hooked = [hook for b in blocks for hook in b._forward_hooks.values()]
+    assert len(hooked) == len(cas) and all(hook.handle is handle for hook in hooked)
+    handle.detach()
+    other = attach_pulid_flux(transformer, cas)
+    assert not handle.reattach() and not handle.attached
+    other.detach()
 
 
 # the tiny FluxPipeline ----------------------------------------------------------------------------------------

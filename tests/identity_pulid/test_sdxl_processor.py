@@ -182,6 +182,18 @@ def test_tiny_pipeline_mixed_batch_start_step_and_detach(sdxl_pipe, isolated_hom
     assert all(unet.attn_processors[name] is proc for name, proc in originals.items())
     assert not any("processor" in key for key in unet.state_dict())
     assert np.array_equal(render(sdxl_pipe, [1, 2]), plain)
+    again = PulidSDXLState(tokens * 50, [2.0, 0.0], uncond_id_tokens=uncond * 50, num_zero=0, ortho=None)
+    with pytest.raises(RuntimeError, match="detached"), handle.use(again):
+        pass  # a detached handle refuses a batch rather than render it without identity
+    # a switch back: the same processors installed again render what they rendered before
+    installed = dict(handle.processors)
+    assert handle.reattach()
+    try:
+        assert all(unet.attn_processors[name] is proc for name, proc in installed.items())
+        assert np.array_equal(render(sdxl_pipe, [1, 2], again, handle), mixed)
+    finally:
+        handle.detach()
+    assert np.array_equal(render(sdxl_pipe, [1, 2]), plain)
 
 
 def test_weights_that_do_not_fit_the_unet_are_refused(sdxl_pipe, isolated_home):

@@ -200,6 +200,8 @@ class PulidFluxHandle:
     @contextmanager
     def use(self, state: PulidFluxState | None) -> Iterator[PulidFluxState | None]:
         """``with handle.use(state): pipe(...)``: the state for the calls inside, cleared afterwards."""
+        if state is not None and not self.attached:  # a detached handle would render without identity, silently
+            raise RuntimeError("this PuLID handle was detached; attach the method again")
         previous = self.state
         self.state = state
         try:

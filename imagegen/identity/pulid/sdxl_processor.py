@@ -465,7 +465,8 @@ class PulidSDXLHandle:
         self.originals = originals
         self.processors = processors
         self.state: PulidSDXLState | None = None
-        self.attached = False
+        #: the processors are on the UNet (True from the start: processors may also be driven without a UNet)
+        self.attached = True
         #: the prepared call of the current batch and row layout (whatever the step)
         self._prepared: PulidSDXLCall | None = None
         #: what the processors of the running UNet call read: ``_prepared`` when a row takes identity at this step
@@ -481,6 +482,8 @@ class PulidSDXLHandle:
     @contextmanager
     def use(self, state: PulidSDXLState | None) -> Iterator[PulidSDXLState | None]:
         """``with handle.use(state): pipe(...)``: the state for the calls inside, cleared afterwards."""
+        if state is not None and not self.attached:  # a detached handle would render without identity, silently
+            raise RuntimeError("this PuLID handle was detached; attach the method again")
         previous = self.state
         self.set_state(state)
         try:
