@@ -186,7 +186,8 @@ class Renderer:
         total_steps = sum(prepared[idx[0]].steps for idx in groups.values())
         done_steps = 0
         results: list[RenderResult | None] = [None] * len(prepared)
-        for (_, method), indices in groups.items():
+        # the attached method's calls first: a list mixing methods switches once less
+        for (_, method), indices in sorted(groups.items(), key=lambda group: group[0][1] != self._attached):
             batch = [prepared[i] for i in indices]
             flags = [cancelled[i] for i in indices] if cancelled is not None else None
             rendered = self._render_batch(batch, method, tensors, progress, done_steps, total_steps, flags)

@@ -84,3 +84,19 @@ def test_switching_methods_keeps_the_model_and_leaves_no_residue(registry, prese
     fresh = plain(identity_renderer(preset, registry))
     assert np.array_equal(after, before)
     assert np.array_equal(after, fresh)
+
+
+def test_a_list_mixing_methods_renders_the_attached_one_first(registry):
+    """One switch, not two: with method B attached, a list asking for A then B renders B's call first."""
+    renderer = identity_renderer("tiny-flux", registry)
+    first, second = ROUNDS["tiny-flux"][:2]
+    ask = [RenderRequest(prompt="a cafe", seed=3, character="mia", method=m, **SMALL) for m in (first, second)]
+    renderer.render([ask[1]])
+    assert renderer._attached == second
+    results = renderer.render(ask)
+    assert renderer._attached == first  # the second method's call ran first, while attached; then one switch
+    assert [r.seed for r in results] == [3, 3] and all(r.ok for r in results)
+    alone = [renderer.render([request])[0] for request in ask]
+    for result, single in zip(results, alone, strict=True):  # each result is its own request's, in the list's order
+        assert np.array_equal(np.asarray(result.image), np.asarray(single.image))
+    renderer.detach_identity()
