@@ -14,8 +14,9 @@
 # `fast` at batch 1 and 4 with `--busy` (the device's working time per row: is the identity overhead under graphs GPU
 # work or host work?) and `--stamp-beside` (do a replica's stamps behind the next batch slow the render they overlap?),
 # then, in the time left, bench/step_ops.py on SDXL `fast`: per step graph replays, input copies, device time and the
-# host's top operators of plain, PuLID and FaceID. SDXL `fastest` (fp8 in CUDA graphs since 2026-12-05) needs a
-# session of its own (its fp8 compile may take minutes: 336 s on FLUX): SDXL_PROFILES="quality fast fastest".
+# host's top operators of plain, PuLID and FaceID; last bench/method_switch.py (a switch of identity methods). SDXL
+# `fastest` (fp8 in CUDA graphs since 2026-12-05) needs a session of its own (its fp8 compile may take minutes: 336 s
+# on FLUX): SDXL_PROFILES="quality fast fastest".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +55,11 @@ case "${1:-}" in
         2>&1 | tee "$out/step_ops.txt" || true
     else
       echo "step_ops skipped: ${left} s left" | tee "$out/step_ops.txt"
+    fi
+    # what switching identity methods costs a replica at full size now (the layers put back, not rebuilt)
+    left=$(( ${SESSION_S:-570} - SECONDS ))
+    if [ "$left" -gt 45 ]; then
+      timeout "$left" python3 bench/method_switch.py --device cuda 2>&1 | tee "$out/method_switch.txt" || true
     fi
     ;;
   dry)
