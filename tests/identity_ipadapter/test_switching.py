@@ -16,7 +16,7 @@ from tests.photos import astronaut_set
 
 SYNTHETIC = {"kind": "synthetic", "creator": "tests"}
 SMALL = {"width": 32, "height": 32, "steps": 2}
-#: preset -> methods visited in turn (PuLID, IP-Adapter(s), back to PuLID, IP-Adapter again)
+#: preset -> methods visited in turn (PuLID, IP-Adapter(s), then each of them again)
 ROUNDS = {
     "tiny-sdxl": [
         "pulid-sdxl-v1.1",
@@ -24,6 +24,7 @@ ROUNDS = {
         "ipadapter-plus-face-sdxl",
         "pulid-sdxl-v1.1",
         "ipadapter-faceid-plusv2-sdxl",
+        "ipadapter-plus-face-sdxl",
     ],
     "tiny-flux": ["pulid-flux-v0.9.1", "ipadapter-flux", "pulid-flux-v0.9.1", "ipadapter-flux"],
 }
