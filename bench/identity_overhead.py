@@ -178,6 +178,8 @@ def bench_profile(
     for method, batch, mix in shapes:
         in_turn = isinstance(method, tuple)
         row = {**base, "method": IN_TURN if in_turn else method or "none", "batch": batch, "mix": mix}
+        if in_turn:
+            row["methods"] = list(method)
         turns = [requests(batch, m, mix) for m in (method if in_turn else [method])]
         calls = itertools.count()
         batch_requests = turns[0]
@@ -277,7 +279,7 @@ def main() -> None:
             row["x_single_character"] = round(row["s_per_image"] / one, 3)
         if row["method"] == IN_TURN and row.get("s_per_image"):
             # against the same methods' batches each after one of its own (their mean)
-            ones = [single.get((row["preset"], row["profile"], m, row["batch"])) for m in row["note"].split(", ")]
+            ones = [single.get((row["preset"], row["profile"], m, row["batch"])) for m in row["methods"]]
             if all(ones):
                 row["x_one_method"] = round(row["s_per_image"] / statistics.fmean(ones), 3)
                 row["switch_ms"] = round((row["s_per_image"] - statistics.fmean(ones)) * row["batch"] * 1e3, 1)

@@ -39,16 +39,11 @@ import gpu_check as check  # noqa: E402
 IP_METHODS = ("ipadapter-faceid-plusv2-sdxl", "ipadapter-plus-face-sdxl")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device):
-    sync(device)
+    check.sync(device)
     started = time.perf_counter()
     out = fn()
-    sync(device)
+    check.sync(device)
     return out, time.perf_counter() - started
 
 

@@ -9,8 +9,9 @@ again, and kept beside the old ones, at every switch.
 
 So a handle's ``detach`` takes its processors and hooks off the model but keeps them, and ``reattach`` installs the
 very same objects again: the same compiled graphs and their recordings serve the method after any number of
-switches. A handle reattaches only onto the processors it was built around (:func:`processors_unchanged`);
-otherwise its conditioner builds a new one.
+switches. A handle reattaches only while no other handle of its kind is on the model and, if its layers wrap or
+replace attention processors, onto the very processors it was built around (:func:`can_reattach`); otherwise its
+conditioner builds a new one.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from collections.abc import Mapping
 from torch import nn
 
 
-def processors_unchanged(model: nn.Module, originals: Mapping[str, object]) -> bool:
-    """Whether ``model``'s attention processors are still the very objects of ``originals`` (what a handle's layers
-    wrap or stand in for: layers built around replaced processors would call stale ones)."""
+def can_reattach(model: nn.Module, attached_attr: str, originals: Mapping[str, object] | None = None) -> bool:
+    """Whether a detached handle may put its layers back on ``model``: no handle of its kind is attached there
+    (``attached_attr`` unset) and, given ``originals``, the model's attention processors are still those very
+    objects (what the handle's layers wrap or stand in for: layers built around replaced processors would call stale
+    ones)."""
+    if getattr(model, attached_attr, None) is not None:
+        return False
+    if originals is None:
+        return True
     current = model.attn_processors
     return current.keys() == originals.keys() and all(current[name] is originals[name] for name in originals)
 
 
-__all__ = ["processors_unchanged"]
+__all__ = ["can_reattach"]

@@ -130,8 +130,8 @@ def warm_up(
             report.renders.append({"size": [width, height], "batch": batch, "seconds": seconds})
     if identity and getattr(renderer, "identity", None) is not None:
         width, height = shapes[0]
+        largest = max(batches[-1], largest_batch or 0)
         for method in preset.methods:
-            largest = max(batches[-1], largest_batch or 0)
             report.identity.append(_warm_method(renderer, method, width, height, steps, largest=largest))
     report.compile = _counter_delta(before, _dynamo_counters())
     report.seconds = time.perf_counter() - started
@@ -157,7 +157,7 @@ def _request(preset: Any, width: int, height: int, steps: int, seed: int, **extr
 
 def _warm_method(renderer: Any, method: str, width: int, height: int, steps: int, largest: int = 1) -> dict[str, Any]:
     """Load ``method``'s conditioner; render one identity sample when it has ``example_tensors()`` (under a
-    compiling profile also the batches described in the module docstring, the last one ``largest`` samples)."""
+    compiling profile also the batches described in the module docstring, the first one ``largest`` samples)."""
     t0 = time.perf_counter()
     try:
         conditioner = renderer.conditioner(method)

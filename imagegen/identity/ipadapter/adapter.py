@@ -48,7 +48,7 @@ from imagegen.identity.fixed_address import FixedSlots
 from imagegen.identity.ipadapter.keep import KeptProjection, keep_projections
 from imagegen.identity.ipadapter.lora import GATES, FaceIDLoRA, FusedRowLoRA, RowLoRA
 from imagegen.identity.ipadapter.weights import AdapterFiles, IPAdapterWeightsError
-from imagegen.identity.reattach import processors_unchanged
+from imagegen.identity.reattach import can_reattach
 from imagegen.identity.steps import Phase, StepGatedState, per_sample, pick
 from imagegen.pipelines.profiles import compute_step_when_changed
 
@@ -331,18 +331,14 @@ class IPAdapterHandle:
         when the model's processors are no longer the ones they were built around."""
         if self.attached:
             return True
-        if getattr(self.model, ATTACHED_ATTR, None) is not None or not processors_unchanged(
-            self.model, self._processors
-        ):
+        if not can_reattach(self.model, ATTACHED_ATTR, self._processors):
             return False
         self._install()
-        if self.lora is not None:
-            self.lora.hook()
         return True
 
     def _install(self) -> None:
-        """The wrapped processors, the value-scaling hooks, the kept projections and the gate's pre-hook on the model
-        (the LoRA's hooks are the LoRA's own)."""
+        """The wrapped processors, the value-scaling hooks, the kept projections, the LoRA's hooks (after the first
+        attach: :func:`_install_lora` adds them as it builds the LoRA) and the gate's pre-hook on the model."""
         model = self.model
         model.set_attn_processor(dict(self._installed))
         for kept in self.kept:
@@ -350,6 +346,8 @@ class IPAdapterHandle:
         if self._scaled_values:
             GATES[id(model)] = self.gate
             self._value_hooks = [linear.register_forward_hook(hook) for linear, hook in self._scaled_values]
+        if self.lora is not None:
+            self.lora.hook()
         self._call_hook = model.register_forward_pre_hook(self._before_call, with_kwargs=True)
         setattr(model, ATTACHED_ATTR, self)
         self.attached = True

@@ -33,7 +33,6 @@ class KeptProjection:
         self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         #: projections computed (not answered from what was kept): per batch and layer, once per distinct input
         self.computed = 0
-        self.install()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
@@ -59,8 +58,8 @@ class KeptProjection:
 
 
 def keep_projections(processor: nn.Module, model: nn.Module) -> list[KeptProjection]:
-    """:class:`KeptProjection` on every ``to_k_ip`` / ``to_v_ip`` Linear of a diffusers IP processor of ``model``
-    (none when the model's blocks are compiled)."""
+    """:class:`KeptProjection` for every ``to_k_ip`` / ``to_v_ip`` Linear of a diffusers IP processor of ``model``
+    (none when the model's blocks are compiled), to :meth:`~KeptProjection.install` with the processor."""
     if has_compiled_blocks(model):
         return []
     return [

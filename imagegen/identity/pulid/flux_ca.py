@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from imagegen.identity.pulid.encoder import attention
+from imagegen.identity.reattach import can_reattach
 from imagegen.identity.steps import Phase, RowGate, StepGatedState, per_sample, pick
 from imagegen.pipelines.profiles import compute_step_when_changed, step_skipped
 
@@ -225,7 +226,7 @@ class PulidFluxHandle:
         """Hook the same cross-attentions in again after :meth:`detach` (False while another PuLID is attached)."""
         if self.attached:
             return True
-        if getattr(self.transformer, ATTACHED_ATTR, None) is not None:
+        if not can_reattach(self.transformer, ATTACHED_ATTR):  # hooks only: no processor replaced
             return False
         self._install()
         return True

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagegen.identity.fixed_address import FixedSlots
-from imagegen.identity.reattach import processors_unchanged
+from imagegen.identity.reattach import can_reattach
 from imagegen.identity.steps import RowGate, StepGatedState, per_sample, pick
 
 PREFIX = "id_adapter_attn_layers."
@@ -580,7 +580,7 @@ class PulidSDXLHandle:
         are no longer the ones they were built around."""
         if self.attached:
             return True
-        if getattr(self.unet, ATTACHED_ATTR, None) is not None or not processors_unchanged(self.unet, self.originals):
+        if not can_reattach(self.unet, ATTACHED_ATTR, self.originals):
             return False
         self._install()
         return True
