@@ -702,6 +702,7 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                 "build_and_apply_s": round(time.perf_counter() - built, 1),
                 "weights_gib": allocated_gib(device),
             }
+            cache = compile_cache_of(opts, preset, profile, applied, device)
             embeds = prompt_embeds(pipe, family, batch, sequence)
             try:
                 for name in names:
@@ -795,6 +796,8 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                     shown = f"{run.total_s:.2f} s (first call {first.total_s:.1f} s)"
                     print(f"  {family} {label} {name} batch {batch}: {shown}", flush=True)
             finally:
+                if cache is not None:  # what this profile compiled, stored for the next process (--compile-store)
+                    report["families"][family]["profiles"][label]["compile_cache"] = cache.finish().summary()
                 # every reference to this profile's pipeline (the last identity's closures, the applied profile's
                 # compiled blocks) goes before the next one is built: its weights must not count in the next rows'
                 # peak memory (they did: 34.5 GiB allocated after FLUX's fp8 model was applied)
@@ -804,6 +807,24 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     add_ratios(rows)
+
+
+def compile_cache_of(opts: argparse.Namespace, preset, profile, applied, device: torch.device):
+    """With ``--compile-store DIR``, the compile cache a replica of this preset and profile uses
+    (``imagegen.pipelines.compile_cache``), its artifact loaded from DIR before the first call compiles; else None.
+    Run the check twice with an empty ``IMAGEGEN_COMPILE_CACHE_DIR`` each time: the second run's ``first_s`` is a
+    replica's warm-up on a fresh machine (``bash bench/gpu_session.sh compile-cache``)."""
+    if opts.compile_store is None or "compile" not in applied.applied:
+        return None
+    from imagegen.pipelines.compile_cache import PREFIX, CompileCache, fingerprint
+    from imagegen.settings import get_settings
+    from imagegen.storage import open_storage
+
+    objects = open_storage(str(opts.compile_store)).child(PREFIX)
+    cache = CompileCache(objects, fingerprint(preset.name, profile, device), get_settings())
+    report = cache.start()
+    print(f"  compile cache: artifact {report.load}, local directory {report.local_dir}", flush=True)
+    return cache
 
 
 def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -1169,6 +1190,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sdxl-budget-s", type=float, default=None, help="SDXL timings (default 150; alone: all)")
     parser.add_argument("--tests-budget-s", type=float, default=None, help="tests (default: what is left, <= 120)")
     parser.add_argument("--workdir", default=None, help="scratch folder for the random adapter files")
+    parser.add_argument(
+        "--compile-store",
+        type=Path,
+        default=None,
+        help="object store (a directory) of compile artifacts: loaded before a compiling profile's first call, "
+        "stored after its rows (imagegen.pipelines.compile_cache)",
+    )
     opts = parser.parse_args(argv)
     budgets = {"budget_s": 480, "flux_budget_s": 250, "sdxl_budget_s": 150, "tests_budget_s": 120}
     if opts.dry_run:  # every row runs: the point is to go through all the code, however slow this CPU is

@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh wheels   # here, first: the project's deps the GPU machine lacks, as wheels in .whl/
 #   bash bench/gpu_session.sh run      # on the GPU machine (device tool: carry [".whl"], timeout_s 600): the CUDA
 #                                      # graph parity test, then SDXL timings per profile x identity, into $OUT
+#   bash bench/gpu_session.sh compile-cache   # on a GPU machine, a session of its own: a replica's compile warm-up
+#                                      # cold and on a fresh machine with the stored artifacts (compile_cache.py)
 #   bash bench/gpu_session.sh dry      # here: the same two scripts on the tiny models on the CPU (plumbing check)
 #
 # The GPU machine has torch but not diffusers, torchao, pydantic, sqlalchemy ...: `wheels` downloads exactly the
@@ -62,6 +64,22 @@ case "${1:-}" in
       timeout "$left" python3 bench/method_switch.py --device cuda 2>&1 | tee "$out/method_switch.txt" || true
     fi
     ;;
+  compile-cache)
+    # a replica's warm-up on a fresh machine: FLUX `fast` (or $CC_FAMILY / $CC_PROFILE) compiled twice in two processes
+    # with empty local compile directories and one object store; the second loads the first's artifact
+    # (imagegen/pipelines/compile_cache.py). Compare the two runs' `first_s` (the compile warm-up). ~4 minutes.
+    [ -d .whl ] || { echo "no .whl/: run 'bash bench/gpu_session.sh wheels' here first and carry .whl"; exit 2; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    out="${OUT:-out}" && mkdir -p "$out"
+    family="${CC_FAMILY:-flux}" && profile="${CC_PROFILE:-fast}"
+    for arm in cold fresh-machine; do
+      IMAGEGEN_COMPILE_CACHE_DIR="$(mktemp -d)" timeout "${CC_ARM_S:-280}" python3 bench/gpu_check.py \
+        --families "$family" "--$family-profiles" "$profile" --methods plain --batches 1 --skip-tests \
+        --compile-store "$out/compile-store" --out "$out/compile_cache_$arm.json" \
+        --markdown "$out/compile_cache_$arm.md" 2>&1 | tee "$out/compile_cache_$arm.log" || true
+    done
+    ;;
   dry)
     out="${OUT:-/tmp/gpu_session}" && mkdir -p "$out"
     .venv/bin/python -m pytest -q -p no:cacheprovider "$PARITY_TEST"  # here: the compiled blocks without graphs
@@ -70,7 +88,7 @@ case "${1:-}" in
     .venv/bin/python bench/step_ops.py --families sdxl --profiles fast --steps 2
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh wheels|run|dry"
+    echo "usage: bash bench/gpu_session.sh wheels|run|compile-cache|dry"
     exit 2
     ;;
 esac

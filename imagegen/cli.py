@@ -256,6 +256,122 @@ def models_pull(
         console.print(f"{escape(asset_id)}: {state}")
 
 
+@models_app.command("warm-up")
+def models_warm_up(
+    preset: str = typer.Argument(..., help="Preset name (see `imagegen models list`)."),
+    profile: str | None = typer.Option(None, "--profile", help=PROFILE_HELP),
+    size: list[str] = typer.Option(
+        None, "--size", help="WIDTHxHEIGHT to warm up (repeatable; default: the preset's size). As warmup_sizes."
+    ),
+    batch: list[int] = typer.Option(
+        None, "--batch", help="Batch sizes warmed at every size (repeatable; default 1). As warmup_batch_sizes."
+    ),
+    max_batch: int = typer.Option(1, "--max-batch", help="The replicas' max_batch_size (sizes identity buffers)."),
+    steps: int = typer.Option(2, "--steps", help="Denoising steps of each warm-up render. As warmup_steps."),
+    identity: bool = typer.Option(
+        True, "--identity/--no-identity", help="Also load and render with every identity method of the preset."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="The warm-up report as JSON."),
+) -> None:
+    """Warm a preset up as a serving replica does, and store its compiled code for every replica that starts after.
+
+    Under a compiling profile the compiled artifacts go to the object store (IMAGEGEN_STORAGE_URL, else
+    IMAGEGEN_HOME) and the local compile cache (IMAGEGEN_COMPILE_CACHE_DIR): run it once per deployment (e.g. in a
+    release job on the serving GPU type, with the sizes of configs/serve.yaml) and replicas start without compiling.
+    """
+    import json
+
+    from imagegen.pipelines.assets import preflight
+    from imagegen.pipelines.loading import pick_device
+    from imagegen.pipelines.presets import get_preset
+    from imagegen.pipelines.warmup import warm_up
+    from imagegen.settings import get_settings
+
+    chosen = get_preset(preset)
+    sizes = [parse_size(text) for text in size or []]
+    if any(b < 1 for b in batch or []) or max_batch < 1:
+        raise InvalidRequestError("--batch and --max-batch must be at least 1", field="batch")
+    if not 1 <= steps <= 8:
+        raise InvalidRequestError(f"--steps must be between 1 and 8, got {steps}", field="steps")
+    settings = get_settings()
+    if profile is not None:
+        settings = settings.model_copy(update={"profile": profile})
+    check_profile_choice(profile, [chosen.name], device=str(pick_device(settings)))
+    preflight(chosen, list(chosen.methods) if identity else [])
+
+    from imagegen.identity.provider import identity_renderer
+
+    with progress_bar() as bar:
+        task = bar.add_task(f"warming {preset} up", total=None)
+        renderer = identity_renderer(chosen, settings=settings)
+        report = warm_up(renderer, sizes or None, batch or [1], steps=steps, identity=identity, largest_batch=max_batch)
+        bar.update(task, total=1, completed=1, description=f"{preset}: warm")
+    summary = report.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"{escape(preset)} (profile {escape(str(report.profile))}) warm in {report.seconds:.1f} s")
+    for entry in report.renders:
+        console.print(f"  {entry['size'][0]}x{entry['size'][1]}, batch {entry['batch']}: {entry['seconds']} s")
+    for entry in report.identity:
+        console.print(f"  {escape(entry['method'])}: loaded in {entry['load_s']} s")
+    cache = report.compile_cache
+    if cache is None:
+        console.print("compile cache: not used (the profile does not compile)")
+    else:
+        counts = cache["counters"]
+        console.print(
+            f"compile cache: stored artifacts {escape(cache['load'])}; {escape(str(cache['save']))} "
+            f"({escape(cache['artifact'])}); graphs from cache {counts['fx_graph_hits']}, "
+            f"compiled {counts['fx_graph_misses']}; local directory {escape(cache['local_dir'])}"
+        )
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x768"`` -> (1024, 768); anything else is one line naming the option."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or int(width) < 1 or int(height) < 1:
+        raise InvalidRequestError(f"--size must be WIDTHxHEIGHT in pixels (e.g. 1024x1024), got {text!r}", field="size")
+    return int(width), int(height)
+
+
+@models_app.command("compile-cache")
+def models_compile_cache(
+    clear: bool = typer.Option(False, "--clear", help="Delete every stored artifact (the next warm-up compiles)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+) -> None:
+    """The compiled artifacts in the object store: one per preset, profile, torch version and device."""
+    import json
+
+    from imagegen.pipelines.compile_cache import clear_artifacts, stored_artifacts
+    from imagegen.settings import get_settings
+
+    settings = get_settings()
+    if clear:
+        console.print(f"deleted {clear_artifacts(settings)} compile artifact(s)")
+        return
+    rows = stored_artifacts(settings)
+    if as_json:
+        print(json.dumps({"local_dir": str(settings.compile_cache), "artifacts": rows}, indent=2))
+        return
+    table = Table(title=f"compile artifacts (local directory {settings.compile_cache})")
+    for column in ("artifact", "preset", "profile", "torch", "device", "MB", "written by"):
+        table.add_column(column)
+    for row in rows:
+        found = row.get("fingerprint") or {}
+        cells = (
+            row["key"],
+            found.get("preset", "-"),
+            (found.get("profile") or {}).get("name", "-"),
+            found.get("torch", "-"),
+            found.get("device", row.get("unusable", "-")),
+            f"{row['bytes'] / 1e6:.1f}",
+            row.get("host") or "-",
+        )
+        table.add_row(*(escape(str(c)) for c in cells))
+    console.print(table)
+
+
 @app.command()
 def render(
     prompt: str = typer.Option(..., "--prompt", "-p", help="What to render."),

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     assets_config: Path | None = None
     #: model cache; defaults to IMAGEGEN_HOME/models (tests share one across isolated homes)
     model_cache_dir: Path | None = None
+    #: compiled code of compiling profiles (inductor's cache directory); defaults to IMAGEGEN_HOME/compile-cache
+    #: (``imagegen.pipelines.compile_cache``; an explicit TORCHINDUCTOR_CACHE_DIR wins)
+    compile_cache_dir: Path | None = None
     #: "auto" picks CUDA when available, else CPU; "cpu" / "cuda" / "cuda:1" force one.
     device: str = "auto"
     #: optimisation profile of every renderer this process loads (None: each preset's own; see models.yaml)
@@ -73,6 +76,10 @@ class Settings(BaseSettings):
     @property
     def model_cache(self) -> Path:
         return self.model_cache_dir or self.home / "models"
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.compile_cache_dir or self.home / "compile-cache"
 
     @property
     def blob_root(self) -> Path:

@@ -1,7 +1,8 @@
 """Shared fixtures: every test runs against a throw-away IMAGEGEN_HOME.
 
 The tiny model repos are built once per test session into a shared model cache (building them
-is deterministic, so sharing changes nothing but time); everything else a test writes
+is deterministic, so sharing changes nothing but time), and compiled code goes to one shared
+compile cache; everything else a test writes
 (registry, blobs, outputs) goes to its own temporary directory. The session allows characters
 whose apparent age is unverified (the development setting the demo uses too).
 """
@@ -45,10 +46,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def _session_home(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("imagegen-home")
     saved = {
-        k: os.environ.get(k) for k in ("IMAGEGEN_HOME", "IMAGEGEN_MODEL_CACHE_DIR", "IMAGEGEN_ALLOW_UNVERIFIED_AGE")
+        k: os.environ.get(k)
+        for k in (
+            "IMAGEGEN_HOME",
+            "IMAGEGEN_MODEL_CACHE_DIR",
+            "IMAGEGEN_COMPILE_CACHE_DIR",
+            "IMAGEGEN_ALLOW_UNVERIFIED_AGE",
+        )
     }
     os.environ["IMAGEGEN_HOME"] = str(home)
     os.environ["IMAGEGEN_MODEL_CACHE_DIR"] = str(home / "models")
+    # compiled code is shared across the tests' isolated homes like the models (torch's own keys decide every hit)
+    os.environ["IMAGEGEN_COMPILE_CACHE_DIR"] = str(home / "compile-cache")
     # development only, like the demo: no age estimator can be installed on these machines, so the
     # test characters are `age_check: unverified` (tests of the strict policy turn it off)
     os.environ["IMAGEGEN_ALLOW_UNVERIFIED_AGE"] = "1"

@@ -24,6 +24,7 @@ from PIL import Image
 from imagegen.errors import BadOutputError, InvalidRequestError
 from imagegen.pipelines import flux, sdxl
 from imagegen.pipelines.cancel import CallCancelled, Cancelled, CancelWatch, denoise_active_rows
+from imagegen.pipelines.compile_cache import CompileCache
 from imagegen.pipelines.conditioning import BatchConditioning, Conditioner, IdentityProvider, IdentitySample, Tensors
 from imagegen.pipelines.loading import load_optimised_pipeline, pick_device, pick_dtype
 from imagegen.pipelines.presets import Preset, get_preset
@@ -115,6 +116,13 @@ class Renderer:
             self.preset, self.device, self.dtype, self.settings, self.profile
         )
         self.load_seconds = time.perf_counter() - started
+        #: compiled code kept between processes (None under a profile that does not compile): its local directory is
+        #: set and its stored artifacts are loaded now, before the first call compiles (``torch.compile`` is lazy);
+        #: warm-up stores them (``imagegen.pipelines.compile_cache``)
+        self.compile_cache: CompileCache | None = None
+        if "compile" in self.applied_profile.applied:
+            self.compile_cache = CompileCache.for_renderer(self.settings, self.preset.name, self.profile, self.device)
+            self.compile_cache.start()
         self.prompt_cache = PromptCache(self.settings.prompt_cache_size)
         # a diffusers pipeline holds per-call state (scheduler timesteps): one call at a time
         self._lock = threading.Lock()

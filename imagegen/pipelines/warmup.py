@@ -21,9 +21,11 @@ What it does, on the calling thread (the replica's render thread):
    renderer will be given (a replica's ``max_batch_size``), which sizes the buffers that keep identity
    values at fixed addresses for CUDA graphs (``imagegen.identity.fixed_address``) once, before any
    graph reads them;
-3. returns a :class:`WarmupReport`: seconds per step of the above, and the ``torch._dynamo``
+3. under a compiling profile, stores what it compiled for the next replica when it was new
+   (``imagegen.pipelines.compile_cache``: a replica that finds it compiles from cache);
+4. returns a :class:`WarmupReport`: seconds per step of the above, the ``torch._dynamo``
    counters that moved (graphs compiled, recompiles, graph breaks) so a profile that recompiles per
-   batch composition shows up at start rather than in production latency.
+   batch composition shows up at start rather than in production latency, and what the compile caches did.
 
 A size the preset cannot render is a :class:`WarmupError` naming the setting, not a crash later.
 """
@@ -67,6 +69,9 @@ class WarmupReport:
     compile: dict[str, dict[str, int]] = field(default_factory=dict)
     #: the renderer's optimisation profile name (None before renderers had profiles)
     profile: str | None = None
+    #: what the compile caches did (``CompileCacheReport.summary()``: loaded / saved, hits and misses); None when the
+    #: profile does not compile
+    compile_cache: dict[str, Any] | None = None
 
     @property
     def shapes(self) -> list[tuple[int, int, int]]:
@@ -134,6 +139,10 @@ def warm_up(
         for method in preset.methods:
             report.identity.append(_warm_method(renderer, method, width, height, steps, largest=largest))
     report.compile = _counter_delta(before, _dynamo_counters())
+    cache = getattr(renderer, "compile_cache", None)
+    if cache is not None:
+        # everything the configured shapes compile is compiled now: store it for the next replica (when new)
+        report.compile_cache = cache.finish().summary()
     report.seconds = time.perf_counter() - started
     log.info(
         "warmed up %s (profile %s) in %.2fs: shapes %s, identity methods %s%s",
@@ -144,6 +153,13 @@ def warm_up(
         [m["method"] for m in report.identity],
         f", compile counters {report.compile}" if report.compile else "",
     )
+    if report.compile_cache is not None:
+        log.info(
+            "compile cache: artifacts %s, %s; hits/misses %s",
+            report.compile_cache["load"],
+            report.compile_cache["save"],
+            report.compile_cache["counters"],
+        )
     return report
 
 

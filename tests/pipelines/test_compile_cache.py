@@ -1,0 +1,171 @@
+"""Compiled code kept between processes (``imagegen.pipelines.compile_cache``): a replica that starts on a fresh
+machine finds what the first one compiled in the object store, a bad stored object never stops a replica, and nothing
+in one can be written outside the compile cache's directory.
+
+The two-process test runs the user's own commands (``imagegen models warm-up``, ``imagegen models compile-cache``):
+one process compiles tiny-sdxl under ``fast`` and stores it; a second, with an empty local directory and the same
+object store, must compile nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from imagegen.pipelines import compile_cache
+from imagegen.pipelines.compile_cache import (
+    KERNEL_NAME,
+    UnusableArtifact,
+    artifact_key,
+    fingerprint,
+    pack,
+    unpack,
+    use_local_dir,
+)
+from imagegen.pipelines.presets import get_preset
+from imagegen.pipelines.profiles import profile_for
+from imagegen.pipelines.renderer import Renderer
+from imagegen.pipelines.warmup import warm_up
+from imagegen.settings import Settings, get_settings
+from imagegen.storage import open_storage
+from tests.test_cli import run_cli
+
+KERNEL = "ab/c" + "k" * 51 + ".main.so"
+
+
+def warm_up_cli(home, store, local_dir) -> dict:
+    proc = run_cli(
+        "models",
+        "warm-up",
+        "tiny-sdxl",
+        "--profile",
+        "fast",
+        "--no-identity",
+        "--json",
+        env={
+            "IMAGEGEN_HOME": str(home),
+            "IMAGEGEN_STORAGE_URL": str(store),
+            "IMAGEGEN_COMPILE_CACHE_DIR": str(local_dir),
+        },
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_a_replica_on_a_fresh_machine_compiles_nothing_the_first_one_stored(tmp_path):
+    store = tmp_path / "bucket"
+    first = warm_up_cli(tmp_path / "home-1", store, tmp_path / "machine-1")
+    cache = first["compile_cache"]
+    assert cache["load"] == "absent" and cache["save"] == "saved"
+    assert cache["counters"]["fx_graph_misses"] >= 1 and cache["local_dir"] == str(tmp_path / "machine-1")
+
+    second = warm_up_cli(tmp_path / "home-2", store, tmp_path / "machine-2")["compile_cache"]
+    assert second["load"] == "loaded" and second["artifact"] == cache["artifact"]
+    assert second["counters"]["fx_graph_misses"] == 0 and second["counters"]["aot_misses"] == 0
+    assert second["counters"]["fx_graph_hits"] >= 1
+    # the C++ kernels came with the artifact: the second machine built none of them
+    assert second["kernels_restored"] >= 1
+    assert second["save"] == "kept: nothing new compiled"
+    assert list((tmp_path / "machine-2").glob("*/c*.so"))
+
+    env = {"IMAGEGEN_HOME": str(tmp_path / "home-2"), "IMAGEGEN_STORAGE_URL": str(store)}
+    listed = json.loads(run_cli("models", "compile-cache", "--json", env=env).stdout)["artifacts"]
+    assert [row["key"] for row in listed] == [cache["artifact"]]
+    assert listed[0]["fingerprint"]["preset"] == "tiny-sdxl" and listed[0]["fingerprint"]["profile"]["name"] == "fast"
+    cleared = run_cli("models", "compile-cache", "--clear", env=env)
+    assert cleared.returncode == 0 and "deleted 1 compile artifact" in cleared.stdout
+    assert json.loads(run_cli("models", "compile-cache", "--json", env=env).stdout)["artifacts"] == []
+
+
+def test_a_bad_stored_artifact_is_reported_and_replaced_and_the_replica_still_warms(isolated_home):
+    settings = get_settings()
+    preset = get_preset("tiny-sdxl")
+    key = artifact_key(fingerprint(preset.name, profile_for(preset, "fast"), torch.device("cpu")))
+    objects = open_storage(settings.storage_root).child(compile_cache.PREFIX)
+    objects.put(key, b"PK\x03\x04 not what a replica stored")
+
+    renderer = Renderer(preset, device="cpu", profile="fast")
+    assert renderer.compile_cache.report.load == "unusable: not an imagegen compile-cache object"
+    report = warm_up(renderer, identity=False)
+    assert report.compile_cache["save"] == "saved"
+    header, payload, kernels = unpack(objects.get(key))  # a whole, checked object again
+    assert header["fingerprint"]["preset"] == "tiny-sdxl" and payload
+    assert all(KERNEL_NAME.fullmatch(name) for name in kernels)
+
+
+def test_an_eager_profile_uses_no_compile_cache(isolated_home):
+    renderer = Renderer("tiny-flux", device="cpu", profile="quality")
+    assert renderer.compile_cache is None
+    assert warm_up(renderer, identity=False).compile_cache is None
+    assert not (isolated_home / "compile-cache").exists()
+
+
+def test_stored_objects_are_checked_part_by_part():
+    print_ = {"preset": "p", "profile": {"name": "fast"}}
+    data = pack(b"torch artifacts", {KERNEL: b"\x7fELF kernel"}, print_)
+    header, payload, kernels = unpack(data)
+    assert payload == b"torch artifacts" and kernels == {KERNEL: b"\x7fELF kernel"}
+    assert header["fingerprint"] == print_
+
+    flipped = bytearray(data)
+    flipped[-3] ^= 1
+    with pytest.raises(UnusableArtifact, match="part 'ab/c.*' does not match"):
+        unpack(bytes(flipped))
+    with pytest.raises(UnusableArtifact, match="do not add up"):
+        unpack(data + b"more")
+    with pytest.raises(UnusableArtifact, match="does not match"):
+        unpack(data[:-1])
+    with pytest.raises(UnusableArtifact, match="not an imagegen"):
+        unpack(b"\x80\x04 a pickle")
+
+
+@pytest.mark.parametrize(
+    "name", ["../../../home/x.so", "ab/../../x.so", "ab/cabc.so", "ab/ckkkkkkkkkkkkkkkkkkkkkkk.py"]
+)
+def test_a_stored_object_cannot_write_outside_the_cache_directory(tmp_path, monkeypatch, name):
+    """An object naming a file outside inductor's kernel layout is refused whole: nothing is loaded or written."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("IMAGEGEN_HOME", str(home))
+    monkeypatch.setenv("IMAGEGEN_COMPILE_CACHE_DIR", str(tmp_path / "cache" / "inductor"))
+    settings = Settings()
+    print_ = {"preset": "tiny-flux", "profile": {"name": "fast"}}
+    objects = open_storage(settings.storage_root).child(compile_cache.PREFIX)
+    cache = compile_cache.CompileCache(objects, print_, settings)
+    objects.put(cache.key, pack(b"torch artifacts", {name: b"payload"}, print_))
+    try:
+        report = cache.start()
+    finally:
+        monkeypatch.setattr(compile_cache, "_dir_set_here", None)
+    assert report.load.startswith("unusable: it names a kernel") and report.kernels_restored == 0
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "compile-cache" not in p.parts]
+    assert written == []
+
+
+def test_the_operators_inductor_directory_wins(tmp_path, monkeypatch):
+    settings = Settings(home=tmp_path / "home", compile_cache_dir=tmp_path / "ours")
+    monkeypatch.setattr(compile_cache, "_dir_set_here", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator"))
+    assert use_local_dir(settings) == (str(tmp_path / "operator"), "TORCHINDUCTOR_CACHE_DIR")
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch writes back once it looked
+    assert use_local_dir(settings) == (str(tmp_path / "ours"), "IMAGEGEN_COMPILE_CACHE_DIR")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(tmp_path / "ours")
+    monkeypatch.setattr(compile_cache, "_dir_set_here", None)
+
+
+def test_the_artifact_key_follows_the_profile_options_and_the_device():
+    preset = get_preset("tiny-sdxl")
+    fast = profile_for(preset, "fast")
+    key = artifact_key(fingerprint(preset.name, fast, torch.device("cpu")))
+    assert key.startswith("tiny-sdxl-fast-") and key.endswith(".bin")
+    assert key == artifact_key(fingerprint(preset.name, fast, torch.device("cpu")))
+    retuned = fast.model_copy(update={"channels_last": not fast.channels_last})
+    assert artifact_key(fingerprint(preset.name, retuned, torch.device("cpu"))) != key
+    assert artifact_key(fingerprint("tiny-flux", fast, torch.device("cpu"))) != key
+    assert artifact_key(fingerprint(preset.name, fast, torch.device("meta"))) != key
