@@ -10,6 +10,8 @@ object store, must compile nothing.
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch
 from imagegen.pipelines import compile_cache
 from imagegen.pipelines.compile_cache import (
     KERNEL_NAME,
+    CompileCache,
     UnusableArtifact,
     artifact_key,
     fingerprint,
@@ -169,3 +172,55 @@ def test_the_artifact_key_follows_the_profile_options_and_the_device():
     assert artifact_key(fingerprint(preset.name, retuned, torch.device("cpu"))) != key
     assert artifact_key(fingerprint("tiny-flux", fast, torch.device("cpu"))) != key
     assert artifact_key(fingerprint(preset.name, fast, torch.device("meta"))) != key
+
+
+@pytest.fixture
+def own_inductor_dir(monkeypatch):
+    """The process's inductor directory and this module's record of it are put back after the test."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", current)
+    monkeypatch.setattr(compile_cache, "_dir_set_here", compile_cache._dir_set_here)
+
+
+def node_settings(root, storage_url: str) -> Settings:
+    return Settings(home=root / "home", storage_url=storage_url, compile_cache_dir=root / "inductor")
+
+
+def test_artifacts_in_a_bucket_reach_a_node_with_an_empty_directory(s3_bucket, tmp_path, own_inductor_dir):
+    preset = get_preset("tiny-flux")
+    profile, cpu = profile_for(preset, "fast"), torch.device("cpu")
+    on_a = CompileCache.for_renderer(node_settings(tmp_path / "a", s3_bucket.url), preset.name, profile, cpu)
+    assert on_a.start().load == "absent"
+    compiled = torch.compile(lambda x: torch.relu(x.sin() * 3.0 + x.cos()))
+    compiled(torch.randn(17, 5))  # a graph of this process, compiled into node a's directory
+    saved = on_a.finish()
+    assert saved.save == "saved" and saved.counters["fx_graph_misses"] >= 1
+    assert [key.rsplit("/", 1)[-1] for key in s3_bucket.keys()] == [on_a.key]
+
+    on_b = CompileCache.for_renderer(node_settings(tmp_path / "b", s3_bucket.url), preset.name, profile, cpu)
+    loaded = on_b.start()
+    assert loaded.load == "loaded" and loaded.kernels_restored >= 1
+    assert sorted(p.name for p in (tmp_path / "b" / "inductor").glob("*/c*.so")) == sorted(
+        p.name for p in (tmp_path / "a" / "inductor").glob("*/c*.so")
+    )
+
+
+def test_an_unreachable_store_neither_stops_nor_fails_a_replica(tmp_path, monkeypatch, own_inductor_dir):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    preset = get_preset("tiny-flux")
+    settings = node_settings(tmp_path, "s3://compile-bucket/prod")
+    cache = CompileCache.for_renderer(settings, preset.name, profile_for(preset, "fast"), torch.device("cpu"))
+    assert cache.start().load.startswith("unavailable: ")
+    torch.compile(lambda x: x.tanh() + 2.0)(torch.randn(3, 11))
+    assert cache.finish().save.startswith("failed: ")
