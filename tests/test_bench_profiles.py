@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.append(str(BENCH))  # after the installed packages: bench modules shadow nothing
@@ -16,7 +17,7 @@ import gpu_check  # noqa: E402
 from profile_bench import add_ratios, parse_profiles  # noqa: E402
 
 from imagegen.pipelines.presets import get_preset  # noqa: E402
-from imagegen.pipelines.profiles import ProfileError  # noqa: E402
+from imagegen.pipelines.profiles import ProfileError, check_profile  # noqa: E402
 
 
 def test_profile_choices_put_eager_first_and_know_the_no_step_cache_variant():
@@ -58,7 +59,11 @@ def test_gpu_check_graphs_and_cpp_variants_change_only_how_the_blocks_compile():
     assert eager.compile is not None and eager.compile.mode == "reduce-overhead"
     cpp = gpu_check.resolve_profile(get_preset("sdxl-base"), "fast:cpp", keep_step_cache=False)
     assert cpp.compile.options == {"cpp_wrapper": True} and cpp.compile.mode is None and cpp.compile.fullgraph
-    with pytest.raises(ProfileError, match="no-step-cache, graphs or cpp"):
+    cudnn = gpu_check.resolve_profile(get_preset("flux-dev"), "fast:cudnn", keep_step_cache=False)
+    assert cudnn.attention_backend == "_native_cudnn" and cudnn.compile == fast.compile
+    with pytest.raises(ProfileError, match="needs a GPU"):  # refused on a CPU at load, as a profile's option is
+        check_profile(cudnn, "flux", torch.device("cpu"))
+    with pytest.raises(ProfileError, match="no-step-cache, graphs, cpp or cudnn"):
         gpu_check.resolve_profile(get_preset("sdxl-base"), "fast:cudagraphs", keep_step_cache=False)
 
 
