@@ -224,3 +224,18 @@ def test_an_unreachable_store_neither_stops_nor_fails_a_replica(tmp_path, monkey
     assert cache.start().load.startswith("unavailable: ")
     torch.compile(lambda x: x.tanh() + 2.0)(torch.randn(3, 11))
     assert cache.finish().save.startswith("failed: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "64x"], "error (size): --size must be WIDTHxHEIGHT in pixels (e.g. 1024x1024), got '64x'"),
+        (["--steps", "9"], "error (steps): --steps must be between 1 and 8, got 9"),
+    ],
+)
+def test_a_bad_warm_up_option_is_one_line_and_loads_nothing(tmp_path, args, message):
+    home = tmp_path / "home"
+    proc = run_cli("models", "warm-up", "tiny-sdxl", "--profile", "fast", *args, env={"IMAGEGEN_HOME": str(home)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == message
+    assert not home.exists()
