@@ -184,3 +184,12 @@ def test_method_switch_times_the_first_attach_and_the_switches_back_of_every_sdx
     for row in rows.values():
         assert row["attach_s"] > 0 and row["detach_ms"] > 0 and row["reattach_ms"] > 0 and row["params"] > 0
     assert all(rows[m]["file_mb"] is not None for m in method_switch.IP_METHODS)
+
+
+def test_gpu_check_splits_a_first_call_s_compile_into_phases():
+    before = gpu_check.compile_phase_seconds()
+    torch.compile(lambda x: torch.relu(x.cos() * 5.0 - x))(torch.randn(6, 13))
+    phases = {k: v - before[k] for k, v in gpu_check.compile_phase_seconds().items()}
+    assert set(phases) == set(gpu_check.COMPILE_PHASES.values())
+    assert phases["dynamo_total"] > 0 and 0 < phases["tracing"] < phases["dynamo_total"]
+    assert 0 < phases["backend"] <= phases["dynamo_total"]
