@@ -643,7 +643,13 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
     and each identity method attached by imagegen's code; a 1-step first call (compile warm-up under a compiling
     profile, reported apart) and ``--repeats`` timed calls of all steps + VAE decode."""
     from imagegen.pipelines.presets import get_preset
-    from imagegen.pipelines.profiles import ProfileError, apply_profile, compile_counters, cuda_graphs_recorded
+    from imagegen.pipelines.profiles import (
+        ProfileError,
+        apply_profile,
+        compile_counters,
+        compile_phase_seconds,
+        cuda_graphs_recorded,
+    )
     from imagegen.pipelines.types import RenderRequest
 
     device, tiny = torch.device(opts.device), opts.tiny
@@ -793,7 +799,7 @@ def time_family(family: str, opts: argparse.Namespace, clock: Clock, report: dic
                             "stamps_beside": None if beside is None else beside[1],
                             "x_beside_stamps": None if beside is None else round(beside[0].total_s / run.total_s, 3),
                             "first_compile": {k: v for k, v in counter_delta(before, middle).items() if v},
-                            # where the first call's compile went (seconds per phase: COMPILE_PHASES)
+                            # where the first call's compile went (seconds per phase: profiles.COMPILE_PHASES)
                             "first_compile_phases": {k: round(v, 2) for k, v in phases.items() if v >= 0.005},
                             "steady_compile": {k: v for k, v in counter_delta(middle, after).items() if v},
                             # CUDA graphs recorded by the first call and by the timed calls (which should record none:
@@ -836,33 +842,6 @@ def compile_cache_of(opts: argparse.Namespace, preset, profile, applied, device:
     report = cache.start()
     print(f"  compile cache: artifact {report.load}, local directory {report.local_dir}", flush=True)
     return cache
-
-
-#: torch.compile's phases worth reporting (``torch._dynamo.utils.compile_times``, seconds summed over every compile):
-#: the whole of dynamo's compile, its bytecode tracing, the backend (AOT autograd + inductor) and within it inductor's
-#: code generation, the wait for kernels compiled in worker processes (Triton / C++), loading compiled modules, the
-#: loads of cache hits, and guards
-COMPILE_PHASES = {
-    "_compile.compile_inner": "dynamo_total",
-    "bytecode_tracing": "tracing",
-    "OutputGraph.call_user_compiler": "backend",
-    "compile_fx_inner": "inductor",
-    "GraphLowering.codegen": "codegen",
-    "async_compile.wait": "kernel_compile_wait",
-    "PyCodeCache.load_by_key_path": "module_load",
-    "AOTAutogradCache.inductor_load": "cache_load",
-    "build_guards": "guards",
-}
-
-
-def compile_phase_seconds() -> dict[str, float]:
-    """Seconds spent so far in each of :data:`COMPILE_PHASES` (take two readings and subtract): FLUX ``fastest``'s
-    first call took 336 s on an H200, and this says whether tracing, inductor or kernel compiles took it."""
-    from torch._dynamo.utils import compile_times
-
-    names, values = compile_times(repr="csv", aggregate=True)
-    seconds = dict(zip(names, values, strict=False))
-    return {label: float(seconds.get(name, 0.0)) for name, label in COMPILE_PHASES.items()}
 
 
 def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -17,7 +17,7 @@ import gpu_check  # noqa: E402
 from profile_bench import add_ratios, parse_profiles  # noqa: E402
 
 from imagegen.pipelines.presets import get_preset  # noqa: E402
-from imagegen.pipelines.profiles import ProfileError, check_profile  # noqa: E402
+from imagegen.pipelines.profiles import COMPILE_PHASES, ProfileError, check_profile, compile_phase_seconds  # noqa: E402
 
 
 def test_profile_choices_put_eager_first_and_know_the_no_step_cache_variant():
@@ -187,9 +187,9 @@ def test_method_switch_times_the_first_attach_and_the_switches_back_of_every_sdx
 
 
 def test_gpu_check_splits_a_first_call_s_compile_into_phases():
-    before = gpu_check.compile_phase_seconds()
+    before = compile_phase_seconds()
     torch.compile(lambda x: torch.relu(x.cos() * 5.0 - x))(torch.randn(6, 13))
-    phases = {k: v - before[k] for k, v in gpu_check.compile_phase_seconds().items()}
-    assert set(phases) == set(gpu_check.COMPILE_PHASES.values())
+    phases = {k: v - before[k] for k, v in compile_phase_seconds().items()}
+    assert set(phases) == set(COMPILE_PHASES.values())
     assert phases["dynamo_total"] > 0 and 0 < phases["tracing"] < phases["dynamo_total"]
     assert 0 < phases["backend"] <= phases["dynamo_total"]

@@ -589,3 +589,35 @@ def compile_counters() -> dict[str, int]:
         "unique_graphs": int(counters["stats"]["unique_graphs"]),
         "recompile_limit_hits": int(limit_hits),
     }
+
+
+#: torch.compile's phases worth reporting (``torch._dynamo.utils.compile_times``, seconds summed over every compile):
+#: the whole of dynamo's compile, its bytecode tracing, the backend (AOT autograd + inductor) and within it inductor's
+#: code generation, the wait for kernels compiled in worker processes (Triton / C++), loading compiled modules, the
+#: loads of cache hits, and guards
+COMPILE_PHASES = {
+    "_compile.compile_inner": "dynamo_total",
+    "bytecode_tracing": "tracing",
+    "OutputGraph.call_user_compiler": "backend",
+    "compile_fx_inner": "inductor",
+    "GraphLowering.codegen": "codegen",
+    "async_compile.wait": "kernel_compile_wait",
+    "PyCodeCache.load_by_key_path": "module_load",
+    "AOTAutogradCache.inductor_load": "cache_load",
+    "build_guards": "guards",
+}
+
+
+def compile_phase_seconds() -> dict[str, float]:
+    """Seconds spent so far in each of :data:`COMPILE_PHASES` (take two readings and subtract): a replica's warm-up
+    reports them, and so does ``bench/gpu_check.py`` per row (FLUX ``fastest``'s first call took 336 s on an H200:
+    tracing, inductor or kernel compiles?). Zeros when dynamo was never imported."""
+    import sys
+
+    if "torch._dynamo.utils" not in sys.modules:
+        return dict.fromkeys(COMPILE_PHASES.values(), 0.0)
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    seconds = dict(zip(names, values, strict=False))
+    return {label: float(seconds.get(name, 0.0)) for name, label in COMPILE_PHASES.items()}

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from imagegen.errors import ImagegenError
+from imagegen.pipelines.profiles import compile_phase_seconds
 from imagegen.pipelines.types import RenderRequest
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class WarmupReport:
     compile: dict[str, dict[str, int]] = field(default_factory=dict)
     #: the renderer's optimisation profile name (None before renderers had profiles)
     profile: str | None = None
+    #: seconds of the warm-up's compiles per phase (``profiles.COMPILE_PHASES``: tracing, backend, kernel compiles,
+    #: cache loads ...); empty when eager
+    compile_phases: dict[str, float] = field(default_factory=dict)
     #: what the compile caches did (``CompileCacheReport.summary()``: loaded / saved, hits and misses); None when the
     #: profile does not compile
     compile_cache: dict[str, Any] | None = None
@@ -118,7 +122,7 @@ def warm_up(
     batches = sorted({int(b) for b in batch_sizes}) or [1]
     if batches[0] < 1:
         raise WarmupError(f"warm-up batch sizes must be at least 1, got {batches}")
-    before = _dynamo_counters()
+    before, phases_before = _dynamo_counters(), compile_phase_seconds()
     report = WarmupReport(profile=profile_name(renderer))
     for width, height in shapes:
         for batch in batches:
@@ -139,6 +143,12 @@ def warm_up(
         for method in preset.methods:
             report.identity.append(_warm_method(renderer, method, width, height, steps, largest=largest))
     report.compile = _counter_delta(before, _dynamo_counters())
+    phases = compile_phase_seconds()
+    report.compile_phases = {
+        name: round(seconds - phases_before[name], 3)
+        for name, seconds in phases.items()
+        if seconds - phases_before[name] >= 0.001
+    }
     cache = getattr(renderer, "compile_cache", None)
     if cache is not None:
         # everything the configured shapes compile is compiled now: store it for the next replica (when new)
@@ -155,10 +165,11 @@ def warm_up(
     )
     if report.compile_cache is not None:
         log.info(
-            "compile cache: artifacts %s, %s; hits/misses %s",
+            "compile cache: artifacts %s, %s; hits/misses %s; compile phases (s) %s",
             report.compile_cache["load"],
             report.compile_cache["save"],
             report.compile_cache["counters"],
+            report.compile_phases,
         )
     return report
 

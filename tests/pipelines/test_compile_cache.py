@@ -93,6 +93,8 @@ def test_a_bad_stored_artifact_is_reported_and_replaced_and_the_replica_still_wa
     assert renderer.compile_cache.report.load == "unusable: not an imagegen compile-cache object"
     report = warm_up(renderer, identity=False)
     assert report.compile_cache["save"] == "saved"
+    # where the warm-up's compile went, for /readyz: dynamo's tracing at least (it runs even on a cache hit)
+    assert report.compile_phases["dynamo_total"] >= report.compile_phases["tracing"] > 0
     header, payload, kernels = unpack(objects.get(key))  # a whole, checked object again
     assert header["fingerprint"]["preset"] == "tiny-sdxl" and payload
     assert all(KERNEL_NAME.fullmatch(name) for name in kernels)
@@ -101,7 +103,8 @@ def test_a_bad_stored_artifact_is_reported_and_replaced_and_the_replica_still_wa
 def test_an_eager_profile_uses_no_compile_cache(isolated_home):
     renderer = Renderer("tiny-flux", device="cpu", profile="quality")
     assert renderer.compile_cache is None
-    assert warm_up(renderer, identity=False).compile_cache is None
+    report = warm_up(renderer, identity=False)
+    assert report.compile_cache is None and report.compile_phases == {}
     assert not (isolated_home / "compile-cache").exists()
 
 
