@@ -340,7 +340,10 @@ def models_compile_cache(
     clear: bool = typer.Option(False, "--clear", help="Delete every stored artifact (the next warm-up compiles)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
 ) -> None:
-    """The compiled artifacts in the object store: one per preset, profile, torch version and device."""
+    """The compiled artifacts in the object store: one per preset, profile, torch version and device.
+
+    The local compile directory (IMAGEGEN_COMPILE_CACHE_DIR) is a cache too: delete it whenever no renderer runs on
+    this machine; the next warm-up loads the stored artifact into it."""
     import json
 
     from imagegen.pipelines.compile_cache import clear_artifacts, stored_artifacts
@@ -351,10 +354,12 @@ def models_compile_cache(
         console.print(f"deleted {clear_artifacts(settings)} compile artifact(s)")
         return
     rows = stored_artifacts(settings)
+    local = settings.compile_cache
+    local_bytes = sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) if local.is_dir() else 0
     if as_json:
-        print(json.dumps({"local_dir": str(settings.compile_cache), "artifacts": rows}, indent=2))
+        print(json.dumps({"local_dir": str(local), "local_dir_bytes": local_bytes, "artifacts": rows}, indent=2))
         return
-    table = Table(title=f"compile artifacts (local directory {settings.compile_cache})")
+    table = Table(title=f"compile artifacts (local directory {local}: {local_bytes / 1e6:.1f} MB)")
     for column in ("artifact", "preset", "profile", "torch", "device", "MB", "written by"):
         table.add_column(column)
     for row in rows:

@@ -65,8 +65,9 @@ CACHE_COUNTERS = {
     ("aot_autograd", "autograd_cache_bypass"): "aot_bypasses",
 }
 
-#: the directory this module last pointed ``TORCHINDUCTOR_CACHE_DIR`` at (so a later renderer may point it elsewhere)
-_dir_set_here: str | None = None
+#: set beside ``TORCHINDUCTOR_CACHE_DIR`` when imagegen chose that directory: a child process (a CLI run, a worker)
+#: inherits both, and may then point inductor at its own settings' directory instead of taking it for the operator's
+CHOSEN_HERE = "IMAGEGEN_INDUCTOR_DIR_CHOSEN"
 
 
 def use_local_dir(settings: Settings) -> tuple[str, str]:
@@ -74,19 +75,17 @@ def use_local_dir(settings: Settings) -> tuple[str, str]:
 
     Returns ``(directory, who chose it)``: ``"IMAGEGEN_COMPILE_CACHE_DIR"`` (or the home's default) or
     ``"TORCHINDUCTOR_CACHE_DIR"``. torch writes its own default back into the variable the first time it reads it, so
-    that value, like one set here, is not taken for the operator's.
+    that value, like one imagegen set (:data:`CHOSEN_HERE`, in this process or a parent), is not the operator's.
     """
-    global _dir_set_here
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    ours = {_dir_set_here, os.path.abspath(default_cache_dir())}
+    ours = {os.environ.get(CHOSEN_HERE), os.path.abspath(default_cache_dir())}
     if current is not None and os.path.abspath(current) not in ours:
         return current, "TORCHINDUCTOR_CACHE_DIR"
     wanted = str(settings.compile_cache.expanduser().resolve())
     os.makedirs(wanted, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = wanted
-    _dir_set_here = wanted
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ[CHOSEN_HERE] = wanted
     return wanted, "IMAGEGEN_COMPILE_CACHE_DIR"
 
 

@@ -73,8 +73,14 @@ def test_a_replica_on_a_fresh_machine_compiles_nothing_the_first_one_stored(tmp_
     assert second["save"] == "kept: nothing new compiled"
     assert list((tmp_path / "machine-2").glob("*/c*.so"))
 
-    env = {"IMAGEGEN_HOME": str(tmp_path / "home-2"), "IMAGEGEN_STORAGE_URL": str(store)}
-    listed = json.loads(run_cli("models", "compile-cache", "--json", env=env).stdout)["artifacts"]
+    env = {
+        "IMAGEGEN_HOME": str(tmp_path / "home-2"),
+        "IMAGEGEN_STORAGE_URL": str(store),
+        "IMAGEGEN_COMPILE_CACHE_DIR": str(tmp_path / "machine-2"),
+    }
+    shown = json.loads(run_cli("models", "compile-cache", "--json", env=env).stdout)
+    assert shown["local_dir"] == str(tmp_path / "machine-2") and shown["local_dir_bytes"] > 0
+    listed = shown["artifacts"]
     assert [row["key"] for row in listed] == [cache["artifact"]]
     assert listed[0]["fingerprint"]["preset"] == "tiny-sdxl" and listed[0]["fingerprint"]["profile"]["name"] == "fast"
     cleared = run_cli("models", "compile-cache", "--clear", env=env)
@@ -130,7 +136,7 @@ def test_stored_objects_are_checked_part_by_part():
 @pytest.mark.parametrize(
     "name", ["../../../home/x.so", "ab/../../x.so", "ab/cabc.so", "ab/ckkkkkkkkkkkkkkkkkkkkkkk.py"]
 )
-def test_a_stored_object_cannot_write_outside_the_cache_directory(tmp_path, monkeypatch, name):
+def test_a_stored_object_cannot_write_outside_the_cache_directory(tmp_path, monkeypatch, own_inductor_dir, name):
     """An object naming a file outside inductor's kernel layout is refused whole: nothing is loaded or written."""
     home = tmp_path / "home"
     monkeypatch.setenv("IMAGEGEN_HOME", str(home))
@@ -140,18 +146,14 @@ def test_a_stored_object_cannot_write_outside_the_cache_directory(tmp_path, monk
     objects = open_storage(settings.storage_root).child(compile_cache.PREFIX)
     cache = compile_cache.CompileCache(objects, print_, settings)
     objects.put(cache.key, pack(b"torch artifacts", {name: b"payload"}, print_))
-    try:
-        report = cache.start()
-    finally:
-        monkeypatch.setattr(compile_cache, "_dir_set_here", None)
+    report = cache.start()
     assert report.load.startswith("unusable: it names a kernel") and report.kernels_restored == 0
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "compile-cache" not in p.parts]
     assert written == []
 
 
-def test_the_operators_inductor_directory_wins(tmp_path, monkeypatch):
+def test_the_operators_inductor_directory_wins(tmp_path, monkeypatch, own_inductor_dir):
     settings = Settings(home=tmp_path / "home", compile_cache_dir=tmp_path / "ours")
-    monkeypatch.setattr(compile_cache, "_dir_set_here", None)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator"))
     assert use_local_dir(settings) == (str(tmp_path / "operator"), "TORCHINDUCTOR_CACHE_DIR")
 
@@ -162,7 +164,9 @@ def test_the_operators_inductor_directory_wins(tmp_path, monkeypatch):
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     assert cache_dir() == str(tmp_path / "ours")
-    monkeypatch.setattr(compile_cache, "_dir_set_here", None)
+    # a child process inherits both variables: the directory imagegen chose is not taken for the operator's
+    child = Settings(home=tmp_path / "child", compile_cache_dir=tmp_path / "child-dir")
+    assert use_local_dir(child) == (str(tmp_path / "child-dir"), "IMAGEGEN_COMPILE_CACHE_DIR")
 
 
 def test_the_artifact_key_follows_the_profile_options_and_the_device():
@@ -179,11 +183,12 @@ def test_the_artifact_key_follows_the_profile_options_and_the_device():
 
 @pytest.fixture
 def own_inductor_dir(monkeypatch):
-    """The process's inductor directory and this module's record of it are put back after the test."""
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is not None:
-        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", current)
-    monkeypatch.setattr(compile_cache, "_dir_set_here", compile_cache._dir_set_here)
+    """The process's inductor directory, and the record that imagegen chose it, are put back after the test."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", compile_cache.CHOSEN_HERE):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
 
 
 def node_settings(root, storage_url: str) -> Settings:
