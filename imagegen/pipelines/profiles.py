@@ -386,7 +386,12 @@ RECOMPILE_LIMIT = 64
 
 
 def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
-    """Let dynamo keep up to ``limit`` compiled variants of one code object (process-wide; never lowers it).
+    """Let dynamo keep up to ``limit`` compiled variants of one code object (never lowers it).
+
+    For the calling thread only: dynamo's settings set in code are per thread (``torch.utils._config_module``: "user
+    overrides are thread-local", a ``ContextVar`` a new thread does not inherit), so whatever thread runs compiled
+    blocks must call this (``Renderer`` does before every pipeline call; a replica renders on its own threads). It
+    costs two reads when the limit is already raised.
 
     Regional compilation compiles a block class's ``forward`` once and shares it with every instance of the class,
     in every pipeline of the process; each variant is keyed by what its guards saw: the batch (static for 1, then
@@ -399,8 +404,10 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
     import torch._dynamo
 
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, limit)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
+    if config.recompile_limit < limit:
+        config.recompile_limit = limit
+    if config.accumulated_recompile_limit < 4 * limit:
+        config.accumulated_recompile_limit = 4 * limit
 
 
 def _place(pipe, profile: Profile, device: torch.device, result: AppliedProfile) -> None:

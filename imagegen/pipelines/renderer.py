@@ -28,7 +28,7 @@ from imagegen.pipelines.compile_cache import CompileCache
 from imagegen.pipelines.conditioning import BatchConditioning, Conditioner, IdentityProvider, IdentitySample, Tensors
 from imagegen.pipelines.loading import load_optimised_pipeline, pick_device, pick_dtype
 from imagegen.pipelines.presets import Preset, get_preset
-from imagegen.pipelines.profiles import Profile, profile_for, reset_step_cache
+from imagegen.pipelines.profiles import Profile, profile_for, raise_recompile_limit, reset_step_cache
 from imagegen.pipelines.types import RenderRequest, RenderResult
 from imagegen.settings import Settings, get_settings
 from imagegen.versions import library_versions
@@ -120,7 +120,9 @@ class Renderer:
         #: set and its stored artifacts are loaded now, before the first call compiles (``torch.compile`` is lazy);
         #: warm-up stores them (``imagegen.pipelines.compile_cache``)
         self.compile_cache: CompileCache | None = None
-        if "compile" in self.applied_profile.applied:
+        #: the profile compiled the denoiser's blocks (every render raises dynamo's recompile limit in its thread)
+        self.compiles = "compile" in self.applied_profile.applied
+        if self.compiles:
             self.compile_cache = CompileCache.for_renderer(self.settings, self.preset.name, self.profile, self.device)
             self.compile_cache.start()
         self.prompt_cache = PromptCache(self.settings.prompt_cache_size)
@@ -306,6 +308,10 @@ class Renderer:
         encoded = started
         pixels = None
         with self._lock, torch.inference_mode():
+            if self.compiles:
+                # dynamo's settings are per thread: the limit apply_profile raised in the loading thread does not hold
+                # in a replica's warm-up or pipeline thread, which would fail past 8 variants (fullgraph)
+                raise_recompile_limit()
             if not watch.poll(0):  # cancelled while it waited for the pipeline: never starts
                 per_sample = [self._encode(r) for r in batch]
                 embeds = {key: torch.cat([e[key] for e in per_sample]) for key in per_sample[0]}
