@@ -338,6 +338,9 @@ def parse_size(text: str) -> tuple[int, int]:
 @models_app.command("compile-cache")
 def models_compile_cache(
     clear: bool = typer.Option(False, "--clear", help="Delete every stored artifact (the next warm-up compiles)."),
+    clear_stale: bool = typer.Option(
+        False, "--clear-stale", help="Delete the artifacts other torch / Triton / CUDA / Python versions made."
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
 ) -> None:
     """The compiled artifacts in the object store: one per preset, profile, torch version and device.
@@ -350,8 +353,8 @@ def models_compile_cache(
     from imagegen.settings import get_settings
 
     settings = get_settings()
-    if clear:
-        console.print(f"deleted {clear_artifacts(settings)} compile artifact(s)")
+    if clear or clear_stale:
+        console.print(f"deleted {clear_artifacts(settings, stale_only=not clear)} compile artifact(s)")
         return
     rows = stored_artifacts(settings)
     local = settings.compile_cache
@@ -360,7 +363,7 @@ def models_compile_cache(
         print(json.dumps({"local_dir": str(local), "local_dir_bytes": local_bytes, "artifacts": rows}, indent=2))
         return
     table = Table(title=f"compile artifacts (local directory {local}: {local_bytes / 1e6:.1f} MB)")
-    for column in ("artifact", "preset", "profile", "torch", "device", "MB", "written by"):
+    for column in ("artifact", "preset", "profile", "torch", "device", "MB", "written by", "usable here"):
         table.add_column(column)
     for row in rows:
         found = row.get("fingerprint") or {}
@@ -372,6 +375,7 @@ def models_compile_cache(
             found.get("device", row.get("unusable", "-")),
             f"{row['bytes'] / 1e6:.1f}",
             row.get("host") or "-",
+            "no (stale: --clear-stale)" if row["stale"] else "yes",
         )
         table.add_row(*(escape(str(c)) for c in cells))
     console.print(table)

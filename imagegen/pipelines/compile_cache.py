@@ -316,25 +316,35 @@ class CompileCache:
         return report
 
 
+#: the fingerprint's fields that name this installation's software (an artifact made under others is never hit)
+SOFTWARE = ("torch", "triton", "cuda", "python")
+
+
 def stored_artifacts(settings: Settings) -> list[dict[str, Any]]:
-    """Every artifact object in the object store: key, size, time written and, where readable, its fingerprint."""
+    """Every artifact object in the object store: key, size, time written and, where readable, its fingerprint, and
+    ``stale``: made by other software than this installation's (:data:`SOFTWARE`) or unreadable, so no replica of this
+    installation can use it."""
     objects = open_storage(settings.storage_root).child(PREFIX)
+    here = environment(torch.device("cpu"))
     rows = []
     for info in objects.list():
         row: dict[str, Any] = {"key": info.key, "bytes": info.size, "modified": info.modified}
         try:
             header, _, _ = unpack(objects.get(info.key))
-            row.update(fingerprint=header["fingerprint"], host=header.get("host"))
+            found = header["fingerprint"]
+            row.update(fingerprint=found, host=header.get("host"))
+            row["stale"] = any(found.get(name) != here[name] for name in SOFTWARE)
         except (UnusableArtifact, StorageError) as exc:
-            row["unusable"] = str(exc)
+            row.update(unusable=str(exc), stale=True)
         rows.append(row)
     return rows
 
 
-def clear_artifacts(settings: Settings) -> int:
-    """Delete every stored artifact object (the next warm-up compiles and stores afresh); the count deleted."""
+def clear_artifacts(settings: Settings, stale_only: bool = False) -> int:
+    """Delete the stored artifact objects (``stale_only``: those :func:`stored_artifacts` marks stale, after an upgrade
+    of torch or CUDA); the count deleted. The next warm-up that finds none compiles and stores afresh."""
     objects = open_storage(settings.storage_root).child(PREFIX)
-    keys = [info.key for info in objects.list()]
+    keys = [row["key"] for row in stored_artifacts(settings) if row["stale"] or not stale_only]
     for key in keys:
         objects.delete(key)
     return len(keys)

@@ -247,3 +247,24 @@ def test_a_bad_warm_up_option_is_one_line_and_loads_nothing(tmp_path, args, mess
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == message
     assert not home.exists()
+
+
+def test_artifacts_of_other_software_are_marked_stale_and_cleared_alone(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    objects = open_storage(settings.storage_root).child(compile_cache.PREFIX)
+    preset = get_preset("tiny-flux")
+    current = fingerprint(preset.name, profile_for(preset, "fast"), torch.device("cpu"))
+    upgraded_from = {**current, "torch": "2.9.0+cu128"}
+    for signature in (current, upgraded_from):
+        objects.put(artifact_key(signature), pack(b"torch artifacts", {}, signature))
+    objects.put("foreign.bin", b"not ours")
+
+    rows = {row["key"]: row for row in compile_cache.stored_artifacts(settings)}
+    assert rows[artifact_key(current)]["stale"] is False
+    assert rows[artifact_key(upgraded_from)]["stale"] is True
+    foreign = rows["foreign.bin"]
+    assert foreign["stale"] is True and foreign["unusable"] == "not an imagegen compile-cache object"
+
+    assert compile_cache.clear_artifacts(settings, stale_only=True) == 2
+    assert [row["key"] for row in compile_cache.stored_artifacts(settings)] == [artifact_key(current)]
+    assert compile_cache.clear_artifacts(settings) == 1 and compile_cache.stored_artifacts(settings) == []
