@@ -114,6 +114,9 @@ async function render() {
   const signal = current.signal;
   revokeAll();
   clear(main);
+  // where the focus was once the old page was gone: the new page's heading takes it only if the user has not moved
+  // it meanwhile (a keyboard user who tabbed to the nav while the page loaded keeps their place)
+  const focusAtStart = document.activeElement;
   clear(document.getElementById("notice"));
   showSession();
   if (!getKey()) {
@@ -146,7 +149,8 @@ async function render() {
   }
   if (signal.aborted) return;
   const heading = main.querySelector("h2");
-  if (heading && !main.contains(document.activeElement)) {
+  const focusMoved = document.activeElement !== focusAtStart && document.activeElement !== document.body;
+  if (heading && !main.contains(document.activeElement) && !focusMoved) {
     heading.setAttribute("tabindex", "-1");
     heading.focus();
   }
