@@ -217,6 +217,16 @@ def test_eval_run_and_its_report_in_a_sandboxed_frame(page, shots, service, stud
     assert page.page_errors == [], page.page_errors
 
 
+def keyboard_to_design_link(page, studio_key: str) -> None:
+    """Sign in and reach the nav's Design link with the keyboard alone (Tab, typing, Enter, Shift+Tab)."""
+    page.goto("/studio/")
+    tab_to(page, "#key-input")
+    page.keyboard.type(studio_key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#nav:not([hidden])")
+    tab_to(page, "nav a[data-section=design]", reverse=True)
+
+
 def test_a_page_that_loads_late_does_not_take_the_focus_from_a_keyboard_user(page, studio_key):
     """The first page after sign-in loads its characters; a keyboard user who tabs to the nav meanwhile keeps the
     focus there when the list arrives (it used to move to the page's heading, and their Enter went nowhere: the
@@ -224,12 +234,7 @@ def test_a_page_that_loads_late_does_not_take_the_focus_from_a_keyboard_user(pag
 
     held = []  # the characters request, answered only once the focus is in the nav
     page.route("**/v1/characters", lambda route: held.append(route))
-    page.goto("/studio/")
-    tab_to(page, "#key-input")
-    page.keyboard.type(studio_key)
-    page.keyboard.press("Enter")
-    page.wait_for_selector("#nav:not([hidden])")
-    tab_to(page, "nav a[data-section=design]", reverse=True)
+    keyboard_to_design_link(page, studio_key)
     page.wait_for_timeout(200)
     assert len(held) == 1
     held[0].continue_()
@@ -243,12 +248,7 @@ def test_a_page_that_loads_late_does_not_take_the_focus_from_a_keyboard_user(pag
 
 def test_keyboard_only_design_describe_and_pick(page, shots, service, studio_key):
     """The design flow's first steps with the keyboard alone: the card, the candidates, ticking one with Space."""
-    page.goto("/studio/")
-    tab_to(page, "#key-input")
-    page.keyboard.type(studio_key)
-    page.keyboard.press("Enter")
-    page.wait_for_selector("#nav:not([hidden])")
-    tab_to(page, "nav a[data-section=design]", reverse=True)
+    keyboard_to_design_link(page, studio_key)
     page.keyboard.press("Enter")
     page.wait_for_selector("#design-form")
     try:
