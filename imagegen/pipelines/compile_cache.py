@@ -161,11 +161,9 @@ def collect_kernels(local_dir: str | os.PathLike[str]) -> dict[str, bytes]:
 
 def restore_kernels(local_dir: str | os.PathLike[str], kernels: dict[str, bytes]) -> int:
     """Write the kernels ``local_dir`` lacks (atomically: a concurrent compile sees a whole file or none); the count
-    written."""
+    written. ``kernels`` come from :func:`unpack`, which refuses any name outside inductor's layout."""
     written = 0
-    for name, data in kernels.items():
-        if not KERNEL_NAME.fullmatch(name):
-            raise UnusableArtifact(f"it names a kernel {name!r} outside the cache's layout")
+    for name, data in kernels.items():  # names checked against KERNEL_NAME by unpack
         path = Path(local_dir) / name
         if not path.exists():
             atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
@@ -201,14 +199,20 @@ def unpack(data: bytes) -> tuple[dict[str, Any], bytes, dict[str, bytes]]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise UnusableArtifact(f"format {header.get('format') if isinstance(header, dict) else '?'}, not {FORMAT}")
     parts, offset = {}, end + 1
-    for part in header.get("parts") or []:
-        if part["name"] != TORCH_PART and not KERNEL_NAME.fullmatch(part["name"]):
-            raise UnusableArtifact(f"it names a kernel {part['name']!r} outside the cache's layout")
-        chunk = data[offset : offset + part["size"]]
-        offset += part["size"]
-        if len(chunk) != part["size"] or hashlib.sha256(chunk).hexdigest() != part["sha256"]:
-            raise UnusableArtifact(f"its part {part['name']!r} does not match the SHA-256 in its header")
-        parts[part["name"]] = chunk
+    try:
+        for part in header.get("parts") or []:
+            name, size, digest = str(part["name"]), int(part["size"]), part["sha256"]
+            if name != TORCH_PART and not KERNEL_NAME.fullmatch(name):
+                raise UnusableArtifact(f"it names a kernel {name!r} outside the cache's layout")
+            chunk = data[offset : offset + size]
+            offset += size
+            if len(chunk) != size or hashlib.sha256(chunk).hexdigest() != digest:
+                raise UnusableArtifact(f"its part {name!r} does not match the SHA-256 in its header")
+            parts[name] = chunk
+    except UnusableArtifact:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnusableArtifact(f"its header's parts are malformed ({exc!r})") from None
     if offset != len(data) or TORCH_PART not in parts:
         raise UnusableArtifact("its parts do not add up to the object")
     payload = parts.pop(TORCH_PART)
@@ -262,8 +266,7 @@ class CompileCache:
 
     @classmethod
     def for_renderer(cls, settings: Settings, preset: str, profile: Any, device: torch.device) -> CompileCache:
-        objects = open_storage(settings.storage_root).child(PREFIX)
-        return cls(objects, fingerprint(preset, profile, device), settings)
+        return cls(artifact_store(settings), fingerprint(preset, profile, device), settings)
 
     def start(self) -> CompileCacheReport:
         local_dir, chosen_by = use_local_dir(self.settings)
@@ -316,6 +319,11 @@ class CompileCache:
         return report
 
 
+def artifact_store(settings: Settings) -> ObjectStore:
+    """The object store's folder of compile artifacts (:data:`PREFIX` under ``IMAGEGEN_STORAGE_URL`` or the home)."""
+    return open_storage(settings.storage_root).child(PREFIX)
+
+
 #: the fingerprint's fields that name this installation's software (an artifact made under others is never hit)
 SOFTWARE = ("torch", "triton", "cuda", "python")
 
@@ -324,7 +332,7 @@ def stored_artifacts(settings: Settings) -> list[dict[str, Any]]:
     """Every artifact object in the object store: key, size, time written and, where readable, its fingerprint, and
     ``stale``: made by other software than this installation's (:data:`SOFTWARE`) or unreadable, so no replica of this
     installation can use it."""
-    objects = open_storage(settings.storage_root).child(PREFIX)
+    objects = artifact_store(settings)
     here = environment(torch.device("cpu"))
     rows = []
     for info in objects.list():
@@ -343,8 +351,11 @@ def stored_artifacts(settings: Settings) -> list[dict[str, Any]]:
 def clear_artifacts(settings: Settings, stale_only: bool = False) -> int:
     """Delete the stored artifact objects (``stale_only``: those :func:`stored_artifacts` marks stale, after an upgrade
     of torch or CUDA); the count deleted. The next warm-up that finds none compiles and stores afresh."""
-    objects = open_storage(settings.storage_root).child(PREFIX)
-    keys = [row["key"] for row in stored_artifacts(settings) if row["stale"] or not stale_only]
+    objects = artifact_store(settings)
+    if stale_only:
+        keys = [row["key"] for row in stored_artifacts(settings) if row["stale"]]
+    else:
+        keys = [info.key for info in objects.list()]
     for key in keys:
         objects.delete(key)
     return len(keys)

@@ -131,6 +131,8 @@ def test_stored_objects_are_checked_part_by_part():
         unpack(data[:-1])
     with pytest.raises(UnusableArtifact, match="not an imagegen"):
         unpack(b"\x80\x04 a pickle")
+    with pytest.raises(UnusableArtifact, match="parts are malformed"):  # listed as unusable, never a crash
+        unpack(compile_cache.MAGIC + b'{"format": 1, "parts": [{"name": "torch"}]}\n')
 
 
 @pytest.mark.parametrize(
