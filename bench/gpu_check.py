@@ -833,12 +833,11 @@ def compile_cache_of(opts: argparse.Namespace, preset, profile, applied, device:
     replica's warm-up on a fresh machine (``bash bench/gpu_session.sh compile-cache``)."""
     if opts.compile_store is None or "compile" not in applied.applied:
         return None
-    from imagegen.pipelines.compile_cache import PREFIX, CompileCache, fingerprint
+    from imagegen.pipelines.compile_cache import CompileCache
     from imagegen.settings import get_settings
-    from imagegen.storage import open_storage
 
-    objects = open_storage(str(opts.compile_store)).child(PREFIX)
-    cache = CompileCache(objects, fingerprint(preset.name, profile, device), get_settings())
+    settings = get_settings().model_copy(update={"storage_url": str(opts.compile_store)})
+    cache = CompileCache.for_renderer(settings, preset.name, profile, device)  # what a Renderer of the preset opens
     report = cache.start()
     print(f"  compile cache: artifact {report.load}, local directory {report.local_dir}", flush=True)
     return cache
