@@ -90,8 +90,7 @@ class WarmupReport:
 
 def compiles(renderer: Any) -> bool:
     """Whether ``renderer``'s profile compiled its denoiser's blocks (``torch.compile``: variants to warm up)."""
-    applied = getattr(renderer, "applied_profile", None)
-    return applied is not None and "compile" in applied.applied
+    return bool(getattr(renderer, "compiles", False))  # set by Renderer from its applied profile
 
 
 def profile_name(renderer: Any) -> str | None:
