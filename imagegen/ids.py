@@ -12,6 +12,10 @@ import re
 from imagegen.errors import ImagegenError
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+#: the ids of design drafts' identities (``draft-<32 hex>``, made by the design store): reserved, so no character can
+#: be registered under one and no public route resolves one (a character named like a draft would be rendered with, or
+#: delete the jobs of, that draft)
+DRAFT_PREFIX = "draft-"
 
 
 class InvalidCharacterIdError(ImagegenError):
@@ -35,6 +39,22 @@ def validate_character_id(value: object) -> str:
             "a-z, digits, '-' and '_', starting with a letter or a digit (for example 'mia' or 'mia_v2')"
         )
     return value
+
+
+def validate_new_character_id(value: object) -> str:
+    """``validate_character_id`` for an id about to be registered: the design drafts' prefix is reserved too."""
+    character_id = validate_character_id(value)
+    if is_draft_key(character_id):
+        raise InvalidCharacterIdError(
+            f"{shown(value)} is not available: ids starting with {DRAFT_PREFIX!r} are reserved for design drafts; "
+            "pick another id"
+        )
+    return character_id
+
+
+def is_draft_key(character_id: str) -> bool:
+    """Whether ``character_id`` is in the design drafts' reserved namespace."""
+    return character_id.startswith(DRAFT_PREFIX)
 
 
 #: the tenant of rows written before tenancy existed, and of keys created without ``--tenant``

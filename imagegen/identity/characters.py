@@ -30,12 +30,11 @@ from imagegen.identity.models import (
     FaceAnalysis,
     Provenance,
     ReferenceInput,
-    validate_character_id,
 )
 from imagegen.identity.references import ReferenceReport, analyze_set, contact_sheet, set_centroid
 from imagegen.identity.registry import Registry
 from imagegen.identity.safeguards import AgeCheck, check_age, check_protected, find_age_estimator
-from imagegen.ids import DEFAULT_TENANT, validate_tenant_id
+from imagegen.ids import DEFAULT_TENANT, validate_new_character_id, validate_tenant_id
 from imagegen.settings import Settings, get_settings
 
 MAX_REFERENCES = 32
@@ -126,7 +125,7 @@ def register_character(
     """
     settings = settings or get_settings()
     character = Character(
-        id=validate_character_id(character_id),
+        id=validate_new_character_id(character_id),
         name=name,
         card=card or Card(),
         provenance=provenance,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from imagegen.identity.models import Character, UnknownCharacterError
 from imagegen.identity.registry import Registry
+from imagegen.ids import is_draft_key
 from imagegen.serve.store import ApiKey
 
 
@@ -57,7 +58,13 @@ def visible(character: Character, caller: Caller) -> Character:
 
 
 def character_for(registry: Registry, character_id: str, caller: Caller) -> Character:
-    """The character ``caller`` may see (blocking); missing and foreign ones raise the same error."""
+    """The character ``caller`` may see (blocking); missing and foreign ones raise the same error.
+
+    An id in the design drafts' reserved namespace is unknown here whatever the registry holds: a draft's identity is
+    rendered by its design's own jobs only (:mod:`imagegen.identity.design.drafts`).
+    """
+    if is_draft_key(character_id):
+        raise unknown_character(character_id)
     try:
         character = registry.characters.get(character_id)
     except UnknownCharacterError:

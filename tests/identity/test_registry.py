@@ -155,6 +155,19 @@ def test_invalid_id_is_refused_and_nothing_changes(registry: Registry, bad_id: s
     assert registry.dump() == before
 
 
+def test_the_design_drafts_ids_are_reserved_and_nothing_changes(registry: Registry) -> None:
+    """A design renders its pick's identity under ``draft-<hex>``: a character registered under such an id would be
+    rendered with (and its deletion would purge the jobs of) someone else's design draft."""
+    registry.characters.register(make_character("mia"), make_refs(2))
+    before = registry.dump()
+    with pytest.raises(InvalidCharacterIdError, match="reserved for design drafts") as info:
+        registry.characters.register(make_character("draft-3c3a05739370aaadbf21168c0fda52cc"), make_refs(2, start=10))
+    assert info.value.code == "invalid_character_id"
+    assert registry.dump() == before
+    # the rule is the prefix, not a look-alike
+    assert registry.characters.register(make_character("drafty"), make_refs(1, start=20)).id == "drafty"
+
+
 def test_duplicate_id_is_refused_and_nothing_changes(registry: Registry) -> None:
     registry.characters.register(make_character("mia"), make_refs(2))
     before = registry.dump()

@@ -5,9 +5,11 @@ from. Its identity is computed by the very code registration uses (``IdentityMet
 the pick images, as ``ConditioningCache`` does for references), cached as safetensors in the
 design's own folder (deleted with it), and reached by renderers through ``DraftAwareIdentity``:
 an ``IdentityProvider`` that answers a design's *draft key* (a random ``draft-<hex>`` name
-stored with the design; never shown by the API) from the design store and everything else from the
-registry provider it wraps. The service's public render routes check characters against the
-registry before any renderer sees them, so a draft key is only ever rendered by a design's own jobs.
+stored with the design) from the design store and everything else from the registry provider it
+wraps. A draft key is only ever rendered by a design's own jobs: ids with the drafts' prefix
+are reserved (``imagegen.ids.DRAFT_PREFIX``: no character can be registered under one, and the
+public routes answer an unknown character for one), so knowing a draft key (the design's images
+name it in their metadata) lets nobody render its identity or delete its jobs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from PIL import Image
 
 from imagegen.faces.errors import NoFaceError
 from imagegen.identity.conditioning import MAX_IDENTITY_REFERENCES, CharacterNotRenderableError, IdentityMethod
-from imagegen.identity.design.store import DRAFT_PREFIX, Design, DesignStore
+from imagegen.identity.design.store import Design, DesignStore
+from imagegen.ids import is_draft_key
 from imagegen.pipelines.conditioning import Conditioner, IdentityProvider, Tensors
 from imagegen.pipelines.presets import Preset
 from imagegen.settings import Settings, get_settings
@@ -88,7 +91,7 @@ class DraftAwareIdentity:
         return self.inner.load(name, preset, device, dtype)
 
     def tensors_for(self, character: str, conditioner: Conditioner) -> Tensors:
-        if not character.startswith(DRAFT_PREFIX):
+        if not is_draft_key(character):
             return self.inner.tensors_for(character, conditioner)
         design = self.store.by_draft_key(character)
         if design is None or not isinstance(conditioner, IdentityMethod):

@@ -43,11 +43,11 @@ from imagegen.identity.design.recipe import chain_problems, make_recipe, pixel_d
 from imagegen.identity.design.store import DEFAULT_TTL_S, Design, DesignImage, DesignStore
 from imagegen.identity.ingest import IngestedImage, ingest_image
 from imagegen.identity.methods import resolve_method
-from imagegen.identity.models import Card, DuplicateCharacterError, Provenance, validate_character_id
+from imagegen.identity.models import Card, DuplicateCharacterError, Provenance
 from imagegen.identity.references import build_report
 from imagegen.identity.registry import Registry
 from imagegen.identity.safeguards import find_age_estimator
-from imagegen.ids import validate_tenant_id
+from imagegen.ids import validate_new_character_id, validate_tenant_id
 from imagegen.pipelines.presets import get_preset
 from imagegen.pipelines.types import MAX_SEED, RenderRequest
 from imagegen.settings import Settings, get_settings
@@ -160,7 +160,7 @@ class DesignFlow:
         ttl_s: float = DEFAULT_TTL_S,
     ) -> tuple[Design, list[PlannedRender]]:
         """Create a design (``describe``, rendering) and plan its candidates; everything validated first."""
-        character_id = validate_character_id(character_id)
+        character_id = validate_new_character_id(character_id)  # the character it becomes
         tenant = validate_tenant_id(tenant)
         name = (name or "").strip()
         if not 1 <= len(name) <= 200:

@@ -39,6 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from imagegen.blobstore import BlobStore
 from imagegen.db import SessionScopes, UTCDateTime, checkpoint_wal, create_database_engine, utcnow
 from imagegen.errors import ImagegenError
+from imagegen.ids import DRAFT_PREFIX
 from imagegen.migrations import prepare, where_of
 from imagegen.settings import Settings, get_settings
 from imagegen.storage import LocalObjects, ObjectNotFoundError, ObjectStore, open_storage
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 7 * 24 * 3600.0
 STAGES = ("describe", "pick", "turnaround", "curate", "registered")
 STATUSES = ("rendering", "ready", "failed")
-DRAFT_PREFIX = "draft-"
 
 
 class UnknownDesignError(ImagegenError):

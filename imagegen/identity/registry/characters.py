@@ -50,7 +50,7 @@ from imagegen.identity.registry.schema import (
     ReferenceRow,
     TombstoneRow,
 )
-from imagegen.ids import validate_tenant_id
+from imagegen.ids import validate_new_character_id, validate_tenant_id
 
 __all__ = ["CharacterStore", "DeleteReport"]
 
@@ -194,6 +194,7 @@ class CharacterStore:
                 "register(character, references=[ReferenceInput(data=..., faces=...), ...])",
                 field="references",
             )
+        validate_new_character_id(char.id)  # the design drafts' ids are reserved
         refs = _coerce_references(references)
         if self.exists(char.id):
             raise self._duplicate(char.id)
