@@ -198,6 +198,8 @@ def describe_profile_here(preset, profile, device) -> tuple[str, str]:
         notes.append(f"quantize {quantize} ({profile.quantize} needs fp8 hardware)")
     if profile.offload != "none" and device.type == "cpu":
         notes.append("offload: nothing to do (the model lives in CPU memory)")
+    if profile.compile is not None and profile.compile.cuda_graphs and device.type != "cuda":
+        notes.append("CUDA graphs skipped (they need a CUDA device): the compiled blocks run without them")
     here = "; ".join(notes) or "as configured"
     refusing = []
     for method, cls in identity_method_classes(preset).items():

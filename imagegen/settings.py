@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     assets_config: Path | None = None
     #: model cache; defaults to IMAGEGEN_HOME/models (tests share one across isolated homes)
     model_cache_dir: Path | None = None
-    #: compiled code of compiling profiles (inductor's cache directory); defaults to IMAGEGEN_HOME/compile-cache
-    #: (``imagegen.pipelines.compile_cache``; an explicit TORCHINDUCTOR_CACHE_DIR wins)
+    #: compiled code of compiling profiles (inductor's cache directory); defaults to IMAGEGEN_HOME/inductor-cache
+    #: (``imagegen.pipelines.compile_cache``; an explicit TORCHINDUCTOR_CACHE_DIR wins). Not the object store's
+    #: ``compile-cache/`` folder of shared artifacts, which lies under IMAGEGEN_HOME too without IMAGEGEN_STORAGE_URL
     compile_cache_dir: Path | None = None
     #: "auto" picks CUDA when available, else CPU; "cpu" / "cuda" / "cuda:1" force one.
     device: str = "auto"
@@ -79,7 +80,7 @@ class Settings(BaseSettings):
 
     @property
     def compile_cache(self) -> Path:
-        return self.compile_cache_dir or self.home / "compile-cache"
+        return self.compile_cache_dir or self.home / "inductor-cache"
 
     @property
     def blob_root(self) -> Path:

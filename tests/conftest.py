@@ -57,7 +57,7 @@ def _session_home(tmp_path_factory: pytest.TempPathFactory):
     os.environ["IMAGEGEN_HOME"] = str(home)
     os.environ["IMAGEGEN_MODEL_CACHE_DIR"] = str(home / "models")
     # compiled code is shared across the tests' isolated homes like the models (torch's own keys decide every hit)
-    os.environ["IMAGEGEN_COMPILE_CACHE_DIR"] = str(home / "compile-cache")
+    os.environ["IMAGEGEN_COMPILE_CACHE_DIR"] = str(home / "inductor-cache")
     # development only, like the demo: no age estimator can be installed on these machines, so the
     # test characters are `age_check: unverified` (tests of the strict policy turn it off)
     os.environ["IMAGEGEN_ALLOW_UNVERIFIED_AGE"] = "1"

@@ -90,6 +90,10 @@ def test_models_profiles_lists_every_profile_and_what_applies_here():
     assert "fuse_qkv" in rows[("tiny-sdxl", "fast")]["options"]
     assert "offload: nothing to do" in rows[("tiny-sdxl", "low-memory")]["here"]
     assert rows[("tiny-sdxl", "fast")]["identity"] == "all"
+    # SDXL's fast replays its blocks in CUDA graphs: not on a CPU, and the table says so (a walk-through read
+    # "as configured" there)
+    assert "CUDA graphs skipped" in rows[("tiny-sdxl", "fast")]["here"]
+    assert "CUDA graphs" not in rows[("tiny-flux", "fast")]["here"]
     tables = run_cli("models", "profiles", "tiny-sdxl", env={"IMAGEGEN_PROFILE": "fast"})
     assert tables.returncode == 0 and "profiles of tiny-sdxl (sdxl)" in tables.stdout
     assert "IMAGEGEN_PROFILE: fast" in tables.stdout

@@ -6,7 +6,7 @@ replica is ready only when warm, so without a cache every new replica (a scale-u
 rescheduled to a fresh node) pays it again, and inductor's default cache directory (``/tmp/torchinductor_<user>``)
 is gone with the container. Two layers keep the work:
 
-1. **A local directory** (``IMAGEGEN_COMPILE_CACHE_DIR``, default ``IMAGEGEN_HOME/compile-cache``) becomes inductor's
+1. **A local directory** (``IMAGEGEN_COMPILE_CACHE_DIR``, default ``IMAGEGEN_HOME/inductor-cache``) becomes inductor's
    ``TORCHINDUCTOR_CACHE_DIR`` (Triton's kernels live under it too): the compiled graphs, the C++ / Triton kernels and
    the autotuning results. A second replica on the same machine or volume finds everything compiled. An operator's
    own ``TORCHINDUCTOR_CACHE_DIR`` wins and is reported.
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: the object store's folder of compile artifacts
 PREFIX = "compile-cache"
+#: an artifact's object name (:func:`artifact_key`): ``<preset>-<profile>-<16 hex>.bin``, at the folder's top
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_.-]+-[0-9a-f]{16}\.bin")
 #: first line of an artifact object; the header's ``format`` says how the rest is laid out
 MAGIC = b"imagegen-compile-cache\n"
 FORMAT = 1
@@ -335,7 +337,7 @@ def stored_artifacts(settings: Settings) -> list[dict[str, Any]]:
     objects = artifact_store(settings)
     here = environment(torch.device("cpu"))
     rows = []
-    for info in objects.list():
+    for info in _artifacts(objects):
         row: dict[str, Any] = {"key": info.key, "bytes": info.size, "modified": info.modified}
         try:
             header, _, _ = unpack(objects.get(info.key))
@@ -348,6 +350,12 @@ def stored_artifacts(settings: Settings) -> list[dict[str, Any]]:
     return rows
 
 
+def _artifacts(objects: Any) -> list[Any]:
+    """The objects of the artifact folder named as :func:`artifact_key` names them: never anything else an operator
+    keeps there (an inductor directory pointed at the same folder), which listing or clearing must not touch."""
+    return [info for info in objects.list() if ARTIFACT_NAME.fullmatch(info.key)]
+
+
 def clear_artifacts(settings: Settings, stale_only: bool = False) -> int:
     """Delete the stored artifact objects (``stale_only``: those :func:`stored_artifacts` marks stale, after an upgrade
     of torch or CUDA); the count deleted. The next warm-up that finds none compiles and stores afresh."""
@@ -355,7 +363,7 @@ def clear_artifacts(settings: Settings, stale_only: bool = False) -> int:
     if stale_only:
         keys = [row["key"] for row in stored_artifacts(settings) if row["stale"]]
     else:
-        keys = [info.key for info in objects.list()]
+        keys = [info.key for info in _artifacts(objects)]
     for key in keys:
         objects.delete(key)
     return len(keys)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,14 +260,33 @@ def test_artifacts_of_other_software_are_marked_stale_and_cleared_alone(tmp_path
     upgraded_from = {**current, "torch": "2.9.0+cu128"}
     for signature in (current, upgraded_from):
         objects.put(artifact_key(signature), pack(b"torch artifacts", {}, signature))
-    objects.put("foreign.bin", b"not ours")
+    corrupt = "tiny-flux-fast-0123456789abcdef.bin"
+    objects.put(corrupt, b"not ours")
+    # what is not named like an artifact is never listed nor deleted (a user's walk-through found `--clear-stale`
+    # deleting a whole inductor directory that shared the folder: the local default was this very folder)
+    others = {"2c/c2cfobyexample.main.cpp": b"// kernel", "notes.txt": b"keep me"}
+    for key, data in others.items():
+        objects.put(key, data)
 
     rows = {row["key"]: row for row in compile_cache.stored_artifacts(settings)}
+    assert set(rows) == {artifact_key(current), artifact_key(upgraded_from), corrupt}
     assert rows[artifact_key(current)]["stale"] is False
     assert rows[artifact_key(upgraded_from)]["stale"] is True
-    foreign = rows["foreign.bin"]
-    assert foreign["stale"] is True and foreign["unusable"] == "not an imagegen compile-cache object"
+    assert rows[corrupt]["stale"] is True and rows[corrupt]["unusable"] == "not an imagegen compile-cache object"
 
     assert compile_cache.clear_artifacts(settings, stale_only=True) == 2
     assert [row["key"] for row in compile_cache.stored_artifacts(settings)] == [artifact_key(current)]
     assert compile_cache.clear_artifacts(settings) == 1 and compile_cache.stored_artifacts(settings) == []
+    assert {key: objects.get(key) for key in others} == others
+
+
+def test_the_default_local_directory_is_not_the_shared_artifact_folder(tmp_path, monkeypatch):
+    """Without IMAGEGEN_STORAGE_URL the object store lies under IMAGEGEN_HOME: inductor's directory must not be its
+    ``compile-cache/`` folder, or every kernel would be listed (and cleared) as an artifact."""
+    monkeypatch.delenv("IMAGEGEN_COMPILE_CACHE_DIR", raising=False)  # the test session shares one: the default here
+    monkeypatch.delenv("IMAGEGEN_STORAGE_URL", raising=False)
+    settings = Settings(home=tmp_path / "home")
+    folder = Path(settings.storage_root) / compile_cache.PREFIX
+    assert settings.compile_cache == settings.home / "inductor-cache"
+    assert folder not in (settings.compile_cache, *settings.compile_cache.parents)
+    assert settings.compile_cache not in folder.parents
