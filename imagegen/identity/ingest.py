@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from imagegen.errors import ImagegenError
 from imagegen.identity.models import InvalidReferenceError
+from imagegen.text import clean_filename
 
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 #: one reference file, as uploaded
@@ -169,7 +170,7 @@ def ingest_image(
     max_side: int = REFERENCE_MAX_SIDE,
 ) -> IngestedImage:
     """Validate, shrink and normalise one uploaded image; raise ``InvalidImageError`` saying what is wrong."""
-    name = filename or "image"
+    name = clean_filename(filename or "")  # shown in reports and listings: no path, control or bidi characters
     probe, header = _open(data, name, max_bytes, max_pixels)
     target = _target_size(header.width, header.height, max_side)
     if min(target) < MIN_SIDE:

@@ -38,6 +38,7 @@ from imagegen.ids import DEFAULT_TENANT, validate_character_id, validate_tenant_
 from imagegen.ids import InvalidCharacterIdError as InvalidCharacterIdError  # re-exported: the registry raises it
 from imagegen.ids import InvalidTenantIdError as InvalidTenantIdError  # re-exported: the registry raises it
 from imagegen.ids import shown as _shown
+from imagegen.text import hidden_character
 
 #: backend, method and version names: short, no path separators
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -527,7 +528,15 @@ class Character(_Model):
     @field_validator("name", mode="before")
     @classmethod
     def _name(cls, value: Any) -> Any:
-        return value.strip() if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        hidden = hidden_character(value)
+        if hidden is not None:
+            raise ValueError(
+                f"the name holds an invisible control or text-direction character (U+{ord(hidden):04X}); "
+                "use visible text"
+            )
+        return value.strip()
 
     @field_validator("created_at", "updated_at")
     @classmethod

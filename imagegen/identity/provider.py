@@ -135,11 +135,22 @@ class RegistryIdentity:
             del self._lru[key]
         return len(stale)
 
-    def tensors_for(self, character: str, conditioner: IdentityMethod) -> dict[str, torch.Tensor]:
-        """Cached conditioning of a character: memory, then the registry, computed only on a miss."""
+    def tensors_for(
+        self, character: str, conditioner: IdentityMethod, version: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Cached conditioning of a character: memory, then the registry, computed only on a miss.
+
+        ``version``: the registration the request was accepted for; another one (the character changed, or was
+        deleted and registered again under its id) is refused, never rendered in its place.
+        """
         if time.monotonic() - self._swept_at > SWEEP_EVERY_S:
             self.forget_stale()
         found = self.renderable(character)
+        if version is not None and found.version != version:
+            raise CharacterNotRenderableError(
+                f"character '{character}' changed since this request was accepted (version {version}, now "
+                f"{found.version}); send the request again"
+            )
         registration = (found.id, found.created_at, found.version)
         self._drop(found.id, keep=registration)
         key = (*registration, conditioner.name, conditioner.weights_hash)

@@ -126,6 +126,7 @@ class IdentityProvider(Protocol):
         """The conditioner ``name`` for a pipeline of ``preset`` on ``device`` / ``dtype`` (not attached)."""
         ...
 
-    def tensors_for(self, character: str, conditioner: Conditioner) -> Tensors:
-        """``character``'s tensors for ``conditioner``; raises when it may not be rendered (unknown, draft)."""
+    def tensors_for(self, character: str, conditioner: Conditioner, version: int | None = None) -> Tensors:
+        """``character``'s tensors for ``conditioner``; raises when it may not be rendered (unknown, draft, or not
+        at ``version`` when one is given)."""
         ...

@@ -234,14 +234,17 @@ class Renderer:
         return {key: sorted(indices) for key, indices in groups.items()}
 
     def _identity_tensors(self, prepared: Sequence[RenderRequest], groups: dict[tuple, list[int]]) -> dict:
-        """(character, method) -> tensors for every character of the list: one provider call per pair."""
-        tensors: dict[tuple[str, str], Tensors] = {}
+        """(character, version, method) -> tensors for every character of the list: one provider call per triple."""
+        tensors: dict[tuple[str, int | None, str], Tensors] = {}
         for (_, method), indices in groups.items():
             for i in indices:
-                character = prepared[i].character
-                if character is not None and (character, method) not in tensors:
+                request = prepared[i]
+                key = (request.character, request.character_version, method)
+                if request.character is not None and key not in tensors:
                     assert self.identity is not None and method is not None  # prepare() refused it otherwise
-                    tensors[(character, method)] = self.identity.tensors_for(character, self.conditioner(method))
+                    tensors[key] = self.identity.tensors_for(  # type: ignore[index]
+                        request.character, self.conditioner(method), request.character_version
+                    )
         return tensors
 
     def conditioner(self, name: str) -> Conditioner:
@@ -277,7 +280,7 @@ class Renderer:
         conditioner = self.identity_method(method_name)
         samples = [
             IdentitySample(
-                tensors=tensors[(r.character, method_name)] if r.character else None,
+                tensors=tensors[(r.character, r.character_version, method_name)] if r.character else None,
                 weight=r.identity_weight if r.character else 0.0,
                 start_step=r.identity_start_step,
             )

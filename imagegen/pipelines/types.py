@@ -38,6 +38,10 @@ class RenderRequest(BaseModel):
     true_cfg_scale: float = Field(default=1.0, ge=1.0, le=50)
     #: registered character whose face to render (None: no identity conditioning)
     character: str | None = Field(default=None, max_length=64)
+    #: the character's registration this request may render (None: whichever is current). The service pins the
+    #: version it authorised the caller against, so a character deleted and registered again under the same id (by
+    #: anyone) while the request waited is refused by the renderer instead of rendered with the new face
+    character_version: int | None = Field(default=None, ge=1)
     #: strength of the identity conditioning (0 = none)
     identity_weight: float = Field(default=1.0, ge=0, le=3)
     #: identity only from this denoising step on (later = more freedom for composition)

@@ -236,10 +236,10 @@ class _ExampleIdentity:
     def load(self, name: str, preset: Any, device: Any, dtype: Any) -> Any:
         return self.inner.load(name, preset, device, dtype)
 
-    def tensors_for(self, character: str, conditioner: Any) -> dict:
+    def tensors_for(self, character: str, conditioner: Any, version: int | None = None) -> dict:
         if character == WARMUP_CHARACTER:
             return self.tensors
-        return self.inner.tensors_for(character, conditioner)
+        return self.inner.tensors_for(character, conditioner, version)
 
 
 @contextmanager

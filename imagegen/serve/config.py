@@ -37,6 +37,7 @@ class KeyLimits(BaseModel):
     rate_per_s: float
     burst: int
     renders: int
+    images: int
     jobs: int
     streams: int
     stream_lifetime_s: float
@@ -50,6 +51,7 @@ class KeyOverride(BaseModel):
     key_rate_per_s: float | None = Field(default=None, gt=0)
     key_burst: int | None = Field(default=None, ge=1)
     max_renders_per_key: int | None = Field(default=None, ge=1)
+    max_images_in_flight_per_key: int | None = Field(default=None, ge=1)
     max_jobs_per_key: int | None = Field(default=None, ge=1)
     max_streams_per_key: int | None = Field(default=None, ge=1)
     stream_lifetime_s: float | None = Field(default=None, gt=0)
@@ -108,6 +110,12 @@ class IngressConfig(BaseModel):
     key_burst: int = Field(default=100, ge=1)
     #: synchronous renders one key has in progress on one ingress replica
     max_renders_per_key: int = Field(default=8, ge=1)
+    #: images one key has in the renderers at once (its sync renders' and its running jobs' images) on one ingress
+    #: replica: a renderer's queue (``max_queued_requests``) is shared by every key, and a request is ``num_images``
+    #: renderer calls, so a few requests of one key could fill it (every other key: 503). 16 = two full requests
+    #: (``max_images_per_request``, 8) and half the shipped renderer queue (32): one key never fills a queue alone.
+    #: A sync render past it: 429; a job waits for room; ``num_images`` above it: 422
+    max_images_in_flight_per_key: int = Field(default=16, ge=1)
     #: jobs one key has queued or running (all replicas, counted in the database)
     max_jobs_per_key: int = Field(default=64, ge=1)
     #: open /v1/jobs/{id}/events streams of one key on one ingress replica
@@ -138,6 +146,7 @@ class IngressConfig(BaseModel):
             rate_per_s=self.key_rate_per_s,
             burst=self.key_burst,
             renders=self.max_renders_per_key,
+            images=self.max_images_in_flight_per_key,
             jobs=self.max_jobs_per_key,
             streams=self.max_streams_per_key,
             stream_lifetime_s=self.stream_lifetime_s,
@@ -149,6 +158,7 @@ class IngressConfig(BaseModel):
             "key_rate_per_s": "rate_per_s",
             "key_burst": "burst",
             "max_renders_per_key": "renders",
+            "max_images_in_flight_per_key": "images",
             "max_jobs_per_key": "jobs",
             "max_streams_per_key": "streams",
             "stream_lifetime_s": "stream_lifetime_s",

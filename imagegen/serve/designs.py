@@ -34,10 +34,11 @@ from imagegen.identity.registry import Registry
 from imagegen.pipelines.types import RenderRequest
 from imagegen.serve.actors import RenderCall, RenderedImage
 from imagegen.serve.config import IngressConfig
-from imagegen.serve.errors import ApiError, status_for, too_busy
+from imagegen.serve.errors import ApiError, status_for
+from imagegen.serve.limits import job_cap_error
 from imagegen.serve.metrics import Metrics
 from imagegen.serve.service import JOB, Renderers
-from imagegen.serve.store import Job, ServeStore
+from imagegen.serve.store import Job, JobCapReached, ServeStore
 from imagegen.serve.tenancy import Caller
 from imagegen.settings import Settings, get_settings
 
@@ -114,7 +115,7 @@ class DesignService:
         return await self.run(self.designs.image_bytes, design, image_id)
 
     # -- steps -----------------------------------------------------------------------------------
-    async def create(self, caller: Caller, body: dict[str, Any], request_id: str) -> Design:
+    async def create(self, caller: Caller, body: dict[str, Any], request_id: str, key_cap: int | None = None) -> Design:
         cfg = self.config()
         preset = body.get("preset") or self.presets[0]
         if preset not in self.presets:
@@ -140,7 +141,10 @@ class DesignService:
             key_id=caller.key_id,
             ttl_s=cfg.design_ttl_s,
         )
-        return await self._submit(design, "describe", plans, caller, request_id)
+        # refused at a job cap: the new design is deleted again
+        return await self._submit(
+            design, "describe", plans, caller, request_id, key_cap, undo=lambda: self.designs.delete(design.id)
+        )
 
     async def pick(self, caller: Caller, design_id: str, indices: Any = None, upload: tuple | None = None) -> Design:
         design = await self.get(caller, design_id)
@@ -152,15 +156,32 @@ class DesignService:
         return await self.run(self.flow.pick_candidates, design, indices)
 
     async def turnaround(
-        self, caller: Caller, design_id: str, grid: Any, method: str | None, request_id: str
+        self,
+        caller: Caller,
+        design_id: str,
+        grid: Any,
+        method: str | None,
+        request_id: str,
+        key_cap: int | None = None,
     ) -> Design:
         design = await self.get(caller, design_id)
         await self._check_queue()
         planned, plans = await self.run(self.flow.turnaround, design, grid, method)
-        return await self._submit(planned, "turnaround", plans, caller, request_id)
+
+        def undo() -> None:  # refused at a job cap: the design as it was
+            self.designs.update(
+                design.id,
+                stage=design.stage,
+                status=design.status,
+                method=design.method,
+                grid=design.grid,
+                error=design.error,
+            )
+
+        return await self._submit(planned, "turnaround", plans, caller, request_id, key_cap, undo=undo)
 
     async def curate(
-        self, caller: Caller, design_id: str, body: dict[str, Any], request_id: str
+        self, caller: Caller, design_id: str, body: dict[str, Any], request_id: str, key_cap: int | None = None
     ) -> tuple[Design, bool]:
         """Apply keep / drop and start re-rolls; (design, whether a re-roll job is rendering)."""
         design = await self.get(caller, design_id)
@@ -175,7 +196,12 @@ class DesignService:
         )
         if not plans:
             return updated, False
-        return await self._submit(updated, "reroll", plans, caller, request_id), True
+
+        def undo() -> None:  # refused at a job cap: the slots kept as they were, the design as it was
+            self.designs.set_image_fields(design.id, {s.id: {"kept": s.kept} for s in design.of_kind("slot")})
+            self.designs.update(design.id, status=design.status, error=design.error)
+
+        return await self._submit(updated, "reroll", plans, caller, request_id, key_cap, undo=undo), True
 
     async def register(self, caller: Caller, design_id: str, provenance_data: Any) -> Any:
         design = await self.get(caller, design_id)
@@ -212,20 +238,34 @@ class DesignService:
 
     # -- jobs ------------------------------------------------------------------------------------
     async def _check_queue(self) -> None:
+        """429 ``job_queue_full`` early, before a step changes the design; ``_submit`` checks again, atomically."""
         cfg = self.config()
-        if (
-            await asyncio.get_running_loop().run_in_executor(self.pool, self.store.count_active_jobs)
-            >= cfg.max_queued_jobs
-        ):
-            self.metrics.rejected.labels("job_queue_full").inc()
-            raise too_busy(
-                "job_queue_full", f"{cfg.max_queued_jobs} jobs are queued or running; retry later", cfg.retry_after_s
-            )
+        active = await asyncio.get_running_loop().run_in_executor(self.pool, self.store.count_active_jobs)
+        if active >= cfg.max_queued_jobs:
+            raise self._refused(JobCapReached("total", active, cfg.max_queued_jobs))
+
+    def _refused(self, refused: JobCapReached) -> ApiError:
+        error = job_cap_error(refused, self.config().retry_after_s)
+        self.metrics.rejected.labels(error.code).inc()
+        return error
 
     async def _submit(
-        self, design: Design, op: str, plans: list[PlannedRender], caller: Caller, request_id: str
+        self,
+        design: Design,
+        op: str,
+        plans: list[PlannedRender],
+        caller: Caller,
+        request_id: str,
+        key_cap: int | None,
+        *,
+        undo: Callable[[], Any],
     ) -> Design:
-        """Store one job rendering ``plans`` for ``design`` and point the design at it."""
+        """Store one job rendering ``plans`` for ``design`` and point the design at it.
+
+        The key's ``key_cap`` and ``max_queued_jobs`` are checked in the job's insert, atomically
+        (``ServeStore.create_job``); refused at one, ``undo`` puts the design back as it was
+        before the step and the answer is the cap's 429.
+        """
         job_id = uuid.uuid4().hex
         request = {
             "kind": "design",
@@ -234,20 +274,30 @@ class DesignService:
             "request_id": request_id,
             "plans": [plan_json(p) for p in plans],
         }
+        cfg = self.config()
 
         def store() -> Design:
-            self.store.create_job(
-                job_id,
-                caller.key_id,
-                design.preset,
-                request,
-                len(plans),
-                tenant=design.tenant,
-                character=design.draft_key,
-            )
+            try:
+                self.store.create_job(
+                    job_id,
+                    caller.key_id,
+                    design.preset,
+                    request,
+                    len(plans),
+                    tenant=design.tenant,
+                    character=design.draft_key,
+                    key_cap=key_cap,
+                    total_cap=cfg.max_queued_jobs,
+                )
+            except JobCapReached:
+                undo()
+                raise
             return self.designs.update(design.id, job_id=job_id, status="rendering", error=None)
 
-        updated = await self.run(store)
+        try:
+            updated = await self.run(store)
+        except JobCapReached as refused:
+            raise self._refused(refused) from None
         self.wake_jobs()
         return updated
 

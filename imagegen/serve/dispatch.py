@@ -3,7 +3,8 @@
 ``ServeRenderers.render`` streams one ``RenderCall`` to the preset's deployment (progress events,
 then the image) and owns what only Ray knows about: a replica that died or became unreachable
 is retried (``Dispatch.retries``), a full queue (``BackPressureError``) is either answered with
-503 at once or waited out with jitter (``Dispatch.wait_on_backpressure``).
+503 at once or waited out with jitter (``Dispatch.wait_on_backpressure``). The 503 says the renderers
+are at capacity, never Ray's own text (queue sizes, its option names: ``renderer_overloaded``).
 
 A render whose caller goes away (the HTTP client disconnected, the job was deleted: either way
 the task awaiting ``render`` is cancelled) cancels its handle call explicitly, so the renderer
@@ -29,6 +30,7 @@ from imagegen.serve.jobs import RendererDied
 from imagegen.serve.metrics import Metrics
 from imagegen.serve.renderer_deployment import StepProgress
 from imagegen.serve.service import Dispatch
+from imagegen.serve.tenancy import unknown_character
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,9 @@ class ServeRenderers:
                         if isinstance(event, StepProgress):
                             progress(event.done, event.total)
                         else:
-                            return _outcome(event)
+                            return _outcome(event, call)
                     raise RendererDied(f"the {preset} renderer ended the stream without a result")
-                return _outcome(await stream)
+                return _outcome(await stream, call)
             except asyncio.CancelledError:
                 stream.cancel()  # best effort; the replica then stops this request at its next step
                 self.metrics.renders_cancelled.labels(preset).inc()
@@ -78,7 +80,7 @@ class ServeRenderers:
                 self.metrics.rejected.labels("renderer_queue_full").inc()
                 retry_after = self.config().retry_after_s
                 if not dispatch.wait_on_backpressure:
-                    raise too_busy("renderer_overloaded", str(exc), retry_after, 503) from None
+                    raise renderer_overloaded(exc, retry_after, preset) from None
                 await asyncio.sleep(retry_after * (0.5 + random.random()))
                 attempt -= 1
             except (RayActorError, ReplicaUnavailableError, RendererDied) as exc:
@@ -91,8 +93,27 @@ class ServeRenderers:
                 gauge.dec()
 
 
-def _outcome(event: RenderedImage | RenderError) -> RenderedImage:
-    """The image of a renderer's final event; its error as the API error it names."""
+def renderer_overloaded(exc: BackPressureError, retry_after_s: int, preset: str | None = None) -> ApiError:
+    """A renderer's full queue (Ray's ``BackPressureError``) as the API's 503 ``renderer_overloaded`` + Retry-After.
+
+    Ray's own message ("Request dropped due to backpressure (num_queued_requests=32, max_queued_requests=32).")
+    describes the deployment's internals: it goes to the log, the caller is told to come back.
+    """
+    log.debug("the %s renderer's queue is full: %s", preset or "a", exc)
+    which = f"the {preset} renderers" if preset else "the renderers"
+    retry = max(1, int(retry_after_s))
+    return too_busy("renderer_overloaded", f"{which} are at capacity; retry in {retry} s", retry, 503)
+
+
+def _outcome(event: RenderedImage | RenderError, call: RenderCall) -> RenderedImage:
+    """The image of a renderer's final event; its error as the API error it names.
+
+    A character the renderer no longer finds (deleted while the render was in flight) gets the
+    answer the ingress gives for a character the caller cannot see (``tenancy.unknown_character``),
+    not the registry's message for local users, which names internal APIs.
+    """
     if isinstance(event, RenderError):
+        if event.code == "unknown_character" and call.request.character is not None:
+            raise ApiError.from_imagegen(unknown_character(call.request.character))
         raise ApiError.from_code(event.code, event.message, event.field)
     return event

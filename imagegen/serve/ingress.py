@@ -134,10 +134,22 @@ class Ingress:
         self.close()
 
     async def run_job(self, job: Any, emit: Any) -> dict:
-        """The job runner's executor: a design's step (``kind: design``) or a render job."""
-        if job.request.get("kind") == "design":
-            return await self.designs.run_job(job, emit)
-        return await self.service.run_job(job, emit)
+        """The job runner's executor: a design's step (``kind: design``) or a render job.
+
+        Its images count against its key's images in the renderers (``max_images_in_flight_per_key``, shared with
+        the key's sync renders): a job waits for room before it dispatches any, so one key's jobs cannot fill a
+        renderer's queue that every key shares.
+        """
+        key = await self.service.db(self.store.get_key, job.key_id)
+        images = int((job.progress or {}).get("images_total") or 1)
+        # a revoked or deleted key waits for nothing: the job fails at once (403 key_revoked)
+        room: Any = contextlib.nullcontext()
+        if key is not None and key.active:
+            room = self.limits.images_when_free(key, images)
+        async with room:
+            if job.request.get("kind") == "design":
+                return await self.designs.run_job(job, emit)
+            return await self.service.run_job(job, emit)
 
     async def authenticate(self, headers: dict[str, str]) -> ApiKey:
         """The API key of a request's headers (``Authorization: Bearer`` or ``X-Api-Key``); 401 otherwise."""

@@ -1,4 +1,4 @@
-"""Per-key limits of one ingress replica: request rate, renders in progress, open event streams, jobs.
+"""Per-key limits of one ingress replica: request rate, renders in progress, images in the renderers, streams, jobs.
 
 Ray Serve bounds the ingress as a whole (``max_ongoing_requests``); without limits per key, one
 key holding many long requests (105 open event streams) took every slot and ``/healthz`` and the
@@ -7,23 +7,34 @@ other keys timed out. So each key gets, on top of the global limits that exist:
 - a request rate: a token bucket (``key_rate_per_s`` sustained, ``key_burst`` at once); beyond it
   429 ``rate_limited`` with a ``Retry-After`` computed from the bucket (when the next token comes);
 - a number of synchronous renders in progress (``max_renders_per_key``): 429 ``too_many_renders``;
+- a number of images in the renderers at once (``max_images_in_flight_per_key``): a request is ``num_images``
+  renderer calls, and a renderer's queue (its ``max_queued_requests``, per caller: this replica's handle) is
+  shared by every key. Ten 8-image renders of one key filled it, and every other key's render met 503
+  ``renderer_overloaded`` for minutes. A sync render whose images do not fit is refused up front (429
+  ``too_many_images``; one whose ``num_images`` alone is above the limit, 422 naming the most it may ask for);
+  a job, already accepted, waits for room (``images_when_free``); sync renders and jobs share one count;
 - a number of open event streams (``max_streams_per_key``), and all keys together ``max_streams``:
   429 ``too_many_streams``;
 - a number of jobs queued or running (``max_jobs_per_key``): 429 ``too_many_jobs``.
 
-Rates, renders and streams are counted in memory, per ingress replica (with N replicas a key gets
-up to N times as much; the proxy spreads a key's requests over them). Jobs outlive requests and run
-on any replica, so they are counted in the database (``count_active_jobs_of``), like the global
-``max_queued_jobs``. Limits are looked up per request (``IngressConfig.limits_for``), so a reloaded
-config applies at once.
+Rates, renders, images and streams are counted in memory, per ingress replica (with N replicas a key gets
+up to N times as much; the proxy spreads a key's requests over them; the renderer queue an image count
+protects is per ingress replica too). Jobs outlive requests and run
+on any replica, so they are counted in the database, like the global ``max_queued_jobs``: the
+insert of a job counts both in the same serialised step (``ServeStore.create_job`` with its caps;
+``job_cap_error`` is its 429), so concurrent submissions through any number of replicas never get
+past them. Limits are looked up per request (``IngressConfig.limits_for``), so a reloaded config
+applies at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -31,7 +42,10 @@ from sqlalchemy.orm import Session
 
 from imagegen.serve.config import IngressConfig
 from imagegen.serve.errors import ApiError, too_busy
-from imagegen.serve.store import ACTIVE, ApiKey, JobRow, ServeStore
+from imagegen.serve.store import ACTIVE, ApiKey, JobCapReached, JobRow, ServeStore
+
+#: a job waiting for its key's images looks again this often even when none ended (a reloaded, higher limit)
+IMAGE_WAIT_RECHECK_S = 1.0
 
 
 @dataclass
@@ -80,6 +94,10 @@ class KeyLimiter:
         self.on_refused = on_refused or (lambda code: None)
         self.buckets: dict[str, TokenBucket] = {}
         self.renders: dict[str, int] = {}
+        #: images of each key in the renderers (sync renders and jobs of this replica)
+        self.images: dict[str, int] = {}
+        #: set (and replaced by a fresh one) whenever images are given back: the jobs waiting for room look again
+        self._images_freed = asyncio.Event()
         self.streams: dict[str, int] = {}
 
     @property
@@ -133,6 +151,75 @@ class KeyLimiter:
             else:
                 del self.renders[key.id]
 
+    # -- images in the renderers --------------------------------------------------------------
+    def check_num_images(self, key: ApiKey, count: int) -> None:
+        """422 when one request of ``key`` asks for more images than the key may have in the renderers at once."""
+        limit = self.config().limits_for(key.name).images
+        if count > limit:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"num_images is {count}, but this key may have at most {limit} images rendering at once: "
+                f"ask for at most {limit}",
+                "num_images",
+            )
+
+    @contextmanager
+    def image_slots(self, key: ApiKey, count: int) -> Iterator[None]:
+        """Hold ``count`` of ``key``'s images in the renderers for the block (a sync render).
+
+        429 ``too_many_images`` when they do not fit beside the key's images in flight, 422 when ``count`` alone is
+        above the limit; a refused request holds nothing.
+        """
+        self.check_num_images(key, count)
+        cfg = self.config()
+        limit = cfg.limits_for(key.name).images
+        held = self.images.get(key.id, 0)
+        if held + count > limit:
+            raise self._refused(
+                too_busy(
+                    "too_many_images",
+                    f"this key has {held} images rendering or queued on this replica (limit {limit}); "
+                    f"{count} more do not fit; retry when some finish",
+                    cfg.retry_after_s,
+                )
+            )
+        self._take_images(key.id, count)
+        try:
+            yield
+        finally:
+            self._give_images(key.id, count)
+
+    @asynccontextmanager
+    async def images_when_free(self, key: ApiKey, count: int) -> AsyncIterator[None]:
+        """Hold ``count`` of ``key``'s images for the block once they fit, waiting for room until then (a job: it
+        was accepted, so it waits rather than fails). A count above the key's limit (a job stored before the limit
+        was lowered, a design's candidates) waits for, and holds, the whole limit."""
+        while True:
+            limit = self.config().limits_for(key.name).images
+            take = min(count, limit)
+            if self.images.get(key.id, 0) + take <= limit:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._images_freed.wait(), IMAGE_WAIT_RECHECK_S)
+        self._take_images(key.id, take)
+        try:
+            yield
+        finally:
+            self._give_images(key.id, take)
+
+    def _take_images(self, key_id: str, count: int) -> None:
+        self.images[key_id] = self.images.get(key_id, 0) + count
+
+    def _give_images(self, key_id: str, count: int) -> None:
+        left = self.images.get(key_id, 0) - count
+        if left > 0:
+            self.images[key_id] = left
+        else:
+            self.images.pop(key_id, None)
+        freed, self._images_freed = self._images_freed, asyncio.Event()
+        freed.set()
+
     # -- event streams ------------------------------------------------------------------------
     def open_stream(self, key: ApiKey) -> StreamLease:
         """A slot for one event stream of ``key``; 429 ``too_many_streams`` past the key's cap or the total."""
@@ -169,22 +256,33 @@ class KeyLimiter:
             self.streams.pop(key_id, None)
 
     # -- jobs ---------------------------------------------------------------------------------
+    def job_cap(self, key: ApiKey) -> int:
+        """How many jobs ``key`` may have queued or running (``max_jobs_per_key``, or its override)."""
+        return self.config().limits_for(key.name).jobs
+
     def check_jobs(self, key: ApiKey, active: int) -> None:
-        """429 ``too_many_jobs`` when ``key`` already has ``active`` jobs queued or running at its limit."""
-        cfg = self.config()
-        limit = cfg.limits_for(key.name).jobs
+        """429 ``too_many_jobs`` when ``key`` already has ``active`` jobs queued or running at its limit.
+
+        An early answer only: the job's insert checks the cap again, atomically (``ServeStore.create_job``).
+        """
+        limit = self.job_cap(key)
         if active >= limit:
-            raise self._refused(
-                too_busy(
-                    "too_many_jobs",
-                    f"this key has {active} jobs queued or running (limit {limit}); retry when one ends",
-                    cfg.retry_after_s,
-                )
-            )
+            raise self._refused(job_cap_error(JobCapReached("key", active, limit), self.config().retry_after_s))
 
     def _refused(self, error: ApiError) -> ApiError:
         self.on_refused(error.code)
         return error
+
+
+def job_cap_error(refused: JobCapReached, retry_after_s: int) -> ApiError:
+    """The 429 of a job refused at a cap: ``too_many_jobs`` (the key's) or ``job_queue_full`` (everyone's)."""
+    if refused.scope == "key":
+        return too_busy(
+            "too_many_jobs",
+            f"this key has {refused.active} jobs queued or running (limit {refused.limit}); retry when one ends",
+            retry_after_s,
+        )
+    return too_busy("job_queue_full", f"{refused.limit} jobs are queued or running; retry later", retry_after_s)
 
 
 def count_active_jobs_of(store: ServeStore, key_id: str) -> int:

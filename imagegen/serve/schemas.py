@@ -83,8 +83,26 @@ class RenderOut(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
 
 
+class DesignJobResult(BaseModel):
+    """What a design job (a rendering step of ``/v1/designs``) ends with; its images live in the design."""
+
+    design_id: str
+    #: the step: ``describe``, ``turnaround`` or ``reroll``
+    op: str
+    #: the design's stage and status once the step was recorded
+    stage: str
+    status: str
+    #: images the step rendered (``GET /v1/designs/{design_id}`` lists them)
+    rendered: int = 0
+    #: always empty: a design job's images are fetched through its design, not ``/v1/jobs/{id}/images``
+    images: list[ImageOut] = Field(default_factory=list)
+
+
 class JobOut(BaseModel):
     job_id: str
+    #: ``render``: ``POST /v1/jobs`` (result: ``RenderOut``); ``design``: a step of ``/v1/designs``
+    #: (result: ``DesignJobResult``)
+    kind: Literal["render", "design"] = "render"
     status: Literal["queued", "running", "done", "failed", "cancelled"]
     preset: str
     attempts: int
@@ -93,7 +111,7 @@ class JobOut(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     error: ErrorDetail | None = None
-    result: RenderOut | None = None
+    result: RenderOut | DesignJobResult | None = None
     links: dict[str, str] = Field(default_factory=dict)
 
 

@@ -42,9 +42,10 @@ from imagegen.serve.audit import AuditWriter
 from imagegen.serve.config import IngressConfig
 from imagegen.serve.errors import ApiError, too_busy
 from imagegen.serve.jobs import RendererDied
+from imagegen.serve.limits import job_cap_error
 from imagegen.serve.metrics import Metrics
-from imagegen.serve.schemas import GateAttempt, GateReport, ImageOut, JobOut, RenderBody, RenderOut
-from imagegen.serve.store import Job, ServeStore
+from imagegen.serve.schemas import DesignJobResult, GateAttempt, GateReport, ImageOut, JobOut, RenderBody, RenderOut
+from imagegen.serve.store import Job, JobCapReached, ServeStore
 from imagegen.serve.tenancy import Caller, character_for
 from imagegen.settings import Settings, get_settings
 
@@ -178,6 +179,11 @@ class RenderService:
             raise ApiError(
                 422, "invalid_request", "min_identity_similarity needs a character", "min_identity_similarity"
             )
+        if body.character is None:
+            # identity fields without a character would be ignored: say so instead of rendering as if they applied
+            for name in ("method", "identity_weight", "identity_start_step", "character_version"):
+                if name in body.model_fields_set and getattr(body, name) != RenderBody.model_fields[name].default:
+                    raise ApiError(422, "invalid_request", f"{name} needs a character", name)
         if body.max_attempts is not None and body.max_attempts > 1 and gate_min is None:
             raise ApiError(422, "invalid_request", "max_attempts > 1 needs min_identity_similarity", "max_attempts")
         if body.max_attempts is not None and body.max_attempts > cfg.max_gate_attempts:
@@ -198,7 +204,16 @@ class RenderService:
             refused = refusal(character, allow_draft=False, allow_unverified_age=self.settings.allow_unverified_age)
             if refused is not None:
                 raise ApiError(409, refused.code, refused.message, "character")
+            if body.character_version is not None and body.character_version != character.version:
+                raise ApiError(
+                    409,
+                    "character_changed",
+                    f"character {character.id!r} is at version {character.version}, not {body.character_version}",
+                    "character_version",
+                )
             character_version = character.version
+            # the renderer renders this registration or refuses (a character deleted and registered again meanwhile)
+            base = base.model_copy(update={"character_version": character_version})
             if gate_min is not None:
                 centroid = character.centroids.get(self.gate_family)
                 if centroid is None:
@@ -402,16 +417,27 @@ class RenderService:
         return result
 
     def job_out(self, job: Job, include_images: bool = False) -> JobOut:
-        """A stored job as the API shows it (blocking: reads image blobs when ``include_images``)."""
-        result = None
-        if job.result is not None:
-            result = json.loads(json.dumps(job.result))
-            for image in result.get("images", []):
+        """A stored job as the API shows it (blocking: reads image blobs when ``include_images``).
+
+        A render job's result is a ``RenderOut``; a design job's (a step of ``/v1/designs``) a
+        ``DesignJobResult`` that links to its design.
+        """
+        result: RenderOut | DesignJobResult | None = None
+        links = {"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"}
+        if job.kind == "design":
+            links["design"] = f"/v1/designs/{job.request['design_id']}"
+            if job.result is not None:
+                result = DesignJobResult.model_validate(job.result)
+        elif job.result is not None:
+            data = json.loads(json.dumps(job.result))
+            for image in data.get("images", []):
                 digest = image.pop("digest", None)
                 if include_images and digest:
                     image["png_base64"] = base64.b64encode(self.store.results.get(digest)).decode()
+            result = RenderOut.model_validate(data)
         return JobOut(
             job_id=job.id,
+            kind=job.kind,
             status=job.status,
             preset=job.preset,
             attempts=job.attempts,
@@ -421,31 +447,42 @@ class RenderService:
             finished_at=iso(job.finished_at),
             error={"code": job.error_code, "message": job.error_message, "field": None} if job.error_code else None,
             result=result,
-            links={"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"},
+            links=links,
         )
 
-    async def submit_job(self, body: RenderBody, caller: Caller, request_id: str) -> Job:
-        """Plan a job and store it ``queued`` (429 when the queue is full); the runner picks it up."""
+    async def submit_job(self, body: RenderBody, caller: Caller, request_id: str, key_cap: int | None = None) -> Job:
+        """Plan a job and store it ``queued``; the runner picks it up.
+
+        429 when the caller's key has ``key_cap`` jobs queued or running (``too_many_jobs``) or all
+        keys together ``max_queued_jobs`` (``job_queue_full``): counted in the job's insert, one
+        step for every replica (``ServeStore.create_job``), so concurrent submissions never pass a cap.
+        """
         cfg = self.config()
         plan = await self.plan(body, caller, request_id, job_id=uuid.uuid4().hex)
         assert plan.job_id is not None
-        if await self.db(self.store.count_active_jobs) >= cfg.max_queued_jobs:
-            self.metrics.rejected.labels("job_queue_full").inc()
-            raise too_busy(
-                "job_queue_full", f"{cfg.max_queued_jobs} jobs are queued or running; retry later", cfg.retry_after_s
-            )
         stored = {"body": plan.body.model_dump(mode="json"), "request_id": plan.request_id}
-        return await self.db(
-            lambda: self.store.create_job(
-                plan.job_id,
-                plan.key_id,
-                plan.preset,
-                stored,
-                plan.num_images,
-                tenant=caller.tenant,
-                character=plan.base.character,
+        try:
+            return await self.db(
+                lambda: self.store.create_job(
+                    plan.job_id,
+                    plan.key_id,
+                    plan.preset,
+                    stored,
+                    plan.num_images,
+                    tenant=caller.tenant,
+                    character=plan.base.character,
+                    key_cap=key_cap,
+                    total_cap=cfg.max_queued_jobs,
+                )
             )
-        )
+        except JobCapReached as refused:
+            raise self.job_refused(refused) from None
+
+    def job_refused(self, refused: JobCapReached) -> ApiError:
+        """The 429 of a job refused at a cap, counted in ``imagegen_rejected``."""
+        error = job_cap_error(refused, self.config().retry_after_s)
+        self.metrics.rejected.labels(error.code).inc()
+        return error
 
 
 def iso(value: Any) -> str | None:

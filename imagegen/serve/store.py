@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -66,6 +67,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -82,6 +84,16 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
+#: PostgreSQL advisory lock (transaction-scoped) that serialises capped job inserts of every process
+JOB_CAPS_LOCK = zlib.crc32(b"imagegen-job-caps")
+
+
+class JobCapReached(Exception):
+    """A job not stored: ``active`` jobs are queued or running, at ``limit`` (``scope``: ``key`` or ``total``)."""
+
+    def __init__(self, scope: str, active: int, limit: int):
+        super().__init__(f"{active} active jobs ({scope}), limit {limit}")
+        self.scope, self.active, self.limit = scope, active, limit
 
 
 class Base(DeclarativeBase):
@@ -273,6 +285,11 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
 
+    @property
+    def kind(self) -> str:
+        """``design`` for a step of ``/v1/designs`` (its request says so), ``render`` for a render job."""
+        return "design" if self.request.get("kind") == "design" else "render"
+
     @classmethod
     def from_row(cls, row: JobRow) -> Job:
         return cls(
@@ -442,11 +459,30 @@ class ServeStore(SessionScopes):
         *,
         tenant: str,
         character: str | None,
+        key_cap: int | None = None,
+        total_cap: int | None = None,
     ) -> Job:
-        """Store a queued job of ``key_id`` (owned by ``tenant``) rendering ``character`` (or none)."""
+        """Store a queued job of ``key_id`` (owned by ``tenant``) rendering ``character`` (or none).
+
+        ``key_cap`` / ``total_cap``: refuse (``JobCapReached``, nothing written) when ``key_id`` /
+        every key already has that many jobs queued or running. The count and the insert are one
+        step for every process sharing the database (``_hold_job_caps``), so concurrent submissions
+        from any number of ingress replicas never get past a cap.
+        """
         tenant = validate_tenant_id(tenant)
         now = utcnow()
         with self._write() as s:
+            if key_cap is not None or total_cap is not None:
+                self._hold_job_caps(s)
+                active = select(func.count()).where(JobRow.status.in_(ACTIVE))
+                if key_cap is not None:
+                    mine = int(s.execute(active.where(JobRow.key_id == key_id)).scalar_one())
+                    if mine >= key_cap:
+                        raise JobCapReached("key", mine, key_cap)
+                if total_cap is not None:
+                    everyone = int(s.execute(active).scalar_one())
+                    if everyone >= total_cap:
+                        raise JobCapReached("total", everyone, total_cap)
             row = JobRow(
                 id=job_id,
                 tenant=tenant,
@@ -470,6 +506,18 @@ class ServeStore(SessionScopes):
             s.flush()
             self._event(s, job_id, "queued", {"status": "queued", "preset": preset, "images": total})
             return Job.from_row(row)
+
+    @staticmethod
+    def _hold_job_caps(s: Session) -> None:
+        """Serialise "count the active jobs, then insert" with every other capped insert, in any process.
+
+        SQLite: nothing to do, the write transaction began ``IMMEDIATE`` (``_write``) and holds the
+        database's one write lock until it ends. PostgreSQL: a transaction-scoped advisory lock,
+        released at commit or rollback; under READ COMMITTED (the default, which the store keeps)
+        each later statement sees the jobs committed by whoever held it before.
+        """
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": JOB_CAPS_LOCK})
 
     @staticmethod
     def _event(s: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:

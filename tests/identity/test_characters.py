@@ -31,11 +31,11 @@ def registry(isolated_home):
         yield registry
 
 
-def register(registry, dlib, character_id="mia", files=None, provenance=SYNTHETIC):
+def register(registry, dlib, character_id="mia", files=None, provenance=SYNTHETIC, name="Mia"):
     return register_character(
         registry,
         character_id=character_id,
-        name="Mia",
+        name=name,
         provenance=provenance,
         card={"look": "red hair, freckles", "personality": "curious", "style_notes": "warm light"},
         files=list(files if files is not None else astronaut_set(4)),
@@ -69,6 +69,9 @@ def test_approve_needs_a_passing_report(registry, dlib):
         ({"character_id": "../etc"}, InvalidCharacterIdError),
         ({"character_id": "Mia"}, InvalidCharacterIdError),
         ({"character_id": "m" * 200}, InvalidCharacterIdError),
+        ({"character_id": "draft-3c3a05739370aaadbf21168c0fda52cc"}, InvalidCharacterIdError),  # designs' drafts
+        ({"name": "\x00\x01<img src=x onerror=alert(1)>"}, ImagegenError),  # control characters
+        ({"name": "Mia \u202eevil"}, ImagegenError),  # a right-to-left override
         ({"provenance": {"kind": "consented", "creator": "x"}}, ProvenanceError),
         ({"provenance": {"kind": "stolen", "creator": "x"}}, ProvenanceError),
         ({"provenance": {"kind": "synthetic", "creator": ""}}, ProvenanceError),

@@ -134,3 +134,20 @@ def test_a_strip_too_narrow_once_shrunk_is_refused():
 def test_small_references_are_kept_at_their_size():
     result = ingest_image(encode(image((640, 480))), "small.png")
     assert result.size == result.original_size == (640, 480)
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("evil\u202egpj.png", "evilgpj.png"),  # a right-to-left override would show it as "evilpng.jpg"
+        ("../../etc/x.png", "x.png"),
+        ("C:\\Users\\me\\face.jpg", "face.jpg"),
+        ("a\x00b\x1b[31m.png", "ab[31m.png"),
+        ("\u2066\u2069", "image"),
+        ("x" * 300 + ".png", "x" * 128),
+    ],
+)
+def test_an_upload_keeps_a_visible_file_name_only(given, kept):
+    """The file name is shown in reports, contact sheets and listings: no path, control or text-direction
+    characters, and bounded (a security review uploaded a right-to-left override and a ``<script>`` name)."""
+    assert ingest_image(encode(image(), "PNG"), given).filename == kept

@@ -78,3 +78,25 @@ def test_cached_tensors_go_with_the_registration(registry, isolated_home):
     again = provider.renderable("policy-bo")
     assert again.version > old.version  # versions never restart for a re-used id
     assert provider.forget_stale() == 1 and not provider._lru
+
+
+def test_a_request_renders_the_registration_it_was_accepted_for(registry, isolated_home):
+    """The service pins the version it authorised a caller against (``RenderRequest.character_version``): a character
+    deleted and registered again under its id (by anyone) while the request waited is refused, not rendered with the
+    new face."""
+    from imagegen.pipelines.presets import get_preset
+
+    provider = RegistryIdentity(registry, Settings(home=isolated_home, allow_unverified_age=True))
+    conditioner = provider.load("pulid-flux-v0.9.1", get_preset("tiny-flux"), torch.device("cpu"), torch.float32)
+    registry.characters.register(Character.model_validate(make_character("policy-cy")), make_refs(2))
+    accepted = registry.characters.approve("policy-cy")
+    key = (accepted.id, accepted.created_at, accepted.version, conditioner.name, conditioner.weights_hash)
+    provider._lru[key] = {"id": torch.ones(1)}  # what the registration's render would read
+    assert provider.tensors_for("policy-cy", conditioner, accepted.version)["id"].item() == 1
+    assert provider.tensors_for("policy-cy", conditioner)["id"].item() == 1  # no pin: the current registration
+
+    registry.characters.delete("policy-cy")
+    registry.characters.register(Character.model_validate(make_character("policy-cy")), make_refs(2, start=5))
+    registry.characters.approve("policy-cy")
+    with pytest.raises(CharacterNotRenderableError, match="changed since this request was accepted"):
+        provider.tensors_for("policy-cy", conditioner, accepted.version)

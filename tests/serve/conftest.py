@@ -33,11 +33,14 @@ TEST_INGRESS = {
     "max_upload_bytes": 16 * 1024 * 1024,
     # test_resilience bursts 30 renders from one key to reach the global limit, not the per-key one
     "max_renders_per_key": 32,
+    # ... and up to 4 admitted 8-image renders of that key are 32 images (the shipped default is 16)
+    "max_images_in_flight_per_key": 32,
     # low per-key limits for the keys test_limits.py creates (by key name); every other key: the defaults
     "key_overrides": {
         "limits-rate": {"key_rate_per_s": 0.01, "key_burst": 3},
         "limits-jobs": {"max_jobs_per_key": 2},
         "limits-renders": {"max_renders_per_key": 1},
+        "limits-images": {"max_images_in_flight_per_key": 4},
         "limits-lifetime": {"stream_lifetime_s": 1},
     },
 }

@@ -23,7 +23,7 @@ from imagegen.identity.design.verify import difference, rerender
 from imagegen.serve.auth import create_key
 from imagegen.serve.store import ServeStore
 from imagegen.settings import get_settings
-from tests.photos import encode
+from tests.photos import encode, hopper_set
 from tests.serve.conftest import assert_error_shape
 
 LICENSED = {"kind": "licensed", "who": "NASA", "evidence": "public domain (NASA portrait)"}
@@ -241,3 +241,82 @@ def test_design_hostile_cases(service, keys, design_keys):
         with client(service, keys.admin) as admin:
             assert admin.get(f"/v1/jobs/{started['job_id']}").status_code == 404
         assert api.get("/healthz").status_code == 200
+
+
+def test_a_design_draft_key_is_nobody_elses_character(service, keys, design_keys):
+    """A design's draft key (``draft-<hex>``: the id its jobs render its pick's identity under, named in its images'
+    metadata) is reserved: another tenant cannot register a character under it, and no key, admin included, can
+    render it or delete what its design's jobs left through the public routes (a security review registered it, then
+    rendered the other tenant's pick identity and purged that tenant's design jobs)."""
+    with client(service, design_keys["writer"]) as owner, client(service, design_keys["other"]) as other:
+        started = new_design(owner)
+        design_id = started["design_id"]
+        follow(owner, design_id)
+        with DesignStore.open() as store:
+            draft_key = store.get(design_id).draft_key
+        assert draft_key.startswith("draft-")
+
+        stolen = other.post(
+            "/v1/characters",
+            data={"id": draft_key, "name": "Thief", "provenance": json.dumps(LICENSED)},
+            files=[("references", (name, data, "image/png")) for name, data in hopper_set(2)],
+        )
+        error = assert_error_shape(stolen, 422)
+        assert error["code"] == "invalid_character_id" and "reserved for design drafts" in error["message"]
+        assert draft_key not in {c["id"] for c in other.get("/v1/characters").json()["characters"]}
+
+        with client(service, keys.admin) as admin:
+            rendered = admin.post("/v1/renders", json={"prompt": "p", "preset": "tiny-flux", "character": draft_key})
+            assert assert_error_shape(rendered, 404)["code"] == "unknown_character"
+            submitted = admin.post("/v1/jobs", json={"prompt": "p", "preset": "tiny-flux", "character": draft_key})
+            assert assert_error_shape(submitted, 404)["code"] == "unknown_character"
+            assert assert_error_shape(admin.delete(f"/v1/characters/{draft_key}"), 404)["code"] == "unknown_character"
+            # the design's own job is still there for its owner
+            assert admin.get(f"/v1/jobs/{started['job_id']}").status_code != 404
+        assert ready(owner, design_id)["status"] == "ready"
+        assert owner.delete(f"/v1/designs/{design_id}").json()["deleted"]["jobs"] == 1
+
+
+def test_design_jobs_are_listed_with_render_jobs(service, keys):
+    """A design's step is a job of its key like a render job: `GET /v1/jobs` (owner and admin) and
+    `GET /v1/jobs/{id}` answer 200 with each job's kind and result shape; another tenant still gets 404."""
+    with ServeStore.open() as store:
+        owner_key = create_key(store, "design-jobs", ["characters:write", "render"], tenant="studio-jobs")[1]
+    with (
+        client(service, owner_key) as owner,
+        client(service, keys.admin) as admin,
+        client(service, keys.other_render) as other,
+    ):
+        started = new_design(owner)
+        design_id, design_job = started["design_id"], started["job_id"]
+        follow(owner, design_id)
+        assert ready(owner, design_id)["status"] == "ready"
+        submitted = owner.post("/v1/jobs", json={"preset": "tiny-flux", "prompt": "a lighthouse", "seed": 5})
+        assert submitted.status_code == 202, submitted.text
+        render_job = submitted.json()["job_id"]
+        assert submitted.json()["kind"] == "render"
+        deadline = time.monotonic() + 120
+        while owner.get(f"/v1/jobs/{render_job}").json()["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, "render job still running"
+            time.sleep(0.2)
+
+        for api in (owner, admin):
+            listed = api.get("/v1/jobs", params={"limit": 500})
+            assert listed.status_code == 200, listed.text
+            jobs = {job["job_id"]: job for job in listed.json()["jobs"]}
+            assert jobs[design_job]["kind"] == "design" and jobs[render_job]["kind"] == "render"
+            assert jobs[design_job]["status"] == "done"
+            assert jobs[design_job]["result"]["design_id"] == design_id
+            assert jobs[design_job]["result"]["op"] == "describe" and jobs[design_job]["result"]["rendered"] == 1
+            assert jobs[design_job]["links"]["design"] == f"/v1/designs/{design_id}"
+            assert jobs[render_job]["status"] == "done" and jobs[render_job]["result"]["preset"] == "tiny-flux"
+            one = api.get(f"/v1/jobs/{design_job}", params={"include_images": "true"})
+            assert one.status_code == 200, one.text
+            assert one.json()["kind"] == "design" and one.json()["result"]["images"] == []
+        owned = {job["job_id"] for job in owner.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
+        assert owned == {design_job, render_job}  # a key still sees only its own jobs
+        # ownership is unchanged: another tenant's key neither lists nor reads them
+        assert design_job not in {j["job_id"] for j in other.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
+        assert assert_error_shape(other.get(f"/v1/jobs/{design_job}"), 404)["code"] == "unknown_job"
+        # a design job's images are its design's
+        assert assert_error_shape(owner.get(f"/v1/jobs/{design_job}/images/0"), 404)["code"] == "not_found"

@@ -116,6 +116,22 @@ def corpus() -> list[tuple[str, str, str, dict, tuple[int, ...]]]:
             (422,),
         ),
         ("job seed as string", "POST", "/v1/jobs", {"json": {"prompt": "x", "seed": "2"}}, (422,)),
+        # identity fields without a character would be ignored: refused instead (a security review sent these)
+        ("method without a character", "POST", RENDER, {"json": {"prompt": "x", "method": "../x"}}, (422,)),
+        (
+            "identity_start_step without a character",
+            "POST",
+            RENDER,
+            {"json": {"prompt": "x", "identity_start_step": 10**9}},
+            (422,),
+        ),
+        (
+            "character_version without a character",
+            "POST",
+            RENDER,
+            {"json": {"prompt": "x", "character_version": 1}},
+            (422,),
+        ),
         # JSON nested thousands deep (the parser recursed into a 500) and integers past Python's 4,300 digits
         (
             "deep json field",

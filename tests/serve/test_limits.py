@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
+import time
 from datetime import UTC, datetime
 
 import httpx
@@ -107,6 +109,70 @@ def test_render_slots_per_key():
         with limiter.render_slot(_key("other", "k2")):
             pass
     assert limiter.renders == {}
+
+
+def test_images_in_flight_per_key_count_images_not_requests():
+    """A render is num_images renderer calls: a key's share of the renderers is counted in images."""
+    cfg = IngressConfig(max_images_in_flight_per_key=8, key_overrides={"big": {"max_images_in_flight_per_key": 12}})
+    refusals: list[str] = []
+    limiter = KeyLimiter(lambda: cfg, on_refused=refusals.append)
+    key = _key()
+    with limiter.image_slots(key, 6):
+        with pytest.raises(ApiError) as refused, limiter.image_slots(key, 3):
+            pass
+        error = refused.value
+        assert (error.status, error.code, error.headers) == (429, "too_many_images", {"Retry-After": "2"})
+        assert "this key has 6 images" in error.message and "(limit 8)" in error.message, error.message
+        assert limiter.images == {"k1": 6}  # the refused request holds nothing
+        with limiter.image_slots(key, 2):  # what still fits
+            pass
+        with limiter.image_slots(_key("other", "k2"), 8):  # another key has a share of its own
+            pass
+        with limiter.image_slots(_key("big", "k3"), 12):  # key_overrides
+            pass
+    assert limiter.images == {}
+    with pytest.raises(ApiError) as too_many, limiter.image_slots(key, 9):
+        pass
+    error = too_many.value
+    assert (error.status, error.code, error.field) == (422, "invalid_request", "num_images")
+    assert "at most 8" in error.message, error.message
+    assert limiter.images == {} and refusals == ["too_many_images"]
+    # the shipped default: two full requests, half of a renderer's queue (configs/serve.yaml: 32)
+    assert IngressConfig().max_images_in_flight_per_key == 16
+    assert check_ingress(prepare_config(None)).max_images_in_flight_per_key == 16
+
+
+def test_a_job_waits_for_its_keys_images_and_shares_them_with_sync_renders():
+    cfg = IngressConfig(max_images_in_flight_per_key=8)
+    limiter = KeyLimiter(lambda: cfg)
+    key = _key()
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def job(count: int) -> None:
+            async with limiter.images_when_free(key, count):
+                await release.wait()
+
+        first = asyncio.create_task(job(6))
+        await asyncio.sleep(0.01)
+        assert limiter.images == {"k1": 6}
+        with pytest.raises(ApiError) as refused, limiter.image_slots(key, 3):  # a sync render of the key: 429
+            pass
+        assert refused.value.code == "too_many_images"
+        second = asyncio.create_task(job(4))  # a job of the key: waits for room
+        cancelled = asyncio.create_task(job(4))
+        larger = asyncio.create_task(job(20))  # above the limit (stored before it was lowered): the whole limit
+        await asyncio.sleep(0.05)
+        assert not (second.done() or cancelled.done() or larger.done()) and limiter.images == {"k1": 6}
+        cancelled.cancel()  # a job deleted while it waits holds nothing
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert limiter.images == {"k1": 6}
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second, larger), 5)
+        assert limiter.images == {}
+
+    asyncio.run(scenario())
 
 
 def test_depth_scanner_counts_outside_strings_in_any_chunking():
@@ -254,6 +320,39 @@ def test_jobs_per_key(service, http):
     assert error["code"] == "too_many_jobs" and int(refused.headers["retry-after"]) >= 1
 
 
+def test_jobs_per_key_under_concurrent_submissions(service, http):
+    """12 POST /v1/jobs of one key at the same instant: exactly its cap (2) get in, the rest 429 ``too_many_jobs``."""
+    key = _new_key("limits-jobs")  # TEST_INGRESS: 2 queued or running
+    barrier = threading.Barrier(12)
+    responses: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def submit(i: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=120) as client:
+            barrier.wait()
+            response = client.post("/v1/jobs", json={**LONG_JOB, "seed": 100 + i}, headers=_bearer(key))
+        with lock:
+            responses.append(response)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    accepted = [r.json()["job_id"] for r in responses if r.status_code == 202]
+    try:
+        listed = http.get("/v1/jobs?limit=50", headers=_bearer(key)).json()["jobs"]
+    finally:
+        for job_id in accepted:
+            _cancel(http, key, job_id)
+    assert len(accepted) == 2, [r.status_code for r in responses]
+    assert len(listed) == 2 and {j["job_id"] for j in listed} == set(accepted)  # the refused left no job behind
+    for refused in (r for r in responses if r.status_code != 202):
+        error = assert_error_shape(refused, 429)
+        assert error["code"] == "too_many_jobs" and int(refused.headers["retry-after"]) >= 1
+        assert error["message"].endswith("jobs queued or running (limit 2); retry when one ends")
+
+
 def test_renders_per_key(service, http):
     key = _new_key("limits-renders")  # TEST_INGRESS: 1 synchronous render at a time
     responses: list[httpx.Response] = []
@@ -277,6 +376,74 @@ def test_renders_per_key(service, http):
     assert refused, statuses
     for response in refused:
         assert assert_error_shape(response)["code"] == "too_many_renders"
+
+
+def _inflight_renders(admin) -> float:
+    match = re.search(r"^imagegen_inflight_renders (\S+)$", admin.metrics(), re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_key_past_its_images_in_flight_gets_429_while_another_key_renders(service, http, admin):
+    """The issue's repro in small: one key's images fill its share of the renderers; its next render is refused up
+    front (429 ``too_many_images``), another tenant's render goes through, and a num_images above the share is 422."""
+    key = _new_key("limits-images")  # TEST_INGRESS: 4 images in the renderers at once
+    other_key = _new_key("limits-images-neighbour", tenant="images-tenant")
+    big: dict[str, httpx.Response] = {}
+
+    def render_big() -> None:
+        body = {"preset": "tiny-flux", "prompt": "four at once", "seed": 1, "num_images": 4, "steps": 30}
+        body.update(width=128, height=128)
+        with httpx.Client(base_url=service.url, timeout=300) as client:
+            big["response"] = client.post("/v1/renders", json=body, headers=_bearer(key))
+
+    for path in ("/v1/renders", "/v1/jobs"):  # more than the share in one request: never fits, 422 naming the most
+        too_many = http.post(path, json={"prompt": "five", "num_images": 5}, headers=_bearer(key))
+        error = assert_error_shape(too_many, 422)
+        assert error["field"] == "num_images" and "at most 4" in error["message"], error
+    thread = threading.Thread(target=render_big)
+    thread.start()
+    try:
+        for _ in range(600):  # until the 4-image render is admitted (it holds the key's 4 images)
+            if _inflight_renders(admin) >= 1 or not thread.is_alive():
+                break
+            time.sleep(0.05)
+        assert thread.is_alive(), "the 4-image render ended before it could be seen in flight"
+        refused = http.post("/v1/renders", json={"prompt": "one more", "seed": 2}, headers=_bearer(key))
+        sent_while_in_flight = thread.is_alive()
+        # the other tenant's render is not refused: it waits for the renderer (the next batch) and renders
+        other = http.post("/v1/renders", json={"prompt": "another tenant", "seed": 3}, headers=_bearer(other_key))
+    finally:
+        thread.join()
+    error = assert_error_shape(refused, 429)
+    assert error["code"] == "too_many_images" and int(refused.headers["retry-after"]) >= 1, error
+    assert "this key has 4 images" in error["message"] and "(limit 4)" in error["message"], error
+    assert sent_while_in_flight, "the 4-image render ended before the probe: nothing was tested"
+    assert other.status_code == 200, other.text[:300]
+    assert big["response"].status_code == 200 and len(big["response"].json()["images"]) == 4
+    again = http.post("/v1/renders", json={"prompt": "room again", "seed": 4}, headers=_bearer(key))
+    assert again.status_code == 200, again.text[:300]  # the images came back
+
+
+def test_a_running_jobs_images_count_against_its_key(service, http):
+    """Jobs dispatch through the same renderers: a job's images fill its key's share like a sync render's do."""
+    key = _new_key("limits-images")  # TEST_INGRESS: 4 images in the renderers at once
+    job = http.post("/v1/jobs", json={**LONG_JOB, "num_images": 4}, headers=_bearer(key)).json()
+    seen: list[int] = []
+    try:
+        for i in range(300):
+            status = http.get(f"/v1/jobs/{job['job_id']}", headers=_bearer(key)).json()["status"]
+            if status not in ("queued", "running"):
+                break
+            if status == "running":
+                probe = http.post("/v1/renders", json={"prompt": "beside a job", "seed": i}, headers=_bearer(key))
+                seen.append(probe.status_code)
+                if probe.status_code == 429:
+                    assert assert_error_shape(probe)["code"] == "too_many_images"
+                    break
+            time.sleep(0.1)
+    finally:
+        _cancel(http, key, job["job_id"])
+    assert seen and seen[-1] == 429, (status, seen)
 
 
 def test_a_stream_past_its_lifetime_says_reconnect_and_resumes(service, http):

@@ -46,6 +46,9 @@ def test_burst_beyond_the_queues_is_refused_cleanly(service, keys, http):
         assert retry_after.isdigit() and int(retry_after) >= 1, (response.status_code, response.text[:300])
         codes.add(assert_error_shape(response)["code"])
     assert codes <= {"overloaded", "renderer_overloaded"}, codes
+    for response in refused:  # a full renderer queue is told as such, without Ray's own text
+        if response.status_code == 503:
+            assert "queued_requests" not in response.json()["error"]["message"], response.text[:300]
     # and the service is fine afterwards
     ready = http.get("/readyz")
     assert ready.status_code == 200, (ready.status_code, ready.text)
@@ -53,6 +56,38 @@ def test_burst_beyond_the_queues_is_refused_cleanly(service, keys, http):
         "/v1/renders", json={"prompt": "after", "seed": 1}, headers={"Authorization": f"Bearer {keys.render}"}
     )
     assert ok.status_code == 200, (ok.status_code, ok.text)
+
+
+def test_a_full_renderer_queue_is_answered_without_rays_internals():
+    """Ray's ``BackPressureError`` (its message names its queue options and counts) becomes a plain 503
+    ``renderer_overloaded`` with Retry-After, raised by the dispatcher and by the error handler alike."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from ray.serve.exceptions import BackPressureError
+
+    from imagegen.serve.dispatch import renderer_overloaded
+    from imagegen.serve.http.edge import install_error_handlers
+
+    exc = BackPressureError(num_queued_requests=32, max_queued_requests=32)
+    assert "max_queued_requests" in str(exc)  # what the callers were told before
+    error = renderer_overloaded(exc, 2, "tiny-flux")
+    assert (error.status, error.code, error.headers) == (503, "renderer_overloaded", {"Retry-After": "2"})
+    assert error.message == "the tiny-flux renderers are at capacity; retry in 2 s"
+
+    api = FastAPI()
+    install_error_handlers(api)
+
+    @api.get("/full")
+    async def full() -> None:
+        raise exc
+
+    with TestClient(api) as client:
+        response = client.get("/full")
+    error = assert_error_shape(response, 503)
+    assert error["code"] == "renderer_overloaded" and response.headers["retry-after"] == "2"
+    assert error["message"] == "the renderers are at capacity; retry in 2 s"
+    for internal in ("backpressure", "queued", "dropped", "32"):
+        assert internal not in error["message"].lower(), error
 
 
 def test_job_queue_limit(service, keys, renderer_client, http):

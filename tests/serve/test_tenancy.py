@@ -19,7 +19,13 @@ import pytest
 from PIL import Image
 
 from imagegen.client import ApiClientError, Client
+from imagegen.identity.models import UnknownCharacterError
+from imagegen.identity.registry import Registry
+from imagegen.pipelines.types import RenderRequest
+from imagegen.serve.actors import RenderCall, RenderError
 from imagegen.serve.auth import create_key
+from imagegen.serve.dispatch import _outcome
+from imagegen.serve.errors import ApiError
 from imagegen.serve.store import ServeStore
 from imagegen.settings import get_settings
 from tests.photos import astronaut_set, hopper_set
@@ -86,6 +92,30 @@ def test_tenant_b_cannot_touch_tenant_a(tenants, admin):
     b.delete_character("tenancy-bea")
 
 
+def test_character_deleted_mid_render_answers_like_the_ingress(tenants):
+    """A character deleted while a render of it is in flight is gone when the renderer prepares the render: the
+    caller gets the ingress's tenancy-safe 404 for an unknown character, not the registry's message (which names
+    internal APIs, for local users of the CLI)."""
+    character = "tenancy-zoe"
+    with Registry.open() as registry, pytest.raises(UnknownCharacterError) as gone:
+        registry.characters.get(character)  # what the renderer replica meets once the character is deleted
+    assert "registry.characters.all()" in str(gone.value)  # the CLI's message is unchanged
+    with pytest.raises(ApiError) as raced:
+        _outcome(
+            RenderError.from_exception(gone.value), RenderCall(request=RenderRequest(prompt="zoe", character=character))
+        )
+    with pytest.raises(ApiClientError) as ingress:
+        tenants["a_render"].render(prompt="zoe", character=character, seed=1, steps=2)
+    answer = raced.value
+    assert (answer.status, answer.code, answer.message, answer.field) == (
+        ingress.value.status,
+        ingress.value.code,
+        ingress.value.message,
+        ingress.value.field,
+    )
+    assert answer.status == 404 and answer.code == "unknown_character" and "registry" not in answer.message
+
+
 def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
@@ -103,6 +133,17 @@ def test_deleted_face_never_renders_again(tenants):
     again = a.approve_character("tenancy-reused")["character"]
     assert again["version"] > first, "a re-used id never restarts its versions"
     new = a_render.render(character="tenancy-reused", **body).images[0].png
+    # a request may pin the registration it means: the deleted one is refused, not rendered with the new face
+    with pytest.raises(ApiClientError) as pinned:
+        a_render.render(character="tenancy-reused", character_version=first, **body)
+    assert (pinned.value.status, pinned.value.code, pinned.value.field) == (
+        409,
+        "character_changed",
+        "character_version",
+    )
+    pinned_now = a_render.render(character="tenancy-reused", character_version=again["version"], **body)
+    assert np.array_equal(_pixels(pinned_now.images[0].png), _pixels(new))
+    assert _status(lambda: a_render.render(character_version=first, **body)) == (422, "invalid_request")
 
     a.create_character("tenancy-fresh", "Fresh", list(hopper_set(3)), SYNTHETIC)
     a.approve_character("tenancy-fresh")

@@ -90,9 +90,9 @@ class DraftAwareIdentity:
     def load(self, name: str, preset: Preset, device: torch.device, dtype: torch.dtype) -> Conditioner:
         return self.inner.load(name, preset, device, dtype)
 
-    def tensors_for(self, character: str, conditioner: Conditioner) -> Tensors:
+    def tensors_for(self, character: str, conditioner: Conditioner, version: int | None = None) -> Tensors:
         if not is_draft_key(character):
-            return self.inner.tensors_for(character, conditioner)
+            return self.inner.tensors_for(character, conditioner, version)
         design = self.store.by_draft_key(character)
         if design is None or not isinstance(conditioner, IdentityMethod):
             for stale in [k for k in self._lru if k[0] == character]:

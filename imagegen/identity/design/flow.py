@@ -51,6 +51,7 @@ from imagegen.ids import validate_new_character_id, validate_tenant_id
 from imagegen.pipelines.presets import get_preset
 from imagegen.pipelines.types import MAX_SEED, RenderRequest
 from imagegen.settings import Settings, get_settings
+from imagegen.text import hidden_character
 
 #: most candidates one describe step renders (one batched job)
 MAX_CANDIDATES = 16
@@ -165,6 +166,8 @@ class DesignFlow:
         name = (name or "").strip()
         if not 1 <= len(name) <= 200:
             raise InvalidRequestError("name must be 1 to 200 characters", field="name")
+        if hidden_character(name) is not None:
+            raise InvalidRequestError("name holds an invisible control or text-direction character", field="name")
         card_model = card if isinstance(card, Card) else Card.model_validate(card or {})
         get_preset(preset)  # an unknown preset: UnknownPresetError
         if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:

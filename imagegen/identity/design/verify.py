@@ -58,7 +58,7 @@ class ParentIdentity:
     def load(self, name: str, preset: Preset, device: torch.device, dtype: torch.dtype) -> Conditioner:
         return create_method(name, preset, device, dtype, self.settings)
 
-    def tensors_for(self, character: str, conditioner: Conditioner) -> Tensors:
+    def tensors_for(self, character: str, conditioner: Conditioner, version: int | None = None) -> Tensors:
         return {k: v.detach().cpu() for k, v in conditioner.compute(self.parents).items()}  # type: ignore[attr-defined]
 
 

@@ -86,12 +86,15 @@ def _out(design: Any) -> dict[str, Any]:
     return data
 
 
-async def _check_jobs(request: Request, key: ApiKey) -> None:
+async def _check_jobs(request: Request, key: ApiKey) -> int:
+    """429 ``too_many_jobs`` early, before a step changes the design; returns the key's job cap, which the
+    step's job insert checks again, atomically with other submissions (``DesignService._submit``)."""
     from imagegen.serve.limits import count_active_jobs_of
 
     ingress = ingress_of(request)
     active = await ingress.service.db(count_active_jobs_of, ingress.service.store, key.id)
     ingress.limits.check_jobs(key, active)
+    return ingress.limits.job_cap(key)
 
 
 @router.post("/v1/designs", status_code=202)
@@ -99,8 +102,8 @@ async def create_design(
     request: Request, body: DesignBody, key: ApiKey = Depends(scoped("characters:write"))
 ) -> dict[str, Any]:
     """Describe: start a design and render its candidate portraits (one batched job)."""
-    await _check_jobs(request, key)
-    design = await ingress_of(request).designs.create(Caller.of(key), body.model_dump(), request_id(request))
+    cap = await _check_jobs(request, key)
+    design = await ingress_of(request).designs.create(Caller.of(key), body.model_dump(), request_id(request), cap)
     return _out(design)
 
 
@@ -172,9 +175,9 @@ async def turnaround(
     request: Request, design_id: str, body: TurnaroundBody, key: ApiKey = Depends(scoped("characters:write"))
 ) -> dict[str, Any]:
     """Render the turnaround grid from the pick, identity-conditioned (one batched job)."""
-    await _check_jobs(request, key)
+    cap = await _check_jobs(request, key)
     design = await ingress_of(request).designs.turnaround(
-        Caller.of(key), _design_id(design_id), body.grid, body.method, request_id(request)
+        Caller.of(key), _design_id(design_id), body.grid, body.method, request_id(request), cap
     )
     return _out(design)
 
@@ -188,10 +191,9 @@ async def curate(
     key: ApiKey = Depends(scoped("characters:write")),
 ) -> dict[str, Any]:
     """Keep, drop or re-roll slots: 200 with the new report, or 202 while re-rolls render."""
-    if body.reroll:
-        await _check_jobs(request, key)
+    cap = await _check_jobs(request, key) if body.reroll else None
     design, rendering = await ingress_of(request).designs.curate(
-        Caller.of(key), _design_id(design_id), body.model_dump(), request_id(request)
+        Caller.of(key), _design_id(design_id), body.model_dump(), request_id(request), cap
     )
     if rendering:
         response.status_code = 202

@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagegen.errors import ImagegenError
 from imagegen.serve.config import IngressConfig
-from imagegen.serve.errors import ApiError, error_body, too_busy, validation_error
+from imagegen.serve.dispatch import renderer_overloaded
+from imagegen.serve.errors import ApiError, error_body, validation_error
 from imagegen.serve.http.jsonlimits import DepthScanner, JsonTooDeep
 from imagegen.serve.http.studio import PUBLIC_STUDIO_PATHS
 from imagegen.serve.http.timing import SCOPE_KEY, ServerTiming
@@ -213,7 +214,7 @@ def install_error_handlers(api: FastAPI) -> None:
     async def _backpressure(request: Request, exc: BackPressureError) -> JSONResponse:
         ingress = getattr(request.app.state, "ingress", None)
         retry = ingress.cfg.retry_after_s if ingress else 2
-        return error_response(too_busy("renderer_overloaded", str(exc), retry, 503), request_id_of(request))
+        return error_response(renderer_overloaded(exc, retry), request_id_of(request))
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from imagegen.serve.errors import ApiError
 from imagegen.serve.http.deps import AUTH, ingress_of, key_of, replica, request_id, scoped
 from imagegen.serve.job_events import job_event_lines
-from imagegen.serve.limits import StreamLease, count_active_jobs_of
+from imagegen.serve.limits import StreamLease
 from imagegen.serve.schemas import JobList, JobOut, RenderBody
 from imagegen.serve.store import ApiKey, Job
 from imagegen.serve.tenancy import Caller
@@ -84,9 +84,11 @@ async def create_job(
     ingress: Any = Depends(replica),
 ) -> JobOut:
     """Queue a render; returns the job id at once. Follow it with GET /v1/jobs/{id} or its events."""
-    active = await ingress.service.db(count_active_jobs_of, ingress.service.store, key.id)
-    ingress.limits.check_jobs(key, active)
-    job = await ingress.service.submit_job(body, Caller.of(key), request_id(request))
+    # a job asking for more images than its key may have in the renderers at once could never run: 422
+    ingress.limits.check_num_images(key, body.num_images)
+    # the key's cap and max_queued_jobs are checked in the job's insert, atomically (429 past either)
+    caller = Caller.of(key)
+    job = await ingress.service.submit_job(body, caller, request_id(request), key_cap=ingress.limits.job_cap(key))
     ingress.runner.wake()
     out = ingress.service.job_out(job)
     response.headers["Location"] = out.links["self"]

@@ -42,7 +42,9 @@ async def render(
     want_png = format == "png" or (format is None and _prefers_png(request.headers.get("accept", "")))
     if want_png and body.num_images != 1:
         raise ApiError(406, "not_acceptable", "image/png returns one image: ask for num_images=1 or JSON", "format")
-    with ingress.limits.render_slot(key):  # this key's renders in progress (429 too_many_renders)
+    # this key's renders in progress (429 too_many_renders) and its images in the renderers (429 too_many_images;
+    # num_images above the key's limit: 422)
+    with ingress.limits.render_slot(key), ingress.limits.image_slots(key, body.num_images):
         rendered = await ingress.sync.render(body, Caller.of(key), request_id(request))
     if timing is not None:
         add_render_phases(timing, rendered)
