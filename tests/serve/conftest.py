@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -135,3 +137,13 @@ def cancelled_total(metrics: str, preset: str) -> float:
     """``imagegen_renders_cancelled_total`` of ``preset`` in a ``/metrics`` text (0 before the first)."""
     match = re.search(rf'^imagegen_renders_cancelled_total{{preset="{preset}"}} (\S+)$', metrics, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+def in_threads(target: Callable[[int], object], count: int) -> None:
+    """``target(0)`` ... ``target(count - 1)`` at once, each on its own thread (concurrent clients); returns when all
+    have ended."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

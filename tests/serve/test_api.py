@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import threading
 import time
 
 import httpx
@@ -19,7 +18,7 @@ from imagegen.images import RECORD_KEY
 from imagegen.provenance import read_watermark
 from imagegen.serve.http.timing import parse_header
 from imagegen.serve.store import ServeStore
-from tests.serve.conftest import assert_error_shape
+from tests.serve.conftest import assert_error_shape, in_threads
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -200,11 +199,7 @@ def test_requests_from_different_clients_share_batches(service, keys, admin):
                 http.post("/v1/renders", json={"preset": "tiny-sdxl", "prompt": f"prompt {i}", "seed": i}).status_code
             )
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(one, 4)
     assert statuses == [200] * 4
     after = batch_metrics()
     requests, batches = after[0] - before[0], after[1] - before[1]

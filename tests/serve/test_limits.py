@@ -26,7 +26,7 @@ from imagegen.serve.http.jsonlimits import DepthScanner, JsonTooDeep, parse_json
 from imagegen.serve.launcher import check_ingress, prepare_config
 from imagegen.serve.limits import KeyLimiter
 from imagegen.serve.store import ApiKey, ServeStore
-from tests.serve.conftest import assert_error_shape, cancelled_total, deploy_user_config
+from tests.serve.conftest import assert_error_shape, cancelled_total, deploy_user_config, in_threads
 
 #: a job that keeps a renderer busy for a while (so its event streams stay open)
 LONG_JOB = {"preset": "tiny-sdxl", "prompt": "a long job", "seed": 5, "steps": 50, "width": 256, "height": 256}
@@ -334,11 +334,7 @@ def test_jobs_per_key_under_concurrent_submissions(service, http):
         with lock:
             responses.append(response)
 
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(submit, 12)
     accepted = [r.json()["job_id"] for r in responses if r.status_code == 202]
     try:
         listed = http.get("/v1/jobs?limit=50", headers=_bearer(key)).json()["jobs"]
@@ -365,11 +361,7 @@ def test_renders_per_key(service, http):
         with lock:
             responses.append(response)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(one, 4)
     statuses = sorted(r.status_code for r in responses)
     assert 200 in statuses and set(statuses) <= {200, 429}, statuses
     refused = [r for r in responses if r.status_code == 429]

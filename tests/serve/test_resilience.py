@@ -10,7 +10,7 @@ import time
 import httpx
 
 from imagegen.client import ApiClientError
-from tests.serve.conftest import assert_error_shape, wait_ready
+from tests.serve.conftest import assert_error_shape, in_threads, wait_ready
 
 
 def test_burst_beyond_the_queues_is_refused_cleanly(service, keys, http):
@@ -25,11 +25,7 @@ def test_burst_beyond_the_queues_is_refused_cleanly(service, keys, http):
         with lock:
             responses.append(response)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(30)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(one, 30)
     statuses = sorted(r.status_code for r in responses)
     # a failure says what came back, not only the codes
     assert set(statuses) <= {200, 429, 503}, [(r.status_code, r.text[:300]) for r in responses if r.status_code != 200]
