@@ -35,7 +35,7 @@ from imagegen.pipelines.types import RenderRequest
 from imagegen.serve.actors import RenderCall, RenderedImage
 from imagegen.serve.config import IngressConfig
 from imagegen.serve.errors import ApiError, status_for
-from imagegen.serve.limits import job_cap_error
+from imagegen.serve.limits import counted_job_cap_error
 from imagegen.serve.metrics import Metrics
 from imagegen.serve.service import JOB, Renderers
 from imagegen.serve.store import Job, JobCapReached, ServeStore
@@ -242,12 +242,8 @@ class DesignService:
         cfg = self.config()
         active = await asyncio.get_running_loop().run_in_executor(self.pool, self.store.count_active_jobs)
         if active >= cfg.max_queued_jobs:
-            raise self._refused(JobCapReached("total", active, cfg.max_queued_jobs))
-
-    def _refused(self, refused: JobCapReached) -> ApiError:
-        error = job_cap_error(refused, self.config().retry_after_s)
-        self.metrics.rejected.labels(error.code).inc()
-        return error
+            refused = JobCapReached("total", active, cfg.max_queued_jobs)
+            raise counted_job_cap_error(refused, cfg.retry_after_s, self.metrics)
 
     async def _submit(
         self,
@@ -297,7 +293,7 @@ class DesignService:
         try:
             updated = await self.run(store)
         except JobCapReached as refused:
-            raise self._refused(refused) from None
+            raise counted_job_cap_error(refused, cfg.retry_after_s, self.metrics) from None
         self.wake_jobs()
         return updated
 

@@ -147,7 +147,7 @@ class Ingress:
         if key is not None and key.active:
             room = self.limits.images_when_free(key, images)
         async with room:
-            if job.request.get("kind") == "design":
+            if job.kind == "design":
                 return await self.designs.run_job(job, emit)
             return await self.service.run_job(job, emit)
 

@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -283,6 +284,13 @@ def job_cap_error(refused: JobCapReached, retry_after_s: int) -> ApiError:
             retry_after_s,
         )
     return too_busy("job_queue_full", f"{refused.limit} jobs are queued or running; retry later", retry_after_s)
+
+
+def counted_job_cap_error(refused: JobCapReached, retry_after_s: int, metrics: Any) -> ApiError:
+    """:func:`job_cap_error`, counted in ``imagegen_rejected{reason}`` (``metrics``: the service's ``Metrics``)."""
+    error = job_cap_error(refused, retry_after_s)
+    metrics.rejected.labels(error.code).inc()
+    return error
 
 
 def count_active_jobs_of(store: ServeStore, key_id: str) -> int:

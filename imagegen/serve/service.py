@@ -42,7 +42,7 @@ from imagegen.serve.audit import AuditWriter
 from imagegen.serve.config import IngressConfig
 from imagegen.serve.errors import ApiError, too_busy
 from imagegen.serve.jobs import RendererDied
-from imagegen.serve.limits import job_cap_error
+from imagegen.serve.limits import counted_job_cap_error
 from imagegen.serve.metrics import Metrics
 from imagegen.serve.schemas import DesignJobResult, GateAttempt, GateReport, ImageOut, JobOut, RenderBody, RenderOut
 from imagegen.serve.store import Job, JobCapReached, ServeStore
@@ -476,13 +476,7 @@ class RenderService:
                 )
             )
         except JobCapReached as refused:
-            raise self.job_refused(refused) from None
-
-    def job_refused(self, refused: JobCapReached) -> ApiError:
-        """The 429 of a job refused at a cap, counted in ``imagegen_rejected``."""
-        error = job_cap_error(refused, self.config().retry_after_s)
-        self.metrics.rejected.labels(error.code).inc()
-        return error
+            raise counted_job_cap_error(refused, cfg.retry_after_s, self.metrics) from None
 
 
 def iso(value: Any) -> str | None:

@@ -9,12 +9,14 @@ does it.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -147,3 +149,17 @@ def in_threads(target: Callable[[int], object], count: int) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+#: a PostgreSQL database the store tests may wipe (`.ci/run` starts one); SQLite files always run
+OTHER_DATABASE = os.environ.get("IMAGEGEN_TEST_DATABASE_URL", "")
+
+
+def database_url(arm: str, tmp_path: Path, what: str) -> str:
+    """The database of a store test's arm: ``sqlite`` (a file under ``tmp_path``) or ``other``
+    (``IMAGEGEN_TEST_DATABASE_URL``; the test is skipped, saying so, when it is not set)."""
+    if arm == "sqlite":
+        return f"sqlite:///{tmp_path / 'serve.db'}"
+    if not OTHER_DATABASE:
+        pytest.skip(f"set IMAGEGEN_TEST_DATABASE_URL to run {what} against another database")
+    return OTHER_DATABASE

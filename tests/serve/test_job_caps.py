@@ -11,7 +11,6 @@ a database this test may wipe (`.ci/run` starts one).
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -22,19 +21,13 @@ from sqlalchemy import func, select
 
 from imagegen.serve.limits import count_active_jobs_of, job_cap_error
 from imagegen.serve.store import Base, JobCapReached, JobEventRow, JobRow, ServeStore
-
-OTHER_DATABASE = os.environ.get("IMAGEGEN_TEST_DATABASE_URL", "")
+from tests.serve.conftest import database_url
 
 
 @pytest.fixture(params=["sqlite", "other"])
 def stores(request, tmp_path: Path) -> Iterator[list[ServeStore]]:
     """Two stores on one empty database (a file for SQLite), as two ingress replicas would open it."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'serve.db'}"
-    elif OTHER_DATABASE:
-        url = OTHER_DATABASE
-    else:
-        pytest.skip("set IMAGEGEN_TEST_DATABASE_URL to run the job caps against another database")
+    url = database_url(request.param, tmp_path, "the job caps")
     first = ServeStore(url, tmp_path / "results")
     Base.metadata.drop_all(first.engine)
     first.close()

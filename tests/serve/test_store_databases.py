@@ -9,7 +9,6 @@ SQLite the file's raw bytes are checked.
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from pathlib import Path
@@ -26,19 +25,13 @@ from imagegen.serve.auth import KeyVerifier, create_key, revoke_key
 from imagegen.serve.store import Base, ServeStore
 
 from ..storage.s3 import Bucket
-
-OTHER_DATABASE = os.environ.get("IMAGEGEN_TEST_DATABASE_URL", "")
+from .conftest import database_url
 
 
 @pytest.fixture(params=["sqlite", "other"])
 def store(request, tmp_path: Path, storage: Bucket | None):
     """The service store on each database, its job images on each storage arm (a directory, a bucket)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'serve.db'}"
-    elif OTHER_DATABASE:
-        url = OTHER_DATABASE
-    else:
-        pytest.skip("set IMAGEGEN_TEST_DATABASE_URL to run the service store against another database")
+    url = database_url(request.param, tmp_path, "the service store")
     opened = ServeStore(url, BlobStore.open(area="serve/results"))
     Base.metadata.drop_all(opened.engine)
     opened.close()
